@@ -1,0 +1,34 @@
+# The two commands: `make run` (set up, then serve the demo model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+DATA_DIR ?= ./var
+DEMO_MODEL := $(DATA_DIR)/models/demo.gguf
+PIP := $(BIN)/pip --disable-pip-version-check -q
+
+.PHONY: setup run test bench clean
+
+## setup: .venv with llamad installed, and llama-server built (cached under ~/.cache/llamad)
+setup:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install .
+	bash scripts/build-llama-server.sh $(LLAMA_CPP_PYTHON_VERSION) $(VENV)
+
+## run: serve the configured model, or the demo model when none is configured
+run: setup
+	@set -e; \
+	if [ -z "$$MODEL_PATH$$MODEL_NAME" ]; then \
+		$(BIN)/llamad demo-model $(DEMO_MODEL) >/dev/null 2>&1; \
+		export MODEL_PATH="$(abspath $(DEMO_MODEL))"; \
+	fi; \
+	export PATH="$(abspath $(BIN)):$$PATH" DATA_DIR="$(DATA_DIR)"; \
+	exec $(BIN)/twistd -n --pidfile= llamad $(ARGS)
+
+## test: the same set-up, the test extras and the llama-cpp-python server, then the whole suite
+test: setup
+	$(PIP) install '.[test,llama-cpp-python]'
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

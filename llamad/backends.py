@@ -1,0 +1,93 @@
+"""What each backend kind runs and how its readiness is known.
+
+The argv is always a list handed to ``spawnProcess``: no shell ever sees a
+config value.  The per-boot API key never appears on argv.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Mapping
+
+from llamad.config import BackendConfig, python_command
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a ready backend answers, and the key it expects ("" for none)."""
+
+    origin: bytes
+    key: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One child start: what to exec, and where it will answer."""
+
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    ready_path: bytes
+
+
+def new_session_prefix() -> list[str]:
+    """Run the child in its own session so it gets its own process group.
+
+    Then a terminal's Ctrl-C reaches only llamad, which drains before it stops
+    the child, and a stop can signal the whole group.  util-linux ``setsid``
+    execs in place (the PID stays the child's) because a freshly spawned
+    process is never a group leader.
+    """
+    path = shutil.which("setsid")
+    return [path] if path else []
+
+
+def launch(
+    backend: BackendConfig,
+    port: int,
+    key: str,
+    key_file: str,
+    base_env: Mapping[str, str] | None = None,
+    prefix: list[str] | None = None,
+) -> Launch:
+    """The argv, environment and readiness path of one child start."""
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(backend.env)
+    if backend.kind == "llama-server":
+        argv = [
+            backend.command,
+            "-m", backend.model,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "-c", str(backend.context),
+            "-ngl", str(backend.gpu_layers),
+            "-np", str(backend.parallel),
+            "--metrics",
+            "--api-key-file", key_file,
+            "--alias", backend.model_id,
+        ]
+        if backend.threads:
+            argv += ["-t", str(backend.threads)]
+        argv += list(backend.extra_args)
+        return Launch((prefix or []) + argv, env, port, b"/health")
+    if backend.kind == "llama-cpp-python":
+        argv = [
+            python_command(backend.command),
+            "-m", "llama_cpp.server",
+            "--model", backend.model,
+            "--model_alias", backend.model_id,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--n_ctx", str(backend.context),
+            "--n_gpu_layers", str(backend.gpu_layers),
+        ]
+        if backend.threads:
+            argv += ["--n_threads", str(backend.threads)]
+        argv += list(backend.extra_args)
+        # llama_cpp.server reads its settings from the environment too; the key
+        # goes there so that it stays off argv.
+        env["API_KEY"] = key
+        return Launch((prefix or []) + argv, env, port, b"/v1/models")
+    raise ValueError(f"backend kind {backend.kind!r} has no child process")

@@ -1,0 +1,532 @@
+"""The config contract: defaults < TOML file < environment < twistd options.
+
+Everything that reads configuration goes through :func:`load`, which returns a
+frozen :class:`Config` and, for ``check-config``, where each value came from.
+Every problem is a :class:`ConfigError` naming the key, so the daemon can exit
+with one line before any port is bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_CONFIG_FILE = "/etc/llamad/llamad.toml"
+DATA_DIR_CANDIDATES = ("/runpod-volume", "/workspace")
+FALLBACK_DATA_DIR = "./var"
+
+
+class ConfigError(Exception):
+    """A bad config value; ``str()`` is the one line shown to the user."""
+
+    def __init__(self, key: str, problem: str, source: str = "") -> None:
+        self.key = key
+        self.problem = problem
+        self.source = source
+        where = f" (from {source})" if source and source != "default" else ""
+        super().__init__(f"{key}: {problem}{where}")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = "tcp:8000"
+    max_body_bytes: int = 10485760
+    request_timeout: float = 600
+    drain_timeout: float = 30
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    listen: str = "tcp:8001"
+    ping: str = "always"
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str = "llama-server"
+    command: str = "llama-server"
+    model: str = ""
+    models_dir: str = ""
+    url: str = ""
+    gpu_layers: int = 99
+    context: int = 4096
+    parallel: int = 4
+    threads: int = 0
+    extra_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    start: str = "eager"
+    ready_timeout: float = 600
+
+    @property
+    def model_id(self) -> str:
+        """The id shown in ``/v1/models``: the model file's stem."""
+        return Path(self.model).stem if self.model else ""
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    crash_loop_limit: int = 5
+    crash_loop_window: float = 120
+    failed_retry_after: float = 300
+    stop_timeout: float = 30
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    max_concurrent: int = 0
+    max_queue: int = 128
+    queue_timeout: float = 300
+
+
+@dataclass(frozen=True)
+class IdleConfig:
+    timeout: float = 0
+    action: str = "unload"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = False
+    keys_file: str = ""
+    protect_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class LogsConfig:
+    dir: str = ""
+    max_bytes: int = 52428800
+    keep: int = 10
+
+
+@dataclass(frozen=True)
+class ScaleFromZeroConfig:
+    enabled: bool = False
+    interval: float = 0.1
+    namespaces: tuple[str, ...] = ()
+    api_server: str = ""
+    kubeconfig: str = ""
+    pool_group: str = "inference.networking.k8s.io"
+    epp_token_file: str = ""
+    queue_metrics: tuple[str, ...] = (
+        "inference_extension_flow_control_queue_size",
+        "llm_d_epp_flow_control_queue_size",
+    )
+    max_concurrency: int = 10
+    scrape_timeout: float = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = ""
+    api: ApiConfig = field(default_factory=ApiConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    idle: IdleConfig = field(default_factory=IdleConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
+    scale_from_zero: ScaleFromZeroConfig = field(default_factory=ScaleFromZeroConfig)
+
+    @property
+    def max_concurrent(self) -> int:
+        """Admission limit: 0 means one per llama.cpp slot."""
+        return self.admission.max_concurrent or self.backend.parallel
+
+
+# Environment variables: name -> key.  MODEL_NAME is special (resolved under models_dir).
+ENV_KEYS: dict[str, str] = {
+    "DATA_DIR": "data_dir",
+    "MODEL_PATH": "backend.model",
+    "MODELS_DIR": "backend.models_dir",
+    "LLAMA_SERVER_BIN": "backend.command",
+    "NGL": "backend.gpu_layers",
+    "CTX": "backend.context",
+    "PARALLEL": "backend.parallel",
+    "THREADS": "backend.threads",
+    "EXTRA_ARGS": "backend.extra_args",
+    "IDLE_TIMEOUT": "idle.timeout",
+    "AUTH_ENABLED": "auth.enabled",
+    "AUTH_KEYS_FILE": "auth.keys_file",
+    "LOG_DIR": "logs.dir",
+}
+PORT_ENV_KEYS: dict[str, str] = {"PORT": "api.listen", "PORT_HEALTH": "health.listen"}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "health.ping": ("always", "runpod"),
+    "backend.kind": ("llama-server", "llama-cpp-python", "external"),
+    "backend.start": ("eager", "lazy"),
+    "idle.action": ("unload", "exit", "none"),
+    "scale_from_zero.pool_group": (
+        "inference.networking.k8s.io",
+        "inference.networking.x-k8s.io",
+    ),
+}
+# Smallest allowed value for numeric keys; keys not listed must be >= 0.
+MINIMUM: dict[str, float] = {
+    "backend.gpu_layers": -1,
+    "backend.parallel": 1,
+    "api.max_body_bytes": 1,
+    "supervisor.crash_loop_limit": 1,
+    "logs.max_bytes": 1024,
+    "logs.keep": 1,
+    "scale_from_zero.max_concurrency": 1,
+}
+POSITIVE = {"scale_from_zero.interval", "scale_from_zero.scrape_timeout", "backend.ready_timeout",
+            "supervisor.stop_timeout"}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_bool(text: str) -> bool:
+    """The one boolean parser for env vars and options."""
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"expected a boolean (true/false/1/0/yes/no/on/off), got {text!r}")
+
+
+# --- schema -----------------------------------------------------------------
+
+_SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "data_dir"
+}
+
+
+def _key_types() -> dict[str, Any]:
+    types: dict[str, Any] = {"data_dir": str}
+    for section, cls in _SECTIONS.items():
+        for name, hint in typing.get_type_hints(cls).items():
+            types[f"{section}.{name}"] = hint
+    return types
+
+
+KEY_TYPES: dict[str, Any] = _key_types()
+
+
+def _defaults() -> dict[str, Any]:
+    base = Config()
+    values: dict[str, Any] = {"data_dir": base.data_dir}
+    for section in _SECTIONS:
+        for f in dataclasses.fields(getattr(base, section)):
+            values[f"{section}.{f.name}"] = getattr(getattr(base, section), f.name)
+    return {key: float(v) if KEY_TYPES[key] is float else v for key, v in values.items()}
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return "a list of strings"
+    if origin in (Mapping, dict) or hint is Mapping:
+        return "a table of strings"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check a TOML-typed value against the key's type."""
+    hint = KEY_TYPES[key]
+    origin = typing.get_origin(hint)
+    ok: bool
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:  # Mapping[str, str]
+        ok = isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        )
+        value = dict(value) if ok else value
+    if not ok:
+        raise ConfigError(key, f"expected {_type_name(hint)}, got {value!r}", source)
+    return value
+
+
+def _parse_text(key: str, text: str, source: str) -> Any:
+    """Parse a string from the environment or an option into the key's type."""
+    hint = KEY_TYPES[key]
+    try:
+        if hint is bool:
+            return parse_bool(text)
+        if hint is int:
+            try:
+                return int(text.strip())
+            except ValueError:
+                raise ValueError(f"expected an integer, got {text!r}") from None
+        if hint is float:
+            try:
+                return float(text.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {text!r}") from None
+        if hint is str:
+            return text
+        if typing.get_origin(hint) is tuple:
+            if key == "backend.extra_args":
+                return tuple(shlex.split(text))
+            return tuple(w for w in re.split(r"[,\s]+", text) if w)
+    except ValueError as e:
+        raise ConfigError(key, str(e), source) from None
+    raise ConfigError(key, "cannot be set from text; use the TOML file", source)
+
+
+# --- loading ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The effective config and, per key, where its value came from."""
+
+    config: Config
+    sources: dict[str, str]
+    values: dict[str, Any]
+
+
+def _flatten_toml(doc: dict[str, Any], path: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in doc.items():
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(name, f"expected a [{name}] table, got {value!r}", path)
+            for sub, subvalue in value.items():
+                key = f"{name}.{sub}"
+                if key not in KEY_TYPES:
+                    raise ConfigError(key, "unknown key", path)
+                flat[key] = subvalue
+        elif name in KEY_TYPES:
+            flat[name] = value
+        else:
+            raise ConfigError(name, "unknown key", path)
+    return flat
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Read and flatten one TOML file; every failure names the file."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
+    return _flatten_toml(doc, path)
+
+
+def replace_port(endpoint: str, port_text: str, key: str, source: str) -> str:
+    """Put PORT / PORT_HEALTH into a ``tcp:`` endpoint string."""
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(key, f"port must be an integer, got {port_text!r}", source) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, f"port {port} out of range 0-65535", source)
+    kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6"):
+        return endpoint
+    args = rest.split(":")
+    positional = [a for a in args if "=" not in a]
+    if positional:
+        args[args.index(positional[0])] = str(port)
+    else:
+        args = [a for a in args if not a.startswith("port=")] + [f"port={port}"]
+    return f"{kind}:{':'.join(args)}"
+
+
+def load(
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    options: Mapping[str, str | Any] | None = None,
+    check_files: bool = True,
+) -> Loaded:
+    """Build the effective config.
+
+    ``options`` maps keys to values from the command line (strings are parsed
+    like environment values).  With ``check_files`` off, missing model files and
+    commands are not errors (``check-config`` on another machine).
+    """
+    environ = os.environ if environ is None else environ
+    values = _defaults()
+    sources = {key: "default" for key in values}
+
+    path = config_file
+    if path is None and os.path.exists(DEFAULT_CONFIG_FILE):
+        path = DEFAULT_CONFIG_FILE
+    if path:
+        for key, value in read_toml(path).items():
+            values[key] = _coerce(key, value, path)
+            sources[key] = path
+
+    # An empty variable counts as unset: platform templates often define them blank.
+    environ = {name: value for name, value in environ.items() if value != ""}
+    for name, key in ENV_KEYS.items():
+        if name in environ:
+            values[key] = _parse_text(key, environ[name], f"env {name}")
+            sources[key] = f"env {name}"
+    for name, key in PORT_ENV_KEYS.items():
+        if name in environ:
+            values[key] = replace_port(values[key], environ[name], key, f"env {name}")
+            sources[key] = f"env {name}"
+    model_name = environ.get("MODEL_NAME", "")
+    if model_name and "MODEL_PATH" not in environ:
+        values["backend.model"] = model_name
+        sources["backend.model"] = "env MODEL_NAME"
+
+    for key, value in (options or {}).items():
+        if key not in KEY_TYPES:
+            raise ConfigError(key, "unknown key", "option")
+        values[key] = (
+            _parse_text(key, value, "option") if isinstance(value, str) else _coerce(key, value, "option")
+        )
+        sources[key] = "option"
+
+    _resolve_paths(values, sources)
+    _validate(values, sources, check_files)
+    return Loaded(_build(values), sources, values)
+
+
+def _resolve_paths(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Fill the keys whose empty value means 'derive from data_dir'."""
+    if not values["data_dir"]:
+        values["data_dir"] = next(
+            (d for d in DATA_DIR_CANDIDATES if os.path.isdir(d)), FALLBACK_DATA_DIR
+        )
+        sources["data_dir"] = "auto-detected"
+    data_dir = values["data_dir"]
+    derived = {
+        "backend.models_dir": os.path.join(data_dir, "models"),
+        "logs.dir": os.path.join(data_dir, "logs"),
+        "auth.keys_file": os.path.join(data_dir, "api_keys.txt"),
+    }
+    for key, value in derived.items():
+        if not values[key]:
+            values[key] = value
+            sources[key] = "derived from data_dir"
+    model = values["backend.model"]
+    if model and sources["backend.model"] == "env MODEL_NAME":
+        values["backend.model"] = os.path.join(values["backend.models_dir"], model)
+    elif model and os.sep not in model and not os.path.exists(model):
+        # A bare file name resolves under models_dir, as MODEL_NAME does.
+        values["backend.model"] = os.path.join(values["backend.models_dir"], model)
+
+
+def _check_endpoint(key: str, endpoint: str, source: str) -> None:
+    kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6", "unix", "systemd", "ssl"):
+        raise ConfigError(key, f"unsupported endpoint {endpoint!r} (use tcp:PORT, unix:PATH or systemd:...)", source)
+    if kind in ("tcp", "tcp6", "ssl"):
+        args = rest.split(":") if rest else []
+        positional = [a for a in args if "=" not in a]
+        named = dict(a.split("=", 1) for a in args if "=" in a)
+        port_text = positional[0] if positional else named.get("port", "")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(key, f"endpoint {endpoint!r} has no valid port", source) from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(key, f"port {port} out of range 0-65535", source)
+
+
+def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool) -> None:
+    for key, choices in CHOICES.items():
+        if values[key] not in choices:
+            raise ConfigError(
+                key, f"unknown value {values[key]!r} (expected one of: {', '.join(choices)})", sources[key]
+            )
+    for key, hint in KEY_TYPES.items():
+        if hint in (int, float):
+            low = MINIMUM.get(key, 0)
+            if values[key] < low or (key in POSITIVE and values[key] <= 0):
+                bound = "> 0" if key in POSITIVE else f">= {low:g}"
+                raise ConfigError(key, f"must be {bound}, got {values[key]!r}", sources[key])
+    for key in ("api.listen", "health.listen"):
+        _check_endpoint(key, values[key], sources[key])
+    for name, value in values["backend.env"].items():
+        if not name or "=" in name:
+            raise ConfigError("backend.env", f"bad variable name {name!r}", sources["backend.env"])
+
+    kind = values["backend.kind"]
+    if kind == "external":
+        url = values["backend.url"]
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ConfigError("backend.url", f"kind 'external' needs an http(s) URL, got {url!r}", sources["backend.url"])
+        return
+    model = values["backend.model"]
+    if not model:
+        raise ConfigError(
+            "backend.model", "no model configured (set backend.model, MODEL_PATH or MODEL_NAME)", sources["backend.model"]
+        )
+    if not check_files:
+        return
+    if not os.path.isfile(model):
+        raise ConfigError("backend.model", f"model file not found: {model}", sources["backend.model"])
+    command = values["backend.command"]
+    if kind == "llama-server" and shutil.which(command) is None:
+        raise ConfigError(
+            "backend.command", f"{command!r} not found or not executable (set LLAMA_SERVER_BIN)", sources["backend.command"]
+        )
+
+
+def _build(values: Mapping[str, Any]) -> Config:
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        prefix = section + "."
+        sections[section] = cls(**{k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)})
+    return Config(data_dir=values["data_dir"], **sections)
+
+
+def python_command(command: str) -> str:
+    """The interpreter for the llama-cpp-python backend: ours unless configured."""
+    return sys.executable if command in ("", "llama-server") else command
+
+
+# --- reporting ----------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def render(loaded: Loaded) -> str:
+    """The effective config as TOML, each line commented with its source."""
+    lines: list[str] = []
+    current = None
+    for key in KEY_TYPES:
+        section, _, name = key.rpartition(".")
+        if section != current and section:
+            lines.append(f"\n[{section}]")
+            current = section
+        text = f"{name or key} = {_toml_value(loaded.values[key])}"
+        lines.append(f"{text:<48} # {loaded.sources[key]}")
+    return "\n".join(lines).lstrip("\n") + "\n"

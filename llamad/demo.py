@@ -1,0 +1,132 @@
+"""A tiny GGUF that llama.cpp really serves, so llamad runs with no download.
+
+Llama architecture, a SentencePiece-style vocab with byte fallback (any input
+tokenizes), a ChatML chat template, and fixed random weights shaped so that
+generation yields printable text: every token embedding shares one direction
+``u``, layers add little, and each output row's component along ``u`` sets
+that token's base logit (letters likely, spaces now and then, control and
+byte tokens never).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+N_EMBD = 64
+N_HEAD = 4
+N_LAYER = 2
+N_FF = 128
+TRAIN_CONTEXT = 4096
+SEED = 20261122
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def vocab() -> tuple[list[str], list[int], list[float], list[float]]:
+    """Tokens, their types, SPM scores, and the base logit each should get."""
+    from gguf import TokenType
+
+    tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL, TokenType.CONTROL, TokenType.CONTROL]
+    logits = [-30.0] * len(tokens)
+    for byte in range(256):
+        tokens.append(f"<0x{byte:02X}>")
+        types.append(TokenType.BYTE)
+        logits.append(-30.0)
+    # "\u2581" is SentencePiece's space.
+    for text in ["\u2581"] + [chr(c) for c in range(0x21, 0x7F)]:
+        tokens.append(text)
+        types.append(TokenType.NORMAL)
+        if text == "\u2581":
+            logits.append(1.0)
+        elif text.islower():
+            logits.append(0.0)
+        elif text.isupper():
+            logits.append(-2.5)
+        else:
+            logits.append(-4.0)
+    scores = [0.0 if t != TokenType.NORMAL else -float(i) for i, t in enumerate(types)]
+    return tokens, [int(t) for t in types], scores, logits
+
+
+def write_demo_model(path: str) -> str:
+    """Write the demo model to ``path`` atomically; returns the path."""
+    from gguf import GGUFWriter
+
+    tokens, types, scores, base_logits = vocab()
+    rng = np.random.default_rng(SEED)
+    n_vocab = len(tokens)
+    u = np.zeros(N_EMBD, dtype=np.float32)
+    u[0] = 1.0
+    # RMSNorm makes the final hidden state ~sqrt(N_EMBD) * u, so divide that out.
+    scale = 1.0 / np.sqrt(N_EMBD)
+
+    def noise(*shape: int, sigma: float) -> np.ndarray:
+        return (rng.standard_normal(shape) * sigma).astype(np.float32)
+
+    embeddings = noise(n_vocab, N_EMBD, sigma=0.1)
+    embeddings[:, 0] = 4.0
+    output = noise(n_vocab, N_EMBD, sigma=0.12)
+    output[:, 0] = np.array(base_logits, dtype=np.float32) * scale
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".demo-", suffix=".gguf", dir=directory)
+    os.close(fd)
+    try:
+        w = GGUFWriter(tmp, "llama")
+        w.add_name("llamad-demo")
+        w.add_context_length(TRAIN_CONTEXT)
+        w.add_embedding_length(N_EMBD)
+        w.add_block_count(N_LAYER)
+        w.add_feed_forward_length(N_FF)
+        w.add_head_count(N_HEAD)
+        w.add_head_count_kv(N_HEAD)
+        w.add_rope_dimension_count(N_EMBD // N_HEAD)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_file_type(0)  # all F32
+        w.add_vocab_size(n_vocab)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_chat_template(CHAT_TEMPLATE)
+
+        w.add_tensor("token_embd.weight", embeddings)
+        for layer in range(N_LAYER):
+            p = f"blk.{layer}."
+            w.add_tensor(p + "attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+            for name in ("attn_q", "attn_k", "attn_v"):
+                w.add_tensor(p + name + ".weight", noise(N_EMBD, N_EMBD, sigma=0.2))
+            w.add_tensor(p + "attn_output.weight", noise(N_EMBD, N_EMBD, sigma=0.02))
+            w.add_tensor(p + "ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+            w.add_tensor(p + "ffn_gate.weight", noise(N_FF, N_EMBD, sigma=0.2))
+            w.add_tensor(p + "ffn_up.weight", noise(N_FF, N_EMBD, sigma=0.2))
+            w.add_tensor(p + "ffn_down.weight", noise(N_EMBD, N_FF, sigma=0.02))
+        w.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        w.add_tensor("output.weight", output)
+
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

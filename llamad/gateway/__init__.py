@@ -1,0 +1,1 @@
+"""The API site (port 8000): routes, errors, header rules and the streaming proxy."""

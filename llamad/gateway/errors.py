@@ -1,0 +1,55 @@
+"""Every error llamad itself answers, in OpenAI's error shape, built in one place."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from twisted.web.iweb import IRequest
+
+# status -> (OpenAI error type, default code)
+_TYPES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    502: ("server_error", "backend_unreachable"),
+    503: ("server_error", "backend_unavailable"),
+    504: ("server_error", "backend_timeout"),
+}
+
+
+@dataclass
+class ApiError(Exception):
+    """Raised anywhere in the gateway; rendered by :func:`write_error`."""
+
+    status: int
+    message: str
+    code: str = ""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+
+def error_body(status: int, message: str, code: str = "") -> dict[str, object]:
+    kind, default_code = _TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", ""))
+    return {"error": {"message": message, "type": kind, "param": None, "code": code or default_code or None}}
+
+
+def write_error(request: IRequest, err: ApiError) -> bytes:
+    """Set status and headers for ``err``; return the body to write."""
+    request.setResponseCode(err.status)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in err.headers.items():
+        request.setHeader(name, value)
+    return json.dumps(error_body(err.status, err.message, err.code)).encode()
+
+
+def sse_error_event(message: str, code: str = "stream_interrupted") -> bytes:
+    """The one event written when a started stream fails: never a second status line."""
+    body = error_body(502, message, code)
+    return b"data: " + json.dumps(body).encode() + b"\n\n"

@@ -1,0 +1,51 @@
+"""Every llamad metric, defined once against an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from llamad.supervisor import State
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    """The ``llamad_*`` families; one instance per process (or per test)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "llamad_requests", "API requests answered, by route, method and status code.",
+            ["route", "method", "code"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "llamad_request_duration_seconds", "Time from request arrival to its last byte.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.time_to_first_byte = Histogram(
+            "llamad_time_to_first_byte_seconds", "Time from request arrival to the first body byte relayed.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge("llamad_in_flight_requests", "Requests being proxied to the backend.", registry=r)
+        self.backend_state = Gauge(
+            "llamad_backend_state", "1 for the backend's current state, 0 for the others.", ["state"], registry=r,
+        )
+        self.backend_restarts = Counter(
+            "llamad_backend_restarts", "Unexpected backend exits that led to a restart or failure, by reason.",
+            ["reason"], registry=r,
+        )
+        self.backend_start_duration = Histogram(
+            "llamad_backend_start_duration_seconds", "Time from spawning the backend to its readiness.",
+            buckets=START_BUCKETS, registry=r,
+        )
+        self.set_backend_state(State.STOPPED)
+
+    def set_backend_state(self, current: State) -> None:
+        for state in State:
+            self.backend_state.labels(state.value).set(1 if state == current else 0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

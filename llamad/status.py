@@ -1,0 +1,83 @@
+"""What both sites report, computed from in-memory state only.
+
+The health site and the API's ``/health`` ask this object; neither ever talks
+to the child, so health checks cannot wake or slow the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from llamad.supervisor import State
+
+
+class BackendView(Protocol):
+    state: State
+    reason: str
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+
+class Status:
+    def __init__(
+        self, clock: IReactorTime, backend: BackendView | None, model_id: str, lazy: bool,
+        backend_has_metrics: bool = False,
+    ) -> None:
+        self.clock = clock
+        self.backend = backend
+        self.backend_has_metrics = backend_has_metrics
+        self.model_id = model_id
+        self.lazy = lazy
+        self.draining = False
+        self.booted_at = clock.seconds()
+        self.ever_ready = False
+
+    @property
+    def state(self) -> State | None:
+        return self.backend.state if self.backend is not None else None
+
+    def readiness(self) -> tuple[bool, str]:
+        """(can serve now or on demand, reason when not)."""
+        state = self.state
+        if self.draining:
+            return False, "draining: shutting down"
+        if state is None:
+            return False, "no backend configured"
+        if state == State.READY:
+            return True, ""
+        if state == State.STOPPED and (self.lazy or self.ever_ready):
+            return True, "stopped; starts on the first request"
+        if state == State.FAILED:
+            return False, f"backend failed: {self.backend.reason}" if self.backend else "backend failed"
+        if state == State.BACKOFF:
+            return False, f"backend restarting after: {self.backend.reason}" if self.backend else "restarting"
+        return False, {State.STARTING: "loading model", State.STOPPING: "backend stopping"}.get(
+            state, state.value
+        )
+
+    def ping_code(self, mode: str) -> int:
+        """``/ping`` on the health port: the seed's always-200, or RunPod's contract."""
+        if mode == "always":
+            return 200
+        ready, _ = self.readiness()
+        if ready:
+            return 200
+        if self.draining or self.state in (State.FAILED, None):
+            return 503
+        return 204  # initializing
+
+    def snapshot(self) -> dict[str, Any]:
+        ready, reason = self.readiness()
+        body: dict[str, Any] = {
+            "status": "ok" if ready else "unavailable",
+            "state": self.state.value if self.state is not None else "none",
+            "model": self.model_id,
+            "uptime_seconds": round(self.clock.seconds() - self.booted_at, 3),
+        }
+        if reason:
+            body["reason"] = reason
+        if self.backend is not None:
+            body["backend"] = self.backend.snapshot()
+        return body

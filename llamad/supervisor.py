@@ -1,0 +1,533 @@
+"""The llama-server child: lifecycle state machine and the service that runs it.
+
+:class:`Lifecycle` is pure: it takes events (start, ready, exited, ...) and
+returns the effects to perform.  :class:`Supervisor` is the thin Twisted
+service that performs them: spawn, readiness probe, signals, timers.
+Unlike ``twisted.runner.procmon`` it gives up after a crash loop and its
+``stopService`` waits until the child is really gone.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random as _random
+import secrets
+import signal
+import socket
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from llamad import backends
+from llamad.backends import Target
+from llamad.config import BackendConfig, SupervisorConfig
+
+
+log = Logger(namespace="llamad.supervisor")
+
+PROBE_INTERVAL = 0.02  # seconds between readiness polls (<= 50 ms, see DESIGN.md)
+READY_HINTS = (b"llama_server: listening on", b"server is listening", b"Uvicorn running")
+
+
+class State(str, enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+
+
+class StartFailed(Exception):
+    """A start that request waiters were counting on did not reach ready."""
+
+
+# --- effects ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start a new child."""
+
+
+@dataclass(frozen=True)
+class Terminate:
+    """SIGTERM the child, SIGKILL it after ``stop_timeout``."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Fire ``timer_fired`` after ``delay`` seconds (backoff or failed retry)."""
+
+    delay: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    """Drop the pending backoff or retry timer."""
+
+
+Effect = Spawn | Terminate | Schedule | CancelTimer
+
+
+class Lifecycle:
+    """Supervisor states and transitions, with no I/O.
+
+    stopped -> starting -> ready -> stopping -> stopped, plus backoff after an
+    unexpected exit and failed after ``crash_loop_limit`` exits within
+    ``crash_loop_window``.
+    """
+
+    def __init__(self, config: SupervisorConfig, random: Callable[[], float] = _random.random) -> None:
+        self.config = config
+        self.random = random
+        self.state = State.STOPPED
+        self.reason = ""  # why the last child ended (or failed to start)
+        self.want_up = False
+        self.attempt = 0
+        self.failures: deque[float] = deque()
+
+    def start(self) -> list[Effect]:
+        """Someone wants the child up (eager start, or a request at cold start)."""
+        self.want_up = True
+        if self.state == State.STOPPED:
+            self.state = State.STARTING
+            return [Spawn()]
+        return []
+
+    def retry(self) -> list[Effect]:
+        """Leave ``failed`` now (SIGHUP, admin restart, or the retry timer)."""
+        if self.state != State.FAILED:
+            return self.start()
+        self.failures.clear()
+        self.attempt = 0
+        self.state = State.STOPPED
+        return [CancelTimer(), *self.start()]
+
+    def stop(self) -> list[Effect]:
+        self.want_up = False
+        if self.state in (State.STARTING, State.READY):
+            self.state = State.STOPPING
+            return [Terminate()]
+        if self.state in (State.BACKOFF, State.FAILED):
+            self.state = State.STOPPED
+            return [CancelTimer()]
+        return []
+
+    def ready(self) -> list[Effect]:
+        if self.state == State.STARTING:
+            self.state = State.READY
+            self.attempt = 0
+        return []
+
+    def ready_timeout(self, seconds: float) -> list[Effect]:
+        if self.state != State.STARTING:
+            return []
+        self.reason = f"not ready within ready_timeout ({seconds:g} s)"
+        self.state = State.STOPPING
+        return [Terminate()]
+
+    def exited(self, now: float, reason: str) -> list[Effect]:
+        """The child is gone (or could not be spawned)."""
+        was = self.state
+        if was == State.STOPPING and not self.want_up:
+            self.state = State.STOPPED
+            return []
+        if was == State.STOPPING and self.reason.startswith("not ready"):
+            reason = self.reason  # the timeout is the story, not the SIGTERM
+        elif was == State.STOPPING:
+            # Stopped on purpose, then wanted again before the exit: start anew.
+            self.state = State.STOPPED
+            return self.start()
+        self.reason = reason
+        self.failures.append(now)
+        while self.failures and self.failures[0] < now - self.config.crash_loop_window:
+            self.failures.popleft()
+        if len(self.failures) >= self.config.crash_loop_limit:
+            self.state = State.FAILED
+            retry = self.config.failed_retry_after
+            return [Schedule(retry)] if retry > 0 else []
+        self.state = State.BACKOFF
+        return [Schedule(self.backoff_delay())]
+
+    def backoff_delay(self) -> float:
+        """Exponential backoff with jitter: half fixed, half random."""
+        base = min(self.config.backoff_max, self.config.backoff_initial * 2**self.attempt)
+        self.attempt += 1
+        return base * (0.5 + 0.5 * self.random())
+
+    def timer_fired(self) -> list[Effect]:
+        if self.state == State.BACKOFF:
+            self.state = State.STARTING
+            return [Spawn()]
+        if self.state == State.FAILED:
+            return self.retry()
+        return []
+
+
+# --- exit diagnosis --------------------------------------------------------
+
+
+def describe_exit(exit_code: int | None, signal_number: int | None) -> str:
+    """One line saying how the child ended, with a likely cause."""
+    if signal_number is None and exit_code is not None and exit_code > 128:
+        signal_number = exit_code - 128  # a wrapper shell's way of saying "killed by"
+        how = f"exit code {exit_code}"
+    elif signal_number is not None:
+        how = "killed by signal"
+    else:
+        return "exited normally (code 0)" if exit_code == 0 else f"exited with code {exit_code}"
+    try:
+        name = signal.Signals(signal_number).name
+    except ValueError:
+        name = f"signal {signal_number}"
+    hint = {
+        signal.SIGKILL: "likely out of memory (check dmesg / the container's memory limit)",
+        signal.SIGSEGV: "crash (segmentation fault)",
+        signal.SIGABRT: "aborted (a llama.cpp assertion or fatal error; see the child log)",
+        signal.SIGBUS: "crash (bus error: model file truncated or changed while mapped?)",
+        signal.SIGILL: "crash (illegal instruction: binary built for another CPU?)",
+        signal.SIGTERM: "terminated",
+    }.get(signal_number, "")
+    text = f"{how} {name}" if how == "killed by signal" else f"{how} ({name})"
+    return f"{text}: {hint}" if hint else text
+
+
+# --- the service ---------------------------------------------------------------
+
+
+class ChildOutput(Protocol):
+    def child_line(self, line: bytes) -> None: ...
+
+
+Probe = Callable[[int, bytes], "defer.Deferred[int]"]
+
+
+def free_port() -> int:
+    """A free loopback port for the child (the child binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_key_file(directory: str | None = None) -> tuple[str, str]:
+    """A fresh per-boot API key in a 0600 file; returns (key, path)."""
+    key = secrets.token_urlsafe(32)
+    fd, path = tempfile.mkstemp(prefix="llamad-key-", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, key.encode() + b"\n")
+    finally:
+        os.close(fd)
+    return key, path
+
+
+class _ChildProtocol(ProcessProtocol):
+    def __init__(self, owner: Supervisor) -> None:
+        self.owner = owner
+        self.buffers = {1: b"", 2: b""}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self.buffers.get(childFD, b"") + data).split(b"\n")
+        self.buffers[childFD] = lines.pop()
+        for line in lines:
+            self.owner._child_line(self, line.rstrip(b"\r"))
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self.buffers.items():
+            if rest:
+                self.owner._child_line(self, rest)
+        self.buffers = {}
+        self.owner._child_ended(self, reason)
+
+
+class Supervisor(Service):
+    """Runs one backend child through :class:`Lifecycle`."""
+
+    name = "supervisor"
+
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        clock: IReactorTime,
+        backend: BackendConfig,
+        config: SupervisorConfig,
+        probe: Probe,
+        key: str,
+        key_file: str,
+        output: ChildOutput | None = None,
+        new_session: bool = True,
+        random: Callable[[], float] = _random.random,
+        base_env: dict[str, str] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.backend = backend
+        self.config = config
+        self.probe = probe
+        self.key = key
+        self.key_file = key_file
+        self.output = output
+        self.new_session = new_session and bool(backends.new_session_prefix())
+        self.base_env = base_env
+        self.machine = Lifecycle(config, random)
+        self.process: Any = None
+        self.protocol: _ChildProtocol | None = None
+        self.port = 0
+        self.pid: int | None = None
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.last_start_seconds: float | None = None
+        self.restarts = 0
+        self._timer: IDelayedCall | None = None
+        self._probe_call: IDelayedCall | None = None
+        self._probe_busy = False
+        self._ready_deadline: IDelayedCall | None = None
+        self._kill_call: IDelayedCall | None = None
+        self._stopped_waiters: list[defer.Deferred[None]] = []
+        self._ready_waiters: list[defer.Deferred[None]] = []
+        self._listeners: list[Callable[[State, State], None]] = []
+
+    # public surface
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    @property
+    def reason(self) -> str:
+        return self.machine.reason
+
+    def add_listener(self, listener: Callable[[State, State], None]) -> None:
+        """Call ``listener(old, new)`` on every state change."""
+        self._listeners.append(listener)
+
+    def request_start(self) -> None:
+        self._run(self.machine.start)
+
+    def retry(self) -> None:
+        self._run(self.machine.retry)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.backend.start == "eager":
+            self.request_start()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self._run(self.machine.stop)
+        return self.when_stopped()
+
+    def target(self) -> Target:
+        return Target(f"http://127.0.0.1:{self.port}".encode(), self.key)
+
+    def wait_ready(self) -> defer.Deferred[None]:
+        """Fires when the child is ready; fails with a 503 if this start fails."""
+        if self.state == State.READY:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred(self._ready_waiters.remove)
+        self._ready_waiters.append(d)
+        return d
+
+    def when_stopped(self) -> defer.Deferred[None]:
+        """Fires once no child is running and none will be started."""
+        if self.state == State.STOPPED:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._stopped_waiters.append(d)
+        return d
+
+    # effects
+
+    def _run(self, event: Callable[..., list[Effect]], *args: Any) -> None:
+        before = self.state
+        effects = event(*args)
+        after = self.state
+        if after != before:
+            self._announce(before, after)
+        for effect in effects:
+            if isinstance(effect, Spawn):
+                self._spawn()
+            elif isinstance(effect, Terminate):
+                self._terminate()
+            elif isinstance(effect, Schedule):
+                self._cancel_timer()
+                self._timer = self.clock.callLater(effect.delay, self._run, self.machine.timer_fired)
+                log.info("backend {state}: next start in {delay:.1f} s", state=self.state.value, delay=effect.delay)
+            elif isinstance(effect, CancelTimer):
+                self._cancel_timer()
+
+    def _announce(self, before: State, after: State) -> None:
+        if after == State.READY:
+            self.ready_at = self.clock.seconds()
+            self.last_start_seconds = self.ready_at - (self.started_at or self.ready_at)
+            log.info("backend ready: pid {pid} port {port}, {secs:.3f} s after spawn",
+                     pid=self.pid, port=self.port, secs=self.last_start_seconds)
+        elif after == State.FAILED:
+            log.error("backend failed: {n} exits within {w:g} s; last: {reason}",
+                      n=len(self.machine.failures), w=self.config.crash_loop_window, reason=self.reason)
+        for listener in list(self._listeners):
+            listener(before, after)
+        if after in (State.READY, State.BACKOFF, State.FAILED, State.STOPPED):
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for d in waiters:
+                if after == State.READY:
+                    d.callback(None)
+                else:
+                    d.errback(StartFailed(self.reason or f"backend {after.value}"))
+        if after == State.STOPPED:
+            waiters, self._stopped_waiters = self._stopped_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _spawn(self) -> None:
+        self.port = free_port()
+        prefix = backends.new_session_prefix() if self.new_session else []
+        launch = backends.launch(self.backend, self.port, self.key, self.key_file, self.base_env, prefix)
+        argv = launch.argv
+        self._ready_path = launch.ready_path
+        self.protocol = _ChildProtocol(self)
+        self.started_at = self.clock.seconds()
+        self.ready_at = None
+        try:
+            self.process = self.reactor.spawnProcess(self.protocol, argv[0], argv, env=launch.env)
+        except OSError as e:
+            self.protocol = None
+            log.error("backend spawn failed: {argv0}: {err}", argv0=argv[0], err=e)
+            self._run(self.machine.exited, self.clock.seconds(), f"spawn failed: {e}")
+            return
+        self.pid = self.process.pid
+        log.info("backend start: pid {pid} port {port}: {argv}", pid=self.pid, port=self.port, argv=" ".join(argv))
+        self._probe_call = self.clock.callLater(PROBE_INTERVAL, self._probe)
+        timeout = self.backend.ready_timeout
+        self._ready_deadline = self.clock.callLater(timeout, self._run, self.machine.ready_timeout, timeout)
+
+    def _probe(self, hinted: bool = False) -> None:
+        self._probe_call = None
+        if self.state != State.STARTING or self._probe_busy:
+            return
+        self._probe_busy = True
+        protocol = self.protocol
+        d = self.probe(self.port, self._ready_path)
+
+        def done(status: int | Failure) -> None:
+            self._probe_busy = False
+            if protocol is not self.protocol or self.state != State.STARTING:
+                return
+            if status == 200:
+                self._cancel(self, "_ready_deadline")
+                self._run(self.machine.ready)
+            elif self._probe_call is None:
+                self._probe_call = self.clock.callLater(PROBE_INTERVAL, self._probe)
+
+        d.addBoth(done)
+
+    def _child_line(self, protocol: _ChildProtocol, line: bytes) -> None:
+        if self.output is not None:
+            self.output.child_line(line)
+        if protocol is self.protocol and self.state == State.STARTING and any(h in line for h in READY_HINTS):
+            # The child says it is up: probe now rather than at the next tick.
+            if self._probe_call is not None and self._probe_call.active():
+                self._probe_call.cancel()
+            self._probe_call = None
+            self._probe()
+
+    def _terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+        self._kill_call = self.clock.callLater(self.config.stop_timeout, self._kill)
+
+    def _kill(self) -> None:
+        self._kill_call = None
+        log.warn("backend pid {pid} still running {t:g} s after SIGTERM: SIGKILL", pid=self.pid,
+                 t=self.config.stop_timeout)
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.process is None or self.pid is None:
+            return
+        try:
+            if self.new_session:
+                try:
+                    os.killpg(self.pid, sig)
+                    return
+                except ProcessLookupError:
+                    pass  # not yet its own group leader: signal the process itself
+            self.process.signalProcess(signal.Signals(sig).name[3:])
+        except (ProcessLookupError, error.ProcessExitedAlready):
+            pass
+
+    @staticmethod
+    def _cancel(owner: Any, attr: str) -> None:
+        call = getattr(owner, attr)
+        if call is not None and call.active():
+            call.cancel()
+        setattr(owner, attr, None)
+
+    def _child_ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
+        if protocol is not self.protocol:
+            return
+        for attr in ("_probe_call", "_ready_deadline", "_kill_call"):
+            self._cancel(self, attr)
+        value = reason.value
+        description = describe_exit(getattr(value, "exitCode", None), getattr(value, "signal", None))
+        expected = self.state == State.STOPPING and not self.machine.want_up
+        if self.new_session and self.pid is not None:
+            # Anything the child left in its group goes with it.
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        log_method = log.info if expected else log.warn
+        log_method("backend exit: pid {pid} {how}", pid=self.pid, how=description)
+        self.process = None
+        self.protocol = None
+        self.pid = None
+        if not expected:
+            self.restarts += 1
+        self._run(self.machine.exited, self.clock.seconds(), description)
+
+    def snapshot(self) -> dict[str, Any]:
+        """In-memory state for the health site and /health: no I/O."""
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_start_seconds": self.last_start_seconds,
+        }
+
+
+class ExternalBackend:
+    """``backend.kind = "external"``: a server llamad proxies to but does not run."""
+
+    state = State.READY
+    reason = ""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def target(self) -> Target:
+        return Target(self.url.encode(), "")
+
+    def request_start(self) -> None:
+        pass
+
+    def wait_ready(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"state": self.state.value, "url": self.url}

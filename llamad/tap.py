@@ -1,0 +1,194 @@
+"""``twistd llamad``: command-line options and the service tree."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger, globalLogPublisher
+from twisted.python import usage
+from twisted.web import client
+from twisted.web.http_headers import Headers
+
+from llamad import config as config_module
+from llamad.activity import Activity
+from llamad.config import Config, ConfigError
+from llamad.gateway.app import Gateway, api_site
+from llamad.gateway.gate import Gate
+from llamad.gateway.proxy import Proxy, make_agent
+from llamad.health import health_site
+from llamad.logs import ChildLog, boot_observer, open_boot_log
+from llamad.metrics import Metrics
+from llamad.status import Status
+from llamad.supervisor import ExternalBackend, Supervisor, write_key_file
+
+log = Logger(namespace="llamad")
+
+PROBE_TIMEOUT = 1.0
+
+
+def fail(message: str) -> None:
+    """Exit before any port is bound, with one line naming the problem."""
+    sys.stderr.write(f"llamad: config error: {message}\n")
+    raise SystemExit(2)
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Serve a llama.cpp model: API on api.listen (8000), health checks on health.listen (8001)."
+    optParameters = [
+        ["config", "c", None, "TOML config file (default: /etc/llamad/llamad.toml if it exists)."],
+        ["data-dir", "d", None, "Data directory: logs, models, keys (data_dir)."],
+        ["model", "m", None, "GGUF model file (backend.model)."],
+        ["listen", "l", None, "API endpoint, e.g. tcp:8000 (api.listen)."],
+        ["health-listen", None, None, "Health endpoint, e.g. tcp:8001 (health.listen)."],
+    ]
+    _option_keys = {"data-dir": "data_dir", "model": "backend.model", "listen": "api.listen",
+                    "health-listen": "health.listen"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.overrides: dict[str, str] = {}
+        self.loaded: config_module.Loaded | None = None
+
+    def opt_set(self, assignment: str) -> None:
+        """Set any config key, e.g. --set backend.parallel=2 (repeatable)."""
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise usage.UsageError(f"--set needs KEY=VALUE, got {assignment!r}")
+        self.overrides[key.strip()] = value
+
+    def postOptions(self) -> None:
+        overrides = {key: self[name] for name, key in self._option_keys.items() if self[name] is not None}
+        overrides.update(self.overrides)
+        try:
+            self.loaded = config_module.load(self["config"], os.environ, overrides)
+        except ConfigError as e:
+            fail(str(e))
+
+
+class LlamadService(service.MultiService):
+    """Starts sites then backend; stops in the order DESIGN.md's shutdown gives."""
+
+    def __init__(self, config: Config, status: Status, activity: Activity, clock: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.status = status
+        self.activity = activity
+        self.clock = clock
+        self.closers: list[Any] = []
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        log.info("shutting down: draining {n} in-flight request(s)", n=self.activity.in_flight)
+        self.status.draining = True
+        drained = self.activity.drained()
+        drained.addTimeout(self.config.api.drain_timeout, self.clock)
+        try:
+            yield drained
+        except defer.TimeoutError:
+            log.warn("drain_timeout reached with {n} request(s) in flight", n=self.activity.in_flight)
+        backend = self.getServiceNamed("supervisor") if "supervisor" in self.namedServices else None
+        if backend is not None:
+            yield backend.stopService()
+        yield super().stopService()
+        for close in self.closers:
+            close()
+        log.info("llamad stopped")
+
+
+def make_probe(agent: client.Agent, clock: Any, key: str) -> Any:
+    """GET the readiness path on the child; fires with the status code."""
+    headers = Headers({b"authorization": [b"Bearer " + key.encode()]})
+
+    def probe(port: int, path: bytes) -> defer.Deferred[int]:
+        d = agent.request(b"GET", f"http://127.0.0.1:{port}".encode() + path, headers)
+        d.addTimeout(PROBE_TIMEOUT, clock)
+        d.addCallback(lambda response: client.readBody(response).addCallback(lambda _: response.code))
+        return d
+
+    return probe
+
+
+def build(config: Config, reactor: Any) -> LlamadService:
+    """The whole service tree for one config, on the given reactor."""
+    for key, endpoint in (("api.listen", config.api.listen), ("health.listen", config.health.listen)):
+        try:
+            serverFromString(reactor, endpoint)
+        except Exception as e:
+            fail(f"{key}: bad endpoint {endpoint!r}: {e}")
+
+    os.makedirs(config.logs.dir, exist_ok=True)
+    boot_path, boot_stream = open_boot_log(config.logs.dir)
+    observer = boot_observer(boot_stream)
+    globalLogPublisher.addObserver(observer)
+
+    metrics = Metrics()
+    activity = Activity(reactor)
+    agent = make_agent(reactor, config.max_concurrent)
+    backend: Any
+    key_file = ""
+    if config.backend.kind == "external":
+        backend = ExternalBackend(config.backend.url)
+        child_log = None
+    else:
+        key, key_file = write_key_file()
+        child_log = ChildLog(config.logs.dir, config.logs.max_bytes, config.logs.keep)
+        backend = Supervisor(
+            reactor, reactor, config.backend, config.supervisor,
+            probe=make_probe(agent, reactor, key), key=key, key_file=key_file, output=child_log,
+        )
+
+    status = Status(reactor, backend, config.backend.model_id or config.backend.url, config.backend.start == "lazy",
+                    backend_has_metrics=config.backend.kind == "llama-server")
+    root = LlamadService(config, status, activity, reactor)
+    if isinstance(backend, Supervisor):
+        def on_state(before: Any, after: Any) -> None:
+            metrics.set_backend_state(after)
+            if after.value == "ready":
+                status.ever_ready = True
+                if backend.last_start_seconds is not None:
+                    metrics.backend_start_duration.observe(backend.last_start_seconds)
+            if after.value in ("backoff", "failed") and before.value in ("starting", "ready", "stopping"):
+                metrics.backend_restarts.labels(after.value).inc()
+
+        backend.add_listener(on_state)
+    else:
+        metrics.set_backend_state(backend.state)
+
+    gate = Gate(reactor, status, backend, config.admission.queue_timeout)
+    proxy = Proxy(agent, reactor, config.api.request_timeout)
+    gateway = Gateway(reactor, status, gate, proxy, metrics, agent, activity)
+
+    strports.service(config.health.listen, health_site(status, config.health.ping)).setServiceParent(root)
+    strports.service(config.api.listen, api_site(gateway)).setServiceParent(root)
+    if isinstance(backend, Supervisor):
+        backend.setServiceParent(root)
+
+    def close() -> None:
+        if key_file:
+            try:
+                os.unlink(key_file)
+            except FileNotFoundError:
+                pass
+        if child_log is not None:
+            child_log.close()
+        globalLogPublisher.removeObserver(observer)
+        boot_stream.close()
+
+    root.closers.append(close)
+    log.info("llamad boot log: {path}", path=boot_path)
+    log.info("model {model} via {kind}; api {api}, health {health}", model=config.backend.model or config.backend.url,
+             kind=config.backend.kind, api=config.api.listen, health=config.health.listen)
+    return root
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    assert options.loaded is not None
+    return build(options.loaded.config, reactor)

@@ -1,0 +1,71 @@
+"""Test doubles shared by unit tests: an in-memory process reactor and a probe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+
+class FakeProcess:
+    def __init__(self, reactor: FakeProcessReactor, protocol: Any, argv: list[str], env: dict[str, str], pid: int):
+        self.reactor = reactor
+        self.proto = protocol
+        self.argv = argv
+        self.env = env
+        self.pid = pid
+        self.signals: list[str] = []
+        self.alive = True
+
+    def signalProcess(self, name: str) -> None:
+        if not self.alive:
+            raise error.ProcessExitedAlready()
+        self.signals.append(name)
+
+    def exit(self, code: int | None = 0, signal: int | None = None) -> None:
+        """The process ends: code 0 is ProcessDone, otherwise ProcessTerminated."""
+        self.alive = False
+        if code == 0 and signal is None:
+            reason: Exception = error.ProcessDone(0)
+        else:
+            reason = error.ProcessTerminated(code, signal)
+        self.proto.processEnded(Failure(reason))
+
+    def output(self, data: bytes, fd: int = 2) -> None:
+        self.proto.childDataReceived(fd, data)
+
+
+class FakeProcessReactor(Clock):
+    """Clock plus spawnProcess that records children instead of forking."""
+
+    def __init__(self, fail_spawn: OSError | None = None) -> None:
+        super().__init__()
+        self.processes: list[FakeProcess] = []
+        self.fail_spawn = fail_spawn
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: dict[str, str] | None = None,
+                     **kwargs: Any) -> FakeProcess:
+        if self.fail_spawn is not None:
+            raise self.fail_spawn
+        process = FakeProcess(self, protocol, list(args), dict(env or {}), 1000 + len(self.processes))
+        self.processes.append(process)
+        protocol.makeConnection(process)
+        return process
+
+    @property
+    def last(self) -> FakeProcess:
+        return self.processes[-1]
+
+
+class FakeProbe:
+    """Readiness answers chosen by the test: a status code per call, default 503."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bytes]] = []
+        self.status = 503
+
+    def __call__(self, port: int, path: bytes) -> defer.Deferred[int]:
+        self.calls.append((port, path))
+        return defer.succeed(self.status)

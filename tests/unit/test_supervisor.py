@@ -1,0 +1,261 @@
+"""Supervisor: the pure lifecycle, and the service driven by a fake process reactor and Clock."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from fakes import FakeProbe, FakeProcessReactor
+from llamad.config import BackendConfig, SupervisorConfig
+from llamad.supervisor import (
+    PROBE_INTERVAL, CancelTimer, Lifecycle, Schedule, Spawn, State, Supervisor, Terminate, describe_exit,
+)
+
+SUP = SupervisorConfig(backoff_initial=1.0, backoff_max=8.0, crash_loop_limit=3, crash_loop_window=60,
+                       failed_retry_after=300, stop_timeout=10)
+
+
+# --- Lifecycle (no I/O) -------------------------------------------------------
+
+def machine(random: float = 1.0, **overrides: float) -> Lifecycle:
+    cfg = SupervisorConfig(**{**SUP.__dict__, **overrides})
+    return Lifecycle(cfg, random=lambda: random)
+
+
+def test_start_ready_stop():
+    m = machine()
+    assert m.start() == [Spawn()] and m.state == State.STARTING
+    assert m.start() == []  # one start at a time
+    assert m.ready() == [] and m.state == State.READY
+    assert m.stop() == [Terminate()] and m.state == State.STOPPING
+    assert m.exited(5.0, "exited normally (code 0)") == [] and m.state == State.STOPPED
+
+
+def test_unexpected_exit_backs_off_exponentially_then_fails():
+    m = machine()
+    m.start()
+    assert m.exited(0.0, "crash") == [Schedule(1.0)] and m.state == State.BACKOFF
+    assert m.timer_fired() == [Spawn()] and m.state == State.STARTING
+    assert m.exited(1.0, "crash") == [Schedule(2.0)]
+    m.timer_fired()
+    assert m.exited(3.0, "crash again") == [Schedule(300)]
+    assert m.state == State.FAILED and m.reason == "crash again"
+    assert m.start() == [] and m.state == State.FAILED  # requests do not leave failed
+    assert m.timer_fired() == [CancelTimer(), Spawn()] and m.state == State.STARTING
+
+
+def test_backoff_is_capped_and_jittered():
+    m = machine(random=0.0, crash_loop_limit=100)
+    delays = []
+    for t in range(6):
+        m.start() if m.state == State.STOPPED else m.timer_fired()
+        delays.append(m.exited(float(t), "crash")[0].delay)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]  # half of min(8, 2**n) with random() = 0
+
+
+def test_ready_resets_backoff_and_old_exits_leave_the_window():
+    m = machine()
+    m.start()
+    m.exited(0.0, "crash")
+    m.timer_fired()
+    m.ready()
+    assert m.exited(100.0, "crash") == [Schedule(1.0)]  # attempt reset by ready
+    m.timer_fired()
+    assert m.exited(130.0, "crash") == [Schedule(2.0)]  # exit at 0 is outside the 60 s window
+    assert m.state == State.BACKOFF
+
+
+def test_failed_retry_after_zero_stays_failed():
+    m = machine(crash_loop_limit=1, failed_retry_after=0)
+    m.start()
+    assert m.exited(0.0, "bad model") == [] and m.state == State.FAILED
+    assert m.retry() == [CancelTimer(), Spawn()]
+
+
+def test_ready_timeout_terminates_and_counts_as_failure():
+    m = machine()
+    m.start()
+    assert m.ready_timeout(30) == [Terminate()] and m.state == State.STOPPING
+    assert m.exited(30.0, "killed by signal SIGTERM") == [Schedule(1.0)]
+    assert m.reason == "not ready within ready_timeout (30 s)"
+
+
+def test_stop_during_backoff_or_failed_cancels_timer():
+    m = machine()
+    m.start()
+    m.exited(0.0, "crash")
+    assert m.stop() == [CancelTimer()] and m.state == State.STOPPED
+
+
+def test_start_while_stopping_restarts_after_exit():
+    m = machine()
+    m.start()
+    m.ready()
+    m.stop()
+    assert m.start() == []
+    assert m.exited(1.0, "terminated") == [Spawn()] and m.state == State.STARTING
+
+
+@pytest.mark.parametrize(
+    "code, sig, expected",
+    [
+        (0, None, "exited normally (code 0)"),
+        (1, None, "exited with code 1"),
+        (None, 9, "killed by signal SIGKILL: likely out of memory"),
+        (137, None, "exit code 137 (SIGKILL): likely out of memory"),
+        (None, 11, "killed by signal SIGSEGV: crash (segmentation fault)"),
+        (139, None, "exit code 139 (SIGSEGV): crash"),
+    ],
+)
+def test_describe_exit(code, sig, expected):
+    assert describe_exit(code, sig).startswith(expected)
+
+
+# --- Supervisor service -----------------------------------------------------------
+
+def make(start: str = "eager", **kw) -> tuple[Supervisor, FakeProcessReactor, FakeProbe]:
+    reactor = FakeProcessReactor(kw.pop("fail_spawn", None))
+    probe = FakeProbe()
+    backend = BackendConfig(model="/models/demo.gguf", parallel=2, start=start, ready_timeout=30)
+    lines: list[bytes] = kw.pop("lines", [])
+
+    class Sink:
+        def child_line(self, line: bytes) -> None:
+            lines.append(line)
+
+    sup = Supervisor(reactor, reactor, backend, SUP, probe=probe, key="k", key_file="/run/key",
+                     output=Sink(), new_session=False, random=lambda: 1.0, base_env={"PATH": "/bin"}, **kw)
+    return sup, reactor, probe
+
+
+def test_spawn_argv_and_readiness_by_polling():
+    sup, reactor, probe = make()
+    sup.startService()
+    child = reactor.last
+    assert child.argv[:3] == ["llama-server", "-m", "/models/demo.gguf"]
+    assert "--api-key-file" in child.argv and "k" not in child.argv
+    assert child.argv[child.argv.index("--alias") + 1] == "demo"
+    assert sup.state == State.STARTING
+    reactor.advance(PROBE_INTERVAL)
+    assert probe.calls == [(sup.port, b"/health")]
+    probe.status = 200
+    reactor.advance(PROBE_INTERVAL)
+    assert sup.state == State.READY and len(probe.calls) == 2
+    reactor.advance(1)
+    assert len(probe.calls) == 2  # no polling once ready
+
+
+def test_listening_line_triggers_immediate_probe():
+    sup, reactor, probe = make()
+    sup.startService()
+    probe.status = 200
+    reactor.last.output(b"main: loading\nllama_server: listening on http://127.0.0.1:1\n")
+    assert sup.state == State.READY
+    assert reactor.seconds() == 0
+
+
+def test_child_output_lines_are_split_and_flushed():
+    lines: list[bytes] = []
+    sup, reactor, probe = make(lines=lines)
+    sup.startService()
+    reactor.last.output(b"one\ntw", fd=1)
+    reactor.last.output(b"o\r\nthr", fd=1)
+    reactor.last.exit(1)
+    assert lines == [b"one", b"two", b"thr"]
+
+
+def test_crash_restarts_with_backoff_and_notifies_listeners():
+    sup, reactor, probe = make()
+    changes = []
+    sup.add_listener(lambda old, new: changes.append(new))
+    probe.status = 200
+    sup.startService()
+    reactor.advance(PROBE_INTERVAL)
+    reactor.last.exit(None, signal.SIGKILL)
+    assert sup.state == State.BACKOFF and "out of memory" in sup.reason
+    assert sup.restarts == 1
+    reactor.advance(0.99)
+    assert len(reactor.processes) == 1
+    reactor.advance(0.01)
+    assert len(reactor.processes) == 2
+    reactor.advance(PROBE_INTERVAL)
+    assert changes == [State.STARTING, State.READY, State.BACKOFF, State.STARTING, State.READY]
+
+
+def test_stop_sends_term_then_kill_and_fires_only_when_gone():
+    sup, reactor, probe = make()
+    probe.status = 200
+    sup.startService()
+    reactor.advance(PROBE_INTERVAL)
+    child = reactor.last
+    d = sup.stopService()
+    assert child.signals == ["TERM"] and not d.called
+    reactor.advance(9.9)
+    assert child.signals == ["TERM"]
+    reactor.advance(0.1)
+    assert child.signals == ["TERM", "KILL"] and not d.called
+    child.exit(None, signal.SIGKILL)
+    assert d.called and sup.state == State.STOPPED
+    assert len(reactor.processes) == 1  # no restart after a requested stop
+
+
+def test_stop_during_load():
+    sup, reactor, probe = make()
+    sup.startService()
+    d = sup.stopService()
+    reactor.last.exit(None, signal.SIGTERM)
+    assert d.called and sup.state == State.STOPPED
+    reactor.advance(100)
+    assert len(reactor.processes) == 1
+
+
+def test_ready_timeout_kills_and_backs_off():
+    sup, reactor, probe = make()
+    sup.startService()
+    reactor.advance(30)
+    assert reactor.last.signals == ["TERM"]
+    reactor.last.exit(None, signal.SIGTERM)
+    assert sup.state == State.BACKOFF and "ready_timeout" in sup.reason
+
+
+def test_spawn_failure_is_a_failed_start():
+    sup, reactor, probe = make(fail_spawn=FileNotFoundError(2, "No such file", "llama-server"))
+    sup.startService()
+    assert sup.state == State.BACKOFF and sup.reason.startswith("spawn failed")
+
+
+def test_lazy_start_waits_for_request_and_wait_ready():
+    sup, reactor, probe = make(start="lazy")
+    sup.startService()
+    assert reactor.processes == [] and sup.state == State.STOPPED
+    waiter = sup.wait_ready()
+    sup.request_start()
+    sup.request_start()
+    assert len(reactor.processes) == 1  # one shared start
+    probe.status = 200
+    reactor.advance(PROBE_INTERVAL)
+    assert waiter.called and waiter.result is None
+
+
+def test_wait_ready_fails_when_the_start_fails():
+    sup, reactor, probe = make(start="lazy")
+    sup.startService()
+    waiter = sup.wait_ready()
+    failures = []
+    waiter.addErrback(failures.append)
+    sup.request_start()
+    reactor.last.exit(1)
+    assert failures and "exited with code 1" in str(failures[0].value)
+
+
+def test_cancelled_waiter_does_not_cancel_the_start():
+    sup, reactor, probe = make(start="lazy")
+    sup.startService()
+    waiter = sup.wait_ready()
+    sup.request_start()
+    waiter.addErrback(lambda f: None)
+    waiter.cancel()
+    probe.status = 200
+    reactor.advance(PROBE_INTERVAL)
+    assert sup.state == State.READY
