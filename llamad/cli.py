@@ -11,8 +11,8 @@ from llamad.config import ConfigError
 
 
 def check_config(args: argparse.Namespace) -> int:
-    overrides = dict(_assignment(a) for a in args.set)
     try:
+        overrides = dict(_assignment(a) for a in args.set)
         loaded = config_module.load(args.config, os.environ, overrides, check_files=not args.no_file_checks)
     except ConfigError as e:
         print(f"llamad: config error: {e}", file=sys.stderr)
@@ -34,7 +34,7 @@ def demo_model(args: argparse.Namespace) -> int:
 def _assignment(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        raise ConfigError(key.strip() or "--set", f"--set needs KEY=VALUE, got {text!r}")
     return key.strip(), value
 
 

@@ -9,6 +9,7 @@ with one line before any port is bound.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shlex
@@ -16,6 +17,7 @@ import shutil
 import sys
 import tomllib
 import typing
+from collections import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -233,7 +235,7 @@ def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is tuple:
         return "a list of strings"
-    if origin in (Mapping, dict) or hint is Mapping:
+    if origin in (abc.Mapping, dict):
         return "a table of strings"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[hint]
 
@@ -336,6 +338,11 @@ def read_toml(path: str) -> dict[str, Any]:
     return _flatten_toml(doc, path)
 
 
+def _endpoint_args(rest: str) -> list[str]:
+    """Split endpoint arguments on ':' but not on Twisted's escaped '\\:'."""
+    return re.split(r"(?<!\\):", rest) if rest else []
+
+
 def replace_port(endpoint: str, port_text: str, key: str, source: str) -> str:
     """Put PORT / PORT_HEALTH into a ``tcp:`` endpoint string."""
     try:
@@ -347,7 +354,7 @@ def replace_port(endpoint: str, port_text: str, key: str, source: str) -> str:
     kind, _, rest = endpoint.partition(":")
     if kind not in ("tcp", "tcp6"):
         return endpoint
-    args = rest.split(":")
+    args = _endpoint_args(rest)
     positional = [a for a in args if "=" not in a]
     if positional:
         args[args.index(positional[0])] = str(port)
@@ -388,8 +395,10 @@ def load(
             sources[key] = f"env {name}"
     for name, key in PORT_ENV_KEYS.items():
         if name in environ:
-            values[key] = replace_port(values[key], environ[name], key, f"env {name}")
-            sources[key] = f"env {name}"
+            replaced = replace_port(values[key], environ[name], key, f"env {name}")
+            if replaced != values[key]:
+                values[key] = replaced
+                sources[key] = f"env {name}"
     model_name = environ.get("MODEL_NAME", "")
     if model_name and "MODEL_PATH" not in environ:
         values["backend.model"] = model_name
@@ -438,7 +447,7 @@ def _check_endpoint(key: str, endpoint: str, source: str) -> None:
     if kind not in ("tcp", "tcp6", "unix", "systemd", "ssl"):
         raise ConfigError(key, f"unsupported endpoint {endpoint!r} (use tcp:PORT, unix:PATH or systemd:...)", source)
     if kind in ("tcp", "tcp6", "ssl"):
-        args = rest.split(":") if rest else []
+        args = _endpoint_args(rest)
         positional = [a for a in args if "=" not in a]
         named = dict(a.split("=", 1) for a in args if "=" in a)
         port_text = positional[0] if positional else named.get("port", "")
@@ -457,6 +466,8 @@ def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool
                 key, f"unknown value {values[key]!r} (expected one of: {', '.join(choices)})", sources[key]
             )
     for key, hint in KEY_TYPES.items():
+        if hint is float and not math.isfinite(values[key]):
+            raise ConfigError(key, f"must be a finite number, got {values[key]!r}", sources[key])
         if hint in (int, float):
             low = MINIMUM.get(key, 0)
             if values[key] < low or (key in POSITIVE and values[key] <= 0):
@@ -512,10 +523,19 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def _toml_char(c: str) -> str:
+    """Escape one character for a TOML basic string."""
+    if c in ('"', "\\"):
+        return "\\" + c
+    if c < " " and c != "\t" or c == "\x7f":
+        return f"\\u{ord(c):04x}"
+    return c
 
 
 def render(loaded: Loaded) -> str:
