@@ -32,3 +32,7 @@ test: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+## bench: timings against direct llama-server, in one run (not part of `make test`)
+bench: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/ttfb.py

@@ -86,8 +86,11 @@ def launch(
         if backend.threads:
             argv += ["--n_threads", str(backend.threads)]
         argv += list(backend.extra_args)
-        # llama_cpp.server reads its settings from the environment too; the key
-        # goes there so that it stays off argv.
+        # llama_cpp.server reads its settings from the environment too: the key
+        # goes there so that it stays off argv, and llamad's own PORT (the API
+        # port) must not override the child's --port.
+        for name in ("PORT", "HOST", "CONFIG_FILE"):
+            env.pop(name, None)
         env["API_KEY"] = key
         return Launch((prefix or []) + argv, env, port, b"/v1/models")
     raise ValueError(f"backend kind {backend.kind!r} has no child process")

@@ -483,22 +483,21 @@ def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool
     if kind == "external":
         url = values["backend.url"]
         if not re.match(r"^https?://[^/\s]+", url):
-            raise ConfigError("backend.url", f"kind 'external' needs an http(s) URL, got {url!r}", sources["backend.url"])
+            raise ConfigError("backend.url", f"kind 'external' needs an http(s) URL, got {url!r}",
+                              sources["backend.url"])
         return
     model = values["backend.model"]
     if not model:
-        raise ConfigError(
-            "backend.model", "no model configured (set backend.model, MODEL_PATH or MODEL_NAME)", sources["backend.model"]
-        )
+        raise ConfigError("backend.model", "no model configured (set backend.model, MODEL_PATH or MODEL_NAME)",
+                          sources["backend.model"])
     if not check_files:
         return
     if not os.path.isfile(model):
         raise ConfigError("backend.model", f"model file not found: {model}", sources["backend.model"])
     command = values["backend.command"]
     if kind == "llama-server" and shutil.which(command) is None:
-        raise ConfigError(
-            "backend.command", f"{command!r} not found or not executable (set LLAMA_SERVER_BIN)", sources["backend.command"]
-        )
+        raise ConfigError("backend.command", f"{command!r} not found or not executable (set LLAMA_SERVER_BIN)",
+                          sources["backend.command"])
 
 
 def _build(values: Mapping[str, Any]) -> Config:

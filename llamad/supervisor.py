@@ -212,6 +212,13 @@ class ChildOutput(Protocol):
 Probe = Callable[[int, bytes], "defer.Deferred[int]"]
 
 
+def _cancel(call: IDelayedCall | None) -> None:
+    """Cancel a pending call if it is still pending; returns None to clear the slot."""
+    if call is not None and call.active():
+        call.cancel()
+    return None
+
+
 def free_port() -> int:
     """A free loopback port for the child (the child binds it moments later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -293,6 +300,7 @@ class Supervisor(Service):
         self._probe_busy = False
         self._ready_deadline: IDelayedCall | None = None
         self._kill_call: IDelayedCall | None = None
+        self._ready_path = b"/health"
         self._stopped_waiters: list[defer.Deferred[None]] = []
         self._ready_waiters: list[defer.Deferred[None]] = []
         self._listeners: list[Callable[[State, State], None]] = []
@@ -390,9 +398,7 @@ class Supervisor(Service):
                 d.callback(None)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._timer = _cancel(self._timer)
 
     def _spawn(self) -> None:
         self.port = free_port()
@@ -429,7 +435,7 @@ class Supervisor(Service):
             if protocol is not self.protocol or self.state != State.STARTING:
                 return
             if status == 200:
-                self._cancel(self, "_ready_deadline")
+                self._ready_deadline = _cancel(self._ready_deadline)
                 self._run(self.machine.ready)
             elif self._probe_call is None:
                 self._probe_call = self.clock.callLater(PROBE_INTERVAL, self._probe)
@@ -441,9 +447,7 @@ class Supervisor(Service):
             self.output.child_line(line)
         if protocol is self.protocol and self.state == State.STARTING and any(h in line for h in READY_HINTS):
             # The child says it is up: probe now rather than at the next tick.
-            if self._probe_call is not None and self._probe_call.active():
-                self._probe_call.cancel()
-            self._probe_call = None
+            self._probe_call = _cancel(self._probe_call)
             self._probe()
 
     def _terminate(self) -> None:
@@ -470,18 +474,12 @@ class Supervisor(Service):
         except (ProcessLookupError, error.ProcessExitedAlready):
             pass
 
-    @staticmethod
-    def _cancel(owner: Any, attr: str) -> None:
-        call = getattr(owner, attr)
-        if call is not None and call.active():
-            call.cancel()
-        setattr(owner, attr, None)
-
     def _child_ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
         if protocol is not self.protocol:
             return
-        for attr in ("_probe_call", "_ready_deadline", "_kill_call"):
-            self._cancel(self, attr)
+        self._probe_call = _cancel(self._probe_call)
+        self._ready_deadline = _cancel(self._ready_deadline)
+        self._kill_call = _cancel(self._kill_call)
         value = reason.value
         description = describe_exit(getattr(value, "exitCode", None), getattr(value, "signal", None))
         expected = self.state == State.STOPPING and not self.machine.want_up

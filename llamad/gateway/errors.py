@@ -42,11 +42,13 @@ def error_body(status: int, message: str, code: str = "") -> dict[str, object]:
 
 def write_error(request: IRequest, err: ApiError) -> bytes:
     """Set status and headers for ``err``; return the body to write."""
+    body = json.dumps(error_body(err.status, err.message, err.code)).encode()
     request.setResponseCode(err.status)
     request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
     for name, value in err.headers.items():
         request.setHeader(name, value)
-    return json.dumps(error_body(err.status, err.message, err.code)).encode()
+    return body
 
 
 def sse_error_event(message: str, code: str = "stream_interrupted") -> bytes:

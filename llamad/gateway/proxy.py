@@ -55,9 +55,17 @@ class BytesProducer:
         pass
 
 
+class _QuietClientFactory(client._HTTP11ClientFactory):
+    noisy = False  # one log line per pooled connection is noise
+
+
+class _QuietPool(client.HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
 def make_agent(reactor: object, max_per_host: int) -> client.Agent:
     """An Agent over a persistent pool sized for the child's slots."""
-    pool = client.HTTPConnectionPool(reactor, persistent=True)
+    pool = _QuietPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max(2, max_per_host)
     pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
     pool.retryAutomatically = True
@@ -93,14 +101,18 @@ class _Relay(Protocol):
             self.done.callback(None)
             return
         log.warn("backend stream broke: {why}", why=reason.getErrorMessage())
+        channel = getattr(self.request, "channel", None)
+        transport = channel.transport if channel is not None else None
         if self.sse:
+            # One error event, a proper end of the response, then close.
             self.request.write(sse_error_event("backend connection lost mid-stream"))
-        else:
+            self.request.finish()
+            if transport is not None:
+                transport.loseConnection()
+        elif transport is not None:
             # No way to say "failed" inside a started plain body: cut the
             # connection so the client sees an incomplete response.
-            channel = getattr(self.request, "channel", None)
-            if channel is not None and channel.transport is not None:
-                channel.transport.abortConnection()
+            transport.abortConnection()
         self.done.callback(None)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import openai
@@ -264,9 +265,7 @@ def test_bad_config_exits_before_binding_with_one_line(tmp_path, llama_server_bi
         s.bind(("127.0.0.1", port))  # nothing was bound
 
 
-def subprocess_run(argv: list[str], cwd) -> "subprocess.CompletedProcess[bytes]":
-    import subprocess
-
+def subprocess_run(argv: list[str], cwd) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in ("PORT", "PORT_HEALTH", "MODEL_PATH", "MODEL_NAME")}
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=60)
 

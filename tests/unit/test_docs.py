@@ -1,0 +1,31 @@
+"""The README's config reference and etc/llamad.toml name every config key."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from llamad.config import KEY_TYPES, _defaults
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_readme_lists_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key in KEY_TYPES if f"| `{key}` |" not in readme]
+    assert missing == []
+
+
+def test_shipped_config_has_every_key_commented_with_its_default():
+    lines = []
+    for line in (ROOT / "etc" / "llamad.toml").read_text().splitlines():
+        if re.match(r"^\[[a-z_]+\]$", line):
+            lines.append(line)
+        elif m := re.match(r"^# ([a-z_]+ = .*?)(\s{2,}#.*)?$", line):
+            lines.append(m.group(1))
+    doc = tomllib.loads("\n".join(lines))
+    flat = {**{k: v for k, v in doc.items() if not isinstance(v, dict)},
+            **{f"{s}.{k}": v for s, t in doc.items() if isinstance(t, dict) for k, v in t.items()}}
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in _defaults().items()}
+    assert flat == plain
