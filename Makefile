@@ -27,7 +27,7 @@ run: setup
 
 ## test: the same set-up, the test extras and the llama-cpp-python server, then the whole suite
 test: setup
-	$(PIP) install '.[test,llama-cpp-python]'
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(PIP) install '.[test,llama-cpp-python]'
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest $(PYTEST_ARGS) tests
 
 clean:

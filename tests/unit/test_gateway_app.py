@@ -1,0 +1,163 @@
+"""The Klein app's own routes and the gate, in memory with StubTreq (no child, no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from llamad.activity import Activity
+from llamad.backends import Target
+from llamad.gateway.app import Gateway
+from llamad.gateway.gate import Gate
+from llamad.metrics import Metrics
+from llamad.status import Status
+from llamad.supervisor import StartFailed, State
+
+
+class FakeBackend:
+    def __init__(self, state: State = State.READY) -> None:
+        self.state = state
+        self.reason = ""
+        self.starts = 0
+        self.waiters: list[defer.Deferred[None]] = []
+
+    def target(self) -> Target:
+        return Target(b"http://127.0.0.1:1", "k")
+
+    def request_start(self) -> None:
+        self.starts += 1
+
+    def wait_ready(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred(self.waiters.remove)
+        self.waiters.append(d)
+        return d
+
+    def snapshot(self) -> dict:
+        return {"state": self.state.value}
+
+
+class FakeProxy:
+    """Answers every forwarded request with a fixed body, recording the target."""
+
+    def __init__(self) -> None:
+        self.targets: list[Target] = []
+
+    def forward(self, request, target, body, first_byte=None):
+        self.targets.append(target)
+        request.setHeader(b"content-type", b"application/json")
+        first_byte()
+        request.write(b'{"proxied": true}')
+        return defer.succeed(None)
+
+
+def build(state: State = State.READY, lazy: bool = False, wait: float = 10):
+    clock = Clock()
+    backend = FakeBackend(state)
+    status = Status(clock, backend, "demo", lazy=lazy)
+    metrics = Metrics()
+    proxy = FakeProxy()
+    gateway = Gateway(clock, status, Gate(clock, status, backend, wait), proxy, metrics, None, Activity(clock))
+    return StubTreq(gateway.app.resource()), clock, backend, status, metrics, proxy
+
+
+async def json_of(response) -> dict:
+    return json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_ping_and_health_are_answered_by_llamad():
+    http, clock, backend, status, metrics, proxy = build()
+    assert (await http.get("http://x/ping")).code == 200
+    response = await http.get("http://x/health")
+    assert response.code == 200
+    body = await json_of(response)
+    assert body["state"] == "ready" and body["model"] == "demo" and body["status"] == "ok"
+    backend.state = State.STARTING
+    response = await http.get("http://x/health")
+    assert response.code == 503 and (await json_of(response))["reason"] == "loading model"
+    assert proxy.targets == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_requests_and_show_backend_state():
+    http, clock, backend, status, metrics, proxy = build()
+    metrics.set_backend_state(State.READY)
+    await http.post("http://x/v1/chat/completions", data=b"{}")
+    await http.get("http://x/ping")
+    text = (await (await http.get("http://x/metrics")).content()).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("llamad_requests_total", (("code", "200"), ("method", "POST"),
+                                              ("route", "/v1/chat/completions")))] == 1
+    assert samples[("llamad_backend_state", (("state", "ready"),))] == 1
+    assert samples[("llamad_backend_state", (("state", "failed"),))] == 0
+    assert samples[("llamad_in_flight_requests", ())] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_routes_are_proxied_with_their_query():
+    http, clock, backend, status, metrics, proxy = build()
+    response = await http.get("http://x/slots?id=1")
+    assert response.code == 200 and await json_of(response) == {"proxied": True}
+    assert proxy.targets == [backend.target()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_backend_is_a_503_with_the_reason():
+    http, clock, backend, status, metrics, proxy = build(State.FAILED)
+    backend.reason = "exited with code 1"
+    response = await http.post("http://x/v1/completions", data=b"{}")
+    assert response.code == 503
+    error = (await json_of(response))["error"]
+    assert error["message"] == "backend failed: exited with code 1" and error["type"] == "server_error"
+    assert response.headers.getRawHeaders(b"retry-after") == [b"30"]
+    assert proxy.targets == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_draining_refuses_new_inference():
+    http, clock, backend, status, metrics, proxy = build()
+    status.draining = True
+    response = await http.post("http://x/v1/completions", data=b"{}")
+    assert response.code == 503 and (await json_of(response))["error"]["code"] == "shutting_down"
+
+
+@pytest_twisted.ensureDeferred
+async def test_lazy_start_waits_for_one_shared_start():
+    http, clock, backend, status, metrics, proxy = build(State.STOPPED, lazy=True)
+    first = http.post("http://x/v1/completions", data=b"{}")
+    second = http.post("http://x/v1/completions", data=b"{}")
+    assert len(backend.waiters) == 2 and proxy.targets == []
+    backend.state = State.READY
+    for waiter in list(backend.waiters):
+        waiter.callback(None)
+    http.flush()
+    assert [(await first).code, (await second).code] == [200, 200]
+    assert len(proxy.targets) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_failure_fails_the_waiter_with_503():
+    http, clock, backend, status, metrics, proxy = build(State.STOPPED, lazy=True)
+    pending = http.post("http://x/v1/completions", data=b"{}")
+    backend.waiters[0].errback(StartFailed("exited with code 1"))
+    http.flush()
+    response = await pending
+    assert response.code == 503
+    assert (await json_of(response))["error"]["message"] == "backend start failed: exited with code 1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_is_bounded_by_the_queue_timeout():
+    http, clock, backend, status, metrics, proxy = build(State.STARTING, wait=5)
+    pending = http.post("http://x/v1/completions", data=b"{}")
+    clock.advance(5)
+    http.flush()
+    response = await pending
+    assert response.code == 503 and (await json_of(response))["error"]["code"] == "backend_loading"
+    assert backend.waiters == []
