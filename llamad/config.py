@@ -412,6 +412,10 @@ def load(
         )
         sources[key] = "option"
 
+    if values["backend.kind"] != "llama-server" and sources["backend.command"] == "env LLAMA_SERVER_BIN":
+        # The variable names the llama-server binary; other kinds run Python.
+        values["backend.command"] = _defaults()["backend.command"]
+        sources["backend.command"] = "default (LLAMA_SERVER_BIN is for kind llama-server)"
     _resolve_paths(values, sources)
     _validate(values, sources, check_files)
     return Loaded(_build(values), sources, values)

@@ -577,3 +577,14 @@ def test_replace_port_with_ipv6_interface_and_no_positional_port(endpoint: str) 
 def test_valid_ipv6_endpoint_with_named_port_is_accepted() -> None:
     listen = "tcp6:port=8000:interface=\\:\\:1"
     assert load(options={"api.listen": listen}).config.api.listen == listen
+
+
+def test_llama_server_bin_does_not_apply_to_the_python_backend(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    env = {"LLAMA_SERVER_BIN": "/opt/llama/llama-server", "MODEL_PATH": str(model)}
+    loaded = config.load("", env, {"backend.kind": "llama-cpp-python"}, check_files=False)
+    assert loaded.config.backend.command == "llama-server"
+    assert loaded.sources["backend.command"].startswith("default")
+    loaded = config.load("", env, {}, check_files=False)
+    assert loaded.config.backend.command == "/opt/llama/llama-server"
