@@ -55,8 +55,17 @@ class BytesProducer:
         pass
 
 
+class _NoDelayClientProtocol(client.HTTP11ClientProtocol):
+    def connectionMade(self) -> None:
+        # The request's head and body go out as separate writes: no Nagle delay.
+        self.transport.setTcpNoDelay(True)
+
+
 class _QuietClientFactory(client._HTTP11ClientFactory):
     noisy = False  # one log line per pooled connection is noise
+
+    def buildProtocol(self, addr: object) -> client.HTTP11ClientProtocol:
+        return _NoDelayClientProtocol(self._quiescentCallback)
 
 
 class _QuietPool(client.HTTPConnectionPool):
@@ -147,6 +156,12 @@ class Proxy:
 
         result: defer.Deferred[None] = defer.Deferred(cancel)
         out_headers = header_rules.to_backend(request.requestHeaders, target.key)
+        if b'"stream"' in body:
+            # llama-server closes the connection after a streamed response
+            # without saying so; say it for it, so the pool does not offer
+            # that connection to the next request.  (A false match only costs
+            # one reconnect.)
+            out_headers.setRawHeaders(b"connection", [b"close"])
         url = target.origin + request.uri
         producer = BytesProducer(body) if body or request.method in (b"POST", b"PUT", b"PATCH") else None
 
