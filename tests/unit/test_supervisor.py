@@ -259,3 +259,16 @@ def test_cancelled_waiter_does_not_cancel_the_start():
     probe.status = 200
     reactor.advance(PROBE_INTERVAL)
     assert sup.state == State.READY
+
+
+def test_key_file_is_private_and_fresh(tmp_path):
+    import os
+    import stat
+
+    from llamad.supervisor import write_key_file
+
+    key, path = write_key_file(str(tmp_path))
+    other, other_path = write_key_file(str(tmp_path))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert open(path).read().strip() == key and len(key) >= 32
+    assert key != other and path != other_path
