@@ -44,6 +44,7 @@ class ApiConfig:
     max_body_bytes: int = 10485760
     request_timeout: float = 600
     drain_timeout: float = 30
+    cors_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

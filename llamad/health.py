@@ -55,19 +55,6 @@ class QuietSite(Site):
     def log(self, request: object) -> None:
         pass
 
-    def buildProtocol(self, addr: object) -> object:
-        # Small writes (SSE events) must leave at once: no Nagle delay.
-        protocol = super().buildProtocol(addr)
-        make_connection = protocol.makeConnection
-
-        def no_delay(transport: object) -> None:
-            if hasattr(transport, "setTcpNoDelay"):
-                transport.setTcpNoDelay(True)
-            make_connection(transport)
-
-        protocol.makeConnection = no_delay
-        return protocol
-
 
 def health_site(status: Status, ping_mode: str) -> Site:
     return QuietSite(HealthResource(status, ping_mode))

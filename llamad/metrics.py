@@ -44,6 +44,18 @@ class Metrics:
             "llamad_backend_start_duration_seconds", "Time from spawning the backend to its readiness.",
             buckets=START_BUCKETS, registry=r,
         )
+        self.queue_depth = Gauge("llamad_queue_depth", "Inference requests waiting for admission.", registry=r)
+        self.queue_wait = Histogram(
+            "llamad_queue_wait_seconds", "Time an admitted inference request waited (queue and cold start).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_rejections = Counter(
+            "llamad_queue_rejections", "Inference requests refused by the gate, by reason.", ["reason"], registry=r,
+        )
+        self.tokens = Counter(
+            "llamad_tokens", "Tokens reported in responses' usage, by kind (prompt, completion).", ["kind"],
+            registry=r,
+        )
         self.set_backend_state(State.STOPPED)
 
     def set_backend_state(self, current: State) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from llamad.activity import Activity
 from llamad.config import Config, ConfigError
 from llamad.gateway.app import Gateway, api_site
 from llamad.gateway.gate import Gate
+from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Proxy, make_agent
 from llamad.health import health_site
 from llamad.logs import ChildLog, boot_observer, open_boot_log
@@ -81,9 +83,26 @@ class LlamadService(service.MultiService):
         self.activity = activity
         self.clock = clock
         self.closers: list[Any] = []
+        self.reloaders: list[Any] = []
+        self._previous_sighup: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        # SIGHUP: re-read what can change under a running daemon (the API keys).
+        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.clock.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        log.info("SIGHUP: reloading")
+        for reload in self.reloaders:
+            reload()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
         log.info("shutting down: draining {n} in-flight request(s)", n=self.activity.in_flight)
         self.status.draining = True
         drained = self.activity.drained()
@@ -165,12 +184,15 @@ def build(config: Config, reactor: Any) -> LlamadService:
     else:
         metrics.set_backend_state(backend.state)
 
-    gate = Gate(reactor, status, backend, config.admission.queue_timeout)
+    gate = Gate(reactor, status, backend, config.max_concurrent, config.admission.max_queue,
+                config.admission.queue_timeout, metrics)
     proxy = Proxy(agent, reactor, config.api.request_timeout)
-    gateway = Gateway(reactor, status, gate, proxy, metrics, agent, activity)
+    auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor)
+    gateway = Gateway(reactor, status, gate, proxy, metrics, agent, activity, auth, Cors(config.api.cors_origins))
+    root.reloaders.append(auth.reload)
 
     strports.service(config.health.listen, health_site(status, config.health.ping)).setServiceParent(root)
-    strports.service(config.api.listen, api_site(gateway)).setServiceParent(root)
+    strports.service(config.api.listen, api_site(gateway, config.api.max_body_bytes)).setServiceParent(root)
     if isinstance(backend, Supervisor):
         backend.setServiceParent(root)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from klein import Klein
 from twisted.internet import defer
@@ -17,22 +18,29 @@ from twisted.web.server import Site
 from llamad.activity import Activity
 from llamad.gateway.errors import ApiError, write_error
 from llamad.gateway.gate import Gate
+from llamad.gateway.guard import Auth, Cors, GuardResource
+from llamad.gateway.limits import guarded_site
 from llamad.gateway.proxy import Proxy
+from llamad.gateway.usage import UsageTap, ask_for_usage
 from llamad.health import QuietSite
 from llamad.metrics import Metrics
 from llamad.status import Status
 
 log = Logger(namespace="llamad.gateway")
 
-# Routes counted under their own label; anything else is "other" (bounded cardinality).
-KNOWN_ROUTES = frozenset(
+# Inference: POST only, JSON object bodies, admitted by the gate, counted as activity.
+INFERENCE_ROUTES = frozenset(
     {
-        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/rerank",
-        "/chat/completions", "/completions", "/completion", "/embedding", "/embeddings", "/infill",
-        "/rerank", "/reranking", "/tokenize", "/detokenize", "/apply-template", "/props", "/slots",
-        "/models", "/lora-adapters", "/health", "/ping", "/metrics",
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/responses",
+        "/v1/messages", "/chat/completions", "/completions", "/completion", "/embedding", "/embeddings",
+        "/infill", "/rerank", "/reranking",
     }
 )
+# Other routes counted under their own label; anything else is "other" (bounded cardinality).
+KNOWN_ROUTES = INFERENCE_ROUTES | {
+    "/v1/models", "/models", "/tokenize", "/detokenize", "/apply-template", "/props", "/slots",
+    "/lora-adapters", "/health", "/ping", "/metrics", "/admin/reload",
+}
 CHILD_METRICS_TIMEOUT = 2.0
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 
@@ -40,6 +48,19 @@ CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 def route_label(path: bytes) -> str:
     text = path.decode("latin-1")
     return text if text in KNOWN_ROUTES else "other"
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """An inference request body: a JSON object, or a 400 that says what is wrong."""
+    if not body.strip():
+        raise ApiError(400, "request body is empty: expected a JSON object", "invalid_json")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, f"request body must be a JSON object, not {type(payload).__name__}", "invalid_json")
+    return payload
 
 
 class Gateway:
@@ -52,8 +73,10 @@ class Gateway:
         gate: Gate,
         proxy: Proxy,
         metrics: Metrics,
-        agent: client.Agent,
+        agent: client.Agent | None,
         activity: Activity,
+        auth: Auth | None = None,
+        cors: Cors | None = None,
     ) -> None:
         self.clock = clock
         self.status = status
@@ -62,42 +85,50 @@ class Gateway:
         self.metrics = metrics
         self.agent = agent
         self.activity = activity
+        self.auth = auth or Auth(False, "", False, clock)
+        self.cors = cors or Cors(())
 
-    def _count(self, request: IRequest, route: str, code: int) -> None:
-        self.metrics.requests.labels(route, request.method.decode("latin-1"), str(code)).inc()
+    def count(self, request: IRequest, code: int, route: str | None = None) -> None:
+        label = route if route is not None else route_label(request.path)
+        self.metrics.requests.labels(label, request.method.decode("latin-1"), str(code)).inc()
+
+    def resource(self) -> GuardResource:
+        """The whole API: the guard in front of the Klein routes."""
+        return GuardResource(self.app.resource(), self.auth, self.cors, self.count)
 
     @app.handle_errors(ApiError)
     def api_error(self, request: IRequest, failure: Failure) -> bytes:
         err = failure.value
-        self._count(request, route_label(request.path), err.status)
+        self.count(request, err.status)
         return write_error(request, err)
 
     @app.route("/ping", methods=["GET", "HEAD"])
     def ping(self, request: IRequest) -> bytes:
-        self._count(request, "/ping", 200)
+        self.count(request, 200, "/ping")
         return b""
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: IRequest) -> bytes:
         body = self.status.snapshot()
         code = 200 if body["status"] == "ok" else 503
-        self._count(request, "/health", code)
+        self.count(request, code, "/health")
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(body).encode()
 
     @app.route("/metrics", methods=["GET", "HEAD"])
     async def metrics_route(self, request: IRequest) -> bytes:
-        self._count(request, "/metrics", 200)
+        self.count(request, 200, "/metrics")
         text = self.metrics.exposition()
         target = self.gate.current_target()
-        if target is not None and self.status.backend_has_metrics:
+        if target is not None and self.status.backend_has_metrics and self.agent is not None:
             text += await self._child_metrics(target.origin, target.key)
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return text
 
     async def _child_metrics(self, origin: bytes, key: str) -> bytes:
         """The child's ``llamacpp:*`` metrics, or nothing if it cannot answer quickly."""
+        assert self.agent is not None
         headers = Headers({b"authorization": [b"Bearer " + key.encode()]})
         d = self.agent.request(b"GET", origin + b"/metrics", headers)
         d.addTimeout(CHILD_METRICS_TIMEOUT, self.clock)
@@ -109,6 +140,14 @@ class Gateway:
             return b""
         return body if response.code == 200 else b""
 
+    @app.route("/admin/reload", methods=["POST"])
+    def admin_reload(self, request: IRequest) -> bytes:
+        """Re-read the API keys file (the caller passed the key check already)."""
+        loaded = self.auth.reload()
+        self.count(request, 200, "/admin/reload")
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"reloaded": True, "keys": loaded}).encode()
+
     @app.route("/", branch=True, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
     def forward(self, request: IRequest) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._forward(request))
@@ -117,7 +156,26 @@ class Gateway:
         started = self.clock.seconds()
         route = route_label(request.path)
         body = request.content.read() if request.content is not None else b""
-        target = await self.gate.acquire()
+        inference = route in INFERENCE_ROUTES
+        strip_usage = False
+        if inference:
+            if request.method != b"POST":
+                raise ApiError(405, f"{route} takes POST", "method_not_allowed", {b"allow": b"POST"})
+            payload = parse_json_object(body)
+            if ask_for_usage(request.path, payload):
+                strip_usage = True
+                body = json.dumps(payload).encode()
+            lease = await self.gate.admit()
+            target = lease.target
+        else:
+            lease = None
+            target = self.gate.direct()
+
+        taps: list[UsageTap] = []
+
+        def tap_for(sse: bool) -> UsageTap:
+            taps.append(UsageTap(sse, strip_usage))
+            return taps[-1]
 
         def first_byte() -> None:
             self.metrics.time_to_first_byte.labels(route).observe(self.clock.seconds() - started)
@@ -125,17 +183,23 @@ class Gateway:
         self.metrics.in_flight.inc()
         self.activity.begin()
         try:
-            await self.proxy.forward(request, target, body, first_byte)
+            await self.proxy.forward(request, target, body, first_byte, tap_for if inference else None)
         except defer.CancelledError:
-            self._count(request, route, CLIENT_CLOSED)
+            self.count(request, CLIENT_CLOSED, route)
             raise
         else:
-            self._count(request, route, request.code)
+            self.count(request, request.code, route)
         finally:
+            if lease is not None:
+                lease.release()
             self.activity.end()
             self.metrics.in_flight.dec()
             self.metrics.request_duration.labels(route).observe(self.clock.seconds() - started)
+            if taps and taps[0].usage is not None:
+                prompt, completion = taps[0].usage
+                self.metrics.tokens.labels("prompt").inc(prompt)
+                self.metrics.tokens.labels("completion").inc(completion)
 
 
-def api_site(gateway: Gateway) -> Site:
-    return QuietSite(gateway.app.resource())
+def api_site(gateway: Gateway, max_body_bytes: int = 10485760) -> Site:
+    return guarded_site(gateway.resource(), max_body_bytes, QuietSite)

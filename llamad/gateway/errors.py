@@ -11,6 +11,7 @@ from twisted.web.iweb import IRequest
 _TYPES = {
     400: ("invalid_request_error", "bad_request"),
     401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "forbidden"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
@@ -30,19 +31,20 @@ class ApiError(Exception):
     message: str
     code: str = ""
     headers: dict[bytes, bytes] = field(default_factory=dict)
+    param: str | None = None
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
 
 
-def error_body(status: int, message: str, code: str = "") -> dict[str, object]:
+def error_body(status: int, message: str, code: str = "", param: str | None = None) -> dict[str, object]:
     kind, default_code = _TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", ""))
-    return {"error": {"message": message, "type": kind, "param": None, "code": code or default_code or None}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code or None}}
 
 
 def write_error(request: IRequest, err: ApiError) -> bytes:
     """Set status and headers for ``err``; return the body to write."""
-    body = json.dumps(error_body(err.status, err.message, err.code)).encode()
+    body = json.dumps(error_body(err.status, err.message, err.code, err.param)).encode()
     request.setResponseCode(err.status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", b"%d" % len(body))

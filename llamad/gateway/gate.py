@@ -1,16 +1,56 @@
-"""Between a request and the child: wait for readiness, starting the child on demand."""
+"""Admission: at most ``max_concurrent`` inference requests reach the child; the rest wait FIFO.
+
+:class:`AdmissionQueue` is the pure part (slots and a FIFO of tickets).  :class:`Gate`
+adds the Deferreds, the timeout and the wait for a ready (or starting) child.
+Nothing waits forever: a full queue answers 503 at once, and every wait ends at
+``queue_timeout``.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections import deque
+from typing import Generic, Hashable, Literal, Protocol, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from llamad.gateway.errors import ApiError
 from llamad.backends import Target
+from llamad.gateway.errors import ApiError
+from llamad.metrics import Metrics
 from llamad.status import Status
 from llamad.supervisor import StartFailed, State
+
+T = TypeVar("T", bound=Hashable)
+
+
+class AdmissionQueue(Generic[T]):
+    """Slots in use and the tickets waiting for one, with no I/O."""
+
+    def __init__(self, limit: int, max_queue: int) -> None:
+        self.limit = limit
+        self.max_queue = max_queue
+        self.in_use = 0
+        self.waiting: deque[T] = deque()
+
+    def arrive(self, ticket: T) -> Literal["admitted", "queued", "full"]:
+        if self.in_use < self.limit and not self.waiting:
+            self.in_use += 1
+            return "admitted"
+        if len(self.waiting) >= self.max_queue:
+            return "full"
+        self.waiting.append(ticket)
+        return "queued"
+
+    def leave(self, ticket: T) -> None:
+        """A waiter gives up (timeout or client gone)."""
+        self.waiting.remove(ticket)
+
+    def release(self) -> T | None:
+        """Free a slot; the next waiter, if any, takes it and is returned."""
+        if self.waiting:
+            return self.waiting.popleft()
+        self.in_use -= 1
+        return None
 
 
 class Backend(Protocol):
@@ -24,12 +64,28 @@ class Backend(Protocol):
     def wait_ready(self) -> defer.Deferred[None]: ...
 
 
+class Lease:
+    """One admitted request's slot; ``release`` exactly once when it is done."""
+
+    def __init__(self, gate: Gate | None, target: Target) -> None:
+        self.gate = gate
+        self.target = target
+
+    def release(self) -> None:
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            gate._release()
+
+
 class Gate:
-    def __init__(self, clock: IReactorTime, status: Status, backend: Backend | None, wait_timeout: float) -> None:
+    def __init__(self, clock: IReactorTime, status: Status, backend: Backend | None, max_concurrent: int,
+                 max_queue: int, queue_timeout: float, metrics: Metrics) -> None:
         self.clock = clock
         self.status = status
         self.backend = backend
-        self.wait_timeout = wait_timeout
+        self.queue: AdmissionQueue[defer.Deferred[None]] = AdmissionQueue(max_concurrent, max_queue)
+        self.queue_timeout = queue_timeout
+        self.metrics = metrics
 
     def current_target(self) -> Target | None:
         """The child's address when it is ready; never starts it."""
@@ -37,27 +93,76 @@ class Gate:
             return self.backend.target()
         return None
 
-    async def acquire(self) -> Target:
-        """A ready child for one request, or an :class:`ApiError` (503/504)."""
-        backend = self.backend
+    def _refuse_early(self) -> Backend:
         if self.status.draining:
             raise ApiError(503, "llamad is shutting down", "shutting_down", {b"retry-after": b"5"})
-        if backend is None:
-            raise ApiError(503, "no backend configured for inference")
-        if backend.state == State.READY:
-            return backend.target()
-        if backend.state == State.FAILED:
-            raise ApiError(503, f"backend failed: {backend.reason}", headers={b"retry-after": b"30"})
-        waiting = backend.wait_ready()
-        backend.request_start()
-        if self.wait_timeout > 0:
-            waiting.addTimeout(self.wait_timeout, self.clock)
-        try:
-            await waiting
-        except defer.TimeoutError:
-            raise ApiError(503, f"backend not ready within {self.wait_timeout:g} s", "backend_loading",
-                           {b"retry-after": b"5"}) from None
-        except StartFailed as e:
-            raise ApiError(503, f"backend start failed: {e}", "backend_unavailable",
-                           {b"retry-after": b"5"}) from None
+        if self.backend is None:
+            raise ApiError(503, "no backend configured for inference", "no_backend")
+        if self.backend.state == State.FAILED:
+            raise ApiError(503, f"backend failed: {self.backend.reason}", "backend_failed",
+                           {b"retry-after": b"30"})
+        return self.backend
+
+    def direct(self) -> Target:
+        """For non-inference routes: the ready child, never a start or a wait."""
+        backend = self._refuse_early()
+        if backend.state != State.READY:
+            raise ApiError(503, f"backend not ready ({backend.state.value})", "backend_not_ready",
+                           {b"retry-after": b"5"})
         return backend.target()
+
+    def _reject(self, reason: str, err: ApiError) -> ApiError:
+        self.metrics.queue_rejections.labels(reason).inc()
+        return err
+
+    async def admit(self) -> Lease:
+        """A slot and a ready child for one inference request, or an :class:`ApiError`."""
+        backend = self._refuse_early()
+        started = self.clock.seconds()
+        ticket: defer.Deferred[None] = defer.Deferred(self.queue.leave)
+        outcome = self.queue.arrive(ticket)
+        if outcome == "full":
+            raise self._reject("queue_full", ApiError(
+                503, f"server busy: {self.queue.max_queue} requests already waiting", "queue_full",
+                {b"retry-after": b"1"}))
+        lease = Lease(None, Target(b"", ""))  # holds the slot once admitted
+        try:
+            if outcome == "queued":
+                self.metrics.queue_depth.set(len(self.queue.waiting))
+                try:
+                    await self._bounded(ticket, started)
+                finally:
+                    self.metrics.queue_depth.set(len(self.queue.waiting))
+            lease.gate = self
+            self._refuse_early()  # things may have changed while it waited
+            if backend.state != State.READY:
+                waiting = backend.wait_ready()
+                backend.request_start()
+                await self._bounded(waiting, started)
+            self.metrics.queue_wait.observe(self.clock.seconds() - started)
+            lease.target = backend.target()
+            return lease
+        except StartFailed as e:
+            lease.release()
+            raise self._reject("start_failed", ApiError(503, f"backend start failed: {e}", "backend_unavailable",
+                                                        {b"retry-after": b"5"})) from None
+        except BaseException:
+            lease.release()
+            raise
+
+    async def _bounded(self, d: defer.Deferred[None], started: float) -> None:
+        """Wait for ``d`` until ``queue_timeout`` after ``started``."""
+        if self.queue_timeout > 0:
+            remaining = max(0.0, started + self.queue_timeout - self.clock.seconds())
+            d.addTimeout(remaining, self.clock)
+        try:
+            await d
+        except defer.TimeoutError:
+            raise self._reject("queue_timeout", ApiError(
+                503, f"no capacity within queue_timeout ({self.queue_timeout:g} s)", "queue_timeout",
+                {b"retry-after": b"5"})) from None
+
+    def _release(self) -> None:
+        following = self.queue.release()
+        if following is not None:
+            following.callback(None)

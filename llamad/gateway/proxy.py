@@ -9,6 +9,7 @@ closes the child connection, which makes llama.cpp free the slot.
 
 from __future__ import annotations
 
+import typing
 from typing import Callable
 
 from twisted.internet import defer, error
@@ -81,15 +82,24 @@ def make_agent(reactor: object, max_per_host: int) -> client.Agent:
     return client.Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool)
 
 
+class Tap(typing.Protocol):
+    """Sees the body on its way to the client and may hold back or drop bytes."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
 class _Relay(Protocol):
     """Writes the child's body to the client, chunk by chunk."""
 
     def __init__(self, request: IRequest, done: defer.Deferred[None], sse: bool,
-                 first_byte: Callable[[], None] | None) -> None:
+                 first_byte: Callable[[], None] | None, tap: Tap | None) -> None:
         self.request = request
         self.done = done
         self.sse = sse
         self.first_byte = first_byte
+        self.tap = tap
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
@@ -97,6 +107,10 @@ class _Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
+        if self.tap is not None:
+            data = self.tap.feed(data)
+            if not data:
+                return
         if self.first_byte is not None:
             self.first_byte()
             self.first_byte = None
@@ -106,6 +120,10 @@ class _Relay(Protocol):
         if self.done.called:  # the client went away and cancelled us
             return
         self.request.unregisterProducer()
+        if self.tap is not None:
+            rest = self.tap.finish()
+            if rest:
+                self.request.write(rest)
         if reason.check(client.ResponseDone, PotentialDataLoss):
             self.done.callback(None)
             return
@@ -139,6 +157,7 @@ class Proxy:
         target: Target,
         body: bytes,
         first_byte: Callable[[], None] | None = None,
+        tap_for: Callable[[bool], Tap] | None = None,
     ) -> defer.Deferred[None]:
         """Relay ``request`` to ``target``; fires when the response is written.
 
@@ -186,10 +205,12 @@ class Proxy:
             request.setResponseCode(response.code, response.phrase)
             for name, values in header_rules.to_client(response.headers).getAllRawHeaders():
                 request.responseHeaders.setRawHeaders(name, values)
-            if response.length is not UNKNOWN_LENGTH and response.length is not None:
-                request.setHeader(b"content-length", b"%d" % response.length)
             content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-            r = _Relay(request, result, content_type.startswith(b"text/event-stream"), first_byte)
+            sse = content_type.startswith(b"text/event-stream")
+            tap = tap_for(sse) if tap_for is not None else None
+            if response.length is not UNKNOWN_LENGTH and response.length is not None and not (tap and sse):
+                request.setHeader(b"content-length", b"%d" % response.length)
+            r = _Relay(request, result, sse, first_byte, tap)
             relay.append(r)
             response.deliverBody(r)
 

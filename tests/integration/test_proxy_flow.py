@@ -85,8 +85,10 @@ def gateway_for(port: int, request_timeout: float = 600) -> tuple[int, object]:
     backend = ExternalBackend(f"http://127.0.0.1:{port}")
     status = Status(reactor, backend, "synthetic", lazy=False)
     agent = make_agent(reactor, 4)
-    gateway = Gateway(reactor, status, Gate(reactor, status, backend, 5), Proxy(agent, reactor, request_timeout),
-                      Metrics(), agent, Activity(reactor))
+    metrics = Metrics()
+    gate = Gate(reactor, status, backend, 4, 8, 5, metrics)
+    gateway = Gateway(reactor, status, gate, Proxy(agent, reactor, request_timeout), metrics, agent,
+                      Activity(reactor))
     listening = reactor.listenTCP(0, api_site(gateway), interface="127.0.0.1")
     return listening.getHost().port, listening
 

@@ -47,7 +47,7 @@ class FakeProxy:
     def __init__(self) -> None:
         self.targets: list[Target] = []
 
-    def forward(self, request, target, body, first_byte=None):
+    def forward(self, request, target, body, first_byte=None, tap_for=None):
         self.targets.append(target)
         request.setHeader(b"content-type", b"application/json")
         first_byte()
@@ -55,14 +55,16 @@ class FakeProxy:
         return defer.succeed(None)
 
 
-def build(state: State = State.READY, lazy: bool = False, wait: float = 10):
+def build(state: State = State.READY, lazy: bool = False, wait: float = 10, max_concurrent: int = 4,
+          max_queue: int = 8, **gateway_kw):
     clock = Clock()
     backend = FakeBackend(state)
     status = Status(clock, backend, "demo", lazy=lazy)
     metrics = Metrics()
     proxy = FakeProxy()
-    gateway = Gateway(clock, status, Gate(clock, status, backend, wait), proxy, metrics, None, Activity(clock))
-    return StubTreq(gateway.app.resource()), clock, backend, status, metrics, proxy
+    gate = Gate(clock, status, backend, max_concurrent, max_queue, wait, metrics)
+    gateway = Gateway(clock, status, gate, proxy, metrics, None, Activity(clock), **gateway_kw)
+    return StubTreq(gateway.resource()), clock, backend, status, metrics, proxy
 
 
 async def json_of(response) -> dict:
@@ -159,5 +161,5 @@ async def test_waiting_is_bounded_by_the_queue_timeout():
     clock.advance(5)
     http.flush()
     response = await pending
-    assert response.code == 503 and (await json_of(response))["error"]["code"] == "backend_loading"
+    assert response.code == 503 and (await json_of(response))["error"]["code"] == "queue_timeout"
     assert backend.waiters == []

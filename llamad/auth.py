@@ -1,0 +1,186 @@
+"""API keys: the seed's keys file, constant-time checks, per-key rate limits.
+
+File format, one key per line (``#`` starts a comment)::
+
+    key_id:api_key[:rate_limit_per_min][:expiry_iso]
+
+``key_id`` is ``[A-Za-z0-9_-]+``; ``api_key`` is 16-128 characters of the same
+set.  Invalid lines are skipped with a warning naming the line number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import re
+import secrets
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+KEY_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+API_KEY = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+WINDOW = 60.0  # seconds of the sliding rate-limit window
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    digest: bytes
+    rate_limit: int | None = None  # requests per minute
+    expires: datetime | None = None  # aware, UTC
+
+
+@dataclass(frozen=True)
+class KeyLine:
+    """One parsed line, kept with its text so that edits preserve the file."""
+
+    text: str
+    key: ApiKey | None
+    secret: str = ""
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse_expiry(text: str) -> datetime:
+    """ISO 8601; a naive time is taken as UTC."""
+    value = datetime.fromisoformat(text.strip())
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def parse_line(line: str) -> tuple[ApiKey, str] | None:
+    """Parse one line; None for blank or comment lines.  Raises ValueError naming the problem."""
+    text = line.split("#", 1)[0].strip()
+    if not text:
+        return None
+    parts = text.split(":", 2)
+    if len(parts) < 2:
+        raise ValueError("expected key_id:api_key[:rate_limit_per_min][:expiry_iso]")
+    key_id, secret = parts[0].strip(), parts[1].strip()
+    if not KEY_ID.match(key_id):
+        raise ValueError(f"bad key_id {key_id!r} (letters, digits, '_' and '-')")
+    if not API_KEY.match(secret):
+        raise ValueError("bad api_key (16-128 letters, digits, '_' and '-')")
+    rate: int | None = None
+    expires: datetime | None = None
+    if len(parts) == 3 and parts[2].strip():
+        rest = parts[2].strip()
+        m = re.match(r"^(\d*)(?::(.*))?$", rest)
+        if m:
+            rate = int(m.group(1)) if m.group(1) else None
+            expiry_text = m.group(2)
+        else:
+            expiry_text = rest  # an expiry with no rate limit
+        if expiry_text:
+            try:
+                expires = parse_expiry(expiry_text)
+            except ValueError:
+                raise ValueError(f"bad expiry {expiry_text!r} (ISO 8601, e.g. 2026-12-31T23:59:59Z)") from None
+        if rate == 0:
+            raise ValueError("rate limit must be > 0 (leave it out for no limit)")
+    return ApiKey(key_id, _digest(secret), rate, expires), secret
+
+
+def read_key_file(path: str) -> tuple[list[KeyLine], list[str]]:
+    """All lines of a keys file, and one warning per invalid line."""
+    lines: list[KeyLine] = []
+    warnings: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            text = raw.rstrip("\n")
+            try:
+                parsed = parse_line(text)
+            except ValueError as e:
+                warnings.append(f"{path}:{number}: skipped: {e}")
+                parsed = None
+            lines.append(KeyLine(text, parsed[0] if parsed else None, parsed[1] if parsed else ""))
+    return lines, warnings
+
+
+def write_key_file(path: str, lines: list[str]) -> None:
+    """Replace the keys file atomically, mode 0600."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".api_keys.", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Denied:
+    status: int  # 401 or 429
+    message: str
+    code: str
+    retry_after: int = 0
+
+
+class KeyStore:
+    """The loaded keys and their rate-limit windows."""
+
+    def __init__(self) -> None:
+        self.by_digest: dict[bytes, ApiKey] = {}
+        self.windows: dict[str, deque[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_digest)
+
+    def load(self, path: str) -> list[str]:
+        """(Re)load from ``path``; returns warnings.  A missing file means no keys."""
+        try:
+            lines, warnings = read_key_file(path)
+        except FileNotFoundError:
+            lines, warnings = [], [f"{path}: not found"]
+        keys = {line.key.digest: line.key for line in lines if line.key is not None}
+        self.by_digest = keys
+        live = {key.key_id for key in keys.values()}
+        self.windows = {k: v for k, v in self.windows.items() if k in live}
+        return warnings
+
+    def check(self, presented: str | None, now: float, wall: datetime) -> ApiKey | Denied:
+        """The key for ``presented``, or why not.  ``now`` is monotonic for rate limits."""
+        if not presented:
+            return Denied(401, "Missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        digest = _digest(presented)
+        key = self.by_digest.get(digest)
+        # Compare digests in constant time; the lookup above only reveals hash prefixes.
+        if key is None or not hmac.compare_digest(key.digest, digest):
+            return Denied(401, "Invalid API key", "invalid_api_key")
+        if key.expires is not None and wall >= key.expires:
+            return Denied(401, "API key has expired", "expired_api_key")
+        if key.rate_limit is not None:
+            window = self.windows.setdefault(key.key_id, deque())
+            while window and window[0] <= now - WINDOW:
+                window.popleft()
+            if len(window) >= key.rate_limit:
+                retry = max(1, math.ceil(window[0] + WINDOW - now))
+                return Denied(429, f"Rate limit of {key.rate_limit} requests per minute exceeded",
+                              "rate_limit_exceeded", retry)
+            window.append(now)
+        return key
+
+
+def presented_key(authorization: bytes | None, x_api_key: bytes | None) -> str | None:
+    """The key a client sent: ``Authorization: Bearer <key>`` or ``x-api-key``."""
+    if authorization:
+        scheme, _, value = authorization.decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    if x_api_key:
+        return x_api_key.decode("latin-1").strip() or None
+    return None

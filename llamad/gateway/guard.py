@@ -1,0 +1,165 @@
+"""What every request on port 8000 passes before routing: path sanity, CORS, API keys.
+
+The guard wraps the Klein resource.  Auth is default-deny: only the exact
+public paths skip it, and a path with dot segments, doubled or encoded
+slashes is refused before anything else, so no spelling of a path can reach
+a route without the key check.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+
+from llamad.auth import ApiKey, Denied, KeyStore, presented_key
+from llamad.gateway.errors import ApiError, write_error
+
+log = Logger(namespace="llamad.guard")
+
+PUBLIC_PATHS = frozenset({b"/ping", b"/health"})
+# Dot segments, empty segments, backslashes, and percent-encoded '.', '/' or '\'.
+_TRICKY_PATH = re.compile(rb"//|/\.\.?(?:/|$)|\\|%2e|%2f|%5c", re.IGNORECASE)
+ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+
+CORS_ALLOW_HEADERS = (b"authorization", b"content-type", b"x-api-key", b"accept", b"openai-organization",
+                      b"openai-project", b"openai-beta")
+CORS_ALLOW_PREFIXES = (b"x-stainless-",)
+CORS_EXPOSE = b"retry-after, x-llamad-cold-start, x-request-id"
+
+
+class Cors:
+    """The exact-origin allowlist (or ``*``) from ``api.cors_origins``."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.any = "*" in origins
+        self.origins = frozenset(o.encode() for o in origins if o != "*")
+
+    @property
+    def enabled(self) -> bool:
+        return self.any or bool(self.origins)
+
+    def allowed(self, origin: bytes | None) -> bytes | None:
+        """The Access-Control-Allow-Origin value for ``origin``, if allowed."""
+        if origin is None or not self.enabled:
+            return None
+        if self.any:
+            return b"*"
+        return origin if origin in self.origins else None
+
+    def decorate(self, request: IRequest) -> None:
+        """CORS headers for a response, errors included."""
+        origin = request.getHeader(b"origin")
+        allow = self.allowed(origin)
+        if allow is not None:
+            request.setHeader(b"access-control-allow-origin", allow)
+            request.setHeader(b"access-control-expose-headers", CORS_EXPOSE)
+            if allow != b"*":
+                request.setHeader(b"vary", b"Origin")
+
+    def preflight(self, request: IRequest) -> bytes:
+        """Answer an OPTIONS preflight with 204, or 403 for an origin not allowed."""
+        if self.allowed(request.getHeader(b"origin")) is None:
+            raise ApiError(403, "origin not allowed by api.cors_origins", "cors_origin_denied")
+        requested = [h.strip().lower() for h in (request.getHeader(b"access-control-request-headers") or b"").split(b",")
+                     if h.strip()]
+        refused = [h for h in requested if h not in CORS_ALLOW_HEADERS and not h.startswith(CORS_ALLOW_PREFIXES)]
+        if refused:
+            raise ApiError(403, f"header not allowed by CORS: {refused[0].decode('latin-1')}", "cors_header_denied")
+        request.setResponseCode(204)
+        request.setHeader(b"access-control-allow-methods", b"GET, POST, OPTIONS")
+        request.setHeader(b"access-control-allow-headers", b", ".join(requested or CORS_ALLOW_HEADERS))
+        request.setHeader(b"access-control-max-age", b"600")
+        return b""
+
+
+class Auth:
+    """The ``[auth]`` policy over a :class:`KeyStore` that SIGHUP can reload."""
+
+    def __init__(self, enabled: bool, keys_file: str, protect_metrics: bool, clock: IReactorTime,
+                 wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        self.enabled = enabled
+        self.keys_file = keys_file
+        self.protect_metrics = protect_metrics
+        self.clock = clock
+        self.wall = wall
+        self.store = KeyStore()
+        if enabled:
+            self.reload()
+
+    def reload(self) -> int:
+        """Re-read the keys file; a request in flight keeps its verdict."""
+        warnings = self.store.load(self.keys_file)
+        for warning in warnings:
+            log.warn("api keys: {warning}", warning=warning)
+        if self.enabled and not len(self.store):
+            log.warn("auth is enabled but {path} holds no valid key: every request gets 401 (fail closed)",
+                     path=self.keys_file)
+        else:
+            log.info("api keys: {n} loaded from {path}", n=len(self.store), path=self.keys_file)
+        return len(self.store)
+
+    def needs_key(self, path: bytes) -> bool:
+        if not self.enabled or path in PUBLIC_PATHS:
+            return False
+        return path != b"/metrics" or self.protect_metrics
+
+    def check(self, request: IRequest) -> ApiKey:
+        """The caller's key, or an :class:`ApiError` (401/429)."""
+        verdict = self.store.check(
+            presented_key(request.getHeader(b"authorization"), request.getHeader(b"x-api-key")),
+            self.clock.seconds(), self.wall(),
+        )
+        if isinstance(verdict, Denied):
+            headers = {b"retry-after": b"%d" % verdict.retry_after} if verdict.retry_after else {}
+            if verdict.status == 401:
+                headers[b"www-authenticate"] = b'Bearer realm="llamad"'
+            raise ApiError(verdict.status, verdict.message, verdict.code, headers,
+                           param="authorization" if verdict.status == 401 else None)
+        return verdict
+
+
+class GuardResource(Resource):
+    """Wraps the Klein resource with the checks every request passes."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, auth: Auth, cors: Cors, on_reject: Callable[[IRequest, int], None]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.auth = auth
+        self.cors = cors
+        self.on_reject = on_reject
+
+    def render(self, request: IRequest) -> bytes | int:
+        if self.cors.enabled:
+            self.cors.decorate(request)
+        try:
+            self.check(request)
+            if self.is_preflight(request):
+                return self.cors.preflight(request)
+        except ApiError as err:
+            self.on_reject(request, err.status)
+            return write_error(request, err)
+        return self.inner.render(request)
+
+    def check(self, request: IRequest) -> None:
+        if request.method not in ALLOWED_METHODS:
+            raise ApiError(405, f"method {request.method.decode('latin-1')} not allowed", "method_not_allowed",
+                           {b"allow": b", ".join(sorted(ALLOWED_METHODS))})
+        path = request.uri.split(b"?", 1)[0]
+        if not path.startswith(b"/") or _TRICKY_PATH.search(path):
+            raise ApiError(400, "invalid request path", "invalid_path")
+        if self.is_preflight(request):
+            return  # preflights carry no credentials
+        if self.auth.needs_key(path):
+            self.auth.check(request)
+
+    def is_preflight(self, request: IRequest) -> bool:
+        return (request.method == b"OPTIONS" and self.cors.enabled and request.getHeader(b"origin") is not None
+                and request.getHeader(b"access-control-request-method") is not None)
