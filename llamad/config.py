@@ -45,6 +45,7 @@ class ApiConfig:
     request_timeout: float = 600
     drain_timeout: float = 30
     cors_origins: tuple[str, ...] = ()
+    header_timeout: float = 10
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ MINIMUM: dict[str, float] = {
     "logs.keep": 1,
     "scale_from_zero.max_concurrency": 1,
 }
-POSITIVE = {"scale_from_zero.interval", "scale_from_zero.scrape_timeout", "backend.ready_timeout",
+POSITIVE = {"api.header_timeout", "scale_from_zero.interval", "scale_from_zero.scrape_timeout", "backend.ready_timeout",
             "supervisor.stop_timeout"}
 
 _TRUE = {"1", "true", "yes", "on"}

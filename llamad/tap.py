@@ -192,7 +192,7 @@ def build(config: Config, reactor: Any) -> LlamadService:
     root.reloaders.append(auth.reload)
 
     strports.service(config.health.listen, health_site(status, config.health.ping)).setServiceParent(root)
-    strports.service(config.api.listen, api_site(gateway, config.api.max_body_bytes)).setServiceParent(root)
+    strports.service(config.api.listen, api_site(gateway, config.api.max_body_bytes, config.api.header_timeout)).setServiceParent(root)
     if isinstance(backend, Supervisor):
         backend.setServiceParent(root)
 

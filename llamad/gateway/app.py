@@ -201,5 +201,5 @@ class Gateway:
                 self.metrics.tokens.labels("completion").inc(completion)
 
 
-def api_site(gateway: Gateway, max_body_bytes: int = 10485760) -> Site:
-    return guarded_site(gateway.resource(), max_body_bytes, QuietSite)
+def api_site(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10) -> Site:
+    return guarded_site(gateway.resource(), max_body_bytes, header_timeout, QuietSite)

@@ -12,7 +12,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 _REQUEST_DROP = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"x-api-key"}
-_RESPONSE_DROP = HOP_BY_HOP | {b"server", b"date"}
+# CORS is llamad's policy (api.cors_origins), whatever the child would allow.
+_CORS = frozenset({b"access-control-allow-origin", b"access-control-allow-credentials",
+                   b"access-control-allow-methods", b"access-control-allow-headers",
+                   b"access-control-expose-headers", b"access-control-max-age"})
+_RESPONSE_DROP = HOP_BY_HOP | _CORS | {b"server", b"date"}
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:

@@ -131,14 +131,11 @@ class GuardedChannel(http.HTTPChannel):
         self.loseConnection()
 
 
-def guarded_site(resource: Any, max_body_bytes: int, site_class: type[server.Site] = server.Site) -> server.Site:
+def guarded_site(resource: Any, max_body_bytes: int, header_timeout: float = HEADER_TIMEOUT,
+                 site_class: type[server.Site] = server.Site) -> server.Site:
     """A Site whose connections enforce the limits above."""
     site = site_class(resource, timeout=IDLE_TIMEOUT)
     site.requestFactory = GuardedRequest
-
-    class Channel(GuardedChannel):
-        pass
-
-    Channel.max_body_bytes = max_body_bytes
-    site.protocol = Channel
+    site.protocol = type("Channel", (GuardedChannel,), {"max_body_bytes": max_body_bytes,
+                                                        "header_timeout": header_timeout})
     return site
