@@ -23,8 +23,9 @@ from llamad.gateway.errors import ApiError, write_error
 log = Logger(namespace="llamad.guard")
 
 PUBLIC_PATHS = frozenset({b"/ping", b"/health"})
-# Dot segments, empty segments, backslashes, and percent-encoded '.', '/' or '\'.
-_TRICKY_PATH = re.compile(rb"//|/\.\.?(?:/|$)|\\|%2e|%2f|%5c", re.IGNORECASE)
+# Dot segments, empty segments, backslashes, and any percent-escape: no OpenAI or
+# llama.cpp route needs one, and the child would decode it into another route.
+_TRICKY_PATH = re.compile(rb"//|/\.\.?(?:/|$)|\\|%")
 ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 
 CORS_ALLOW_HEADERS = (b"authorization", b"content-type", b"x-api-key", b"accept", b"openai-organization",
@@ -59,8 +60,8 @@ class Cors:
         if allow is not None:
             request.setHeader(b"access-control-allow-origin", allow)
             request.setHeader(b"access-control-expose-headers", CORS_EXPOSE)
-            if allow != b"*":
-                request.setHeader(b"vary", b"Origin")
+        if not self.any:
+            request.setHeader(b"vary", b"Origin")  # the answer depends on the origin, allowed or not
 
     def preflight(self, request: IRequest) -> bytes:
         """Answer an OPTIONS preflight with 204, or 403 for an origin not allowed."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from typing import Any
 
 # Routes whose streamed responses follow OpenAI's include_usage convention.
 USAGE_OPTION_ROUTES = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/chat/completions", b"/completions"})
 TAIL_BYTES = 8192
+RECENT_CHUNKS = 8
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
@@ -48,16 +50,13 @@ class UsageTap:
         self.sse = sse
         self.strip = sse and strip_usage_event
         self.usage: tuple[int, int] | None = None
-        self.tail = b""  # plain bodies: the last TAIL_BYTES; stripped streams: an incomplete event
+        self.tail = b""  # stripped streams: an incomplete event
+        self.recent: deque[bytes] = deque(maxlen=RECENT_CHUNKS)  # others: read at finish, no copying
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to relay for ``data``."""
-        if not self.sse:
-            self.tail = (self.tail + data)[-TAIL_BYTES:]
-            return data
         if not self.strip:
-            if b'"usage"' in data:
-                self.usage = _counts(data) or self.usage
+            self.recent.append(data)
             return data
         buffered = self.tail + data
         end = buffered.rfind(b"\n\n")
@@ -89,8 +88,9 @@ class UsageTap:
 
     def finish(self) -> bytes:
         """Anything still held back; call once at the end of the body."""
-        if not self.sse:
-            self.usage = _counts(self.tail)
+        if not self.strip:
+            # usage sits at the end of a JSON body, or in the last events of a stream.
+            self.usage = _counts(b"".join(self.recent)[-TAIL_BYTES:])
             return b""
-        rest, self.tail = (self.tail if self.strip else b""), b""
+        rest, self.tail = self.tail, b""
         return rest

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -13,7 +12,6 @@ from llamad.gateway.gate import AdmissionQueue, Gate, Lease
 from llamad.metrics import Metrics
 from llamad.status import Status
 from llamad.supervisor import StartFailed, State
-
 
 # --- AdmissionQueue -----------------------------------------------------------
 
@@ -112,9 +110,8 @@ class Admission:
         self.result: Lease | Failure | None = None
         self.d.addBoth(self._done)
 
-    def _done(self, result):
-        self.result = result
-        return None  # handled: no "unhandled error" noise
+    def _done(self, result) -> None:
+        self.result = result  # and return None: handled, so no "unhandled error" noise
 
     @property
     def lease(self) -> Lease:

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import pytest_twisted
+from test_gateway_app import build, json_of
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
 from llamad.gateway.guard import Auth, Cors, GuardResource
-from test_gateway_app import build, json_of
 
 KEY = "k" * 24
 NEW_KEY = "n" * 24
@@ -288,3 +288,11 @@ async def test_no_cors_headers_when_cors_is_off(tmp_path):
         assert header(response, b"access-control-allow-origin") is None
     response = await http.request("OPTIONS", CHAT, headers=PREFLIGHT)
     assert response.code != 204 and header(response, b"access-control-allow-origin") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_percent_encoded_inference_route_is_not_a_way_around_the_gate(tmp_path):
+    http, clock, backend, status, metrics, proxy = gateway(tmp_path, f"alice:{KEY}")
+    response = await http.post("http://x/v1/chat/complet%69ons", data=b"not json", headers=bearer())
+    assert response.code == 400
+    assert proxy.targets == []
