@@ -137,8 +137,10 @@ http {{
     upstream sse {{ server 127.0.0.1:{sse}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{nginx_llama};
+        # llama-server closes a kept-alive connection after a stream without saying so:
+        # without retrying non-idempotent requests, nginx answers 502 to the next POST.
         location / {{ proxy_pass http://llama; proxy_http_version 1.1; proxy_set_header Connection "";
-                     proxy_buffering off; }}
+                     proxy_buffering off; proxy_next_upstream error timeout non_idempotent; }}
     }}
     server {{
         listen 127.0.0.1:{nginx_sse};

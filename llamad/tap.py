@@ -12,8 +12,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
-from twisted.web import client
-from twisted.web.http_headers import Headers
 
 from llamad import config as config_module
 from llamad.activity import Activity
@@ -21,7 +19,8 @@ from llamad.config import Config, ConfigError
 from llamad.gateway.app import Gateway, api_site
 from llamad.gateway.gate import Gate
 from llamad.gateway.guard import Auth, Cors
-from llamad.gateway.proxy import Proxy, make_agent
+from llamad.gateway.proxy import Proxy
+from llamad.gateway.upstream import UpstreamPool, fetch
 from llamad.health import health_site
 from llamad.logs import ChildLog, boot_observer, open_boot_log
 from llamad.metrics import Metrics
@@ -125,15 +124,12 @@ class LlamadService(service.MultiService):
             self.clock._exitSignal = None
 
 
-def make_probe(agent: client.Agent, clock: Any, key: str) -> Any:
+def make_probe(reactor: Any, key: str) -> Any:
     """GET the readiness path on the child; fires with the status code."""
-    headers = Headers({b"authorization": [b"Bearer " + key.encode()]})
 
     def probe(port: int, path: bytes) -> defer.Deferred[int]:
-        d = agent.request(b"GET", f"http://127.0.0.1:{port}".encode() + path, headers)
-        d.addTimeout(PROBE_TIMEOUT, clock)
-        d.addCallback(lambda response: client.readBody(response).addCallback(lambda _: response.code))
-        return d
+        pool = UpstreamPool(reactor, reactor, "127.0.0.1", port, max_idle=0)
+        return fetch(pool, path, key, PROBE_TIMEOUT).addCallback(lambda result: result[0])
 
     return probe
 
@@ -153,7 +149,6 @@ def build(config: Config, reactor: Any) -> LlamadService:
 
     metrics = Metrics()
     activity = Activity(reactor)
-    agent = make_agent(reactor, config.max_concurrent)
     backend: Any
     key_file = ""
     if config.backend.kind == "external":
@@ -164,7 +159,7 @@ def build(config: Config, reactor: Any) -> LlamadService:
         child_log = ChildLog(config.logs.dir, config.logs.max_bytes, config.logs.keep)
         backend = Supervisor(
             reactor, reactor, config.backend, config.supervisor,
-            probe=make_probe(agent, reactor, key), key=key, key_file=key_file, output=child_log,
+            probe=make_probe(reactor, key), key=key, key_file=key_file, output=child_log,
         )
 
     status = Status(reactor, backend, config.backend.model_id or config.backend.url, config.backend.start == "lazy",
@@ -186,9 +181,9 @@ def build(config: Config, reactor: Any) -> LlamadService:
 
     gate = Gate(reactor, status, backend, config.max_concurrent, config.admission.max_queue,
                 config.admission.queue_timeout, metrics)
-    proxy = Proxy(agent, reactor, config.api.request_timeout)
+    proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)
     auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor)
-    gateway = Gateway(reactor, status, gate, proxy, metrics, agent, activity, auth, Cors(config.api.cors_origins))
+    gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins))
     root.reloaders.append(auth.reload)
 
     strports.service(config.health.listen, health_site(status, config.health.ping)).setServiceParent(root)

@@ -10,12 +10,11 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import client
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from llamad.activity import Activity
+from llamad.backends import Target
 from llamad.gateway.errors import ApiError, write_error
 from llamad.gateway.gate import Gate
 from llamad.gateway.guard import Auth, Cors, GuardResource
@@ -41,6 +40,8 @@ KNOWN_ROUTES = INFERENCE_ROUTES | {
     "/v1/models", "/models", "/tokenize", "/detokenize", "/apply-template", "/props", "/slots",
     "/lora-adapters", "/health", "/ping", "/metrics", "/admin/reload",
 }
+# Answered by llamad (Klein); every other path is proxied.
+OWN_ROUTES = frozenset({b"/ping", b"/health", b"/metrics", b"/admin/reload"})
 CHILD_METRICS_TIMEOUT = 2.0
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 
@@ -73,7 +74,6 @@ class Gateway:
         gate: Gate,
         proxy: Proxy,
         metrics: Metrics,
-        agent: client.Agent | None,
         activity: Activity,
         auth: Auth | None = None,
         cors: Cors | None = None,
@@ -83,7 +83,6 @@ class Gateway:
         self.gate = gate
         self.proxy = proxy
         self.metrics = metrics
-        self.agent = agent
         self.activity = activity
         self.auth = auth or Auth(False, "", False, clock)
         self.cors = cors or Cors(())
@@ -93,8 +92,8 @@ class Gateway:
         self.metrics.requests.labels(label, request.method.decode("latin-1"), str(code)).inc()
 
     def resource(self) -> GuardResource:
-        """The whole API: the guard in front of the Klein routes."""
-        return GuardResource(self.app.resource(), self.auth, self.cors, self.count)
+        """The whole API: the guard, then llamad's own routes (Klein) or the proxy."""
+        return GuardResource(self.app.resource(), self.auth, self.cors, self.count, OWN_ROUTES, self.forward)
 
     @app.handle_errors(ApiError)
     def api_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -121,24 +120,19 @@ class Gateway:
         self.count(request, 200, "/metrics")
         text = self.metrics.exposition()
         target = self.gate.current_target()
-        if target is not None and self.status.backend_has_metrics and self.agent is not None:
-            text += await self._child_metrics(target.origin, target.key)
+        if target is not None and self.status.backend_has_metrics:
+            text += await self._child_metrics(target)
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return text
 
-    async def _child_metrics(self, origin: bytes, key: str) -> bytes:
+    async def _child_metrics(self, target: Target) -> bytes:
         """The child's ``llamacpp:*`` metrics, or nothing if it cannot answer quickly."""
-        assert self.agent is not None
-        headers = Headers({b"authorization": [b"Bearer " + key.encode()]})
-        d = self.agent.request(b"GET", origin + b"/metrics", headers)
-        d.addTimeout(CHILD_METRICS_TIMEOUT, self.clock)
         try:
-            response = await d
-            body: bytes = await client.readBody(response)
+            status, body = await self.proxy.fetch(target, b"/metrics", CHILD_METRICS_TIMEOUT)
         except Exception as e:  # the child's metrics are a bonus, never an error
             log.debug("child metrics unavailable: {e}", e=e)
             return b""
-        return body if response.code == 200 else b""
+        return body if status == 200 else b""
 
     @app.route("/admin/reload", methods=["POST"])
     def admin_reload(self, request: IRequest) -> bytes:
@@ -148,9 +142,28 @@ class Gateway:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"reloaded": True, "keys": loaded}).encode()
 
-    @app.route("/", branch=True, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-    def forward(self, request: IRequest) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._forward(request))
+    def forward(self, request: IRequest) -> int:
+        """Proxy one request (the hot path: no routing table, straight from the guard)."""
+        d = defer.ensureDeferred(self._forward(request))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addCallbacks(self._forwarded, self._forward_failed, errbackArgs=(request,))
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _forwarded(_: None) -> None:
+        pass
+
+    def _forward_failed(self, failure: Failure, request: IRequest) -> None:
+        if failure.check(defer.CancelledError) or request.finished or getattr(request, "_disconnected", False):
+            return
+        if failure.check(ApiError):
+            err = failure.value
+        else:
+            log.failure("proxy failure", failure)
+            err = ApiError(500, "internal error in llamad")
+        self.count(request, err.status)
+        request.write(write_error(request, err))
+        request.finish()
 
     async def _forward(self, request: IRequest) -> None:
         started = self.clock.seconds()
@@ -189,6 +202,8 @@ class Gateway:
             raise
         else:
             self.count(request, request.code, route)
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.finish()
         finally:
             if lease is not None:
                 lease.release()

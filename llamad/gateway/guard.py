@@ -126,16 +126,19 @@ class Auth:
 
 
 class GuardResource(Resource):
-    """Wraps the Klein resource with the checks every request passes."""
+    """The checks every request passes, then llamad's own routes (``inner``) or the proxy."""
 
     isLeaf = True
 
-    def __init__(self, inner: IResource, auth: Auth, cors: Cors, on_reject: Callable[[IRequest, int], None]) -> None:
+    def __init__(self, inner: IResource, auth: Auth, cors: Cors, on_reject: Callable[[IRequest, int], None],
+                 own_routes: frozenset[bytes], forward: Callable[[IRequest], int]) -> None:
         super().__init__()
         self.inner = inner
         self.auth = auth
         self.cors = cors
         self.on_reject = on_reject
+        self.own_routes = own_routes
+        self.forward = forward
 
     def render(self, request: IRequest) -> bytes | int:
         if self.cors.enabled:
@@ -147,7 +150,9 @@ class GuardResource(Resource):
         except ApiError as err:
             self.on_reject(request, err.status)
             return write_error(request, err)
-        return self.inner.render(request)
+        if request.path in self.own_routes:
+            return self.inner.render(request)
+        return self.forward(request)
 
     def check(self, request: IRequest) -> None:
         if request.method not in ALLOWED_METHODS:

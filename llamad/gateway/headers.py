@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from twisted.web.http_headers import Headers
 
-# RFC 9110 section 7.6.1 hop-by-hop fields, plus the ones the proxy sets itself.
+# RFC 9110 section 7.6.1 hop-by-hop fields.
 HOP_BY_HOP = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
         b"te", b"trailer", b"transfer-encoding", b"upgrade",
     }
 )
+# The client's credentials stay with llamad; the proxy sets Host and framing itself.
 _REQUEST_DROP = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"x-api-key"}
 # CORS is llamad's policy (api.cors_origins), whatever the child would allow.
 _CORS = frozenset({b"access-control-allow-origin", b"access-control-allow-credentials",
@@ -19,31 +22,28 @@ _CORS = frozenset({b"access-control-allow-origin", b"access-control-allow-creden
 _RESPONSE_DROP = HOP_BY_HOP | _CORS | {b"server", b"date"}
 
 
-def _connection_tokens(headers: Headers) -> set[bytes]:
+def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:
     tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in values:
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
 
 
-def _filtered(headers: Headers, drop: frozenset[bytes]) -> Headers:
-    named = _connection_tokens(headers)
-    out = Headers()
-    for name, values in headers.getAllRawHeaders():
-        lower = name.lower()
-        if lower not in drop and lower not in named:
-            out.setRawHeaders(name, values)
-    return out
-
-
-def to_backend(headers: Headers, key: str) -> Headers:
-    """The client's headers minus hop-by-hop and its credentials, plus the child's key."""
-    out = _filtered(headers, _REQUEST_DROP)
+def to_backend(headers: Headers, key: str) -> list[bytes]:
+    """Header lines for the child: the client's minus hop-by-hop and credentials, plus the child's key."""
+    named = _named_in_connection(headers.getRawHeaders(b"connection", ()))
+    lines = [
+        name + b": " + value
+        for name, values in headers.getAllRawHeaders()
+        if (lower := name.lower()) not in _REQUEST_DROP and lower not in named
+        for value in values
+    ]
     if key:
-        out.setRawHeaders(b"authorization", [b"Bearer " + key.encode()])
-    return out
+        lines.append(b"Authorization: Bearer " + key.encode())
+    return lines
 
 
-def to_client(headers: Headers) -> Headers:
-    """The child's response headers minus hop-by-hop ones."""
-    return _filtered(headers, _RESPONSE_DROP)
+def to_client(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The child's response headers minus hop-by-hop (and those named in Connection), CORS, Server, Date."""
+    named = _named_in_connection(v for n, v in headers if n.lower() == b"connection")
+    return [(n, v) for n, v in headers if (lower := n.lower()) not in _RESPONSE_DROP and lower not in named]

@@ -3,83 +3,29 @@
 Each chunk from the child is written to the client as it arrives.  The child
 connection's transport is registered as the request's streaming producer, so a
 slow client pauses the read from the child.  Cancelling the Deferred that
-:meth:`Proxy.forward` returns (Klein does this when the client goes away)
-closes the child connection, which makes llama.cpp free the slot.
+:meth:`Proxy.forward` returns (the client went away) closes the child
+connection, which makes llama.cpp free the slot.
 """
 
 from __future__ import annotations
 
 import typing
 from typing import Callable
+from urllib.parse import urlsplit
 
-from twisted.internet import defer, error
-from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTCP, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import client
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer, IRequest, IResponse, UNKNOWN_LENGTH
-from zope.interface import implementer
+from twisted.web.iweb import IRequest
 
 from llamad.backends import Target
 from llamad.gateway import headers as header_rules
 from llamad.gateway.errors import ApiError, sse_error_event
+from llamad.gateway.upstream import Exchange, UpstreamPool, fetch
 
 log = Logger(namespace="llamad.proxy")
 
-CONNECT_TIMEOUT = 10
-# Shorter than llama.cpp's keep-alive (5 s), so a pooled connection is never
-# reused just as the child closes it.
-POOL_IDLE_SECONDS = 3
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written in one go."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _NoDelayClientProtocol(client.HTTP11ClientProtocol):
-    def connectionMade(self) -> None:
-        # The request's head and body go out as separate writes: no Nagle delay.
-        self.transport.setTcpNoDelay(True)
-
-
-class _QuietClientFactory(client._HTTP11ClientFactory):
-    noisy = False  # one log line per pooled connection is noise
-
-    def buildProtocol(self, addr: object) -> client.HTTP11ClientProtocol:
-        return _NoDelayClientProtocol(self._quiescentCallback)
-
-
-class _QuietPool(client.HTTPConnectionPool):
-    _factory = _QuietClientFactory
-
-
-def make_agent(reactor: object, max_per_host: int) -> client.Agent:
-    """An Agent over a persistent pool sized for the child's slots."""
-    pool = _QuietPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = max(2, max_per_host)
-    pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
-    pool.retryAutomatically = True
-    return client.Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool)
+MAX_POOLS = 4  # the child's port changes on restart; old pools are dropped
 
 
 class Tap(typing.Protocol):
@@ -90,21 +36,60 @@ class Tap(typing.Protocol):
     def finish(self) -> bytes: ...
 
 
-class _Relay(Protocol):
-    """Writes the child's body to the client, chunk by chunk."""
+class _Upstream:
+    """A parsed backend origin and its connection pool."""
 
-    def __init__(self, request: IRequest, done: defer.Deferred[None], sse: bool,
-                 first_byte: Callable[[], None] | None, tap: Tap | None) -> None:
+    def __init__(self, origin: bytes, reactor: IReactorTCP, clock: IReactorTime, max_idle: int) -> None:
+        url = urlsplit(origin.decode())
+        if url.scheme != "http" or url.hostname is None:
+            raise ValueError(f"unsupported backend URL {origin.decode()!r} (http://host:port only)")
+        port = url.port or 80
+        self.prefix = url.path.rstrip("/").encode()
+        self.host_header = b"Host: " + url.netloc.encode()
+        self.pool = UpstreamPool(reactor, clock, url.hostname, port, max_idle)
+
+
+class _Relay:
+    """Receives the child's response and writes it to the client request."""
+
+    def __init__(self, request: IRequest, done: defer.Deferred[None], first_byte: Callable[[], None] | None,
+                 tap_for: Callable[[bool], Tap] | None, timer: IDelayedCall | None) -> None:
         self.request = request
         self.done = done
-        self.sse = sse
         self.first_byte = first_byte
-        self.tap = tap
+        self.tap_for = tap_for
+        self.tap: Tap | None = None
+        self.timer = timer
+        self.sse = False
+        self.producer: IPushProducer | None = None
 
-    def connectionMade(self) -> None:
-        self.request.registerProducer(self.transport, True)
+    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                         length: int | None, producer: IPushProducer) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if self.done.called:
+            return
+        request = self.request
+        request.setResponseCode(status, reason or None)
+        content_type = b""
+        keep_length = True
+        for name, value in header_rules.to_client(headers):
+            lower = name.lower()
+            if lower == b"content-type":
+                content_type = value
+            elif lower == b"content-length":
+                continue  # set below, unless a tap may change the body
+            request.responseHeaders.addRawHeader(name, value)
+        self.sse = content_type.startswith(b"text/event-stream")
+        if self.tap_for is not None:
+            self.tap = self.tap_for(self.sse)
+            keep_length = not self.sse
+        if length is not None and keep_length:
+            request.setHeader(b"content-length", b"%d" % length)
+        self.producer = producer
+        request.registerProducer(producer, True)
 
-    def dataReceived(self, data: bytes) -> None:
+    def body(self, data: bytes) -> None:
         if self.done.called:
             return
         if self.tap is not None:
@@ -116,22 +101,34 @@ class _Relay(Protocol):
             self.first_byte = None
         self.request.write(data)
 
-    def connectionLost(self, reason: Failure = defer.CancelledError) -> None:  # type: ignore[assignment]
-        if self.done.called:  # the client went away and cancelled us
+    def finished(self) -> None:
+        if self.done.called:
             return
+        self._flush_tap()
         self.request.unregisterProducer()
+        self.done.callback(None)
+
+    def _flush_tap(self) -> None:
         if self.tap is not None:
             rest = self.tap.finish()
             if rest:
                 self.request.write(rest)
-        if reason.check(client.ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
+
+    def failed(self, reason: str, started: bool) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if self.done.called:
             return
-        log.warn("backend stream broke: {why}", why=reason.getErrorMessage())
+        if not started:
+            self.done.errback(ApiError(502, f"backend unreachable: {reason}", "backend_unreachable"))
+            return
+        log.warn("backend stream broke: {why}", why=reason)
+        self.request.unregisterProducer()
         channel = getattr(self.request, "channel", None)
         transport = channel.transport if channel is not None else None
         if self.sse:
-            # One error event, a proper end of the response, then close.
+            # One error event, a proper end of the response, then close: never a second status line.
+            self._flush_tap()
             self.request.write(sse_error_event("backend connection lost mid-stream"))
             self.request.finish()
             if transport is not None:
@@ -146,10 +143,25 @@ class _Relay(Protocol):
 class Proxy:
     """Forwards one request to the child and relays its response."""
 
-    def __init__(self, agent: client.Agent, clock: IReactorTime, request_timeout: float) -> None:
-        self.agent = agent
+    def __init__(self, reactor: IReactorTCP, clock: IReactorTime, request_timeout: float, max_idle: int = 8) -> None:
+        self.reactor = reactor
         self.clock = clock
         self.request_timeout = request_timeout
+        self.max_idle = max_idle
+        self.upstreams: dict[bytes, _Upstream] = {}
+
+    def _upstream(self, origin: bytes) -> _Upstream:
+        upstream = self.upstreams.get(origin)
+        if upstream is None:
+            if len(self.upstreams) >= MAX_POOLS:
+                for old in list(self.upstreams):
+                    self.upstreams.pop(old).pool.close()
+            upstream = self.upstreams[origin] = _Upstream(origin, self.reactor, self.clock, self.max_idle)
+        return upstream
+
+    def fetch(self, target: Target, path: bytes, timeout: float) -> defer.Deferred[tuple[int, bytes]]:
+        """A small GET on the backend, e.g. its /metrics: (status, body)."""
+        return fetch(self._upstream(target.origin).pool, path, target.key, timeout)
 
     def forward(
         self,
@@ -163,76 +175,34 @@ class Proxy:
 
         Failures before the response starts raise :class:`ApiError` (502, 504).
         """
-        relay: list[_Relay] = []
-        pending: list[defer.Deferred[IResponse]] = []
-        timed_out = [False]
-
-        def cancel(_: defer.Deferred[None]) -> None:
-            for d in pending:
-                d.cancel()
-            for r in relay:
-                r.transport.stopProducing()
-
-        result: defer.Deferred[None] = defer.Deferred(cancel)
-        out_headers = header_rules.to_backend(request.requestHeaders, target.key)
+        upstream = self._upstream(target.origin)
+        method = request.method
+        lines = [b"%s %s%s HTTP/1.1" % (method, upstream.prefix, request.uri), upstream.host_header]
+        lines += header_rules.to_backend(request.requestHeaders, target.key)
+        if body or method in (b"POST", b"PUT", b"PATCH"):
+            lines.append(b"Content-Length: %d" % len(body))
         if b'"stream"' in body:
             # llama-server closes the connection after a streamed response
-            # without saying so; say it for it, so the pool does not offer
-            # that connection to the next request.  (A false match only costs
-            # one reconnect.)
-            out_headers.setRawHeaders(b"connection", [b"close"])
-        url = target.origin + request.uri
-        producer = BytesProducer(body) if body or request.method in (b"POST", b"PUT", b"PATCH") else None
+            # without saying so; ask for that, so the connection is not pooled.
+            # (A false match only costs one reconnect.)
+            lines.append(b"Connection: close")
+        data = b"\r\n".join(lines) + b"\r\n\r\n" + body
 
-        def send(retry: bool) -> None:
-            d = self.agent.request(request.method, url, out_headers, producer)
-            pending[:] = [d]
-            d.addCallbacks(got_response, failed, errbackArgs=(retry,))
+        exchange: list[Exchange] = []
 
-        def on_timeout() -> None:
-            timed_out[0] = True
-            for d in pending:
-                d.cancel()
+        def cancel(_: defer.Deferred[None]) -> None:
+            if exchange:
+                exchange[0].cancel()
 
-        timer = self.clock.callLater(self.request_timeout, on_timeout) if self.request_timeout > 0 else None
+        done: defer.Deferred[None] = defer.Deferred(cancel)
 
-        def got_response(response: IResponse) -> None:
-            pending.clear()
-            if timer is not None and timer.active():
-                timer.cancel()
-            if result.called:
-                return
-            request.setResponseCode(response.code, response.phrase)
-            for name, values in header_rules.to_client(response.headers).getAllRawHeaders():
-                request.responseHeaders.setRawHeaders(name, values)
-            content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-            sse = content_type.startswith(b"text/event-stream")
-            tap = tap_for(sse) if tap_for is not None else None
-            if response.length is not UNKNOWN_LENGTH and response.length is not None and not (tap and sse):
-                request.setHeader(b"content-length", b"%d" % response.length)
-            r = _Relay(request, result, sse, first_byte, tap)
-            relay.append(r)
-            response.deliverBody(r)
+        def timed_out() -> None:
+            if not done.called:
+                exchange[0].cancel()
+                done.errback(ApiError(504, f"backend did not start responding within {self.request_timeout:g} s",
+                                      "backend_timeout"))
 
-        def failed(reason: Failure, retry: bool) -> None:
-            pending.clear()
-            if result.called:
-                return
-            if timed_out[0]:
-                result.errback(ApiError(504, f"backend did not start responding within {self.request_timeout:g} s"))
-                return
-            if retry and reason.check(client.ResponseNeverReceived):
-                # A pooled connection the child closed as we reused it: once more.
-                send(False)
-                return
-            if timer is not None and timer.active():
-                timer.cancel()
-            if not reason.check(
-                error.ConnectError, client.ResponseNeverReceived, client.RequestTransmissionFailed,
-                error.ConnectionLost, defer.CancelledError,
-            ):
-                log.failure("unexpected proxy failure", reason)
-            result.errback(ApiError(502, f"backend unreachable: {reason.getErrorMessage()}"))
-
-        send(True)
-        return result
+        timer = self.clock.callLater(self.request_timeout, timed_out) if self.request_timeout > 0 else None
+        relay = _Relay(request, done, first_byte, tap_for, timer)
+        exchange.append(upstream.pool.request(data, relay, head_request=method == b"HEAD"))
+        return done

@@ -19,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway, api_site
 from llamad.gateway.gate import Gate
-from llamad.gateway.proxy import Proxy, make_agent
+from llamad.gateway.proxy import Proxy
 from llamad.metrics import Metrics
 from llamad.status import Status
 from llamad.supervisor import ExternalBackend
@@ -84,11 +84,9 @@ class Backend(Resource):
 def gateway_for(port: int, request_timeout: float = 600) -> tuple[int, object]:
     backend = ExternalBackend(f"http://127.0.0.1:{port}")
     status = Status(reactor, backend, "synthetic", lazy=False)
-    agent = make_agent(reactor, 4)
     metrics = Metrics()
     gate = Gate(reactor, status, backend, 4, 8, 5, metrics)
-    gateway = Gateway(reactor, status, gate, Proxy(agent, reactor, request_timeout), metrics, agent,
-                      Activity(reactor))
+    gateway = Gateway(reactor, status, gate, Proxy(reactor, reactor, request_timeout), metrics, Activity(reactor))
     listening = reactor.listenTCP(0, api_site(gateway), interface="127.0.0.1")
     return listening.getHost().port, listening
 

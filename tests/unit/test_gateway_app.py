@@ -63,7 +63,7 @@ def build(state: State = State.READY, lazy: bool = False, wait: float = 10, max_
     metrics = Metrics()
     proxy = FakeProxy()
     gate = Gate(clock, status, backend, max_concurrent, max_queue, wait, metrics)
-    gateway = Gateway(clock, status, gate, proxy, metrics, None, Activity(clock), **gateway_kw)
+    gateway = Gateway(clock, status, gate, proxy, metrics, Activity(clock), **gateway_kw)
     return StubTreq(gateway.resource()), clock, backend, status, metrics, proxy
 
 

@@ -172,7 +172,8 @@ def test_raw_backslashes_and_absolute_uris_are_refused_before_auth(tmp_path, uri
 
     auth = Auth(True, keys_file(tmp_path, f"alice:{KEY}"), False, Clock())
     rejected = []
-    guard = GuardResource(Inner(), auth, Cors(()), lambda request, code: rejected.append(code))
+    guard = GuardResource(Inner(), auth, Cors(()), lambda request, code: rejected.append(code),
+                          frozenset(), Inner().render)
     request = DummyRequest([])
     request.method, request.uri = b"POST", uri
     request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {KEY}".encode()])

@@ -8,11 +8,30 @@ import pytest
 from twisted.web.http_headers import Headers
 
 from llamad.gateway.errors import error_body, sse_error_event
-from llamad.gateway.headers import HOP_BY_HOP, to_backend, to_client
+from llamad.gateway import headers as rules
+from llamad.gateway.headers import HOP_BY_HOP
 
 
 def raw(headers: Headers) -> dict[bytes, list[bytes]]:
     return {name.lower(): list(values) for name, values in headers.getAllRawHeaders()}
+
+
+def to_backend(headers: Headers, key: str) -> Headers:
+    """The header lines for the child, read back as Headers."""
+    out = Headers()
+    for line in rules.to_backend(headers, key):
+        name, _, value = line.partition(b": ")
+        out.addRawHeader(name, value)
+    return out
+
+
+def to_client(headers: Headers) -> Headers:
+    """The child's headers, as the (name, value) pairs the upstream parser gives, filtered."""
+    pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+    out = Headers()
+    for name, value in rules.to_client(pairs):
+        out.addRawHeader(name, value)
+    return out
 
 
 def client_request(**extra: list[bytes]) -> Headers:

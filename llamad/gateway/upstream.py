@@ -1,0 +1,375 @@
+"""A lean HTTP/1.1 client for the one upstream llamad talks to: the child.
+
+``twisted.web.client.Agent`` is general (URIs, endpoints, any server); per
+request it costs more than the whole relay.  Here the upstream is one fixed
+loopback address, so a request is one write of prebuilt bytes on a pooled
+connection, and the response is parsed with a handful of ``bytes`` calls.
+
+The response is pushed to a :class:`ResponseHandler`; the connection's
+transport is the producer the handler can pause (backpressure) or stop
+(cancellation, which makes llama.cpp free the slot).
+"""
+
+from __future__ import annotations
+
+import typing
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.python.failure import Failure
+
+CONNECT_TIMEOUT = 10
+POOL_IDLE_SECONDS = 3  # shorter than llama.cpp's 5 s keep-alive
+MAX_HEAD = 65536
+
+
+class ResponseHandler(typing.Protocol):
+    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                         length: int | None, producer: IPushProducer) -> None: ...
+
+    def body(self, data: bytes) -> None: ...
+
+    def finished(self) -> None: ...
+
+    def failed(self, reason: str, started: bool) -> None: ...
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or broke before answering."""
+
+
+class _Connection(Protocol):
+    """One pooled connection; carries one exchange at a time."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.handler: ResponseHandler | None = None
+        self.on_connect: typing.Callable[[_Connection], None] | None = None
+        self.reused = False
+        self.idle_call: IDelayedCall | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.buffer = b""
+        self.state = "head"  # head, length, chunk-size, chunk-data, chunk-crlf, trailer, until-close
+        self.remaining = 0
+        self.keep_alive = True
+        self.started = False
+        self.head_request = False
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        callback, self.on_connect = self.on_connect, None
+        if callback is not None:
+            callback(self)
+
+    def send(self, data: bytes, handler: ResponseHandler, head_request: bool) -> None:
+        self._reset()
+        self.handler = handler
+        self.head_request = head_request
+        self.transport.write(data)
+
+    def abort(self) -> None:
+        """Drop the exchange: the upstream sees the connection close."""
+        self.handler = None
+        self.keep_alive = False
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.handler is None:
+            self.transport.loseConnection()  # bytes nobody asked for
+            return
+        if self.state == "head":
+            self.buffer += data
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > MAX_HEAD:
+                    self._fail("upstream response head too large")
+                return
+            head, data = self.buffer[:end], self.buffer[end + 4:]
+            self.buffer = b""
+            if not self._parse_head(head):
+                return
+        self._body(data)
+
+    def _parse_head(self, head: bytes) -> bool:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            self._fail(f"bad upstream status line {lines[0][:80]!r}")
+            return False
+        status = int(parts[1])
+        if status == 100:  # Continue: the real head follows
+            return False
+        headers = []
+        length: int | None = None
+        chunked = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip()
+            value = value.strip()
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value) if value.isdigit() else None
+            elif lower == b"transfer-encoding":
+                chunked = value.lower().endswith(b"chunked")
+            elif lower == b"connection":
+                if b"close" in value.lower():
+                    self.keep_alive = False
+            headers.append((name, value))
+        if parts[0] == b"HTTP/1.0":
+            self.keep_alive = False
+        if self.head_request or status in (204, 304) or 100 <= status < 200:
+            self.state, length = "done", 0
+        elif chunked:
+            self.state, length = "chunk-size", None
+        elif length is not None:
+            self.state, self.remaining = "length", length
+        else:
+            self.state, self.keep_alive = "until-close", False
+        self.started = True
+        assert self.handler is not None
+        self.handler.response_started(status, parts[2] if len(parts) > 2 else b"", headers, length, self.transport)
+        if self.state == "done" or (self.state == "length" and self.remaining == 0):
+            self._complete()
+            return False
+        return True
+
+    def _body(self, data: bytes) -> None:
+        handler = self.handler
+        while data and handler is not None and handler is self.handler:
+            state = self.state
+            if state == "length":
+                piece, data = data[: self.remaining], data[self.remaining:]
+                self.remaining -= len(piece)
+                handler.body(piece)
+                if self.remaining == 0:
+                    self._complete()
+                    return
+            elif state == "until-close":
+                handler.body(data)
+                return
+            elif state == "chunk-data":
+                piece, data = data[: self.remaining], data[self.remaining:]
+                self.remaining -= len(piece)
+                if piece:
+                    handler.body(piece)
+                if self.remaining == 0:
+                    self.state, self.remaining = "chunk-crlf", 2
+            elif state == "chunk-crlf":
+                skip = min(self.remaining, len(data))
+                data, self.remaining = data[skip:], self.remaining - skip
+                if self.remaining == 0:
+                    self.state = "chunk-size"
+            else:  # chunk-size or trailer: line based
+                self.buffer += data
+                end = self.buffer.find(b"\r\n")
+                if end < 0:
+                    if len(self.buffer) > 4096:
+                        self._fail("bad chunked encoding from upstream")
+                    return
+                line, data = self.buffer[:end], self.buffer[end + 2:]
+                self.buffer = b""
+                if state == "trailer":
+                    if not line:
+                        self._complete()
+                        return
+                    continue
+                try:
+                    size = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    self._fail("bad chunk size from upstream")
+                    return
+                if size == 0:
+                    self.state = "trailer"
+                else:
+                    self.state, self.remaining = "chunk-data", size
+
+    def _complete(self) -> None:
+        handler, self.handler = self.handler, None
+        self.state = "done"
+        if self.keep_alive:
+            self.pool._idle(self)
+        else:
+            self.transport.loseConnection()
+        if handler is not None:
+            handler.finished()
+
+    def _fail(self, reason: str) -> None:
+        handler, self.handler = self.handler, None
+        self.keep_alive = False
+        self.transport.abortConnection()
+        if handler is not None:
+            handler.failed(reason, self.started)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.pool._gone(self)
+        handler, self.handler = self.handler, None
+        if handler is None:
+            return
+        if self.state == "until-close":
+            handler.finished()
+        elif not self.started and self.reused:
+            self.pool._retry(handler)
+        else:
+            handler.failed(f"upstream closed the connection ({reason.getErrorMessage()})", self.started)
+
+
+class _Factory(ClientFactory):
+    noisy = False
+
+    def __init__(self, pool: UpstreamPool, on_connect: typing.Callable[[_Connection], None],
+                 on_error: typing.Callable[[str], None]) -> None:
+        self.pool = pool
+        self.on_connect = on_connect
+        self.on_error = on_error
+
+    def buildProtocol(self, addr: object) -> _Connection:
+        connection = _Connection(self.pool)
+        connection.on_connect = self.on_connect
+        return connection
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        self.on_error(f"cannot connect to the backend: {reason.getErrorMessage()}")
+
+
+class Exchange:
+    """One request in flight; :meth:`cancel` closes its connection."""
+
+    def __init__(self, pool: UpstreamPool, data: bytes, handler: ResponseHandler, head_request: bool) -> None:
+        self.pool = pool
+        self.data = data
+        self.handler = handler
+        self.head_request = head_request
+        self.connection: _Connection | None = None
+        self.cancelled = False
+
+    def start(self, allow_reuse: bool = True) -> None:
+        connection = self.pool._take() if allow_reuse else None
+        if connection is not None:
+            self._go(connection)
+        else:
+            self.pool.reactor.connectTCP(self.pool.host, self.pool.port,
+                                         _Factory(self.pool, self._go, self._unreachable), CONNECT_TIMEOUT)
+
+    def _go(self, connection: _Connection) -> None:
+        if self.cancelled:
+            connection.transport.loseConnection()
+            return
+        self.connection = connection
+        connection.send(self.data, self, self.head_request)
+
+    def _unreachable(self, reason: str) -> None:
+        if not self.cancelled:
+            self.handler.failed(reason, False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.connection is not None:
+            self.connection.abort()
+
+    # ResponseHandler, forwarding to the real handler
+    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                         length: int | None, producer: IPushProducer) -> None:
+        self.handler.response_started(status, reason, headers, length, producer)
+
+    def body(self, data: bytes) -> None:
+        self.handler.body(data)
+
+    def finished(self) -> None:
+        self.handler.finished()
+
+    def failed(self, reason: str, started: bool) -> None:
+        self.handler.failed(reason, started)
+
+
+class UpstreamPool:
+    """Kept-alive connections to one ``host:port``."""
+
+    def __init__(self, reactor: IReactorTCP, clock: IReactorTime, host: str, port: int, max_idle: int) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.host = host
+        self.port = port
+        self.max_idle = max_idle
+        self.idle: list[_Connection] = []
+
+    def request(self, data: bytes, handler: ResponseHandler, head_request: bool = False) -> Exchange:
+        """Send ``data`` (a whole request) and push the response to ``handler``."""
+        exchange = Exchange(self, data, handler, head_request)
+        exchange.start()
+        return exchange
+
+    def _take(self) -> _Connection | None:
+        while self.idle:
+            connection = self.idle.pop()
+            if connection.idle_call is not None and connection.idle_call.active():
+                connection.idle_call.cancel()
+            connection.idle_call = None
+            if connection.transport is not None and connection.connected:
+                connection.reused = True
+                return connection
+        return None
+
+    def _idle(self, connection: _Connection) -> None:
+        if len(self.idle) >= self.max_idle:
+            connection.transport.loseConnection()
+            return
+        connection.idle_call = self.clock.callLater(POOL_IDLE_SECONDS, connection.transport.loseConnection)
+        self.idle.append(connection)
+
+    def _gone(self, connection: _Connection) -> None:
+        if connection in self.idle:
+            self.idle.remove(connection)
+        if connection.idle_call is not None and connection.idle_call.active():
+            connection.idle_call.cancel()
+
+    def _retry(self, exchange: ResponseHandler) -> None:
+        """A reused connection died before any response byte: once more, on a new one."""
+        if isinstance(exchange, Exchange) and not exchange.cancelled:
+            exchange.connection = None
+            exchange.start(allow_reuse=False)
+        else:
+            exchange.failed("upstream closed a reused connection", False)
+
+    def close(self) -> None:
+        for connection in list(self.idle):
+            connection.transport.loseConnection()
+        self.idle.clear()
+
+
+class _Collect:
+    """A handler that keeps the whole (small) response."""
+
+    def __init__(self, done: defer.Deferred[tuple[int, bytes]]) -> None:
+        self.done = done
+        self.status = 0
+        self.parts: list[bytes] = []
+
+    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                         length: int | None, producer: IPushProducer) -> None:
+        self.status = status
+
+    def body(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def finished(self) -> None:
+        if not self.done.called:
+            self.done.callback((self.status, b"".join(self.parts)))
+
+    def failed(self, reason: str, started: bool) -> None:
+        if not self.done.called:
+            self.done.errback(UpstreamError(reason))
+
+
+def fetch(pool: UpstreamPool, path: bytes, key: str, timeout: float) -> defer.Deferred[tuple[int, bytes]]:
+    """GET ``path`` with the child's key: (status, body), or UpstreamError / TimeoutError."""
+    head = [b"GET %s HTTP/1.1" % path, b"Host: %s:%d" % (pool.host.encode(), pool.port)]
+    if key:
+        head.append(b"Authorization: Bearer " + key.encode())
+    exchange: list[Exchange] = []
+    done: defer.Deferred[tuple[int, bytes]] = defer.Deferred(lambda _: exchange and exchange[0].cancel())
+    exchange.append(pool.request(b"\r\n".join(head) + b"\r\n\r\n", _Collect(done)))
+    done.addTimeout(timeout, pool.clock)
+    return done
