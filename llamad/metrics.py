@@ -56,7 +56,25 @@ class Metrics:
             "llamad_tokens", "Tokens reported in responses' usage, by kind (prompt, completion).", ["kind"],
             registry=r,
         )
+        self._request_children: dict[tuple[str, bytes, int], Counter] = {}
+        self._route_children: dict[tuple[int, str], Histogram] = {}
         self.set_backend_state(State.STOPPED)
+
+    def count_request(self, route: str, method: bytes, code: int) -> None:
+        """``llamad_requests_total`` on the hot path: labelled children are cached."""
+        key = (route, method, code)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(route, method.decode("latin-1"), str(code))
+        child.inc()
+
+    def by_route(self, family: Histogram, route: str) -> Histogram:
+        """A route's child of a per-route histogram, cached."""
+        key = (id(family), route)
+        child = self._route_children.get(key)
+        if child is None:
+            child = self._route_children[key] = family.labels(route)
+        return child
 
     def set_backend_state(self, current: State) -> None:
         for state in State:

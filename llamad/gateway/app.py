@@ -89,7 +89,7 @@ class Gateway:
 
     def count(self, request: IRequest, code: int, route: str | None = None) -> None:
         label = route if route is not None else route_label(request.path)
-        self.metrics.requests.labels(label, request.method.decode("latin-1"), str(code)).inc()
+        self.metrics.count_request(label, request.method, code)
 
     def resource(self) -> GuardResource:
         """The whole API: the guard, then llamad's own routes (Klein) or the proxy."""
@@ -191,7 +191,7 @@ class Gateway:
             return taps[-1]
 
         def first_byte() -> None:
-            self.metrics.time_to_first_byte.labels(route).observe(self.clock.seconds() - started)
+            self.metrics.by_route(self.metrics.time_to_first_byte, route).observe(self.clock.seconds() - started)
 
         self.metrics.in_flight.inc()
         self.activity.begin()
@@ -209,7 +209,7 @@ class Gateway:
                 lease.release()
             self.activity.end()
             self.metrics.in_flight.dec()
-            self.metrics.request_duration.labels(route).observe(self.clock.seconds() - started)
+            self.metrics.by_route(self.metrics.request_duration, route).observe(self.clock.seconds() - started)
             if taps and taps[0].usage is not None:
                 prompt, completion = taps[0].usage
                 self.metrics.tokens.labels("prompt").inc(prompt)

@@ -134,7 +134,8 @@ class GuardedChannel(http.HTTPChannel):
 def guarded_site(resource: Any, max_body_bytes: int, header_timeout: float = HEADER_TIMEOUT,
                  site_class: type[server.Site] = server.Site) -> server.Site:
     """A Site whose connections enforce the limits above."""
-    site = site_class(resource, timeout=IDLE_TIMEOUT)
+    # Bodies are relayed as they are: no form parsing (it costs, and may fail on them).
+    site = site_class(resource, timeout=IDLE_TIMEOUT, parsePOSTFormSubmission=False)
     site.requestFactory = GuardedRequest
     site.protocol = type("Channel", (GuardedChannel,), {"max_body_bytes": max_body_bytes,
                                                         "header_timeout": header_timeout})
