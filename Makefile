@@ -33,6 +33,10 @@ test: setup
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-## bench: timings against direct llama-server, in one run (not part of `make test`)
+## bench: llamad against direct llama-server and nginx, in one run (not part of `make test`)
 bench: setup
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
+		{ command -v apt-get >/dev/null && apt-get install -y -q wrk nginx-light >/dev/null; } || \
+		{ echo "make bench needs wrk and nginx (Debian: apt-get install wrk nginx-light)"; exit 1; }
+	PATH="$(abspath $(BIN)):$$PATH:/usr/sbin" $(BIN)/python bench/run.py --repeat $${REPEAT:-3}
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/ttfb.py

@@ -137,42 +137,46 @@ class _Connection(Protocol):
         return True
 
     def _body(self, data: bytes) -> None:
+        """Decode body framing; everything one read brings goes to the handler in one call."""
         handler = self.handler
-        while data and handler is not None and handler is self.handler:
+        if self.buffer:  # a partial chunk-size line from the last read
+            data, self.buffer = self.buffer + data, b""
+        out: list[bytes] = []
+        pos, n = 0, len(data)
+        while pos < n:
             state = self.state
-            if state == "length":
-                piece, data = data[: self.remaining], data[self.remaining:]
-                self.remaining -= len(piece)
-                handler.body(piece)
+            if state == "length" or state == "chunk-data":
+                take = min(self.remaining, n - pos)
+                out.append(data[pos:pos + take])
+                pos += take
+                self.remaining -= take
                 if self.remaining == 0:
-                    self._complete()
-                    return
-            elif state == "until-close":
-                handler.body(data)
-                return
-            elif state == "chunk-data":
-                piece, data = data[: self.remaining], data[self.remaining:]
-                self.remaining -= len(piece)
-                if piece:
-                    handler.body(piece)
-                if self.remaining == 0:
+                    if state == "length":
+                        self._deliver(handler, out)
+                        self._complete()
+                        return
                     self.state, self.remaining = "chunk-crlf", 2
+            elif state == "until-close":
+                out.append(data[pos:] if pos else data)
+                break
             elif state == "chunk-crlf":
-                skip = min(self.remaining, len(data))
-                data, self.remaining = data[skip:], self.remaining - skip
+                take = min(self.remaining, n - pos)
+                pos += take
+                self.remaining -= take
                 if self.remaining == 0:
                     self.state = "chunk-size"
-            else:  # chunk-size or trailer: line based
-                self.buffer += data
-                end = self.buffer.find(b"\r\n")
+            else:  # chunk-size or trailer: one line
+                end = data.find(b"\r\n", pos)
                 if end < 0:
+                    self.buffer = data[pos:]
                     if len(self.buffer) > 4096:
                         self._fail("bad chunked encoding from upstream")
-                    return
-                line, data = self.buffer[:end], self.buffer[end + 2:]
-                self.buffer = b""
+                        return
+                    break
+                line, pos = data[pos:end], end + 2
                 if state == "trailer":
                     if not line:
+                        self._deliver(handler, out)
                         self._complete()
                         return
                     continue
@@ -185,6 +189,11 @@ class _Connection(Protocol):
                     self.state = "trailer"
                 else:
                     self.state, self.remaining = "chunk-data", size
+        self._deliver(handler, out)
+
+    def _deliver(self, handler: ResponseHandler | None, out: list[bytes]) -> None:
+        if out and handler is not None and handler is self.handler:
+            handler.body(out[0] if len(out) == 1 else b"".join(out))
 
     def _complete(self) -> None:
         handler, self.handler = self.handler, None
