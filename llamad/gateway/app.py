@@ -1,4 +1,8 @@
-"""The Klein app on port 8000: llamad's own routes, and everything else proxied."""
+"""Port 8000: llamad's own routes (a Klein app), and the proxy path for everything else.
+
+The proxy path skips routing: the guard hands it any path that is not one of
+llamad's own, so the per-request work stays small.
+"""
 
 from __future__ import annotations
 
@@ -146,12 +150,8 @@ class Gateway:
         """Proxy one request (the hot path: no routing table, straight from the guard)."""
         d = defer.ensureDeferred(self._forward(request))
         request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addCallbacks(self._forwarded, self._forward_failed, errbackArgs=(request,))
+        d.addErrback(self._forward_failed, request)
         return NOT_DONE_YET
-
-    @staticmethod
-    def _forwarded(_: None) -> None:
-        pass
 
     def _forward_failed(self, failure: Failure, request: IRequest) -> None:
         if failure.check(defer.CancelledError) or request.finished or getattr(request, "_disconnected", False):
