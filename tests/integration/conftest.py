@@ -147,7 +147,7 @@ def start_llamad(tmp_path: Path, demo_model: str, llama_server_bin: str) -> Iter
         data_dir = tmp_path / f"data{len(daemons)}"
         data_dir.mkdir()
         config = tmp_path / f"llamad{len(daemons)}.toml"
-        keys = {"model": demo_model, "parallel": 2, **(backend or {})}
+        keys = {"model": demo_model, "command": llama_server_bin, "parallel": 2, **(backend or {})}
         config.write_text(
             f"data_dir = {json.dumps(str(data_dir))}\n[backend]\n"
             + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
@@ -155,8 +155,8 @@ def start_llamad(tmp_path: Path, demo_model: str, llama_server_bin: str) -> Iter
         )
         log_path = tmp_path / f"twistd{len(daemons)}.log"
         full_env = {
-            **{k: v for k, v in os.environ.items() if k not in ("PORT", "PORT_HEALTH", "MODEL_PATH", "MODEL_NAME")},
-            "LLAMA_SERVER_BIN": llama_server_bin,
+            **{k: v for k, v in os.environ.items()
+               if k not in ("PORT", "PORT_HEALTH", "MODEL_PATH", "MODEL_NAME", "LLAMA_SERVER_BIN")},
             "PORT": str(api_port),
             "PORT_HEALTH": str(health_port),
             **(env or {}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import signal
+import sys
 
 import openai
 import pytest
@@ -21,7 +22,7 @@ def needs_llama_cpp_python():
 
 def test_llama_cpp_python_backend_serves_through_llamad(start_llamad):
     # PORT is llamad's API port in the child's inherited environment; the child must not take it.
-    daemon = start_llamad({"kind": "llama-cpp-python", "context": 512})
+    daemon = start_llamad({"kind": "llama-cpp-python", "command": sys.executable, "context": 512})
     api = openai.OpenAI(base_url=daemon.base_url + "/v1", api_key="ignored", max_retries=0)
     assert [m.id for m in api.models.list().data] == ["demo"]
     chat = api.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
