@@ -40,3 +40,4 @@ bench: setup
 		{ echo "make bench needs wrk and nginx (Debian: apt-get install wrk nginx-light)"; exit 1; }
 	PATH="$(abspath $(BIN)):$$PATH:/usr/sbin" $(BIN)/python bench/run.py --repeat $${REPEAT:-3}
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/ttfb.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/coldstart.py --runs 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
+from llamad.activity import Activity
 from llamad.supervisor import State
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -56,6 +57,20 @@ class Metrics:
             "llamad_tokens", "Tokens reported in responses' usage, by kind (prompt, completion).", ["kind"],
             registry=r,
         )
+        self.cold_starts = Counter(
+            "llamad_cold_starts", "Backend starts triggered by a request (lazy start or after an idle unload).",
+            registry=r,
+        )
+        self.cold_start_wait = Histogram(
+            "llamad_cold_start_wait_seconds", "Time a request waited for the backend to start.",
+            buckets=START_BUCKETS, registry=r,
+        )
+        self.idle_unloads = Counter("llamad_idle_unloads", "Backend stops after idle.timeout.", registry=r)
+        self.idle_seconds = Gauge("llamad_idle_seconds", "Seconds since inference last ended (0 while busy).",
+                                  registry=r)
+        self.inference_in_flight = Gauge("llamad_inference_in_flight", "Inference requests in flight.", registry=r)
+        self.last_activity = Gauge("llamad_last_activity_timestamp_seconds",
+                                   "Unix time inference last began or ended.", registry=r)
         self._request_children: dict[tuple[str, bytes, int], Counter] = {}
         self._route_children: dict[tuple[int, str], Histogram] = {}
         self.set_backend_state(State.STOPPED)
@@ -75,6 +90,12 @@ class Metrics:
         if child is None:
             child = self._route_children[key] = family.labels(route)
         return child
+
+    def watch_activity(self, activity: Activity) -> None:
+        """Read the activity gauges at scrape time."""
+        self.idle_seconds.set_function(activity.idle_seconds)
+        self.inference_in_flight.set_function(lambda: activity.inference_in_flight)
+        self.last_activity.set_function(lambda: activity.last_activity)
 
     def set_backend_state(self, current: State) -> None:
         for state in State:

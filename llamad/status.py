@@ -6,10 +6,12 @@ to the child, so health checks cannot wake or slow the model.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
+from llamad.activity import Activity
 from llamad.supervisor import State
 
 
@@ -32,7 +34,9 @@ class Status:
         self.lazy = lazy
         self.draining = False
         self.booted_at = clock.seconds()
+        self.booted_wall = time.time()
         self.ever_ready = False
+        self.activity: Activity | None = None
 
     @property
     def state(self) -> State | None:
@@ -47,8 +51,9 @@ class Status:
             return False, "no backend configured"
         if state == State.READY:
             return True, ""
-        if state == State.STOPPED and (self.lazy or self.ever_ready):
-            return True, "stopped; starts on the first request"
+        if state in (State.STOPPED, State.STOPPING) and (self.lazy or self.ever_ready):
+            # Unloaded (lazy start or idle): the next inference request starts it.
+            return True, "unloaded; starts on the first inference request"
         if state == State.FAILED:
             return False, f"backend failed: {self.backend.reason}" if self.backend else "backend failed"
         if state == State.BACKOFF:
@@ -80,4 +85,10 @@ class Status:
             body["reason"] = reason
         if self.backend is not None:
             body["backend"] = self.backend.snapshot()
+        if self.activity is not None:
+            body["activity"] = {
+                "inference_in_flight": self.activity.inference_in_flight,
+                "last_activity": round(self.activity.last_activity, 3),
+                "idle_seconds": round(self.activity.idle_seconds(), 3),
+            }
         return body

@@ -322,6 +322,10 @@ class Supervisor(Service):
     def request_start(self) -> None:
         self._run(self.machine.start)
 
+    def unload(self) -> None:
+        """Stop the child but keep the service: the next request starts it again."""
+        self._run(self.machine.stop)
+
     def retry(self) -> None:
         self._run(self.machine.retry)
 

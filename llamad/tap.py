@@ -14,7 +14,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from llamad import config as config_module
-from llamad.activity import Activity
+from llamad.activity import Activity, IdleWatch
 from llamad.config import Config, ConfigError
 from llamad.gateway.app import Gateway, api_site
 from llamad.gateway.gate import Gate
@@ -134,6 +134,20 @@ def make_probe(reactor: Any, key: str) -> Any:
     return probe
 
 
+def on_idle(action: str, backend: Any, metrics: Metrics, reactor: Any) -> bool:
+    """``idle.action``: unload the child, exit the process, or nothing.  False: try later."""
+    if backend.state.value in ("starting", "backoff"):
+        return False  # loading is not idleness: look again after another timeout
+    if action == "unload" and backend.state.value == "ready" and hasattr(backend, "unload"):
+        log.info("idle: unloading the model (the next inference request loads it again)")
+        metrics.idle_unloads.inc()
+        backend.unload()
+    elif action == "exit":
+        log.info("idle: exiting (drain, stop the child, exit 0)")
+        reactor.stop()
+    return True
+
+
 def build(config: Config, reactor: Any) -> LlamadService:
     """The whole service tree for one config, on the given reactor."""
     for key, endpoint in (("api.listen", config.api.listen), ("health.listen", config.health.listen)):
@@ -179,6 +193,10 @@ def build(config: Config, reactor: Any) -> LlamadService:
     else:
         metrics.set_backend_state(backend.state)
 
+    status.activity = activity
+    metrics.watch_activity(activity)
+    IdleWatch(reactor, activity, config.idle.timeout,
+              lambda: on_idle(config.idle.action, backend, metrics, reactor)).setServiceParent(root)
     gate = Gate(reactor, status, backend, config.max_concurrent, config.admission.max_queue,
                 config.admission.queue_timeout, metrics)
     proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)

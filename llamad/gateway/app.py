@@ -11,7 +11,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -19,8 +19,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from llamad.activity import Activity
 from llamad.backends import Target
-from llamad.gateway.errors import ApiError, write_error
-from llamad.gateway.gate import Gate
+from llamad.gateway.errors import ApiError, sse_error_event, write_error
+from llamad.gateway.gate import Gate, Lease
 from llamad.gateway.guard import Auth, Cors, GuardResource
 from llamad.gateway.limits import guarded_site
 from llamad.gateway.proxy import Proxy
@@ -46,6 +46,9 @@ KNOWN_ROUTES = INFERENCE_ROUTES | {
 }
 # Answered by llamad (Klein); every other path is proxied.
 OWN_ROUTES = frozenset({b"/ping", b"/health", b"/metrics", b"/admin/reload"})
+# Listed from the config while the child is down: a model list never wakes it.
+MODEL_LIST_ROUTES = frozenset({"/v1/models", "/models"})
+LOADING_INTERVAL = 3.0  # seconds between ": loading" comments on a waiting stream
 CHILD_METRICS_TIMEOUT = 2.0
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 
@@ -171,6 +174,8 @@ class Gateway:
         body = request.content.read() if request.content is not None else b""
         inference = route in INFERENCE_ROUTES
         strip_usage = False
+        loading: LoadingComments | None = None
+        lease: Lease | None = None
         if inference:
             if request.method != b"POST":
                 raise ApiError(405, f"{route} takes POST", "method_not_allowed", {b"allow": b"POST"})
@@ -178,10 +183,31 @@ class Gateway:
             if ask_for_usage(request.path, payload):
                 strip_usage = True
                 body = json.dumps(payload).encode()
-            lease = await self.gate.admit()
+            if payload.get("stream") is True and not self.gate.ready:
+                loading = LoadingComments(self.clock, request)
+            try:
+                lease = await self.gate.admit()
+            except ApiError as err:
+                if loading is None or not loading.stop():
+                    raise
+                loading.fail(err)  # the stream has started: the error goes in it
+                self.count(request, err.status, route)
+                return
+            committed = loading is not None and loading.stop()
+            if lease.cold_wait is not None:
+                if committed:
+                    request.write(b": cold-start %.3f\n\n" % lease.cold_wait)
+                else:
+                    request.setHeader(b"x-llamad-cold-start", b"%.3f" % lease.cold_wait)
             target = lease.target
         else:
-            lease = None
+            committed = False
+            if route in MODEL_LIST_ROUTES and not self.gate.ready:
+                self.count(request, 200, route)
+                request.setHeader(b"content-type", b"application/json")
+                request.write(json.dumps(self.model_list()).encode())
+                request.finish()
+                return
             target = self.gate.direct()
 
         taps: list[UsageTap] = []
@@ -194,9 +220,9 @@ class Gateway:
             self.metrics.by_route(self.metrics.time_to_first_byte, route).observe(self.clock.seconds() - started)
 
         self.metrics.in_flight.inc()
-        self.activity.begin()
+        self.activity.begin(inference)
         try:
-            await self.proxy.forward(request, target, body, first_byte, tap_for if inference else None)
+            await self.proxy.forward(request, target, body, first_byte, tap_for if inference else None, committed)
         except defer.CancelledError:
             self.count(request, CLIENT_CLOSED, route)
             raise
@@ -207,13 +233,54 @@ class Gateway:
         finally:
             if lease is not None:
                 lease.release()
-            self.activity.end()
+            self.activity.end(inference)
             self.metrics.in_flight.dec()
             self.metrics.by_route(self.metrics.request_duration, route).observe(self.clock.seconds() - started)
             if taps and taps[0].usage is not None:
                 prompt, completion = taps[0].usage
                 self.metrics.tokens.labels("prompt").inc(prompt)
                 self.metrics.tokens.labels("completion").inc(completion)
+
+    def model_list(self) -> dict[str, Any]:
+        """``/v1/models`` from the config, so listing models never wakes the child."""
+        return {"object": "list", "data": [{"id": self.status.model_id, "object": "model",
+                                            "created": int(self.status.booted_wall), "owned_by": "llamad"}]}
+
+
+class LoadingComments:
+    """While a streaming request waits for a cold start, keep its connection alive.
+
+    After ``LOADING_INTERVAL`` seconds the SSE response starts (200,
+    ``text/event-stream``) and an SSE comment ``: loading`` goes out every
+    ``LOADING_INTERVAL`` seconds, so proxies with idle timeouts keep the
+    connection; SSE clients ignore comments.
+    """
+
+    def __init__(self, clock: IReactorTime, request: IRequest) -> None:
+        self.clock = clock
+        self.request = request
+        self.committed = False
+        self.call: IDelayedCall | None = clock.callLater(LOADING_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        if not self.committed:
+            self.committed = True
+            self.request.setResponseCode(200)
+            self.request.setHeader(b"content-type", b"text/event-stream")
+            self.request.setHeader(b"cache-control", b"no-cache")
+        self.request.write(b": loading\n\n")
+        self.call = self.clock.callLater(LOADING_INTERVAL, self._tick)
+
+    def stop(self) -> bool:
+        """Stop ticking; True if the response has started."""
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+        return self.committed
+
+    def fail(self, err: ApiError) -> None:
+        self.request.write(sse_error_event(err.message, err.code or "backend_unavailable"))
+        self.request.finish()
 
 
 def api_site(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10) -> Site:

@@ -70,6 +70,7 @@ class Lease:
     def __init__(self, gate: Gate | None, target: Target) -> None:
         self.gate = gate
         self.target = target
+        self.cold_wait: float | None = None  # seconds waited for the child to start, if it had to
 
     def release(self) -> None:
         if self.gate is not None:
@@ -86,6 +87,10 @@ class Gate:
         self.queue: AdmissionQueue[defer.Deferred[None]] = AdmissionQueue(max_concurrent, max_queue)
         self.queue_timeout = queue_timeout
         self.metrics = metrics
+
+    @property
+    def ready(self) -> bool:
+        return self.backend is not None and self.backend.state == State.READY
 
     def current_target(self) -> Target | None:
         """The child's address when it is ready; never starts it."""
@@ -119,6 +124,7 @@ class Gate:
         """A slot and a ready child for one inference request, or an :class:`ApiError`."""
         backend = self._refuse_early()
         started = self.clock.seconds()
+        cold = backend.state != State.READY
         ticket: defer.Deferred[None] = defer.Deferred(self.queue.leave)
         outcome = self.queue.arrive(ticket)
         if outcome == "full":
@@ -137,8 +143,15 @@ class Gate:
             self._refuse_early()  # things may have changed while it waited
             if backend.state != State.READY:
                 waiting = backend.wait_ready()
+                if backend.state == State.STOPPED:
+                    self.metrics.cold_starts.inc()  # this request starts the child
                 backend.request_start()
                 await self._bounded(waiting, started)
+            if cold:
+                # From arrival to the child's readiness, whether it waited in the queue or for the start.
+                ready_at = getattr(backend, "ready_at", None) or self.clock.seconds()
+                lease.cold_wait = max(0.0, ready_at - started)
+                self.metrics.cold_start_wait.observe(lease.cold_wait)
             self.metrics.queue_wait.observe(self.clock.seconds() - started)
             lease.target = backend.target()
             return lease

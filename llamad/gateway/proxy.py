@@ -9,6 +9,7 @@ connection, which makes llama.cpp free the slot.
 
 from __future__ import annotations
 
+import json
 import typing
 from typing import Callable
 from urllib.parse import urlsplit
@@ -53,14 +54,16 @@ class _Relay:
     """Receives the child's response and writes it to the client request."""
 
     def __init__(self, request: IRequest, done: defer.Deferred[None], first_byte: Callable[[], None] | None,
-                 tap_for: Callable[[bool], Tap] | None, timer: IDelayedCall | None) -> None:
+                 tap_for: Callable[[bool], Tap] | None, timer: IDelayedCall | None, committed: bool) -> None:
         self.request = request
         self.done = done
         self.first_byte = first_byte
         self.tap_for = tap_for
         self.tap: Tap | None = None
         self.timer = timer
-        self.sse = False
+        self.committed = committed  # an SSE response llamad already started (cold start)
+        self.sse = committed
+        self.error_body: list[bytes] | None = None
         self.producer: IPushProducer | None = None
 
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -70,6 +73,15 @@ class _Relay:
         if self.done.called:
             return
         request = self.request
+        if self.committed:
+            # Status and headers are out already: a child error becomes one SSE error event.
+            if status != 200:
+                self.error_body = []
+            elif self.tap_for is not None:
+                self.tap = self.tap_for(True)
+            self.producer = producer
+            request.registerProducer(producer, True)
+            return
         request.setResponseCode(status, reason or None)
         content_type = b""
         keep_length = True
@@ -92,6 +104,9 @@ class _Relay:
     def body(self, data: bytes) -> None:
         if self.done.called:
             return
+        if self.error_body is not None:
+            self.error_body.append(data)
+            return
         if self.tap is not None:
             data = self.tap.feed(data)
             if not data:
@@ -104,6 +119,8 @@ class _Relay:
     def finished(self) -> None:
         if self.done.called:
             return
+        if self.error_body is not None:
+            self.request.write(sse_error_event(_error_message(b"".join(self.error_body)), "backend_error"))
         self._flush_tap()
         self.request.unregisterProducer()
         self.done.callback(None)
@@ -140,6 +157,15 @@ class _Relay:
         self.done.callback(None)
 
 
+def _error_message(body: bytes) -> str:
+    """The message of a child's JSON error body, or the body itself."""
+    try:
+        error = json.loads(body).get("error", {})
+        return str(error.get("message", error)) if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        return body.decode("utf-8", "replace")[:500] or "backend error"
+
+
 class Proxy:
     """Forwards one request to the child and relays its response."""
 
@@ -170,10 +196,12 @@ class Proxy:
         body: bytes,
         first_byte: Callable[[], None] | None = None,
         tap_for: Callable[[bool], Tap] | None = None,
+        committed: bool = False,
     ) -> defer.Deferred[None]:
         """Relay ``request`` to ``target``; fires when the response is written.
 
         Failures before the response starts raise :class:`ApiError` (502, 504).
+        ``committed``: llamad already sent an SSE response's head (cold start).
         """
         upstream = self._upstream(target.origin)
         method = request.method
@@ -203,6 +231,6 @@ class Proxy:
                                       "backend_timeout"))
 
         timer = self.clock.callLater(self.request_timeout, timed_out) if self.request_timeout > 0 else None
-        relay = _Relay(request, done, first_byte, tap_for, timer)
+        relay = _Relay(request, done, first_byte, tap_for, timer, committed)
         exchange.append(upstream.pool.request(data, relay, head_request=method == b"HEAD"))
         return done

@@ -47,7 +47,7 @@ class FakeProxy:
     def __init__(self) -> None:
         self.targets: list[Target] = []
 
-    def forward(self, request, target, body, first_byte=None, tap_for=None):
+    def forward(self, request, target, body, first_byte=None, tap_for=None, committed=False):
         self.targets.append(target)
         request.setHeader(b"content-type", b"application/json")
         first_byte()

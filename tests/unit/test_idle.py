@@ -1,0 +1,162 @@
+"""Activity and idle policy, driven by Clock: only inference counts, and the timer restarts when it ends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from llamad.activity import Activity, IdleWatch
+from test_gateway_app import build, json_of
+
+
+def watch(timeout: float = 10, result: bool = True):
+    clock = Clock()
+    activity = Activity(clock)
+    fired: list[float] = []
+
+    def on_idle() -> bool:
+        fired.append(clock.seconds())
+        return result
+
+    idle = IdleWatch(clock, activity, timeout, on_idle)
+    idle.startService()
+    return clock, activity, idle, fired
+
+
+def test_idle_fires_timeout_after_boot_without_traffic():
+    clock, activity, idle, fired = watch()
+    clock.advance(9.9)
+    assert fired == []
+    clock.advance(0.1)
+    assert fired == [10]
+    clock.advance(100)
+    assert fired == [10]  # once, until activity ends again
+
+
+def test_timer_restarts_when_activity_ends_not_when_it_begins():
+    clock, activity, idle, fired = watch()
+    clock.advance(5)
+    activity.begin(True)
+    clock.advance(30)  # a long request: never idle while in flight
+    assert fired == []
+    activity.end(True)
+    clock.advance(9.9)
+    assert fired == []
+    clock.advance(0.1)
+    assert fired == [45]
+
+
+def test_overlapping_requests_keep_it_busy_until_the_last_ends():
+    clock, activity, idle, fired = watch()
+    activity.begin(True)
+    activity.begin(True)
+    activity.end(True)
+    clock.advance(20)
+    assert fired == [] and activity.idle_seconds() == 0
+    activity.end(True)
+    clock.advance(4)
+    assert activity.idle_seconds() == 4
+    clock.advance(6)
+    assert fired == [30]
+
+
+def test_monitoring_requests_never_touch_the_timer():
+    clock, activity, idle, fired = watch()
+    clock.advance(6)
+    for _ in range(50):
+        activity.begin(False)  # /v1/models, /props, /slots ...
+        activity.end(False)
+    assert activity.last_activity == 0
+    clock.advance(4)
+    assert fired == [10]
+
+
+def test_not_ready_to_act_means_try_again_later():
+    clock, activity, idle, fired = watch(result=False)
+    clock.advance(10)
+    clock.advance(10)
+    assert fired == [10, 20]
+
+
+def test_zero_timeout_never_fires():
+    clock, activity, idle, fired = watch(timeout=0)
+    clock.advance(1e6)
+    assert fired == []
+
+
+def test_drained_waits_for_every_request():
+    clock = Clock()
+    activity = Activity(clock)
+    activity.begin(False)
+    activity.begin(True)
+    done = activity.drained()
+    activity.end(True)
+    assert not done.called
+    activity.end(False)
+    assert done.called
+
+
+# --- through the API -------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_model_list_comes_from_the_config_while_unloaded():
+    from llamad.supervisor import State
+
+    http, clock, backend, status, metrics, proxy = build(State.STOPPED, lazy=True)
+    response = await http.get("http://x/v1/models")
+    assert response.code == 200
+    assert [m["id"] for m in (await json_of(response))["data"]] == ["demo"]
+    assert backend.starts == 0 and proxy.targets == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_cold_start_header_on_a_request_that_waited():
+    from llamad.supervisor import State
+
+    http, clock, backend, status, metrics, proxy = build(State.STOPPED, lazy=True)
+    pending = http.post("http://x/v1/completions", data=b'{"prompt": "a"}')
+    clock.advance(1.5)
+    backend.state = State.READY
+    backend.waiters[0].callback(None)
+    http.flush()
+    response = await pending
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"x-llamad-cold-start") == [b"1.500"]
+    assert backend.starts == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_stream_gets_loading_comments_then_the_events():
+    from llamad.supervisor import State
+
+    http, clock, backend, status, metrics, proxy = build(State.STOPPED, lazy=True, wait=60)
+    pending = http.post("http://x/v1/chat/completions", data=json.dumps({"stream": True, "messages": []}))
+    clock.advance(3)
+    clock.advance(3)
+    backend.state = State.READY
+    backend.waiters[0].callback(None)
+    http.flush()
+    response = await pending
+    assert response.code == 200 and response.headers.getRawHeaders(b"content-type") == [b"text/event-stream"]
+    body = await response.content()
+    assert body.startswith(b": loading\n\n: loading\n\n: cold-start 6.000\n\n")
+    assert body.endswith(b'{"proxied": true}')
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_failure_after_the_stream_started_is_an_sse_error_event():
+    from llamad.supervisor import State, StartFailed
+
+    http, clock, backend, status, metrics, proxy = build(State.STOPPED, lazy=True, wait=60)
+    pending = http.post("http://x/v1/chat/completions", data=json.dumps({"stream": True, "messages": []}))
+    clock.advance(3)
+    backend.waiters[0].errback(StartFailed("model file is corrupt"))
+    http.flush()
+    response = await pending
+    body = await response.content()
+    assert response.code == 200 and body.startswith(b": loading\n\n")
+    event = json.loads(body.split(b"data: ", 1)[1])
+    assert event["error"]["message"] == "backend start failed: model file is corrupt"
+    assert proxy.targets == []
