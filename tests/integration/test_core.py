@@ -207,6 +207,8 @@ def test_metrics_parse_and_include_the_child(start_llamad):
     states = {s.labels["state"]: s.value for s in families["llamad_backend_state"].samples}
     assert states["ready"] == 1 and sum(states.values()) == 1
     assert any(name.startswith("llamacpp:") for name in families)
+    meta = [line for line in body.decode().splitlines() if line.startswith(("# HELP ", "# TYPE "))]
+    assert len(meta) == len(set(meta)) and len({" ".join(m.split()[:3]) for m in meta}) == len(meta)
 
 
 def test_child_unreachable_is_a_502_in_openai_shape(start_llamad):
