@@ -488,8 +488,9 @@ def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool
     kind = values["backend.kind"]
     if kind == "external":
         url = values["backend.url"]
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise ConfigError("backend.url", f"kind 'external' needs an http(s) URL, got {url!r}",
+        if not re.match(r"^http://[^/\s]+", url):
+            # The proxy's lean client speaks plain HTTP/1.1: put TLS in front of llamad, not behind it.
+            raise ConfigError("backend.url", f"kind 'external' needs an http:// URL, got {url!r}",
                               sources["backend.url"])
         return
     model = values["backend.model"]

@@ -123,3 +123,18 @@ def test_runpod_ping_mode(start_llamad, llama_server_bin, tmp_path):
     assert daemon.request("GET", "/ping", port="health")[0] == 200  # unloaded, startable
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
+
+
+def test_openai_client_streams_through_a_slow_cold_start(start_llamad, llama_server_bin, tmp_path):
+    """The `: loading` comments sent while the child loads are ignored by the official client."""
+    slow = tmp_path / "slow-llama-server"
+    slow.write_text(f'#!/bin/sh\nsleep 4\nexec "{llama_server_bin}" "$@"\n')
+    slow.chmod(0o755)
+    daemon = start_llamad({"command": str(slow), "start": "lazy"}, wait="listening")
+    api = openai.OpenAI(base_url=daemon.base_url + "/v1", api_key="x", max_retries=0)
+    started = time.monotonic()
+    chunks = list(api.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=6, stream=True))
+    assert time.monotonic() - started > 3.5  # it really waited past the first comment
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].choices[0].finish_reason == "length"
+    assert daemon.health()["state"] == "ready"

@@ -238,7 +238,14 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_external_kind_without_url(tmp_path: Path) -> None:
     path = write(tmp_path, '[backend]\nkind = "external"\n')
-    assert error(toml=path, env={"MODEL_PATH": ""}) == "backend.url: kind 'external' needs an http(s) URL, got ''"
+    assert error(toml=path, env={"MODEL_PATH": ""}) == "backend.url: kind 'external' needs an http:// URL, got ''"
+
+
+def test_external_kind_refuses_https(tmp_path: Path) -> None:
+    path = write(tmp_path, '[backend]\nkind = "external"\nurl = "https://10.0.0.5"\n')
+    assert error(toml=path) == (
+        f"backend.url: kind 'external' needs an http:// URL, got 'https://10.0.0.5' (from {path})"
+    )
 
 
 def test_external_kind_with_url_needs_no_model(tmp_path: Path) -> None:
