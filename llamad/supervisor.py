@@ -12,13 +12,14 @@ from __future__ import annotations
 import enum
 import os
 import random as _random
+import re
 import secrets
 import signal
 import socket
 import tempfile
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer, error
@@ -35,6 +36,7 @@ from llamad.config import BackendConfig, SupervisorConfig
 log = Logger(namespace="llamad.supervisor")
 
 PROBE_INTERVAL = 0.02  # seconds between readiness polls (<= 50 ms, see DESIGN.md)
+RECENT_LINES = 40  # child output kept to explain an exit
 READY_HINTS = (b"llama_server: listening on", b"server is listening", b"Uvicorn running")
 
 
@@ -219,6 +221,28 @@ def _cancel(call: IDelayedCall | None) -> None:
     return None
 
 
+_LLAMA_ERROR = re.compile(rb"^\d+\.\d+\.\d+\.\d+ E (.+)$")
+
+
+def error_line(lines: Iterable[bytes]) -> str:
+    """The child's own words for why it failed.
+
+    llama.cpp marks error lines with `` E ``; the first one is the cause (the
+    later ones are its consequences).  Other servers: the last line that
+    mentions an error.
+    """
+    recent = list(lines)
+    for line in recent:
+        m = _LLAMA_ERROR.match(line.strip())
+        if m:
+            return m.group(1).decode("utf-8", "replace").strip()[:300]
+    for word in (b"error", b"failed", b"invalid"):
+        for line in reversed(recent):
+            if word in line.lower():
+                return line.decode("utf-8", "replace").strip()[:300]
+    return ""
+
+
 def free_port() -> int:
     """A free loopback port for the child (the child binds it moments later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -295,6 +319,7 @@ class Supervisor(Service):
         self.ready_at: float | None = None
         self.last_start_seconds: float | None = None
         self.restarts = 0
+        self.recent_lines: deque[bytes] = deque(maxlen=RECENT_LINES)
         self._timer: IDelayedCall | None = None
         self._probe_call: IDelayedCall | None = None
         self._probe_busy = False
@@ -325,6 +350,16 @@ class Supervisor(Service):
     def unload(self) -> None:
         """Stop the child but keep the service: the next request starts it again."""
         self._run(self.machine.stop)
+
+    def restart(self) -> None:
+        """Start over now: out of ``failed`` at once, or a fresh child for a running one."""
+        if self.state == State.FAILED:
+            self._run(self.machine.retry)
+        elif self.state in (State.STARTING, State.READY):
+            self._run(self.machine.stop)
+            self._run(self.machine.start)
+        else:
+            self._run(self.machine.start)
 
     def retry(self) -> None:
         self._run(self.machine.retry)
@@ -449,6 +484,8 @@ class Supervisor(Service):
     def _child_line(self, protocol: _ChildProtocol, line: bytes) -> None:
         if self.output is not None:
             self.output.child_line(line)
+        if protocol is self.protocol:
+            self.recent_lines.append(line)
         if protocol is self.protocol and self.state == State.STARTING and any(h in line for h in READY_HINTS):
             # The child says it is up: probe now rather than at the next tick.
             self._probe_call = _cancel(self._probe_call)
@@ -487,6 +524,10 @@ class Supervisor(Service):
         value = reason.value
         description = describe_exit(getattr(value, "exitCode", None), getattr(value, "signal", None))
         expected = self.state == State.STOPPING and not self.machine.want_up
+        quoted = error_line(self.recent_lines)
+        if quoted and not expected:
+            description = f"{description}; it said: {quoted}"
+        self.recent_lines.clear()
         if self.new_session and self.pid is not None:
             # Anything the child left in its group goes with it.
             try:

@@ -203,6 +203,8 @@ def build(config: Config, reactor: Any) -> LlamadService:
     auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor)
     gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins))
     root.reloaders.append(auth.reload)
+    if isinstance(backend, Supervisor):
+        root.reloaders.append(lambda: backend.retry() if backend.state.value == "failed" else None)
 
     strports.service(config.health.listen, health_site(status, config.health.ping)).setServiceParent(root)
     strports.service(config.api.listen, api_site(gateway, config.api.max_body_bytes, config.api.header_timeout)).setServiceParent(root)

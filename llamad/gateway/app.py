@@ -42,10 +42,10 @@ INFERENCE_ROUTES = frozenset(
 # Other routes counted under their own label; anything else is "other" (bounded cardinality).
 KNOWN_ROUTES = INFERENCE_ROUTES | {
     "/v1/models", "/models", "/tokenize", "/detokenize", "/apply-template", "/props", "/slots",
-    "/lora-adapters", "/health", "/ping", "/metrics", "/admin/reload",
+    "/lora-adapters", "/health", "/ping", "/metrics", "/admin/reload", "/admin/restart",
 }
 # Answered by llamad (Klein); every other path is proxied.
-OWN_ROUTES = frozenset({b"/ping", b"/health", b"/metrics", b"/admin/reload"})
+OWN_ROUTES = frozenset({b"/ping", b"/health", b"/metrics", b"/admin/reload", b"/admin/restart"})
 # Listed from the config while the child is down: a model list never wakes it.
 MODEL_LIST_ROUTES = frozenset({"/v1/models", "/models"})
 LOADING_INTERVAL = 3.0  # seconds between ": loading" comments on a waiting stream
@@ -148,6 +148,20 @@ class Gateway:
         self.count(request, 200, "/admin/reload")
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"reloaded": True, "keys": loaded}).encode()
+
+    @app.route("/admin/restart", methods=["POST"])
+    def admin_restart(self, request: IRequest) -> bytes:
+        """Out of ``failed`` at once, or a fresh child (with a key, or from loopback without auth)."""
+        peer = request.getClientAddress()
+        if not self.auth.enabled and getattr(peer, "host", "") not in ("127.0.0.1", "::1"):
+            raise ApiError(403, "POST /admin/restart needs auth.enabled, or a request from loopback", "forbidden")
+        backend = self.gate.backend
+        if backend is None or not hasattr(backend, "restart"):
+            raise ApiError(409, "no supervised backend to restart", "no_backend")
+        backend.restart()
+        self.count(request, 200, "/admin/restart")
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"restarting": True, "state": backend.state.value}).encode()
 
     def forward(self, request: IRequest) -> int:
         """Proxy one request (the hot path: no routing table, straight from the guard)."""

@@ -292,3 +292,32 @@ def test_connection_reuse_to_the_child(start_llamad):
         assert response.status == 200, response.read()
         json.loads(response.read())
     conn.close()
+
+
+def test_corrupt_model_ends_in_failed_with_llama_cpps_words_then_sighup_retries(start_llamad, tmp_path, demo_model):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF but not really a model file" * 10)
+    daemon = start_llamad({"model": str(model)}, wait="listening",
+                          toml="[supervisor]\nbackoff_initial = 0.05\ncrash_loop_limit = 2\nfailed_retry_after = 0\n")
+    health = daemon.wait_state("failed")
+    reason = health["reason"]
+    assert "exited with code" in reason and "it said: gguf_init_from_reader: this GGUF file is version" in reason
+    status, body, _ = daemon.request("GET", "/readyz", port="health")
+    assert status == 503 and "it said:" in json.loads(body)["reason"]
+    status, body, _ = daemon.request("POST", "/v1/completions", body={"prompt": "a"})
+    assert status == 503 and "backend failed" in json.loads(body)["error"]["message"]
+    states = {s.labels["state"]: s.value for f in text_string_to_metric_families(
+        daemon.request("GET", "/metrics")[1].decode()) if f.name == "llamad_backend_state" for s in f.samples}
+    assert states["failed"] == 1
+    # Mend the model, then SIGHUP: out of failed at once.
+    model.write_bytes(open(demo_model, "rb").read())
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_state("ready")
+    daemon.backend_pid()
+    assert daemon.request("POST", "/v1/completions", body={"prompt": "a", "max_tokens": 1})[0] == 200
+    # And POST /admin/restart (from loopback, auth off) gives a fresh child.
+    first = daemon.backend_pid()
+    assert daemon.request("POST", "/admin/restart")[0] == 200
+    wait_for(lambda: (h := daemon.health())["state"] == "ready" and h["backend"]["pid"] not in (None, first), 30,
+             "a fresh child")
+    daemon.backend_pid()

@@ -272,3 +272,38 @@ def test_key_file_is_private_and_fresh(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert open(path).read().strip() == key and len(key) >= 32
     assert key != other and path != other_path
+
+
+def test_exit_reason_quotes_the_childs_error_line():
+    sup, reactor, probe = make()
+    sup.startService()
+    reactor.last.output(b"other: failed to start\nmain: exiting\n")
+    reactor.last.exit(1)
+    assert sup.reason == "exited with code 1; it said: other: failed to start"
+
+
+def test_exit_reason_quotes_llama_cpps_first_error_line():
+    sup, reactor, probe = make()
+    sup.startService()
+    reactor.last.output(b"0.00.003.821 I srv    load_model: loading model 'm.gguf'\n"
+                        b"0.00.003.942 E gguf_init_from_reader: this GGUF file is version 1953849888\n"
+                        b"0.00.004.107 E llama_model_load: error loading model\n"
+                        b"0.00.004.477 E srv  llama_server: exiting due to model loading error\n")
+    reactor.last.exit(1)
+    assert sup.reason == "exited with code 1; it said: gguf_init_from_reader: this GGUF file is version 1953849888"
+
+
+def test_restart_leaves_failed_at_once_and_replaces_a_running_child():
+    sup, reactor, probe = make()
+    sup.config = sup.machine.config = SupervisorConfig(crash_loop_limit=1, failed_retry_after=300)
+    sup.startService()
+    reactor.last.exit(1)
+    assert sup.state == State.FAILED
+    sup.restart()
+    assert sup.state == State.STARTING and len(reactor.processes) == 2
+    probe.status = 200
+    reactor.advance(PROBE_INTERVAL)
+    sup.restart()
+    assert reactor.last.signals == ["TERM"] and sup.state == State.STOPPING
+    reactor.last.exit(None, signal.SIGTERM)
+    assert sup.state == State.STARTING and len(reactor.processes) == 3
