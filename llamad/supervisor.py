@@ -37,6 +37,7 @@ log = Logger(namespace="llamad.supervisor")
 
 PROBE_INTERVAL = 0.02  # seconds between readiness polls (<= 50 ms, see DESIGN.md)
 RECENT_LINES = 40  # child output kept to explain an exit
+HURRY_STOP_TIMEOUT = 3.0  # SIGTERM-to-SIGKILL once shutdown has been asked for twice
 READY_HINTS = (b"llama_server: listening on", b"server is listening", b"Uvicorn running")
 
 
@@ -311,6 +312,7 @@ class Supervisor(Service):
         self.new_session = new_session and bool(backends.new_session_prefix())
         self.base_env = base_env
         self.machine = Lifecycle(config, random)
+        self.stop_timeout = config.stop_timeout
         self.process: Any = None
         self.protocol: _ChildProtocol | None = None
         self.port = 0
@@ -491,14 +493,20 @@ class Supervisor(Service):
             self._probe_call = _cancel(self._probe_call)
             self._probe()
 
+    def hurry(self) -> None:
+        """Shutdown was asked for twice: the child gets a few seconds after SIGTERM, not stop_timeout."""
+        self.stop_timeout = min(self.stop_timeout, HURRY_STOP_TIMEOUT)
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.reset(self.stop_timeout)
+
     def _terminate(self) -> None:
         self._signal(signal.SIGTERM)
-        self._kill_call = self.clock.callLater(self.config.stop_timeout, self._kill)
+        self._kill_call = self.clock.callLater(self.stop_timeout, self._kill)
 
     def _kill(self) -> None:
         self._kill_call = None
         log.warn("backend pid {pid} still running {t:g} s after SIGTERM: SIGKILL", pid=self.pid,
-                 t=self.config.stop_timeout)
+                 t=self.stop_timeout)
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:

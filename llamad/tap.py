@@ -83,6 +83,8 @@ class LlamadService(service.MultiService):
         self.clock = clock
         self.closers: list[Any] = []
         self.reloaders: list[Any] = []
+        self.proxy: Proxy | None = None
+        self.gate: Gate | None = None
         self._previous_sighup: Any = None
 
     def startService(self) -> None:
@@ -103,14 +105,28 @@ class LlamadService(service.MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
         log.info("shutting down: draining {n} in-flight request(s)", n=self.activity.in_flight)
-        self.status.draining = True
+        self.status.draining = True  # readiness 503 and new inference 503 from here on
+        if self.gate is not None:
+            self.gate.refuse_waiting()
         drained = self.activity.drained()
         drained.addTimeout(self.config.api.drain_timeout, self.clock)
+        backend = self.getServiceNamed("supervisor") if "supervisor" in self.namedServices else None
+
+        def now() -> None:
+            # A second SIGTERM/SIGINT means "now": skip the rest of the drain, and
+            # give the child seconds rather than stop_timeout.
+            drained.cancel()
+            if backend is not None:
+                backend.hurry()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.clock.callFromThread(now))
         try:
             yield drained
-        except defer.TimeoutError:
-            log.warn("drain_timeout reached with {n} request(s) in flight", n=self.activity.in_flight)
-        backend = self.getServiceNamed("supervisor") if "supervisor" in self.namedServices else None
+        except (defer.TimeoutError, defer.CancelledError) as e:
+            why = "drain_timeout reached" if isinstance(e, defer.TimeoutError) else "second signal"
+            cut = self.proxy.cut_all("llamad is shutting down") if self.proxy is not None else 0
+            log.warn("{why}: cut {n} request(s) still in flight", why=why, n=cut)
         if backend is not None:
             yield backend.stopService()
         yield super().stopService()
@@ -200,6 +216,7 @@ def build(config: Config, reactor: Any) -> LlamadService:
     gate = Gate(reactor, status, backend, config.max_concurrent, config.admission.max_queue,
                 config.admission.queue_timeout, metrics)
     proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)
+    root.proxy, root.gate = proxy, gate
     auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor)
     gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins))
     root.reloaders.append(auth.reload)

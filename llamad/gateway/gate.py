@@ -175,6 +175,13 @@ class Gate:
                 503, f"no capacity within queue_timeout ({self.queue_timeout:g} s)", "queue_timeout",
                 {b"retry-after": b"5"})) from None
 
+    def refuse_waiting(self) -> None:
+        """Shutdown: everyone still queued gets 503 now instead of a slot later."""
+        while self.queue.waiting:
+            self.queue.waiting.popleft().errback(
+                ApiError(503, "llamad is shutting down", "shutting_down", {b"retry-after": b"5"}))
+        self.metrics.queue_depth.set(0)
+
     def _release(self) -> None:
         following = self.queue.release()
         if following is not None:

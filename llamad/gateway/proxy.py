@@ -65,6 +65,8 @@ class _Relay:
         self.sse = committed
         self.error_body: list[bytes] | None = None
         self.producer: IPushProducer | None = None
+        self.started = False
+        self.exchange: Exchange | None = None
 
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
@@ -72,6 +74,7 @@ class _Relay:
             self.timer.cancel()
         if self.done.called:
             return
+        self.started = True
         request = self.request
         if self.committed:
             # Status and headers are out already: a child error becomes one SSE error event.
@@ -140,13 +143,30 @@ class _Relay:
             self.done.errback(ApiError(502, f"backend unreachable: {reason}", "backend_unreachable"))
             return
         log.warn("backend stream broke: {why}", why=reason)
+        self._break("backend connection lost mid-stream", "stream_interrupted")
+
+    def cut(self, message: str) -> None:
+        """End this exchange now (shutdown after ``api.drain_timeout``)."""
+        if self.done.called:
+            return
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if self.exchange is not None:
+            self.exchange.cancel()
+        if not self.started:
+            self.done.errback(ApiError(503, message, "shutting_down", {b"retry-after": b"5"}))
+        else:
+            self._break(message, "shutting_down")
+
+    def _break(self, message: str, code: str) -> None:
+        """A started response cannot get a status any more: end it as well as its kind allows."""
         self.request.unregisterProducer()
         channel = getattr(self.request, "channel", None)
         transport = channel.transport if channel is not None else None
         if self.sse:
             # One error event, a proper end of the response, then close: never a second status line.
             self._flush_tap()
-            self.request.write(sse_error_event("backend connection lost mid-stream"))
+            self.request.write(sse_error_event(message, code))
             self.request.finish()
             if transport is not None:
                 transport.loseConnection()
@@ -175,6 +195,7 @@ class Proxy:
         self.request_timeout = request_timeout
         self.max_idle = max_idle
         self.upstreams: dict[bytes, _Upstream] = {}
+        self.active: set[_Relay] = set()
 
     def _upstream(self, origin: bytes) -> _Upstream:
         upstream = self.upstreams.get(origin)
@@ -232,5 +253,19 @@ class Proxy:
 
         timer = self.clock.callLater(self.request_timeout, timed_out) if self.request_timeout > 0 else None
         relay = _Relay(request, done, first_byte, tap_for, timer, committed)
+        self.active.add(relay)
+        done.addBoth(self._inactive, relay)
         exchange.append(upstream.pool.request(data, relay, head_request=method == b"HEAD"))
+        relay.exchange = exchange[0]
         return done
+
+    def _inactive(self, result: object, relay: _Relay) -> object:
+        self.active.discard(relay)
+        return result
+
+    def cut_all(self, message: str) -> int:
+        """End every exchange in flight; returns how many there were."""
+        relays = list(self.active)
+        for relay in relays:
+            relay.cut(message)
+        return len(relays)

@@ -307,3 +307,17 @@ def test_restart_leaves_failed_at_once_and_replaces_a_running_child():
     assert reactor.last.signals == ["TERM"] and sup.state == State.STOPPING
     reactor.last.exit(None, signal.SIGTERM)
     assert sup.state == State.STARTING and len(reactor.processes) == 3
+
+
+def test_hurry_shortens_the_wait_before_sigkill():
+    sup, reactor, probe = make()
+    probe.status = 200
+    sup.startService()
+    reactor.advance(PROBE_INTERVAL)
+    sup.stopService()
+    reactor.advance(1)
+    sup.hurry()
+    reactor.advance(2.9)
+    assert reactor.last.signals == ["TERM"]
+    reactor.advance(0.1)
+    assert reactor.last.signals == ["TERM", "KILL"]
