@@ -24,6 +24,7 @@ from llamad.gateway.upstream import UpstreamPool, fetch
 from llamad.health import health_site
 from llamad.logs import ChildLog, boot_observer, open_boot_log
 from llamad.metrics import Metrics
+from llamad.notify import Notifier
 from llamad.status import Status
 from llamad.supervisor import ExternalBackend, Supervisor, write_key_file
 
@@ -85,12 +86,15 @@ class LlamadService(service.MultiService):
         self.reloaders: list[Any] = []
         self.proxy: Proxy | None = None
         self.gate: Gate | None = None
+        self.notifier: Notifier | None = None
         self._previous_sighup: Any = None
 
     def startService(self) -> None:
         super().startService()
         # SIGHUP: re-read what can change under a running daemon (the API keys).
         self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        if self.notifier is not None:  # both sites listen by now
+            self.notifier.ready(f"serving; backend {self.status.snapshot()['state']}")
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.clock.callFromThread(self.reload)
@@ -104,6 +108,8 @@ class LlamadService(service.MultiService):
     def stopService(self) -> Any:
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
+        if self.notifier is not None:
+            self.notifier.stopping()
         log.info("shutting down: draining {n} in-flight request(s)", n=self.activity.in_flight)
         self.status.draining = True  # readiness 503 and new inference 503 from here on
         if self.gate is not None:
@@ -195,9 +201,14 @@ def build(config: Config, reactor: Any) -> LlamadService:
     status = Status(reactor, backend, config.backend.model_id or config.backend.url, config.backend.start == "lazy",
                     backend_has_metrics=config.backend.kind == "llama-server")
     root = LlamadService(config, status, activity, reactor)
+    notifier = Notifier(reactor)
+    notifier.setServiceParent(root)
+    root.notifier = notifier
     if isinstance(backend, Supervisor):
         def on_state(before: Any, after: Any) -> None:
             metrics.set_backend_state(after)
+            notifier.status(f"backend {after.value}" + (f": {backend.reason}" if after.value in ("backoff", "failed")
+                                                         else ""))
             if after.value == "ready":
                 status.ever_ready = True
                 if backend.last_start_seconds is not None:
