@@ -1,19 +1,33 @@
-"""Log files on the volume, in the seed's layout.
+"""Log files on the volume, in the seed's layout, written off the reactor thread.
 
-``llama/latest.txt`` carries the child's output, one timestamped line per line,
-rotated by size.  ``_boot/<UTC ts>_boot_<instance>.log`` carries llamad's own
-log for this boot, and ``_boot/latest.txt`` names it.
+- ``llama/latest.txt``: the child's stdout and stderr, one UTC-timestamped line
+  per line.  At ``logs.max_bytes`` it is renamed to
+  ``llama/<UTC ts>_server_<instance>.log`` and a new ``latest.txt`` begins, so
+  ``tail -F llama/latest.txt`` follows it; ``logs.keep`` archives are kept.
+- ``_boot/<UTC ts>_boot_<instance>.log``: llamad's own log for this boot;
+  ``_boot/latest.txt`` holds its path; ``logs.keep`` boot logs are kept.
+
+Every write happens in one background thread fed by a bounded queue: a slow,
+full or vanished volume never stalls the reactor (the health port keeps
+answering).  A failed write is counted and reported on stderr at most once a
+minute; a full queue drops lines and counts them the same way.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import shutil
 import socket
+import subprocess
+import threading
 import time
-from typing import IO
+from typing import Callable
 
 from twisted.logger import FileLogObserver, ILogObserver, formatEventAsClassicLogText
-from twisted.python.logfile import LogFile
+
+QUEUE_LINES = 10000
+WARN_EVERY = 60.0  # seconds between stderr reports of failed writes
 
 
 def utc_stamp(seconds: float | None = None) -> str:
@@ -25,35 +39,200 @@ def instance_name() -> str:
     return os.environ.get("RUNPOD_POD_ID") or socket.gethostname() or "llamad"
 
 
-class ChildLog:
-    """The child's stdout and stderr as timestamped lines in ``llama/latest.txt``."""
+def prune(directory: str, suffix: str, keep: int, exclude: str = "") -> None:
+    """Delete the oldest ``*suffix`` files beyond ``keep`` (names sort by time)."""
+    names = sorted(n for n in os.listdir(directory) if n.endswith(suffix) and n != exclude)
+    for name in names[: max(0, len(names) - keep)]:
+        os.unlink(os.path.join(directory, name))
 
-    def __init__(self, logs_dir: str, max_bytes: int, keep: int) -> None:
-        directory = os.path.join(logs_dir, "llama")
-        os.makedirs(directory, exist_ok=True)
+
+class RotatingFile:
+    """``latest.txt`` plus timestamped archives.  Used from the writer thread only."""
+
+    def __init__(self, directory: str, max_bytes: int, keep: int, instance: str) -> None:
+        self.directory = directory
         self.path = os.path.join(directory, "latest.txt")
-        self.file = LogFile("latest.txt", directory, rotateLength=max_bytes, maxRotatedFiles=keep)
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.instance = instance
+        self.file: object | None = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if self.file is not None and self.size and self.size + len(data) > self.max_bytes:
+            self.rotate()
+        if self.file is None:
+            os.makedirs(self.directory, exist_ok=True)
+            self.file = open(self.path, "ab", buffering=0)
+            self.size = self.file.tell()  # type: ignore[attr-defined]
+        self.file.write(data)  # type: ignore[attr-defined]
+        self.size += len(data)
+
+    def rotate(self) -> None:
+        """Archive ``latest.txt`` and start a new one; the name never disappears."""
+        self.close()
+        archive = f"{utc_stamp()}_server_{self.instance}.log"
+        n = 1
+        while os.path.exists(os.path.join(self.directory, archive)):  # two rotations in one second
+            archive = f"{utc_stamp()}_server_{self.instance}.{n}.log"
+            n += 1
+        os.link(self.path, os.path.join(self.directory, archive))
+        fresh = self.path + ".new"
+        open(fresh, "wb").close()
+        os.replace(fresh, self.path)  # atomic: `tail -F` sees a new file under the same name
+        prune(self.directory, ".log", self.keep)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()  # type: ignore[attr-defined]
+            self.file = None
+
+
+class AppendFile:
+    """A plain append-only file (the boot log).  Used from the writer thread only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file: object | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.file is None:
+            self.file = open(self.path, "ab", buffering=0)
+        self.file.write(data)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()  # type: ignore[attr-defined]
+            self.file = None
+
+
+class LogWriter:
+    """One thread that owns every log file; the reactor only enqueues."""
+
+    def __init__(self, on_error: Callable[[], None] = lambda: None) -> None:
+        self.files: dict[str, RotatingFile | AppendFile] = {}
+        self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(QUEUE_LINES)
+        self.on_error = on_error
+        self.errors = 0
+        self.dropped = 0
+        self._last_warning = 0.0
+        self.thread = threading.Thread(target=self._run, name="llamad-logs", daemon=True)
+
+    def add(self, name: str, target: RotatingFile | AppendFile) -> None:
+        self.files[name] = target
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, name: str, data: bytes) -> None:
+        """Queue ``data`` for file ``name``; never blocks."""
+        try:
+            self.queue.put_nowait((name, data))
+        except queue.Full:
+            self.dropped += 1
+            self._failed("log queue full (volume too slow?): line dropped")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Flush what is queued (bounded wait), then close the files."""
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                break
+            name, data = item
+            try:
+                self.files[name].write(data)
+            except Exception as e:  # the thread must outlive any one bad write
+                try:
+                    self.files[name].close()  # reopen on the next line: the volume may come back
+                except OSError:
+                    pass
+                self._failed(f"cannot write {name} log: {e}")
+        for target in self.files.values():
+            try:
+                target.close()
+            except OSError:
+                pass
+
+    def _failed(self, message: str) -> None:
+        self.errors += 1
+        self.on_error()
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_EVERY or not self._last_warning:
+            self._last_warning = now
+            # Straight to fd 2: under twistd, sys.stderr feeds the (failing) log itself.
+            os.write(2, f"llamad: warning: {message} ({self.errors} failed log writes so far)\n".encode())
+
+
+class ChildLog:
+    """The child's output lines, stamped and queued for ``llama/latest.txt``."""
+
+    def __init__(self, writer: LogWriter) -> None:
+        self.writer = writer
 
     def child_line(self, line: bytes) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()).encode()
-        self.file.write(stamp + b"Z " + line + b"\n")
-
-    def close(self) -> None:
-        self.file.close()
+        self.writer.put("child", stamp + b"Z " + line + b"\n")
 
 
-def open_boot_log(logs_dir: str) -> tuple[str, IO[str]]:
-    """Create this boot's log file and point ``_boot/latest.txt`` at it."""
-    directory = os.path.join(logs_dir, "_boot")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.abspath(os.path.join(directory, f"{utc_stamp()}_boot_{instance_name()}.log"))
-    stream = open(path, "a", buffering=1, encoding="utf-8")
-    pointer = os.path.join(directory, "latest.txt")
-    with open(pointer + ".tmp", "w", encoding="utf-8") as f:
-        f.write(path + "\n")
-    os.replace(pointer + ".tmp", pointer)
-    return path, stream
+class _QueuedText:
+    """A text stream for ``FileLogObserver`` that hands lines to the writer thread."""
+
+    def __init__(self, writer: LogWriter, name: str) -> None:
+        self.writer = writer
+        self.name = name
+
+    def write(self, text: str) -> None:
+        self.writer.put(self.name, text.encode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        pass
 
 
-def boot_observer(stream: IO[str]) -> ILogObserver:
-    return FileLogObserver(stream, lambda event: formatEventAsClassicLogText(event))
+def open_logs(logs_dir: str, max_bytes: int, keep: int, on_error: Callable[[], None]) -> tuple[LogWriter, str]:
+    """Start the writer with the child log and this boot's log; returns it and the boot log's path."""
+    instance = instance_name()
+    boot_dir = os.path.join(logs_dir, "_boot")
+    llama_dir = os.path.join(logs_dir, "llama")
+    writer = LogWriter(on_error)
+    writer.add("child", RotatingFile(llama_dir, max_bytes, keep, instance))
+    boot_path = os.path.abspath(os.path.join(boot_dir, f"{utc_stamp()}_boot_{instance}.log"))
+    writer.add("boot", AppendFile(boot_path))
+    try:
+        os.makedirs(boot_dir, exist_ok=True)
+        os.makedirs(llama_dir, exist_ok=True)
+        open(boot_path, "ab").close()
+        prune(boot_dir, ".log", keep - 1, exclude=os.path.basename(boot_path))  # this one makes keep
+        pointer = os.path.join(boot_dir, "latest.txt")
+        with open(pointer + ".tmp", "w", encoding="utf-8") as f:
+            f.write(boot_path + "\n")
+        os.replace(pointer + ".tmp", pointer)
+    except OSError as e:
+        writer._failed(f"cannot prepare the log directory {logs_dir}: {e}")
+    writer.start()
+    return writer, boot_path
+
+
+def boot_observer(writer: LogWriter) -> ILogObserver:
+    """llamad's own log events, formatted as twistd does, into this boot's log."""
+    return FileLogObserver(_QueuedText(writer, "boot"), formatEventAsClassicLogText)
+
+
+def gpu_inventory(timeout: float = 5.0) -> str:
+    """``nvidia-smi``'s view of the GPUs, or why there is none (run once, at boot)."""
+    if shutil.which("nvidia-smi") is None:
+        return "no nvidia-smi on PATH (no NVIDIA GPU, or drivers not mounted)"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.used,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nvidia-smi failed: {e}"
+    return out.stdout.strip() or out.stderr.strip() or f"nvidia-smi exited {out.returncode}"

@@ -71,6 +71,10 @@ class Metrics:
         self.inference_in_flight = Gauge("llamad_inference_in_flight", "Inference requests in flight.", registry=r)
         self.last_activity = Gauge("llamad_last_activity_timestamp_seconds",
                                    "Unix time inference last began or ended.", registry=r)
+        self.log_write_errors = Counter(
+            "llamad_log_write_errors", "Log lines that could not be written to the volume (or were dropped).",
+            registry=r,
+        )
         self._request_children: dict[tuple[str, bytes, int], Counter] = {}
         self._route_children: dict[tuple[int, str], Histogram] = {}
         self.set_backend_state(State.STOPPED)

@@ -22,7 +22,7 @@ from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Proxy
 from llamad.gateway.upstream import UpstreamPool, fetch
 from llamad.health import health_site
-from llamad.logs import ChildLog, boot_observer, open_boot_log
+from llamad.logs import ChildLog, boot_observer, gpu_inventory, open_logs
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.status import Status
@@ -170,32 +170,31 @@ def on_idle(action: str, backend: Any, metrics: Metrics, reactor: Any) -> bool:
     return True
 
 
-def build(config: Config, reactor: Any) -> LlamadService:
+def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     """The whole service tree for one config, on the given reactor."""
+    config = loaded.config
     for key, endpoint in (("api.listen", config.api.listen), ("health.listen", config.health.listen)):
         try:
             serverFromString(reactor, endpoint)
         except Exception as e:
             fail(f"{key}: bad endpoint {endpoint!r}: {e}")
 
-    os.makedirs(config.logs.dir, exist_ok=True)
-    boot_path, boot_stream = open_boot_log(config.logs.dir)
-    observer = boot_observer(boot_stream)
+    metrics = Metrics()
+    writer, boot_path = open_logs(config.logs.dir, config.logs.max_bytes, config.logs.keep,
+                                  metrics.log_write_errors.inc)
+    observer = boot_observer(writer)
     globalLogPublisher.addObserver(observer)
 
-    metrics = Metrics()
     activity = Activity(reactor)
     backend: Any
     key_file = ""
     if config.backend.kind == "external":
         backend = ExternalBackend(config.backend.url)
-        child_log = None
     else:
         key, key_file = write_key_file()
-        child_log = ChildLog(config.logs.dir, config.logs.max_bytes, config.logs.keep)
         backend = Supervisor(
             reactor, reactor, config.backend, config.supervisor,
-            probe=make_probe(reactor, key), key=key, key_file=key_file, output=child_log,
+            probe=make_probe(reactor, key), key=key, key_file=key_file, output=ChildLog(writer),
         )
 
     status = Status(reactor, backend, config.backend.model_id or config.backend.url, config.backend.start == "lazy",
@@ -245,13 +244,14 @@ def build(config: Config, reactor: Any) -> LlamadService:
                 os.unlink(key_file)
             except FileNotFoundError:
                 pass
-        if child_log is not None:
-            child_log.close()
         globalLogPublisher.removeObserver(observer)
-        boot_stream.close()
+        writer.stop()
 
     root.closers.append(close)
     log.info("llamad boot log: {path}", path=boot_path)
+    log.info("effective config (llamad check-config shows the same):\n{config}",
+             config=config_module.render(loaded).rstrip())
+    log.info("GPUs: {gpus}", gpus=gpu_inventory())
     log.info("model {model} via {kind}; api {api}, health {health}", model=config.backend.model or config.backend.url,
              kind=config.backend.kind, api=config.api.listen, health=config.health.listen)
     return root
@@ -261,4 +261,4 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     assert options.loaded is not None
-    return build(options.loaded.config, reactor)
+    return build(options.loaded, reactor)

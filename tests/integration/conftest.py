@@ -141,11 +141,11 @@ def start_llamad(tmp_path: Path, demo_model: str, llama_server_bin: str) -> Iter
     daemons: list[Daemon] = []
 
     def start(backend: dict[str, Any] | None = None, toml: str = "", env: dict[str, str] | None = None,
-              wait: str = "ready") -> Daemon:
+              wait: str = "ready", data_dir: Path | None = None) -> Daemon:
         """Start a daemon; ``backend`` adds [backend] keys, ``toml`` other sections."""
         api_port, health_port = free_port(), free_port()
-        data_dir = tmp_path / f"data{len(daemons)}"
-        data_dir.mkdir()
+        data_dir = data_dir or tmp_path / f"data{len(daemons)}"
+        data_dir.mkdir(exist_ok=True)
         config = tmp_path / f"llamad{len(daemons)}.toml"
         keys = {"model": demo_model, "command": llama_server_bin, "parallel": 2, **(backend or {})}
         config.write_text(

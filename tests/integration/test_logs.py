@@ -1,0 +1,89 @@
+"""Logs on the volume: rotation that `tail -F` follows, the boot log, and a volume that fails."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+LINES = 4000
+
+
+def counting_child(tmp_path, lines: int = LINES):
+    """A backend that writes numbered lines as fast as it can, then waits."""
+    script = tmp_path / "counting-child"
+    # 100 lines every 20 ms: rotations come well apart, as they do in production.
+    script.write_text(f"#!/bin/sh\ni=1\nwhile [ $i -le {lines} ]; do echo \"line $i of the child\"; "
+                      "if [ $((i % 100)) -eq 0 ]; then sleep 0.02; fi; i=$((i+1)); done\nexec sleep 60\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_tail_follows_rotations_and_loses_no_line(start_llamad, tmp_path):
+    data = tmp_path / "data0"
+    llama = data / "logs" / "llama"
+    llama.mkdir(parents=True)
+    (llama / "latest.txt").touch()
+    seen = tmp_path / "tail.out"  # a file, not a pipe: a full pipe would stall tail itself
+    with open(seen, "wb") as out:
+        tail = subprocess.Popen(["tail", "-n", "+1", "-F", "-s", "0.05", str(llama / "latest.txt")],
+                                stdout=out, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        daemon = start_llamad({"command": counting_child(tmp_path)}, wait="listening",
+                              toml="[logs]\nmax_bytes = 20000\nkeep = 100\n")
+        wait_for(lambda: any(b"line 4000 of" in p.read_bytes() for p in llama.iterdir()), 30, "the last line")
+        time.sleep(1.0)
+    finally:
+        tail.send_signal(signal.SIGTERM)
+        tail.wait(10)
+    numbers = [int(line.split(b"line ")[1].split()[0]) for line in seen.read_bytes().splitlines()
+               if b" of the child" in line]
+    assert numbers == list(range(1, LINES + 1))
+    archives = sorted(p.name for p in llama.iterdir() if p.name.endswith(".log"))
+    assert len(archives) >= 5 and all("_server_" in name for name in archives)
+    assert all(p.stat().st_size <= 20000 for p in llama.iterdir())
+    daemon.stop()
+
+
+def test_archives_and_boot_logs_are_pruned_to_keep(start_llamad, tmp_path):
+    child = counting_child(tmp_path)
+    daemon = start_llamad({"command": child}, wait="listening", toml="[logs]\nmax_bytes = 4096\nkeep = 3\n")
+    llama = daemon.data_dir / "logs" / "llama"
+    wait_for(lambda: any(b"line 4000 of" in (llama / "latest.txt").read_bytes() for _ in [0]), 30, "all lines")
+    assert len([p for p in llama.iterdir() if p.name.endswith(".log")]) == 3
+    assert daemon.stop() == 0
+    boot = daemon.data_dir / "logs" / "_boot"
+    latest = (boot / "latest.txt").read_text().strip()
+    text = open(latest).read()
+    for expected in ("effective config", "GPUs:", "backend start: pid", "[logs]", "max_bytes = 4096"):
+        assert expected in text, expected
+    for _ in range(4):  # more boots than keep
+        time.sleep(1.1)  # boot logs are named by the second
+        again = start_llamad({"command": child}, wait="listening", toml="[logs]\nkeep = 3\n",
+                             data_dir=daemon.data_dir)
+        assert again.stop() == 0
+    assert len([p for p in boot.iterdir() if p.name.endswith(".log")]) == 3
+
+
+def test_a_failing_volume_is_counted_and_serving_goes_on(start_llamad, tmp_path):
+    data = tmp_path / "data0"
+    llama = data / "logs" / "llama"
+    llama.mkdir(parents=True)
+    os.symlink("/dev/full", llama / "latest.txt")  # every write: ENOSPC
+    daemon = start_llamad()
+    status, body, _ = daemon.request("POST", "/v1/completions", body={"prompt": "a", "max_tokens": 2})
+    assert status == 200
+    metrics = daemon.request("GET", "/metrics")[1].decode()
+    errors = float(metrics.split("\nllamad_log_write_errors_total ")[1].split()[0])
+    assert errors > 0
+    assert daemon.request("GET", "/ping", port="health")[0] == 200
+    assert daemon.stop() == 0
+    assert "failed log writes so far" in daemon.log()
