@@ -9,11 +9,15 @@ PIP := $(BIN)/pip --disable-pip-version-check -q
 
 .PHONY: setup run test bench clean
 
-## setup: .venv with llamad installed, and llama-server built (cached under ~/.cache/llamad)
+## setup: .venv with llamad installed, llama-server built (cached under ~/.cache/llamad), and
+## Debian's prometheus for the real-Prometheus test when apt is there and we are root
 setup:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install .
 	bash scripts/build-llama-server.sh $(LLAMA_CPP_PYTHON_VERSION) $(VENV)
+	@if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+		|| echo "llamad: could not install prometheus; its test will be skipped"; fi
 
 ## run: serve the configured model, or the demo model when none is configured
 run: setup
