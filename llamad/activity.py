@@ -15,6 +15,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from llamad.timers import cancel
+
 log = Logger(namespace="llamad.idle")
 
 
@@ -110,9 +112,7 @@ class IdleWatch(Service):
             self.timer = self.clock.callLater(self.timeout, self._fire)
 
     def _disarm(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.timer = cancel(self.timer)
 
     def _fire(self) -> None:
         self.timer = None

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from llamad import backends
 from llamad.backends import Target
 from llamad.config import BackendConfig, SupervisorConfig
-
+from llamad.timers import cancel
 
 log = Logger(namespace="llamad.supervisor")
 
@@ -205,6 +205,21 @@ def describe_exit(exit_code: int | None, signal_number: int | None) -> str:
     return f"{text}: {hint}" if hint else text
 
 
+def exit_kind(reason: str) -> str:
+    """A bounded label for ``reason``: what ``llamad_backend_restarts_total`` counts by."""
+    if reason.startswith("not ready within"):
+        return "ready_timeout"
+    if reason.startswith("spawn failed"):
+        return "spawn_failed"
+    if "SIGKILL" in reason:
+        return "killed"
+    if any(name in reason for name in ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")):
+        return "crashed"
+    if reason.startswith(("killed by signal", "exit code ")):
+        return "signalled"
+    return "exited"
+
+
 # --- the service ---------------------------------------------------------------
 
 
@@ -213,13 +228,6 @@ class ChildOutput(Protocol):
 
 
 Probe = Callable[[int, bytes], "defer.Deferred[int]"]
-
-
-def _cancel(call: IDelayedCall | None) -> None:
-    """Cancel a pending call if it is still pending; returns None to clear the slot."""
-    if call is not None and call.active():
-        call.cancel()
-    return None
 
 
 _LLAMA_ERROR = re.compile(rb"^\d+\.\d+\.\d+\.\d+ E (.+)$")
@@ -439,7 +447,7 @@ class Supervisor(Service):
                 d.callback(None)
 
     def _cancel_timer(self) -> None:
-        self._timer = _cancel(self._timer)
+        self._timer = cancel(self._timer)
 
     def _spawn(self) -> None:
         self.port = free_port()
@@ -476,7 +484,7 @@ class Supervisor(Service):
             if protocol is not self.protocol or self.state != State.STARTING:
                 return
             if status == 200:
-                self._ready_deadline = _cancel(self._ready_deadline)
+                self._ready_deadline = cancel(self._ready_deadline)
                 self._run(self.machine.ready)
             elif self._probe_call is None:
                 self._probe_call = self.clock.callLater(PROBE_INTERVAL, self._probe)
@@ -490,14 +498,14 @@ class Supervisor(Service):
             self.recent_lines.append(line)
         if protocol is self.protocol and self.state == State.STARTING and any(h in line for h in READY_HINTS):
             # The child says it is up: probe now rather than at the next tick.
-            self._probe_call = _cancel(self._probe_call)
+            self._probe_call = cancel(self._probe_call)
             self._probe()
 
     def hurry(self) -> None:
         """Shutdown was asked for twice: the child gets a few seconds after SIGTERM, not stop_timeout."""
         self.stop_timeout = min(self.stop_timeout, HURRY_STOP_TIMEOUT)
         if self._kill_call is not None and self._kill_call.active():
-            self._kill_call.reset(self.stop_timeout)
+            self._kill_call.reset(self.stop_timeout)  # reset, not cancel: the SIGKILL still comes
 
     def _terminate(self) -> None:
         self._signal(signal.SIGTERM)
@@ -526,9 +534,9 @@ class Supervisor(Service):
     def _child_ended(self, protocol: _ChildProtocol, reason: Failure) -> None:
         if protocol is not self.protocol:
             return
-        self._probe_call = _cancel(self._probe_call)
-        self._ready_deadline = _cancel(self._ready_deadline)
-        self._kill_call = _cancel(self._kill_call)
+        self._probe_call = cancel(self._probe_call)
+        self._ready_deadline = cancel(self._ready_deadline)
+        self._kill_call = cancel(self._kill_call)
         value = reason.value
         description = describe_exit(getattr(value, "exitCode", None), getattr(value, "signal", None))
         expected = self.state == State.STOPPING and not self.machine.want_up

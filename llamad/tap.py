@@ -26,7 +26,7 @@ from llamad.logs import ChildLog, boot_observer, gpu_inventory, open_logs
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.status import Status
-from llamad.supervisor import ExternalBackend, Supervisor, write_key_file
+from llamad.supervisor import ExternalBackend, Supervisor, exit_kind, write_key_file
 
 log = Logger(namespace="llamad")
 
@@ -213,7 +213,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
                 if backend.last_start_seconds is not None:
                     metrics.backend_start_duration.observe(backend.last_start_seconds)
             if after.value in ("backoff", "failed") and before.value in ("starting", "ready", "stopping"):
-                metrics.backend_restarts.labels(after.value).inc()
+                metrics.backend_restarts.labels(exit_kind(backend.reason)).inc()
 
         backend.add_listener(on_state)
     else:
@@ -234,7 +234,8 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
         root.reloaders.append(lambda: backend.retry() if backend.state.value == "failed" else None)
 
     strports.service(config.health.listen, health_site(status, config.health.ping)).setServiceParent(root)
-    strports.service(config.api.listen, api_site(gateway, config.api.max_body_bytes, config.api.header_timeout)).setServiceParent(root)
+    api = api_site(gateway, config.api.max_body_bytes, config.api.header_timeout)
+    strports.service(config.api.listen, api).setServiceParent(root)
     if isinstance(backend, Supervisor):
         backend.setServiceParent(root)
 

@@ -28,6 +28,7 @@ from llamad.gateway.usage import UsageTap, ask_for_usage
 from llamad.health import QuietSite
 from llamad.metrics import Metrics
 from llamad.status import Status
+from llamad.timers import cancel
 
 log = Logger(namespace="llamad.gateway")
 
@@ -287,9 +288,7 @@ class LoadingComments:
 
     def stop(self) -> bool:
         """Stop ticking; True if the response has started."""
-        if self.call is not None and self.call.active():
-            self.call.cancel()
-        self.call = None
+        self.call = cancel(self.call)
         return self.committed
 
     def fail(self, err: ApiError) -> None:

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.web import http, server
 
 from llamad.gateway.errors import error_body
+from llamad.timers import cancel
 
 MAX_LINE = 8192  # request line and each header line
 MAX_HEADERS = 64
@@ -68,9 +69,7 @@ class GuardedChannel(http.HTTPChannel):
         self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
 
     def _disarm(self) -> None:
-        if self._header_deadline is not None and self._header_deadline.active():
-            self._header_deadline.cancel()
-        self._header_deadline = None
+        self._header_deadline = cancel(self._header_deadline)
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None

@@ -23,6 +23,7 @@ from llamad.backends import Target
 from llamad.gateway import headers as header_rules
 from llamad.gateway.errors import ApiError, sse_error_event
 from llamad.gateway.upstream import Exchange, UpstreamPool, fetch
+from llamad.timers import cancel
 
 log = Logger(namespace="llamad.proxy")
 
@@ -70,8 +71,7 @@ class _Relay:
 
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self.timer = cancel(self.timer)
         if self.done.called:
             return
         self.started = True
@@ -135,8 +135,7 @@ class _Relay:
                 self.request.write(rest)
 
     def failed(self, reason: str, started: bool) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self.timer = cancel(self.timer)
         if self.done.called:
             return
         if not started:
@@ -149,8 +148,7 @@ class _Relay:
         """End this exchange now (shutdown after ``api.drain_timeout``)."""
         if self.done.called:
             return
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self.timer = cancel(self.timer)
         if self.exchange is not None:
             self.exchange.cancel()
         if not self.started:

@@ -19,6 +19,8 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTCP
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
+from llamad.timers import cancel
+
 CONNECT_TIMEOUT = 10
 POOL_IDLE_SECONDS = 3  # shorter than llama.cpp's 5 s keep-alive
 MAX_HEAD = 65536
@@ -313,9 +315,7 @@ class UpstreamPool:
     def _take(self) -> _Connection | None:
         while self.idle:
             connection = self.idle.pop()
-            if connection.idle_call is not None and connection.idle_call.active():
-                connection.idle_call.cancel()
-            connection.idle_call = None
+            connection.idle_call = cancel(connection.idle_call)
             if connection.transport is not None and connection.connected:
                 connection.reused = True
                 return connection
@@ -331,8 +331,7 @@ class UpstreamPool:
     def _gone(self, connection: _Connection) -> None:
         if connection in self.idle:
             self.idle.remove(connection)
-        if connection.idle_call is not None and connection.idle_call.active():
-            connection.idle_call.cancel()
+        connection.idle_call = cancel(connection.idle_call)
 
     def _retry(self, exchange: ResponseHandler) -> None:
         """A reused connection died before any response byte: once more, on a new one."""

@@ -321,3 +321,15 @@ def test_hurry_shortens_the_wait_before_sigkill():
     assert reactor.last.signals == ["TERM"]
     reactor.advance(0.1)
     assert reactor.last.signals == ["TERM", "KILL"]
+
+
+@pytest.mark.parametrize("code, sig, kind", [
+    (1, None, "exited"), (None, 9, "killed"), (137, None, "killed"), (None, 11, "crashed"), (134, None, "crashed"),
+    (None, 15, "signalled"), (143, None, "signalled"),
+])
+def test_exit_kind_bounds_the_restart_label(code, sig, kind):
+    from llamad.supervisor import exit_kind
+
+    assert exit_kind(describe_exit(code, sig)) == kind
+    assert exit_kind("not ready within ready_timeout (30 s)") == "ready_timeout"
+    assert exit_kind("spawn failed: [Errno 2] No such file") == "spawn_failed"
