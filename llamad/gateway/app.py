@@ -208,7 +208,8 @@ class Gateway:
                 loading.fail(err)  # the stream has started: the error goes in it
                 self.count(request, err.status, route)
                 return
-            committed = loading is not None and loading.stop()
+            finally:
+                committed = loading is not None and loading.stop()  # also when the client left
             if lease.cold_wait is not None:
                 if committed:
                     request.write(b": cold-start %.3f\n\n" % lease.cold_wait)
@@ -241,6 +242,13 @@ class Gateway:
         except defer.CancelledError:
             self.count(request, CLIENT_CLOSED, route)
             raise
+        except ApiError as err:
+            if not committed:
+                raise
+            # The SSE response has started: the 502/504 becomes its one error event.
+            request.write(sse_error_event(err.message, err.code or "backend_unavailable"))
+            request.finish()
+            self.count(request, err.status, route)
         else:
             self.count(request, request.code, route)
             if not request.finished and not getattr(request, "_disconnected", False):

@@ -64,7 +64,10 @@ def build(state: State = State.READY, lazy: bool = False, wait: float = 10, max_
     proxy = FakeProxy()
     gate = Gate(clock, status, backend, max_concurrent, max_queue, wait, metrics)
     gateway = Gateway(clock, status, gate, proxy, metrics, Activity(clock), **gateway_kw)
-    return StubTreq(gateway.resource()), clock, backend, status, metrics, proxy
+    resource = gateway.resource()
+    stub = StubTreq(resource)
+    stub.resource = resource  # for tests that drive a request by hand
+    return stub, clock, backend, status, metrics, proxy
 
 
 async def json_of(response) -> dict:

@@ -160,3 +160,24 @@ async def test_start_failure_after_the_stream_started_is_an_sse_error_event():
     event = json.loads(body.split(b"data: ", 1)[1])
     assert event["error"]["message"] == "backend start failed: model file is corrupt"
     assert proxy.targets == []
+
+
+def test_a_stream_that_leaves_during_a_cold_start_stops_its_loading_comments():
+    from io import BytesIO
+
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from llamad.supervisor import State
+
+    http, clock, backend, status, metrics, proxy = build(State.STOPPED, lazy=True, wait=60)
+    request = DummyRequest([b"v1", b"chat", b"completions"])
+    request.method, request.uri, request.path = b"POST", b"/v1/chat/completions", b"/v1/chat/completions"
+    request.content = BytesIO(json.dumps({"stream": True, "messages": []}).encode())
+    http.resource.render(request)
+    clock.advance(3)
+    assert b"".join(request.written) == b": loading\n\n"
+    request.processingFailed(Failure(ConnectionError("client went away")))
+    clock.advance(30)
+    assert b"".join(request.written) == b": loading\n\n"  # no more comments to nobody
+    assert backend.starts == 1 and backend.waiters == []  # the start goes on; the waiter left
