@@ -261,5 +261,10 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    # A shell starts background jobs with SIGINT ignored, and then Twisted would
+    # leave it ignored; SIGINT must always mean "shut down" (as SIGTERM does).
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     assert options.loaded is not None
     return build(options.loaded, reactor)
