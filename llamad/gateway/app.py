@@ -259,10 +259,13 @@ class Gateway:
             self.activity.end(inference)
             self.metrics.in_flight.dec()
             self.metrics.by_route(self.metrics.request_duration, route).observe(self.clock.seconds() - started)
-            if taps and taps[0].usage is not None:
-                prompt, completion = taps[0].usage
-                self.metrics.tokens.labels("prompt").inc(prompt)
-                self.metrics.tokens.labels("completion").inc(completion)
+            if taps:
+                if taps[0].usage is None:
+                    taps[0].finish()  # the client left early (often right after [DONE]): count what was seen
+                if taps[0].usage is not None:
+                    prompt, completion = taps[0].usage
+                    self.metrics.tokens.labels("prompt").inc(prompt)
+                    self.metrics.tokens.labels("completion").inc(completion)
 
     def model_list(self) -> dict[str, Any]:
         """``/v1/models`` from the config, so listing models never wakes the child."""
