@@ -1,0 +1,170 @@
+"""Scale-from-zero decisions, with no I/O: which variants are inactive, which EPP
+endpoints to scrape (once per pass, however many variants share them), and
+which variants have requests waiting.
+
+Objects are the plain JSON dicts the Kubernetes API returns.  Both
+InferencePool shapes are understood: ``inference.networking.k8s.io/v1``
+(``spec.selector.matchLabels``, ``spec.endpointPickerRef``) and
+``inference.networking.x-k8s.io/v1alpha2`` (flat ``spec.selector``,
+``spec.extensionRef``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+Obj = Mapping[str, Any]
+POOL_V1 = "inference.networking.k8s.io"
+POOL_V1ALPHA2 = "inference.networking.x-k8s.io"
+ACCELERATOR_LABEL = "inference.optimization/acceleratorName"
+
+
+def meta(obj: Obj) -> Mapping[str, Any]:
+    return obj.get("metadata") or {}
+
+
+def key(obj: Obj) -> tuple[str, str]:
+    """(namespace, name)."""
+    m = meta(obj)
+    return m.get("namespace", ""), m.get("name", "")
+
+
+def being_deleted(obj: Obj) -> bool:
+    return bool(meta(obj).get("deletionTimestamp"))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a VariantAutoscaling asks for."""
+
+    namespace: str
+    name: str
+    model_id: str
+    deployment: str
+    accelerator: str  # from the label, else the last status; "" when neither
+
+
+class Skip(Exception):
+    """A variant that cannot be handled this pass; the message says why (for the log)."""
+
+
+def variant(va: Obj) -> Variant:
+    """Read a VariantAutoscaling, or :class:`Skip` with the reason."""
+    namespace, name = key(va)
+    if being_deleted(va):
+        raise Skip(f"{namespace}/{name}: being deleted")
+    spec = va.get("spec") or {}
+    ref = spec.get("scaleTargetRef") or {}
+    api_version = ref.get("apiVersion") or "apps/v1"  # empty means apps/v1 (the seed required it)
+    if ref.get("kind") != "Deployment" or api_version != "apps/v1" or not ref.get("name"):
+        raise Skip(f"{namespace}/{name}: scaleTargetRef must name an apps/v1 Deployment, got {dict(ref)!r}")
+    model_id = spec.get("modelID") or ""
+    if not model_id:
+        raise Skip(f"{namespace}/{name}: spec.modelID is empty")
+    labels = meta(va).get("labels") or {}
+    status = va.get("status") or {}
+    accelerator = labels.get(ACCELERATOR_LABEL) or (status.get("desiredOptimizedAlloc") or {}).get("accelerator", "")
+    return Variant(namespace, name, model_id, ref["name"], accelerator)
+
+
+def inactive(deployment: Obj) -> bool:
+    """Scaled to zero: ``spec.replicas == 0`` (absent means 1)."""
+    replicas = (deployment.get("spec") or {}).get("replicas", 1)
+    return replicas == 0
+
+
+def template_labels(deployment: Obj) -> Mapping[str, str]:
+    return ((((deployment.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels")) or {}
+
+
+def pool_selector(pool: Obj) -> Mapping[str, str]:
+    selector = (pool.get("spec") or {}).get("selector") or {}
+    if isinstance(selector.get("matchLabels"), Mapping):
+        return selector["matchLabels"]  # v1
+    return {k: v for k, v in selector.items() if isinstance(v, str)}  # v1alpha2: a flat map
+
+
+def pool_epp(pool: Obj) -> tuple[str, int | None]:
+    """The EndpointPicker Service's name, and the port the pool names (v1 only)."""
+    spec = pool.get("spec") or {}
+    ref = spec.get("endpointPickerRef") or spec.get("extensionRef") or {}
+    port = (ref.get("port") or {}).get("number") if isinstance(ref.get("port"), Mapping) else None
+    return ref.get("name", ""), port
+
+
+def pools_for(deployment: Obj, pools: Iterable[Obj]) -> list[Obj]:
+    """Pools in the Deployment's namespace whose selector is a subset of its pod-template labels."""
+    namespace = key(deployment)[0]
+    labels = template_labels(deployment)
+    found = []
+    for pool in pools:
+        selector = pool_selector(pool)
+        if key(pool)[0] == namespace and selector and all(labels.get(k) == v for k, v in selector.items()):
+            found.append(pool)
+    return sorted(found, key=key)
+
+
+def metrics_port(service: Obj) -> int | None:
+    """The first Service port whose name contains ``metric`` (Helm calls it ``http-metrics``)."""
+    for port in (service.get("spec") or {}).get("ports") or []:
+        if "metric" in (port.get("name") or ""):
+            return int(port.get("targetPort") if isinstance(port.get("targetPort"), int) else port["port"])
+    return None
+
+
+def pending(samples: Iterable[tuple[str, Mapping[str, str], float]], model_id: str,
+            metric_names: Iterable[str]) -> bool:
+    """Any queue sample for ``model_id`` above zero (only EPP >= v1.3 labels the model)."""
+    names = set(metric_names)
+    return any(name in names and labels.get("target_model_name") == model_id and value > 0
+               for name, labels, value in samples)
+
+
+@dataclass
+class Pass:
+    """One pass's work: the inactive variants, and each EPP endpoint to scrape once for all of them."""
+
+    scrape: dict[str, list[Variant]] = field(default_factory=dict)  # "ip:port" -> variants it serves
+    skipped: list[str] = field(default_factory=list)  # one line per variant skipped, and why
+
+
+def plan(vas: Iterable[Obj], deployments: Mapping[tuple[str, str], Obj], pools: Iterable[Obj],
+         services: Mapping[tuple[str, str], Obj], endpoints: Mapping[tuple[str, str], list[str]]) -> Pass:
+    """Decide what to scrape this pass.
+
+    ``endpoints`` maps an EPP Service (namespace, name) to its ready pod IPs.
+    """
+    work = Pass()
+    pool_list = list(pools)
+    for va in vas:
+        try:
+            v = variant(va)
+            deployment = deployments.get((v.namespace, v.deployment))
+            if deployment is None:
+                raise Skip(f"{v.namespace}/{v.name}: Deployment {v.deployment} not found")
+            if being_deleted(deployment):
+                raise Skip(f"{v.namespace}/{v.name}: Deployment {v.deployment} is being deleted")
+            if not inactive(deployment):
+                continue
+            matches = pools_for(deployment, pool_list)
+            if not matches:
+                raise Skip(f"{v.namespace}/{v.name}: no InferencePool selects Deployment {v.deployment}")
+            if len(matches) > 1:
+                names = ", ".join(key(p)[1] for p in matches)
+                raise Skip(f"{v.namespace}/{v.name}: several InferencePools select {v.deployment} ({names})")
+            service_name, _ = pool_epp(matches[0])
+            service = services.get((v.namespace, service_name))
+            if service is None:
+                raise Skip(f"{v.namespace}/{v.name}: EPP Service {service_name} not found")
+            port = metrics_port(service)
+            if port is None:
+                raise Skip(f"{v.namespace}/{v.name}: EPP Service {service_name} has no port named *metric*")
+            ips = endpoints.get((v.namespace, service_name)) or []
+            if not ips:
+                raise Skip(f"{v.namespace}/{v.name}: EPP Service {service_name} has no ready endpoint")
+            for ip in ips:
+                work.scrape.setdefault(f"{ip}:{port}", []).append(v)
+        except Skip as reason:
+            work.skipped.append(str(reason))
+    return work
