@@ -207,6 +207,7 @@ def open_logs(logs_dir: str, max_bytes: int, keep: int, on_error: Callable[[], N
     try:
         os.makedirs(boot_dir, exist_ok=True)
         os.makedirs(llama_dir, exist_ok=True)
+        open(os.path.join(llama_dir, "latest.txt"), "ab").close()  # `tail -F` can start at once
         open(boot_path, "ab").close()
         prune(boot_dir, ".log", keep - 1, exclude=os.path.basename(boot_path))  # this one makes keep
         pointer = os.path.join(boot_dir, "latest.txt")

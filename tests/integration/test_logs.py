@@ -57,7 +57,7 @@ def test_archives_and_boot_logs_are_pruned_to_keep(start_llamad, tmp_path):
     child = counting_child(tmp_path)
     daemon = start_llamad({"command": child}, wait="listening", toml="[logs]\nmax_bytes = 4096\nkeep = 3\n")
     llama = daemon.data_dir / "logs" / "llama"
-    wait_for(lambda: any(b"line 4000 of" in (llama / "latest.txt").read_bytes() for _ in [0]), 30, "all lines")
+    wait_for(lambda: b"line 4000 of" in (llama / "latest.txt").read_bytes(), 30, "all lines")
     assert len([p for p in llama.iterdir() if p.name.endswith(".log")]) == 3
     assert daemon.stop() == 0
     boot = daemon.data_dir / "logs" / "_boot"
