@@ -13,8 +13,9 @@ HOP_BY_HOP = frozenset(
         b"te", b"trailer", b"transfer-encoding", b"upgrade",
     }
 )
-# The client's credentials stay with llamad; the proxy sets Host and framing itself.
-_REQUEST_DROP = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"x-api-key"}
+# The client's credentials stay with llamad; the proxy sets Host and framing itself, and sends
+# the body at once (so no Expect: 100-continue).
+_REQUEST_DROP = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"x-api-key", b"expect"}
 # CORS is llamad's policy (api.cors_origins), whatever the child would allow.
 _CORS = frozenset({b"access-control-allow-origin", b"access-control-allow-credentials",
                    b"access-control-allow-methods", b"access-control-allow-headers",

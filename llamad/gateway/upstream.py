@@ -91,6 +91,10 @@ class _Connection(Protocol):
                 return
             head, data = self.buffer[:end], self.buffer[end + 4:]
             self.buffer = b""
+            if head.startswith(b"HTTP/1.1 100 ") or head == b"HTTP/1.1 100":
+                if data:
+                    self.dataReceived(data)  # an interim response: the real head follows
+                return
             if not self._parse_head(head):
                 return
         self._body(data)
@@ -102,8 +106,6 @@ class _Connection(Protocol):
             self._fail(f"bad upstream status line {lines[0][:80]!r}")
             return False
         status = int(parts[1])
-        if status == 100:  # Continue: the real head follows
-            return False
         headers = []
         length: int | None = None
         chunked = False
