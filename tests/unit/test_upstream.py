@@ -65,7 +65,8 @@ def test_chunked_body_split_anywhere_is_decoded_and_batched_per_read():
 
 
 def test_interim_100_continue_in_the_same_read_is_skipped():
-    handler, connection, transport = exchange(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    handler, connection, transport = exchange(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert handler.status == 200 and b"".join(handler.chunks) == b"ok" and handler.done
 
 
