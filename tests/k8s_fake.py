@@ -1,0 +1,166 @@
+"""A faithful fake of the Kubernetes API calls the poller makes, served over real HTTP.
+
+List with ``resourceVersion``; watch streams of ADDED/MODIFIED/DELETED/BOOKMARK
+events from a resourceVersion, 410 Gone once that version is compacted away;
+409 on a stale ``resourceVersion`` in PUT; merge-patch; bearer auth (401).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+
+class FakeKube(Resource):
+    isLeaf = True
+
+    def __init__(self, token: str = "secret-token") -> None:
+        super().__init__()
+        self.token = token
+        self.rv = 100
+        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}  # collection -> (ns, name) -> obj
+        self.history: list[tuple[int, str, str, dict[str, Any]]] = []  # (rv, collection, type, obj)
+        self.oldest = 0  # watches from before this resourceVersion get 410
+        self.watchers: list[tuple[Request, str, str]] = []  # (request, collection, namespace or "")
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every call
+
+    # --- test control ---------------------------------------------------------
+
+    def put_object(self, collection: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace ``obj`` in ``collection`` ("apis/apps/v1/deployments"): ADDED or MODIFIED."""
+        self.rv += 1
+        obj = copy.deepcopy(obj)
+        obj.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
+        key = (obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
+        kind = "MODIFIED" if key in self.objects.setdefault(collection, {}) else "ADDED"
+        self.objects[collection][key] = obj
+        self._event(collection, kind, obj)
+        return obj
+
+    def delete_object(self, collection: str, namespace: str, name: str) -> None:
+        obj = self.objects[collection].pop((namespace, name))
+        self.rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self._event(collection, "DELETED", obj)
+
+    def compact(self) -> None:
+        """Forget the history: a watch from an older resourceVersion now gets 410 Gone."""
+        self.history.clear()
+        self.oldest = self.rv
+
+    def cut_watches(self) -> None:
+        for request, _, _ in list(self.watchers):
+            request.channel.transport.loseConnection()
+        self.watchers.clear()
+
+    # --- HTTP -------------------------------------------------------------------
+
+    def _event(self, collection: str, kind: str, obj: dict[str, Any]) -> None:
+        self.history.append((self.rv, collection, kind, obj))
+        for request, watched, namespace in list(self.watchers):
+            if watched == collection and namespace in ("", obj["metadata"].get("namespace", "")):
+                request.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+
+    def render(self, request: Request) -> bytes | int:
+        path = request.path.decode()
+        self.requests.append((request.method.decode(), path + ("?watch" if b"watch" in request.args else "")))
+        if request.getHeader(b"authorization") != f"Bearer {self.token}".encode():
+            return self._status(request, 401, "Unauthorized")
+        collection, namespace, name, sub = self._parse(path)
+        if request.method == b"GET" and not name:
+            if request.args.get(b"watch", [b""])[0] in (b"1", b"true"):
+                return self._watch(request, collection, namespace)
+            return self._list(request, collection, namespace)
+        items = self.objects.get(collection, {})
+        obj = items.get((namespace, name))
+        if obj is None:
+            return self._status(request, 404, f"{name} not found")
+        if request.method == b"GET":
+            return self._json(request, 200, self._view(obj, sub))
+        body = json.loads(request.content.read() or b"{}")
+        if request.method == b"PUT" and sub == "scale":
+            if body.get("metadata", {}).get("resourceVersion") != obj["metadata"]["resourceVersion"]:
+                return self._status(request, 409, "the object has been modified; please apply your changes "
+                                                  "to the latest version and try again")
+            updated = copy.deepcopy(obj)
+            updated["spec"]["replicas"] = body["spec"]["replicas"]
+            return self._json(request, 200, self._view(self.put_object(collection, updated), sub))
+        if request.method == b"PATCH" and sub == "status":
+            if request.getHeader(b"content-type") != b"application/merge-patch+json":
+                return self._status(request, 415, "merge patch only")
+            updated = copy.deepcopy(obj)
+            _merge(updated.setdefault("status", {}), body.get("status", {}))
+            return self._json(request, 200, self.put_object(collection, updated))
+        return self._status(request, 405, "not supported by the fake")
+
+    @staticmethod
+    def _parse(path: str) -> tuple[str, str, str, str]:
+        """(collection, namespace, name, subresource) for /api/v1/... and /apis/g/v/..."""
+        parts = [p for p in path.split("/") if p]
+        prefix = parts[:2] if parts[0] == "api" else parts[:3]
+        rest = parts[len(prefix):]
+        namespace = ""
+        if rest and rest[0] == "namespaces" and len(rest) >= 3:
+            namespace, rest = rest[1], rest[2:]
+        plural = rest[0]
+        name = rest[1] if len(rest) > 1 else ""
+        sub = rest[2] if len(rest) > 2 else ""
+        return "/".join(prefix + [plural]), namespace, name, sub
+
+    @staticmethod
+    def _view(obj: dict[str, Any], sub: str) -> dict[str, Any]:
+        if sub != "scale":
+            return obj
+        return {"apiVersion": "autoscaling/v1", "kind": "Scale",
+                "metadata": {k: obj["metadata"][k] for k in ("name", "namespace", "resourceVersion")},
+                "spec": {"replicas": obj["spec"].get("replicas", 1)}}
+
+    def _list(self, request: Request, collection: str, namespace: str) -> bytes:
+        items = [o for (ns, _), o in sorted(self.objects.get(collection, {}).items())
+                 if namespace in ("", ns)]
+        return self._json(request, 200, {"kind": "List", "metadata": {"resourceVersion": str(self.rv)},
+                                         "items": items})
+
+    def _watch(self, request: Request, collection: str, namespace: str) -> int:
+        since = int(request.args.get(b"resourceVersion", [b"0"])[0] or 0)
+        request.setHeader(b"content-type", b"application/json")
+        if since < self.oldest:
+            gone = {"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410,
+                    "message": f"too old resource version: {since} ({self.oldest})"}
+            request.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+            request.finish()
+            return NOT_DONE_YET
+        for rv, watched, kind, obj in self.history:
+            if rv > since and watched == collection and namespace in ("", obj["metadata"].get("namespace", "")):
+                request.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+        request.write(json.dumps({"type": "BOOKMARK", "object": {
+            "metadata": {"resourceVersion": str(self.rv)}}}).encode() + b"\n")
+        entry = (request, collection, namespace)
+        self.watchers.append(entry)
+        request.notifyFinish().addBoth(lambda _: entry in self.watchers and self.watchers.remove(entry))
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _json(request: Request, code: int, body: dict[str, Any]) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body).encode()
+
+    def _status(self, request: Request, code: int, message: str) -> bytes:
+        return self._json(request, code, {"kind": "Status", "status": "Failure", "code": code, "message": message})
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """RFC 7386 merge patch."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
