@@ -26,14 +26,10 @@ import time
 from pathlib import Path
 
 from llamad.demo import write_demo_model
+from llamad.supervisor import free_port
 
 STAMP = re.compile(rb"^\S+Z (\d+)\.(\d+)\.(\d+)\.(\d+) .*llama_server: listening on", re.MULTILINE)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def health(port: int) -> dict:

@@ -28,15 +28,11 @@ import time
 from pathlib import Path
 
 from llamad.demo import write_demo_model
+from llamad.supervisor import free_port
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, path: str = "/health", timeout: float = 60) -> None:

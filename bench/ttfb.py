@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,14 +22,10 @@ import time
 from pathlib import Path
 
 from llamad.demo import write_demo_model
+from llamad.supervisor import free_port
 
 BODY = json.dumps({"prompt": "Hello", "max_tokens": 16, "stream": True}).encode()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(port: int, path: str, headers: dict[str, str], timeout: float = 60) -> None:

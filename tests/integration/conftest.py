@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,11 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from llamad.demo import write_demo_model
+from llamad.supervisor import free_port
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def children_of(pid: int) -> list[int]:

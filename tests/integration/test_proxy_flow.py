@@ -91,6 +91,14 @@ def gateway_for(port: int, request_timeout: float = 600) -> tuple[int, object]:
     return listening.getHost().port, listening
 
 
+def serve(mode: str, request_timeout: float = 600) -> tuple[Backend, object, int, object]:
+    """A synthetic backend and a gateway in front of it: (backend, its port, the gateway's port, its listener)."""
+    backend = Backend(mode)
+    backend_port = reactor.listenTCP(0, Site(backend), interface="127.0.0.1")
+    port, api = gateway_for(backend_port.getHost().port, request_timeout)
+    return backend, backend_port, port, api
+
+
 def raw_post(port: int, body: bytes = b'{"stream": true}', extra: bytes = b"") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -114,9 +122,7 @@ async def read_until_closed(sock: socket.socket, seconds: float) -> bytes:
 
 @pytest_twisted.ensureDeferred
 async def test_slow_client_pauses_the_backend():
-    backend = Backend("endless")
-    backend_port = reactor.listenTCP(0, Site(backend), interface="127.0.0.1")
-    port, api = gateway_for(backend_port.getHost().port)
+    backend, backend_port, port, api = serve("endless")
     sock = raw_post(port)
     try:
         await deferLater(reactor, 1.5)
@@ -148,9 +154,7 @@ async def test_slow_client_pauses_the_backend():
 
 @pytest_twisted.ensureDeferred
 async def test_timeout_before_the_response_starts_is_504():
-    backend = Backend("silent")
-    backend_port = reactor.listenTCP(0, Site(backend), interface="127.0.0.1")
-    port, api = gateway_for(backend_port.getHost().port, request_timeout=0.3)
+    backend, backend_port, port, api = serve("silent", request_timeout=0.3)
     sock = raw_post(port, extra=b"Connection: close\r\n")
     try:
         data = await read_until_closed(sock, 5)
@@ -168,9 +172,7 @@ async def test_timeout_before_the_response_starts_is_504():
 
 @pytest_twisted.ensureDeferred
 async def test_backend_dying_mid_stream_sends_one_sse_error_event():
-    backend = Backend("dies")
-    backend_port = reactor.listenTCP(0, Site(backend), interface="127.0.0.1")
-    port, api = gateway_for(backend_port.getHost().port)
+    backend, backend_port, port, api = serve("dies")
     sock = raw_post(port)
     try:
         data = await read_until_closed(sock, 5)
