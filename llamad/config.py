@@ -169,7 +169,7 @@ PORT_ENV_KEYS: dict[str, str] = {"PORT": "api.listen", "PORT_HEALTH": "health.li
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "health.ping": ("always", "runpod"),
-    "backend.kind": ("llama-server", "llama-cpp-python", "external"),
+    "backend.kind": ("llama-server", "llama-cpp-python", "external", "none"),
     "backend.start": ("eager", "lazy"),
     "idle.action": ("unload", "exit", "none"),
     "scale_from_zero.pool_group": (
@@ -485,7 +485,17 @@ def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool
         if not name or "=" in name:
             raise ConfigError("backend.env", f"bad variable name {name!r}", sources["backend.env"])
 
+    api_server = values["scale_from_zero.api_server"]
+    if api_server and not re.match(r"^https?://[^/\s]+", api_server):
+        raise ConfigError("scale_from_zero.api_server", f"must be an http:// or https:// URL, got {api_server!r}",
+                          sources["scale_from_zero.api_server"])
     kind = values["backend.kind"]
+    if kind == "none":
+        if not values["scale_from_zero.enabled"]:
+            # Nothing to serve and nothing to watch: almost surely a mistake.
+            raise ConfigError("backend.kind", "'none' runs no model; it is for a scale-from-zero poller pod "
+                              "(set scale_from_zero.enabled = true)", sources["backend.kind"])
+        return
     if kind == "external":
         url = values["backend.url"]
         if not re.match(r"^http://[^/\s]+", url):

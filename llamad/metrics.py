@@ -9,6 +9,7 @@ from llamad.activity import Activity
 from llamad.supervisor import State
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10)
 START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 # The *_created series double the exposition and no dashboard reads them.
@@ -74,6 +75,29 @@ class Metrics:
         self.log_write_errors = Counter(
             "llamad_log_write_errors", "Log lines that could not be written to the volume (or were dropped).",
             registry=r,
+        )
+        self.sfz_passes = Counter("llamad_scale_from_zero_passes", "Scale-from-zero poller passes.", registry=r)
+        self.sfz_pass_duration = Histogram(
+            "llamad_scale_from_zero_pass_duration_seconds",
+            "Time from a pass's start until every scrape and scale it started has settled.",
+            buckets=POLL_BUCKETS, registry=r,
+        )
+        self.sfz_scale_ups = Counter(
+            "llamad_scale_from_zero_scale_ups", "Deployments scaled from 0 to 1, by namespace and variant.",
+            ["namespace", "variant"], registry=r,
+        )
+        self.sfz_errors = Counter(
+            "llamad_scale_from_zero_errors",
+            "Poller errors by stage (resolve, scrape, parse, scale, status, event, watch).", ["stage"], registry=r,
+        )
+        self.sfz_watch_restarts = Counter(
+            "llamad_scale_from_zero_watch_restarts", "Watches resumed or re-listed, by resource.", ["resource"],
+            registry=r,
+        )
+        self.sfz_detection = Histogram(
+            "llamad_scale_from_zero_detection_seconds",
+            "From the first scrape that saw a variant's queue > 0 to the acknowledged scale PUT.",
+            buckets=POLL_BUCKETS, registry=r,
         )
         self._request_children: dict[tuple[str, bytes, int], Counter] = {}
         self._route_children: dict[tuple[int, str], Histogram] = {}

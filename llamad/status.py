@@ -37,6 +37,7 @@ class Status:
         self.booted_wall = time.time()
         self.ever_ready = False
         self.activity: Activity | None = None
+        self.poller: Any = None  # the scale-from-zero service, when enabled
 
     @property
     def state(self) -> State | None:
@@ -48,6 +49,8 @@ class Status:
         if self.draining:
             return False, "draining: shutting down"
         if state is None:
+            if self.poller is not None:  # a poller pod: ready once every cache has listed
+                return (True, "") if self.poller.synced else (False, "scale-from-zero: listing the cluster")
             return False, "no backend configured"
         if state == State.READY:
             return True, ""
@@ -69,7 +72,7 @@ class Status:
         ready, _ = self.readiness()
         if ready:
             return 200
-        if self.draining or self.state in (State.FAILED, None):
+        if self.draining or self.state == State.FAILED or (self.state is None and self.poller is None):
             return 503
         return 204  # initializing
 
@@ -85,6 +88,8 @@ class Status:
             body["reason"] = reason
         if self.backend is not None:
             body["backend"] = self.backend.snapshot()
+        if self.poller is not None:
+            body["scale_from_zero"] = self.poller.snapshot()
         if self.activity is not None:
             body["activity"] = {
                 "inference_in_flight": self.activity.inference_in_flight,

@@ -15,13 +15,16 @@ from twisted.python import usage
 
 from llamad import config as config_module
 from llamad.activity import Activity, IdleWatch
-from llamad.config import Config, ConfigError
+from llamad.config import Config, ConfigError, ScaleFromZeroConfig
 from llamad.gateway.app import Gateway, api_site
 from llamad.gateway.gate import Gate
 from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Proxy
 from llamad.gateway.upstream import UpstreamPool, fetch
 from llamad.health import health_site
+from llamad.k8s import connect
+from llamad.k8s.client import KubeClient
+from llamad.k8s.poller import ScaleFromZero
 from llamad.logs import ChildLog, boot_observer, gpu_inventory, open_logs
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
@@ -188,7 +191,9 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     activity = Activity(reactor)
     backend: Any
     key_file = ""
-    if config.backend.kind == "external":
+    if config.backend.kind == "none":
+        backend = None  # a scale-from-zero poller pod: inference answers 503
+    elif config.backend.kind == "external":
         backend = ExternalBackend(config.backend.url)
     else:
         key, key_file = write_key_file()
@@ -216,7 +221,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
                 metrics.backend_restarts.labels(exit_kind(backend.reason)).inc()
 
         backend.add_listener(on_state)
-    else:
+    elif backend is not None:
         metrics.set_backend_state(backend.state)
 
     status.activity = activity
@@ -238,6 +243,10 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     strports.service(config.api.listen, api).setServiceParent(root)
     if isinstance(backend, Supervisor):
         backend.setServiceParent(root)
+    if config.scale_from_zero.enabled:
+        poller = make_poller(config.scale_from_zero, reactor, metrics)
+        poller.setServiceParent(root)
+        status.poller = poller
 
     def close() -> None:
         if key_file:
@@ -256,6 +265,19 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     log.info("model {model} via {kind}; api {api}, health {health}", model=config.backend.model or config.backend.url,
              kind=config.backend.kind, api=config.api.listen, health=config.health.listen)
     return root
+
+
+def make_poller(sfz: ScaleFromZeroConfig, reactor: Any, metrics: Metrics) -> ScaleFromZero:
+    """The Kubernetes poller, connected the way ``find`` decides; a bad connection setting exits 2."""
+    try:
+        cluster = connect.find(sfz.api_server, sfz.kubeconfig, os.environ)
+        http = cluster.http(reactor)
+    except (connect.ConnectError, ValueError) as e:  # ValueError: a CA or certificate that is not PEM
+        fail(f"scale_from_zero: {e}")
+    scope = ", ".join(sfz.namespaces) or "all namespaces"
+    log.info("scale-from-zero: API server {server} ({source}); watching {scope}", server=cluster.server,
+             source=cluster.source, scope=scope)
+    return ScaleFromZero(reactor, KubeClient(http, cluster.server, cluster.token), sfz, metrics)
 
 
 def makeService(options: Options) -> service.IService:

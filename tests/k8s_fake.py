@@ -2,7 +2,9 @@
 
 List with ``resourceVersion``; watch streams of ADDED/MODIFIED/DELETED/BOOKMARK
 events from a resourceVersion, 410 Gone once that version is compacted away;
-409 on a stale ``resourceVersion`` in PUT; merge-patch; bearer auth (401).
+409 on a stale ``resourceVersion`` in PUT; merge-patch; create with
+``generateName``; bearer auth (401), and 403 or any other status injected per
+call for failure tests.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class FakeKube(Resource):
         self.oldest = 0  # watches from before this resourceVersion get 410
         self.watchers: list[tuple[Request, str, str]] = []  # (request, collection, namespace or "")
         self.requests: list[tuple[str, str]] = []  # (method, path) of every call
+        self.faults: list[tuple[str, str, int, int]] = []  # (method, path suffix, status, times; -1 = always)
+        self.generated = 0
 
     # --- test control ---------------------------------------------------------
 
@@ -53,6 +57,23 @@ class FakeKube(Resource):
         self.history.clear()
         self.oldest = self.rv
 
+    def fail(self, method: str, suffix: str, code: int, times: int = 1) -> None:
+        """Answer ``code`` to the next ``times`` calls (-1: all) of ``method`` on a path ending in ``suffix``."""
+        self.faults.append((method, suffix, code, times))
+
+    def calls(self, method: str, suffix: str = "") -> list[str]:
+        return [p for m, p in self.requests if m == method and p.endswith(suffix)]
+
+    def _fault(self, method: str, path: str) -> int | None:
+        for i, (m, suffix, code, times) in enumerate(self.faults):
+            if m == method and path.endswith(suffix):
+                if times > 0:
+                    self.faults[i] = (m, suffix, code, times - 1)
+                    if times == 1:
+                        del self.faults[i]
+                return code
+        return None
+
     def cut_watches(self) -> None:
         for request, _, _ in list(self.watchers):
             request.channel.transport.loseConnection()
@@ -71,7 +92,18 @@ class FakeKube(Resource):
         self.requests.append((request.method.decode(), path + ("?watch" if b"watch" in request.args else "")))
         if request.getHeader(b"authorization") != f"Bearer {self.token}".encode():
             return self._status(request, 401, "Unauthorized")
+        injected = self._fault(request.method.decode(), path)
+        if injected is not None:
+            reason = {403: "forbidden: the service account may not do this"}.get(injected, "injected failure")
+            return self._status(request, injected, reason)
         collection, namespace, name, sub = self._parse(path)
+        if request.method == b"POST" and not name:
+            body = json.loads(request.content.read() or b"{}")
+            body.setdefault("metadata", {})["namespace"] = namespace
+            if not body["metadata"].get("name"):
+                self.generated += 1
+                body["metadata"]["name"] = f"{body['metadata'].get('generateName', 'obj-')}{self.generated:05x}"
+            return self._json(request, 201, self.put_object(collection, body))
         if request.method == b"GET" and not name:
             if request.args.get(b"watch", [b""])[0] in (b"1", b"true"):
                 return self._watch(request, collection, namespace)
@@ -164,3 +196,84 @@ def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
             _merge(target[k], v)
         else:
             target[k] = copy.deepcopy(v)
+
+
+# --- fake EndpointPickers and a model's objects ---------------------------------------
+
+VAS = "apis/llmd.ai/v1alpha1/variantautoscalings"
+DEPLOYMENTS = "apis/apps/v1/deployments"
+SERVICES = "api/v1/services"
+SLICES = "apis/discovery.k8s.io/v1/endpointslices"
+EVENTS = "api/v1/events"
+QUEUE = "inference_extension_flow_control_queue_size"
+
+
+def pools(group: str = "inference.networking.k8s.io") -> str:
+    return f"apis/{group}/{'v1' if group == 'inference.networking.k8s.io' else 'v1alpha2'}/inferencepools"
+
+
+class FakeEPP(Resource):
+    """An EndpointPicker's ``/metrics``: queue sizes per model in Prometheus text, optionally behind a token."""
+
+    isLeaf = True
+
+    def __init__(self, token: str | None = None, metric: str = QUEUE) -> None:
+        super().__init__()
+        self.token = token
+        self.metric = metric
+        self.queues: dict[str, float] = {}  # target_model_name -> size
+        self.only_model_name = False  # EPP < v1.3 style series: model_name, no target_model_name
+        self.body: bytes | None = None  # served as is when set (for malformed scrapes)
+        self.scrapes = 0
+        self.refused = 0
+
+    def render(self, request: Request) -> bytes:
+        self.scrapes += 1
+        if self.token is not None and request.getHeader(b"authorization") != f"Bearer {self.token}".encode():
+            self.refused += 1
+            request.setResponseCode(401)
+            return b"Unauthorized\n"
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+        if self.body is not None:
+            return self.body
+        lines = ["# HELP go_goroutines Number of goroutines.", "# TYPE go_goroutines gauge", "go_goroutines 42",
+                 f"# HELP {self.metric} Requests waiting in the flow-control queue.", f"# TYPE {self.metric} gauge"]
+        for model, size in sorted(self.queues.items()):
+            labels = f'model_name="{model}"' if self.only_model_name else \
+                f'inference_pool="pool",model_name="{model}",target_model_name="{model}"'
+            lines.append(f"{self.metric}{{{labels}}} {size:g}")
+        return ("\n".join(lines) + "\n").encode()
+
+
+def model_objects(name: str, namespace: str = "models", model: str = "", replicas: int = 0,
+                  group: str = "inference.networking.k8s.io", epp_ips: tuple[str, ...] = ("127.0.0.2",),
+                  epp_port: int = 9090, accelerator: str = "L4", pool: bool = True,
+                  ) -> list[tuple[str, dict[str, Any]]]:
+    """(collection, object) for one variant: Deployment, InferencePool, EPP Service + slice, VariantAutoscaling."""
+    labels = {"app": name, "llm-d.ai/inferenceServing": "true"}
+    epp = f"{name}-epp"
+    objs: list[tuple[str, dict[str, Any]]] = [
+        (DEPLOYMENTS, {"metadata": {"name": name, "namespace": namespace}, "spec": {
+            "replicas": replicas, "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}}}}),
+        (SERVICES, {"metadata": {"name": epp, "namespace": namespace}, "spec": {
+            "selector": {"app": epp}, "ports": [{"name": "grpc-ext-proc", "port": 9002},
+                                                {"name": "http-metrics", "port": epp_port}]}}),
+        (SLICES, {"metadata": {"name": f"{epp}-x1", "namespace": namespace,
+                               "labels": {"kubernetes.io/service-name": epp}},
+                  "addressType": "IPv4",
+                  "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in epp_ips],
+                  "ports": [{"name": "http-metrics", "port": epp_port}]}),
+        (VAS, {"metadata": {"name": name, "namespace": namespace, "generation": 1, "uid": f"uid-{name}",
+                            "labels": {"inference.optimization/acceleratorName": accelerator} if accelerator else {}},
+               "spec": {"scaleTargetRef": {"kind": "Deployment", "name": name}, "modelID": model or name,
+                        "variantCost": "10.0"}}),
+    ]
+    if pool:
+        if group == "inference.networking.k8s.io":
+            spec = {"selector": {"matchLabels": {"app": name}}, "targetPorts": [{"number": 8000}],
+                    "endpointPickerRef": {"name": epp, "port": {"number": 9002}}}
+        else:
+            spec = {"selector": {"app": name}, "targetPortNumber": 8000, "extensionRef": {"name": epp}}
+        objs.insert(1, (pools(group), {"metadata": {"name": f"{name}-pool", "namespace": namespace}, "spec": spec}))
+    return objs

@@ -102,7 +102,7 @@ class Gate:
         if self.status.draining:
             raise ApiError(503, "llamad is shutting down", "shutting_down", {b"retry-after": b"5"})
         if self.backend is None:
-            raise ApiError(503, "no backend configured for inference", "no_backend")
+            raise ApiError(503, "this llamad serves no model (backend.kind = \"none\")", "no_backend")
         if self.backend.state == State.FAILED:
             raise ApiError(503, f"backend failed: {self.backend.reason}", "backend_failed",
                            {b"retry-after": b"30"})

@@ -27,12 +27,15 @@ BACKOFF_MAX = 10.0
 class ListWatchCache(Service):
     def __init__(self, clock: IReactorTime, client: KubeClient, path: str,
                  on_change: Callable[[], None] = lambda: None,
-                 random: Callable[[], float] = _random.random) -> None:
+                 random: Callable[[], float] = _random.random,
+                 on_trouble: Callable[[str, str], None] = lambda what, why: None) -> None:
+        """``on_trouble("restart" | "error", why)`` feeds the poller's metrics and log."""
         self.clock = clock
         self.client = client
         self.path = path
         self.on_change = on_change
         self.random = random
+        self.on_trouble = on_trouble
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.resource_version = ""
         self.synced = False
@@ -59,16 +62,19 @@ class ListWatchCache(Service):
                     await self._list()
                 await self.client.watch(self.path, self.resource_version, self._event)
                 self.watch_restarts += 1  # the stream ended: resume from where it was
+                self.on_trouble("restart", "the watch ended")
                 delay = BACKOFF_INITIAL
             except Gone:
                 log.info("{path}: resourceVersion {rv} expired: listing again", path=self.path,
                          rv=self.resource_version)
                 self.resource_version = ""
                 self.watch_restarts += 1
+                self.on_trouble("restart", "410 Gone")
             except defer.CancelledError:
                 raise
             except Exception as e:
                 self.errors += 1
+                self.on_trouble("error", str(e))
                 log.warn("{path}: {err}; retrying in {delay:.2f} s", path=self.path, err=e, delay=delay)
                 await task.deferLater(self.clock, delay * (0.5 + 0.5 * self.random()))
                 delay = min(BACKOFF_MAX, delay * 2)

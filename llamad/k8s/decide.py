@@ -14,10 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from prometheus_client.parser import text_string_to_metric_families
+
 Obj = Mapping[str, Any]
 POOL_V1 = "inference.networking.k8s.io"
 POOL_V1ALPHA2 = "inference.networking.x-k8s.io"
 ACCELERATOR_LABEL = "inference.optimization/acceleratorName"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+VA_API_VERSION = "llmd.ai/v1alpha1"
 
 
 def meta(obj: Obj) -> Mapping[str, Any]:
@@ -113,6 +117,44 @@ def metrics_port(service: Obj) -> int | None:
     return None
 
 
+def ready_endpoints(slices: Iterable[Obj]) -> dict[tuple[str, str], list[str]]:
+    """EndpointSlices to each Service's ready addresses (``ready`` absent counts as ready, as the API says)."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for es in slices:
+        service = (meta(es).get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if not service or es.get("addressType") not in ("IPv4", "IPv6"):
+            continue
+        ips = found.setdefault((key(es)[0], service), set())
+        for endpoint in es.get("endpoints") or []:
+            if (endpoint.get("conditions") or {}).get("ready") is not False:
+                ips.update(endpoint.get("addresses") or [])
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def host_port(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def queued(text: str, metric_names: Iterable[str]) -> dict[str, float]:
+    """The EPP queue per ``target_model_name`` (summed over its series) from Prometheus text.
+
+    Only the queue families are handed to ``prometheus_client``'s parser, so a
+    large exposition costs little; a malformed queue line raises ValueError.
+    Series without ``target_model_name`` (EPP < v1.3, or ``model_name`` only)
+    can never match a model.
+    """
+    names = tuple(metric_names)
+    wanted = [line for line in text.splitlines()
+              if line.startswith(names) or (line.startswith("#") and any(f" {n} " in line for n in names))]
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families("\n".join(wanted) + "\n"):
+        for sample in family.samples:
+            model = sample.labels.get("target_model_name")
+            if sample.name in names and model:
+                totals[model] = totals.get(model, 0.0) + sample.value
+    return totals
+
+
 def pending(samples: Iterable[tuple[str, Mapping[str, str], float]], model_id: str,
             metric_names: Iterable[str]) -> bool:
     """Any queue sample for ``model_id`` above zero (only EPP >= v1.3 labels the model)."""
@@ -121,12 +163,61 @@ def pending(samples: Iterable[tuple[str, Mapping[str, str], float]], model_id: s
                for name, labels, value in samples)
 
 
+SCALED_CONDITIONS = (("MetricsAvailable", "ScaleFromZero", "requests are waiting in the EPP queue"),
+                     ("OptimizationReady", "ScaleFromZeroMode", "scaled from zero to one replica"))
+
+
+def status_patch(va: Obj, accelerator: str, now: str) -> dict[str, Any]:
+    """The merge patch of ``status`` after a 0 -> 1 scale.
+
+    A merge patch replaces lists whole, so every condition is sent: the two set
+    here, with ``lastTransitionTime`` kept when their status does not change,
+    and the others as they were.
+    """
+    status = va.get("status") or {}
+    conditions = [dict(c) for c in status.get("conditions") or []]
+    by_type = {c.get("type"): c for c in conditions}
+    generation = meta(va).get("generation")
+    for kind, reason, message in SCALED_CONDITIONS:
+        condition = by_type.get(kind)
+        if condition is None:
+            condition = {"type": kind}
+            conditions.append(condition)
+        if condition.get("status") != "True" or not condition.get("lastTransitionTime"):
+            condition["lastTransitionTime"] = now
+        condition.update(status="True", reason=reason, message=message)
+        if generation is not None:
+            condition["observedGeneration"] = generation
+    patch: dict[str, Any] = {"actuation": {"applied": True}, "conditions": conditions}
+    if accelerator:
+        patch["desiredOptimizedAlloc"] = {"numReplicas": 1, "accelerator": accelerator, "lastRunTime": now}
+    return {"status": patch}
+
+
+def scaled_event(va: Obj, v: Variant, now: str, instance: str) -> dict[str, Any]:
+    """A core/v1 Event on the VariantAutoscaling saying what was scaled and why."""
+    m = meta(va)
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{v.name}.", "namespace": v.namespace},
+        "involvedObject": {"apiVersion": VA_API_VERSION, "kind": "VariantAutoscaling", "name": v.name,
+                           "namespace": v.namespace, "uid": m.get("uid", ""),
+                           "resourceVersion": m.get("resourceVersion", "")},
+        "reason": "ScaledFromZero", "type": "Normal",
+        "message": f"Scaled Deployment {v.deployment} from 0 to 1: requests for {v.model_id} wait in the EPP queue",
+        "source": {"component": "llamad-scale-from-zero"},
+        "reportingComponent": "llamad-scale-from-zero", "reportingInstance": instance,
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    }
+
+
 @dataclass
 class Pass:
     """One pass's work: the inactive variants, and each EPP endpoint to scrape once for all of them."""
 
     scrape: dict[str, list[Variant]] = field(default_factory=dict)  # "ip:port" -> variants it serves
-    skipped: list[str] = field(default_factory=list)  # one line per variant skipped, and why
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # ("ns/name", why) per variant skipped
+    inactive: set[tuple[str, str]] = field(default_factory=set)  # (ns, name) of every inactive variant
 
 
 def plan(vas: Iterable[Obj], deployments: Mapping[tuple[str, str], Obj], pools: Iterable[Obj],
@@ -147,6 +238,7 @@ def plan(vas: Iterable[Obj], deployments: Mapping[tuple[str, str], Obj], pools: 
                 raise Skip(f"{v.namespace}/{v.name}: Deployment {v.deployment} is being deleted")
             if not inactive(deployment):
                 continue
+            work.inactive.add((v.namespace, v.name))
             matches = pools_for(deployment, pool_list)
             if not matches:
                 raise Skip(f"{v.namespace}/{v.name}: no InferencePool selects Deployment {v.deployment}")
@@ -164,7 +256,7 @@ def plan(vas: Iterable[Obj], deployments: Mapping[tuple[str, str], Obj], pools: 
             if not ips:
                 raise Skip(f"{v.namespace}/{v.name}: EPP Service {service_name} has no ready endpoint")
             for ip in ips:
-                work.scrape.setdefault(f"{ip}:{port}", []).append(v)
+                work.scrape.setdefault(host_port(ip, port), []).append(v)
         except Skip as reason:
-            work.skipped.append(str(reason))
+            work.skipped.append(("/".join(key(va)), str(reason)))
     return work
