@@ -9,8 +9,11 @@ call for failure tests.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import sys
+import time
 from typing import Any
 
 from twisted.web.resource import Resource
@@ -29,8 +32,10 @@ class FakeKube(Resource):
         self.oldest = 0  # watches from before this resourceVersion get 410
         self.watchers: list[tuple[Request, str, str]] = []  # (request, collection, namespace or "")
         self.requests: list[tuple[str, str]] = []  # (method, path) of every call
+        self.control: Any = None  # the control API, when run as its own process (see main)
         self.faults: list[tuple[str, str, int, int]] = []  # (method, path suffix, status, times; -1 = always)
         self.generated = 0
+        self.writes: list[tuple[float, str, str]] = []  # (monotonic time, method, path) of PUT/PATCH/POST
 
     # --- test control ---------------------------------------------------------
 
@@ -89,7 +94,11 @@ class FakeKube(Resource):
 
     def render(self, request: Request) -> bytes | int:
         path = request.path.decode()
+        if path.startswith("/_fake/") and self.control is not None:
+            return self.control(request, path)
         self.requests.append((request.method.decode(), path + ("?watch" if b"watch" in request.args else "")))
+        if request.method != b"GET":
+            self.writes.append((time.monotonic(), request.method.decode(), path))
         if request.getHeader(b"authorization") != f"Bearer {self.token}".encode():
             return self._status(request, 401, "Unauthorized")
         injected = self._fault(request.method.decode(), path)
@@ -277,3 +286,62 @@ def model_objects(name: str, namespace: str = "models", model: str = "", replica
             spec = {"selector": {"app": name}, "targetPortNumber": 8000, "extensionRef": {"name": epp}}
         objs.insert(1, (pools(group), {"metadata": {"name": f"{name}-pool", "namespace": namespace}, "spec": spec}))
     return objs
+
+
+# --- run as a process: the fake cluster plus EPPs, driven over a small control API --------------
+
+
+class Control:
+    """``/_fake/*`` on the API port (no token): put objects, set EPP queues, read what happened."""
+
+    def __init__(self, kube: FakeKube, epps: dict[str, FakeEPP]) -> None:
+        self.kube = kube
+        self.epps = epps
+        self.flips: dict[str, float] = {}  # model -> monotonic time its queue last went above zero
+
+    def __call__(self, request: Request, path: str) -> bytes:
+        body = json.loads(request.content.read() or b"{}") if request.method == b"POST" else {}
+        if path == "/_fake/objects":
+            for collection, obj in body["objects"]:
+                self.kube.put_object(collection, obj)
+            return self.kube._json(request, 200, {"rv": self.kube.rv})
+        if path == "/_fake/queue":
+            for ip in body.get("ips") or list(self.epps):
+                self.epps[ip].queues[body["model"]] = body["size"]
+            if body["size"] > 0:
+                self.flips.setdefault(body["model"], time.monotonic())
+            return self.kube._json(request, 200, {})
+        if path == "/_fake/state":
+            return self.kube._json(request, 200, {
+                "requests": self.kube.requests, "writes": self.kube.writes, "flips": self.flips,
+                "scrapes": {ip: epp.scrapes for ip, epp in self.epps.items()},
+                "replicas": {f"{ns}/{name}": d["spec"].get("replicas", 1)
+                             for (ns, name), d in self.kube.objects.get(DEPLOYMENTS, {}).items()},
+                "vas": {f"{ns}/{name}": va.get("status") for (ns, name), va in self.kube.objects.get(VAS, {}).items()},
+                "events": len(self.kube.objects.get(EVENTS, {})),
+            })
+        return self.kube._status(request, 404, "no such control call")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the fake API on 127.0.0.1 and EPPs on the given loopback addresses; print the ports as JSON."""
+    from twisted.internet import reactor
+    from twisted.web.server import Site
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epps", default="127.0.0.2,127.0.0.3")
+    parser.add_argument("--epp-token", default=None)
+    args = parser.parse_args(argv)
+    kube = FakeKube()
+    epps = {ip: FakeEPP(token=args.epp_token) for ip in args.epps.split(",") if ip}
+    kube.control = Control(kube, epps)
+    api = reactor.listenTCP(0, Site(kube), interface="127.0.0.1")
+    epp_port = 0
+    for ip, epp in epps.items():
+        epp_port = reactor.listenTCP(epp_port, Site(epp), interface=ip).getHost().port
+    print(json.dumps({"api": f"http://127.0.0.1:{api.getHost().port}", "epp_port": epp_port}), flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,7 +67,8 @@ class Cors:
         """Answer an OPTIONS preflight with 204, or 403 for an origin not allowed."""
         if self.allowed(request.getHeader(b"origin")) is None:
             raise ApiError(403, "origin not allowed by api.cors_origins", "cors_origin_denied")
-        requested = [h.strip().lower() for h in (request.getHeader(b"access-control-request-headers") or b"").split(b",")
+        asked = request.getHeader(b"access-control-request-headers") or b""
+        requested = [h.strip().lower() for h in asked.split(b",")
                      if h.strip()]
         refused = [h for h in requested if h not in CORS_ALLOW_HEADERS and not h.startswith(CORS_ALLOW_PREFIXES)]
         if refused:

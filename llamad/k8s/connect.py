@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from treq.client import HTTPClient
 import yaml
+from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -85,9 +85,24 @@ class Cluster:
         """A treq client with persistent connections and this cluster's TLS trust."""
         ca = ssl.Certificate.loadPEM(self.ca_pem) if self.ca_pem else None
         client = ssl.PrivateCertificate.loadPEM(self.client_cert_pem) if self.client_cert_pem else None
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 8
-        return HTTPClient(Agent(reactor, contextFactory=TrustPolicy(ca, client), pool=pool))
+        return HTTPClient(Agent(reactor, contextFactory=TrustPolicy(ca, client), pool=quiet_pool(reactor)))
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log line for every new connection
+
+
+def quiet_pool(reactor: IReactorTime) -> HTTPConnectionPool:
+    """A persistent connection pool that does not log each connection it opens."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    pool._factory = _QuietFactory
+    return pool
+
+
+def plain_http(reactor: IReactorTime) -> HTTPClient:
+    """For EPP pods, scraped over plain HTTP with connections kept open between passes."""
+    return HTTPClient(Agent(reactor, pool=quiet_pool(reactor)))
 
 
 def find(api_server: str, kubeconfig: str, environ: Mapping[str, str],

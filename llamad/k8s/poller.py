@@ -21,13 +21,12 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from llamad.config import ScaleFromZeroConfig
 from llamad.k8s import decide
 from llamad.k8s.cache import ListWatchCache
 from llamad.k8s.client import ApiStatusError, KubeClient
-from llamad.k8s.connect import FileToken, static_token
+from llamad.k8s.connect import FileToken, plain_http, static_token
 from llamad.metrics import Metrics
 from llamad.timers import cancel
 
@@ -72,7 +71,7 @@ class ScaleFromZero(MultiService):
         self.metrics = metrics
         self.wall = wall
         self.instance = instance or socket.gethostname()
-        self.epp = epp if epp is not None else _plain_http(clock)
+        self.epp = epp if epp is not None else plain_http(clock)
         self.epp_token = FileToken(config.epp_token_file) if config.epp_token_file else static_token(None)
         self.caches: dict[str, list[ListWatchCache]] = {}
         for kind in KINDS:
@@ -328,10 +327,3 @@ class ScaleFromZero(MultiService):
 
 class Failed(Exception):
     """A scrape or scale that failed in a way its message fully explains."""
-
-
-def _plain_http(clock: IReactorTime) -> HTTPClient:
-    """EPP pods are scraped over plain HTTP, keeping connections open between passes."""
-    pool = HTTPConnectionPool(clock, persistent=True)
-    pool.maxPersistentPerHost = 2
-    return HTTPClient(Agent(clock, pool=pool))

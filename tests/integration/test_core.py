@@ -261,7 +261,7 @@ def test_bad_config_exits_before_binding_with_one_line(tmp_path, llama_server_bi
     assert proc.returncode == 2
     assert proc.stderr.decode().strip().splitlines() == [
         f"llamad: config error: backend.kind: unknown value 'ollama' "
-        f"(expected one of: llama-server, llama-cpp-python, external) (from {config})"
+        f"(expected one of: llama-server, llama-cpp-python, external, none) (from {config})"
     ]
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # nothing was bound

@@ -67,7 +67,8 @@ def test_no_file_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys:
         ({"PARALLEL": "x"}, [], "backend.parallel: expected an integer, got 'x' (from env PARALLEL)"),
         ({}, ["--set", "bogus=1"], "bogus: unknown key (from option)"),
         ({}, ["--set", "backend.kind=vllm"],
-         "backend.kind: unknown value 'vllm' (expected one of: llama-server, llama-cpp-python, external, none) (from option)"),
+         "backend.kind: unknown value 'vllm' (expected one of: llama-server, llama-cpp-python, external, none) "
+         "(from option)"),
         ({"PORT": "70000"}, [], "api.listen: port 70000 out of range 0-65535 (from env PORT)"),
         ({"MODEL_PATH": "/nonexistent/m.gguf"}, [],
          "backend.model: model file not found: /nonexistent/m.gguf (from env MODEL_PATH)"),

@@ -212,7 +212,8 @@ def test_unsupported_endpoint_kind(tmp_path: Path) -> None:
 def test_unknown_backend_kind(tmp_path: Path) -> None:
     path = write(tmp_path, '[backend]\nkind = "vllm"\n')
     assert error(toml=path) == (
-        f"backend.kind: unknown value 'vllm' (expected one of: llama-server, llama-cpp-python, external, none) (from {path})"
+        "backend.kind: unknown value 'vllm' (expected one of: llama-server, llama-cpp-python, external, none) "
+        f"(from {path})"
     )
 
 
