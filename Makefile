@@ -45,3 +45,4 @@ bench: setup
 	PATH="$(abspath $(BIN)):$$PATH:/usr/sbin" $(BIN)/python bench/run.py --repeat $${REPEAT:-3}
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/ttfb.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/coldstart.py --runs 10
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/scale_from_zero.py --seconds 60

@@ -232,7 +232,7 @@ class ScaleFromZero(MultiService):
         scaled_at = self._scaled.get(deployment_key)
         current = self.objects_one("deployments", deployment_key)
         if scaled_at is not None:
-            if current is not None and decide.meta(current).get("resourceVersion") == scaled_at:
+            if current is not None and (decide.meta(current).get("resourceVersion") or "") == scaled_at:
                 return  # our PUT is acknowledged; the watch has not brought the new Deployment yet
             del self._scaled[deployment_key]
         self._scaling.add(variant_key)
