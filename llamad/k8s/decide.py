@@ -155,14 +155,6 @@ def queued(text: str, metric_names: Iterable[str]) -> dict[str, float]:
     return totals
 
 
-def pending(samples: Iterable[tuple[str, Mapping[str, str], float]], model_id: str,
-            metric_names: Iterable[str]) -> bool:
-    """Any queue sample for ``model_id`` above zero (only EPP >= v1.3 labels the model)."""
-    names = set(metric_names)
-    return any(name in names and labels.get("target_model_name") == model_id and value > 0
-               for name, labels, value in samples)
-
-
 SCALED_CONDITIONS = (("MetricsAvailable", "ScaleFromZero", "requests are waiting in the EPP queue"),
                      ("OptimizationReady", "ScaleFromZeroMode", "scaled from zero to one replica"))
 

@@ -21,6 +21,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from llamad.config import ScaleFromZeroConfig
 from llamad.k8s import decide
@@ -188,7 +189,7 @@ class ScaleFromZero(MultiService):
         def got(text: str) -> None:
             try:
                 queues = decide.queued(text, self.config.queue_metrics)
-            except ValueError as e:
+            except Exception as e:  # the parser raises ValueError, and others on some inputs
                 self._trouble("parse", f"epp {endpoint}", f"EPP {endpoint}: malformed metrics: {e}")
                 return
             now = self.clock.seconds()
@@ -196,6 +197,8 @@ class ScaleFromZero(MultiService):
                 if queues.get(v.model_id, 0.0) > 0:
                     self._first_seen.setdefault((v.namespace, v.name), now)
                     self._start_scale(v)
+                else:  # the queue drained (cancelled requests): a later wait is a new detection
+                    self._first_seen.pop((v.namespace, v.name), None)
 
         def failed(reason: Any) -> None:
             err = reason.value
@@ -203,8 +206,10 @@ class ScaleFromZero(MultiService):
             served = ", ".join(sorted({f"{v.namespace}/{v.name}" for v in variants}))
             self._trouble("scrape", f"epp {endpoint}", f"EPP {endpoint} (for {served}): {why}")
 
-        def finished(_: Any) -> None:
+        def finished(result: Any) -> None:
             self._scraping.discard(endpoint)
+            if isinstance(result, Failure):
+                log.failure("scale-from-zero: unexpected error handling EPP {endpoint}", result, endpoint=endpoint)
 
         d.addCallbacks(got, failed)
         d.addBoth(finished)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llamad.k8s.decide import Skip, metrics_port, pending, plan, pool_epp, pool_selector, variant
+from llamad.k8s.decide import (
+    Skip, host_port, metrics_port, plan, pool_epp, pool_selector, queued, ready_endpoints, scaled_event, status_patch,
+    variant,
+)
 
 NAMES = ["inference_extension_flow_control_queue_size", "llm_d_epp_flow_control_queue_size"]
 
@@ -116,13 +119,71 @@ def test_pool_shapes():
     assert metrics_port(service(ports=[{"name": "metrics", "port": 80, "targetPort": 9090}])) == 9090
 
 
-@pytest.mark.parametrize("samples, expected", [
-    ([("inference_extension_flow_control_queue_size", {"target_model_name": "m"}, 3.0)], True),
-    ([("llm_d_epp_flow_control_queue_size", {"target_model_name": "m"}, 1.0)], True),
-    ([("inference_extension_flow_control_queue_size", {"target_model_name": "m"}, 0.0)], False),
-    ([("inference_extension_flow_control_queue_size", {"target_model_name": "other"}, 5.0)], False),
-    ([("inference_extension_flow_control_queue_size", {"model_name": "m"}, 5.0)], False),  # EPP < 1.3
-    ([("some_other_metric", {"target_model_name": "m"}, 5.0)], False),
+Q = "inference_extension_flow_control_queue_size"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (f'# HELP {Q} Waiting.\n# TYPE {Q} gauge\n{Q}{{target_model_name="m",model_name="m"}} 3\n', {"m": 3.0}),
+    ('llm_d_epp_flow_control_queue_size{target_model_name="m"} 1\n', {"m": 1.0}),
+    (f'{Q}{{target_model_name="m"}} 0\n', {"m": 0.0}),
+    (f'{Q}{{target_model_name="a"}} 2\n{Q}{{target_model_name="a",pool="x"}} 1\n{Q}{{target_model_name="b"}} 5\n',
+     {"a": 3.0, "b": 5.0}),
+    (f'{Q}{{model_name="m"}} 5\n', {}),  # EPP < 1.3: no target_model_name, never matches
+    ('some_other_metric{target_model_name="m"} 5\n# TYPE x gauge\nx 1\n', {}),
+    (f'{Q}_total{{target_model_name="m"}} 5\n', {}),  # a longer name with the same prefix
+    ("", {}),
 ])
-def test_pending(samples, expected):
-    assert pending(samples, "m", NAMES) is expected
+def test_queued(text, expected):
+    assert queued(text, NAMES) == expected
+
+
+def test_a_malformed_queue_line_raises_value_error():
+    with pytest.raises(ValueError):
+        queued(f'{Q}{{target_model_name="m"}} three\n', NAMES)
+
+
+def test_ready_endpoints_from_slices():
+    def es(service, *endpoints, family="IPv4", ns="models"):
+        return {"metadata": {"namespace": ns, "labels": {"kubernetes.io/service-name": service}},
+                "addressType": family, "endpoints": list(endpoints)}
+    slices = [
+        es("epp", {"addresses": ["10.0.0.2"], "conditions": {"ready": True}},
+           {"addresses": ["10.0.0.3"], "conditions": {"ready": False}}, {"addresses": ["10.0.0.4"]}),
+        es("epp", {"addresses": ["10.0.0.5"]}),  # a second slice of the same Service
+        es("epp", {"addresses": ["fd00::7"]}, family="IPv6"),
+        es("epp", {"addresses": ["epp.example"]}, family="FQDN"),
+        {"metadata": {"namespace": "models"}, "addressType": "IPv4", "endpoints": [{"addresses": ["10.9.9.9"]}]},
+    ]
+    assert ready_endpoints(slices) == {("models", "epp"): ["10.0.0.2", "10.0.0.4", "10.0.0.5", "fd00::7"]}
+    assert host_port("fd00::7", 9090) == "[fd00::7]:9090" and host_port("10.0.0.2", 9090) == "10.0.0.2:9090"
+
+
+def test_status_patch_keeps_transition_times_that_did_not_change():
+    before = {"metadata": {"generation": 3}, "status": {"conditions": [
+        {"type": "TargetResolved", "status": "True", "lastTransitionTime": "t0", "reason": "Found"},
+        {"type": "MetricsAvailable", "status": "True", "lastTransitionTime": "t1", "reason": "Other"},
+        {"type": "OptimizationReady", "status": "False", "lastTransitionTime": "t1", "reason": "Waiting"},
+    ]}}
+    patch = status_patch(before, "L4", "t2")["status"]
+    conditions = {c["type"]: c for c in patch["conditions"]}
+    assert conditions["TargetResolved"] == before["status"]["conditions"][0]  # sent as it was: lists are replaced
+    assert conditions["MetricsAvailable"]["lastTransitionTime"] == "t1"  # True -> True
+    assert conditions["MetricsAvailable"]["reason"] == "ScaleFromZero"
+    assert conditions["OptimizationReady"]["lastTransitionTime"] == "t2"  # False -> True
+    assert conditions["OptimizationReady"]["reason"] == "ScaleFromZeroMode"
+    assert conditions["OptimizationReady"]["observedGeneration"] == 3
+    assert patch["desiredOptimizedAlloc"] == {"numReplicas": 1, "accelerator": "L4", "lastRunTime": "t2"}
+    assert patch["actuation"] == {"applied": True}
+    assert "desiredOptimizedAlloc" not in status_patch(before, "", "t2")["status"]
+    assert before["status"]["conditions"][1]["reason"] == "Other"  # the cached object is not touched
+
+
+def test_scaled_event_points_at_the_variant():
+    obj = va(labels={}, status={})
+    obj["metadata"].update(uid="u-1", resourceVersion="42")
+    event = scaled_event(obj, variant(obj), "t", "poller-1")
+    assert event["involvedObject"] == {"apiVersion": "llmd.ai/v1alpha1", "kind": "VariantAutoscaling",
+                                       "name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"],
+                                       "uid": "u-1", "resourceVersion": "42"}
+    assert event["metadata"]["generateName"].startswith(obj["metadata"]["name"])
+    assert event["reason"] == "ScaledFromZero" and event["type"] == "Normal"
