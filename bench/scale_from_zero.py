@@ -41,7 +41,7 @@ def objects(epp_port: int) -> list[tuple[str, dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []
     for p in range(POOLS):
         ns, pool, epp = f"team-{p % 10}", f"pool-{p}", f"epp-{p}"
-        out.append((f"apis/inference.networking.k8s.io/v1/inferencepools", {
+        out.append(("apis/inference.networking.k8s.io/v1/inferencepools", {
             "metadata": {"name": pool, "namespace": ns},
             "spec": {"selector": {"matchLabels": {"pool": pool}}, "targetPorts": [{"number": 8000}],
                      "endpointPickerRef": {"name": epp, "port": {"number": 9002}}}}))
@@ -100,7 +100,8 @@ def main() -> None:
         call(api + "/_fake/objects", {"objects": objects(ports["epp_port"])})
         (work / "kubeconfig").write_text(
             "current-context: c\nclusters:\n- name: k\n  cluster: {server: 'https://unused.invalid'}\n"
-            "contexts:\n- name: c\n  context: {cluster: k, user: u}\nusers:\n- name: u\n  user: {token: secret-token}\n")
+            "contexts:\n- name: c\n  context: {cluster: k, user: u}\n"
+            "users:\n- name: u\n  user: {token: secret-token}\n")
         (work / "llamad.toml").write_text(
             f'data_dir = "{work}"\n[backend]\nkind = "none"\n[scale_from_zero]\nenabled = true\n'
             f'interval = {args.interval}\napi_server = "{api}"\nkubeconfig = "{work / "kubeconfig"}"\n')
