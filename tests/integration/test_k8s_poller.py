@@ -160,8 +160,8 @@ async def test_an_epp_token_file_that_appears_later_is_used(cluster, tmp_path):
     cluster.add("qwen", epp_ips=("127.0.0.3",))
     token_file = tmp_path / "token"
     cluster.start(epp_token_file=str(token_file))
-    await until(lambda: epp.refused >= 3)
-    assert cluster.puts() == [] and cluster.value("llamad_scale_from_zero_errors_total", stage="scrape") >= 3
+    await until(lambda: cluster.value("llamad_scale_from_zero_errors_total", stage="scrape") >= 3)
+    assert cluster.puts() == [] and epp.refused >= 3
     token_file.write_text("wrong\n")
     await until(lambda: epp.refused >= 6)
     assert cluster.puts() == []
