@@ -87,7 +87,8 @@ class ScaleFromZero(MultiService):
         self._scraping: set[str] = set()  # endpoints with a scrape in flight
         self._scaling: set[tuple[str, str]] = set()  # variants with a scale in flight
         self._scaled: dict[tuple[str, str], str] = {}  # Deployment -> its resourceVersion when we scaled it
-        self._status_owed: dict[tuple[str, str], decide.Variant] = {}  # scaled, status not yet persisted
+        # Scaled, status not yet persisted: (variant, next try, delay), retried with backoff up to LOG_EVERY.
+        self._status_owed: dict[tuple[str, str], tuple[decide.Variant, float, float]] = {}
         self._first_seen: dict[tuple[str, str], float] = {}  # variant -> when a scrape first saw its queue > 0
         self._logged: dict[str, float] = {}
         self._timer: Any = None
@@ -154,8 +155,8 @@ class ScaleFromZero(MultiService):
         self.metrics.sfz_passes.inc()
         record = _PassRecord(self.clock.seconds())
         work = self.current_plan()
-        for variant_key, v in list(self._status_owed.items()):
-            if variant_key not in self._scaling:  # a retry: the scale itself is done
+        for variant_key, (v, next_try, _) in list(self._status_owed.items()):
+            if variant_key not in self._scaling and record.started >= next_try:  # the scale itself is done
                 self._scaling.add(variant_key)
                 d = defer.ensureDeferred(self._persist(v))
                 d.addBoth(lambda _, k=variant_key: self._scaling.discard(k))
@@ -232,7 +233,7 @@ class ScaleFromZero(MultiService):
     def _start_scale(self, v: decide.Variant) -> None:
         variant_key = (v.namespace, v.name)
         deployment_key = (v.namespace, v.deployment)
-        if variant_key in self._scaling or variant_key in self._status_owed:
+        if variant_key in self._scaling:
             return
         scaled_at = self._scaled.get(deployment_key)
         current = self.objects_one("deployments", deployment_key)
@@ -276,7 +277,7 @@ class ScaleFromZero(MultiService):
         self.metrics.sfz_detection.observe(now - first)
         log.info("scaled Deployment {ns}/{dep} 0 -> 1 for variant {name} (model {model}; queue seen {ms:.0f} ms "
                  "before)", ns=v.namespace, dep=v.deployment, name=v.name, model=v.model_id, ms=(now - first) * 1000)
-        self._status_owed[variant_key] = v
+        self._status_owed[variant_key] = (v, now, self.config.interval)
         await self._persist(v)
         await self._event(v)
 
@@ -287,7 +288,10 @@ class ScaleFromZero(MultiService):
         if va is None:
             self._status_owed.pop(variant_key, None)
             return
-        accelerator = decide.variant(va).accelerator if not decide.being_deleted(va) else v.accelerator
+        try:
+            accelerator = decide.variant(va).accelerator  # the label or status may have changed since the plan
+        except decide.Skip:
+            accelerator = v.accelerator
         if not accelerator:
             self._trouble("status", f"{v.namespace}/{v.name}/accelerator",
                           f"{v.namespace}/{v.name}: no label {decide.ACCELERATOR_LABEL} and no accelerator in the "
@@ -298,6 +302,8 @@ class ScaleFromZero(MultiService):
             await self.kube.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
         except Exception as e:
             self._trouble("status", f"{v.namespace}/{v.name}", f"{v.namespace}/{v.name}: status patch: {e}")
+            _, _, delay = self._status_owed.get(variant_key, (v, 0.0, self.config.interval))
+            self._status_owed[variant_key] = (v, self.clock.seconds() + delay, min(LOG_EVERY, delay * 2))
             return
         self._status_owed.pop(variant_key, None)
 

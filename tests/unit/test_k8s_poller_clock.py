@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 
 from k8s_fake import DEPLOYMENTS, model_objects
 from llamad.config import ScaleFromZeroConfig
+from llamad.k8s.client import ApiStatusError
 from llamad.k8s.poller import KINDS, ScaleFromZero, collection
 from llamad.metrics import Metrics
 
@@ -23,10 +24,13 @@ class MemoryKube:
         for coll, obj in objs:
             self.items.setdefault(coll, []).append(obj)
         self.calls: list[tuple[str, str]] = []
+        self.forbidden: set[str] = set()  # methods answered 403
 
     def request(self, method: str, path: str, params: Any = None, body: Any = None,
                 content_type: str = "") -> defer.Deferred[dict[str, Any]]:
         self.calls.append((method, path))
+        if method in self.forbidden:
+            return defer.fail(ApiStatusError(403, "forbidden"))
         if method == "GET" and path.endswith("/scale"):
             return defer.succeed({"metadata": {"resourceVersion": "7"}, "spec": {"replicas": 0}})
         if method == "GET":
@@ -133,4 +137,26 @@ def test_a_deployment_deleted_meanwhile_is_a_resolve_skip():
     clock.advance(INTERVAL)
     assert puts(kube) == []
     assert service.metrics.registry.get_sample_value("llamad_scale_from_zero_errors_total", {"stage": "resolve"}) == 1
+    service.stopService()
+
+
+def test_a_forbidden_status_patch_backs_off_and_never_blocks_a_later_scale():
+    objs = model_objects("m")
+    clock, kube = Clock(), MemoryKube(objs)
+    kube.forbidden.add("PATCH")
+    epps = MemoryEPPs({"127.0.0.2:9090": ["m"]}, hung=set())
+    service = ScaleFromZero(clock, kube, ScaleFromZeroConfig(enabled=True, interval=INTERVAL), Metrics(), epp=epps,
+                            wall=lambda: 0.0, instance="test")
+    service.startService()
+    for _ in range(600):  # a minute of passes
+        clock.advance(INTERVAL)
+    patches = [p for m, p in kube.calls if m == "PATCH"]
+    assert 5 <= len(patches) <= 12  # retried with backoff (0.1 s doubling to 60 s), not 600 times
+    assert puts(kube) == ["m"]
+    # Scaled back to zero by someone else (a new resourceVersion): the variant wakes again despite the owed status.
+    deployment = dict(service.objects_one("deployments", ("models", "m")) or {})
+    deployment["metadata"] = {**deployment["metadata"], "resourceVersion": "99"}
+    service.caches["deployments"][0]._event("MODIFIED", deployment)
+    clock.advance(INTERVAL)
+    assert puts(kube) == ["m", "m"]
     service.stopService()
