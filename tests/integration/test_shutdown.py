@@ -75,7 +75,8 @@ def test_streams_past_drain_timeout_are_cut_with_an_sse_error(start_llamad):
     wait_for(lambda: in_flight(daemon) == 1, 30, "the stream in flight")
     daemon.proc.send_signal(signal.SIGTERM)
     thread.join(30)
-    assert daemon.proc.wait(30) == 0
+    # On a loaded machine llama-server can take until supervisor.stop_timeout (30 s) to stop; still exit 0.
+    assert daemon.proc.wait(60) == 0
     assert b"data: [DONE]" not in bodies[0]
     event = bodies[0].split(b"data: {\"error\"")[1]
     assert b"shutting down" in event
