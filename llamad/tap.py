@@ -272,7 +272,7 @@ def make_poller(sfz: ScaleFromZeroConfig, reactor: Any, metrics: Metrics) -> Sca
     try:
         cluster = connect.find(sfz.api_server, sfz.kubeconfig, os.environ)
         http = cluster.http(reactor)
-    except (connect.ConnectError, ValueError) as e:  # ValueError: a CA or certificate that is not PEM
+    except connect.ConnectError as e:
         fail(f"scale_from_zero: {e}")
     scope = ", ".join(sfz.namespaces) or "all namespaces"
     log.info("scale-from-zero: API server {server} ({source}); watching {scope}", server=cluster.server,

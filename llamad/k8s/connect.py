@@ -83,8 +83,11 @@ class Cluster:
 
     def http(self, reactor: IReactorTime) -> HTTPClient:
         """A treq client with persistent connections and this cluster's TLS trust."""
-        ca = ssl.Certificate.loadPEM(self.ca_pem) if self.ca_pem else None
-        client = ssl.PrivateCertificate.loadPEM(self.client_cert_pem) if self.client_cert_pem else None
+        try:
+            ca = ssl.Certificate.loadPEM(self.ca_pem) if self.ca_pem else None
+            client = ssl.PrivateCertificate.loadPEM(self.client_cert_pem) if self.client_cert_pem else None
+        except Exception as e:  # OpenSSL's own error types, for a file that is not PEM
+            raise ConnectError(f"{self.source}: the CA or client certificate is not valid PEM ({e!r:.120})") from None
         return HTTPClient(Agent(reactor, contextFactory=TrustPolicy(ca, client), pool=quiet_pool(reactor)))
 
 

@@ -113,6 +113,15 @@ def test_outside_a_cluster_with_nothing_configured(tmp_path):
     assert find("", "", {"KUBECONFIG": path}, str(tmp_path)).server == "https://from-env"
 
 
+def test_a_ca_that_is_not_pem_is_a_connect_error(tmp_path):
+    from twisted.internet.task import Clock
+
+    path = kubeconfig(tmp_path, "    server: https://k8s.example\n    certificate-authority-data: bm90IGEgY2VydA==\n",
+                      "    token: t\n")
+    with pytest.raises(ConnectError, match="not valid PEM"):
+        find("", path, {}).http(Clock())
+
+
 def test_file_token_follows_rotation_and_absence(tmp_path):
     path = tmp_path / "token"
     token = FileToken(str(path))
