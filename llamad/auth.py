@@ -5,7 +5,8 @@ File format, one key per line (``#`` starts a comment)::
     key_id:api_key[:rate_limit_per_min][:expiry_iso]
 
 ``key_id`` is ``[A-Za-z0-9_-]+``; ``api_key`` is 16-128 characters of the same
-set.  Invalid lines are skipped with a warning naming the line number.
+set.  Invalid lines (one that is not UTF-8 included) are skipped with a warning
+naming the line number.
 """
 
 from __future__ import annotations
@@ -87,18 +88,30 @@ def parse_line(line: str) -> tuple[ApiKey, str] | None:
 
 
 def read_key_file(path: str) -> tuple[list[KeyLine], list[str]]:
-    """All lines of a keys file, and one warning per invalid line."""
+    """All lines of a keys file, and one warning per invalid line.
+
+    Read as bytes and decoded line by line: one stray non-UTF-8 byte skips
+    that line only, so the rest of the file (and a revocation in it) applies.
+    Raises OSError when the file cannot be read at all.
+    """
     lines: list[KeyLine] = []
     warnings: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
-            text = raw.rstrip("\n")
-            try:
-                parsed = parse_line(text)
-            except ValueError as e:
-                warnings.append(f"{path}:{number}: skipped: {e}")
-                parsed = None
-            lines.append(KeyLine(text, parsed[0] if parsed else None, parsed[1] if parsed else ""))
+    with open(path, "rb") as f:
+        data = f.read()
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            warnings.append(f"{path}:{number}: skipped: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})")
+            # Surrogate-escaped, so that a rewrite by `llamad keys` keeps the line byte for byte.
+            lines.append(KeyLine(raw.decode("utf-8", "surrogateescape"), None))
+            continue
+        try:
+            parsed = parse_line(text)
+        except ValueError as e:
+            warnings.append(f"{path}:{number}: skipped: {e}")
+            parsed = None
+        lines.append(KeyLine(text, parsed[0] if parsed else None, parsed[1] if parsed else ""))
     return lines, warnings
 
 
@@ -109,7 +122,7 @@ def write_key_file(path: str, lines: list[str]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".api_keys.", dir=directory)
     try:
         os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write("".join(line + "\n" for line in lines))
         os.replace(tmp, path)
     except BaseException:
@@ -136,24 +149,39 @@ class KeyStore:
     def __init__(self) -> None:
         self.by_digest: dict[bytes, ApiKey] = {}
         self.windows: dict[str, deque[float]] = {}
+        self.error = ""  # why the last load could not read the file
 
     def __len__(self) -> int:
         return len(self.by_digest)
 
     def load(self, path: str) -> list[str]:
-        """(Re)load from ``path``; returns warnings.  A missing file means no keys."""
+        """(Re)load from ``path``; returns warnings.  Never raises.
+
+        A missing or unreadable file means no keys (fail closed): keeping the
+        old keys would keep a key valid that the edit meant to revoke.
+        ``error`` says why the file could not be read, or is empty.
+        """
         try:
             lines, warnings = read_key_file(path)
+            self.error = ""
         except FileNotFoundError:
             lines, warnings = [], [f"{path}: not found"]
+            self.error = ""
+        except (OSError, ValueError) as e:
+            self.error = f"{path}: cannot read: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+            lines, warnings = [], [self.error]
         keys = {line.key.digest: line.key for line in lines if line.key is not None}
         self.by_digest = keys
         live = {key.key_id for key in keys.values()}
         self.windows = {k: v for k, v in self.windows.items() if k in live}
         return warnings
 
-    def check(self, presented: str | None, now: float, wall: datetime) -> ApiKey | Denied:
-        """The key for ``presented``, or why not.  ``now`` is monotonic for rate limits."""
+    def check(self, presented: str | None, now: float, wall: datetime, count: bool = True) -> ApiKey | Denied:
+        """The key for ``presented``, or why not.  ``now`` is monotonic for rate limits.
+
+        ``count=False`` only looks at the rate-limit window: a check made before
+        the body arrives must not cost the request a second slot.
+        """
         if not presented:
             return Denied(401, "Missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
         digest = _digest(presented)
@@ -171,7 +199,8 @@ class KeyStore:
                 retry = max(1, math.ceil(window[0] + WINDOW - now))
                 return Denied(429, f"Rate limit of {key.rate_limit} requests per minute exceeded",
                               "rate_limit_exceeded", retry)
-            window.append(now)
+            if count:
+                window.append(now)
         return key
 
 

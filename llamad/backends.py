@@ -20,6 +20,7 @@ class Target:
 
     origin: bytes
     key: str
+    generation: int = 0  # which start of a supervised child answers here (0: not supervised)
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,21 @@ class Launch:
 
 
 def new_session_prefix() -> list[str]:
-    """Run the child in its own session so it gets its own process group.
+    """Run the child in its own session, and have the kernel kill it if llamad dies.
 
-    Then a terminal's Ctrl-C reaches only llamad, which drains before it stops
-    the child, and a stop can signal the whole group.  util-linux ``setsid``
-    execs in place (the PID stays the child's) because a freshly spawned
-    process is never a group leader.
+    Its own session gives it its own process group: a terminal's Ctrl-C then
+    reaches only llamad, which drains before it stops the child, and a stop
+    can signal the whole group.  util-linux ``setsid`` execs in place (the PID
+    stays the child's) because a freshly spawned process is never a group
+    leader.  util-linux ``setpriv --pdeathsig KILL`` sets the parent-death
+    signal between fork and exec: a SIGKILLed llamad leaves no orphan
+    holding the port and the GPU memory.
     """
-    path = shutil.which("setsid")
-    return [path] if path else []
+    setsid = shutil.which("setsid")
+    if not setsid:
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setsid, setpriv, "--pdeathsig", "KILL", "--"] if setpriv else [setsid]
 
 
 def launch(

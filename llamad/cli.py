@@ -44,11 +44,18 @@ def keys(args: argparse.Namespace) -> int:
 
     if args.action == "reload":
         return _reload(args)
-    path = _keys_file(args)
+    try:
+        path = _keys_file(args)
+    except ConfigError as e:
+        print(f"llamad: config error: {e}", file=sys.stderr)
+        return 2
     try:
         lines, warnings = auth.read_key_file(path)
     except FileNotFoundError:
         lines, warnings = [], []
+    except (OSError, ValueError) as e:
+        print(f"llamad keys: cannot read {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 1
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     ids = {line.key.key_id for line in lines if line.key is not None}
@@ -77,16 +84,30 @@ def keys(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"llamad keys: {e}", file=sys.stderr)
             return 2
-        auth.write_key_file(path, [line.text for line in lines] + [entry])
+        if not _write(path, [line.text for line in lines] + [entry]):
+            return 1
         print(secret)
         return 0
     # revoke
     if args.id not in ids:
         print(f"no key with id {args.id!r} in {path}", file=sys.stderr)
         return 1
-    auth.write_key_file(path, [line.text for line in lines if line.key is None or line.key.key_id != args.id])
+    if not _write(path, [line.text for line in lines if line.key is None or line.key.key_id != args.id]):
+        return 1
     print(f"revoked {args.id}; send SIGHUP or run `llamad keys reload` to apply it to a running daemon")
     return 0
+
+
+def _write(path: str, lines: list[str]) -> bool:
+    """Rewrite the keys file; False (and one line on stderr) if the file system refuses."""
+    from llamad import auth
+
+    try:
+        auth.write_key_file(path, lines)
+    except OSError as e:
+        print(f"llamad keys: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _reload(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ with one line before any port is bound.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -46,6 +47,8 @@ class ApiConfig:
     drain_timeout: float = 30
     cors_origins: tuple[str, ...] = ()
     header_timeout: float = 10
+    body_timeout: float = 30  # seconds a request body may go without a byte
+    max_incomplete_per_client: int = 64  # requests one client IP may have arriving at once; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class SupervisorConfig:
     crash_loop_window: float = 120
     failed_retry_after: float = 300
     stop_timeout: float = 30
+    health_interval: float = 5  # seconds between health checks of a ready child; 0 = none
+    health_timeout: float = 3
+    health_failures: int = 3  # failed checks in a row that mark the child wedged
 
 
 @dataclass(frozen=True)
@@ -183,12 +189,13 @@ MINIMUM: dict[str, float] = {
     "backend.parallel": 1,
     "api.max_body_bytes": 1,
     "supervisor.crash_loop_limit": 1,
+    "supervisor.health_failures": 1,
     "logs.max_bytes": 1024,
     "logs.keep": 1,
     "scale_from_zero.max_concurrency": 1,
 }
-POSITIVE = {"api.header_timeout", "scale_from_zero.interval", "scale_from_zero.scrape_timeout", "backend.ready_timeout",
-            "supervisor.stop_timeout"}
+POSITIVE = {"api.header_timeout", "api.body_timeout", "scale_from_zero.interval", "scale_from_zero.scrape_timeout",
+            "backend.ready_timeout", "supervisor.stop_timeout", "supervisor.health_timeout"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -448,21 +455,62 @@ def _resolve_paths(values: dict[str, Any], sources: dict[str, str]) -> None:
         values["backend.model"] = os.path.join(values["backend.models_dir"], model)
 
 
-def _check_endpoint(key: str, endpoint: str, source: str) -> None:
+def _unescape(text: str) -> str:
+    """Twisted's endpoint escaping: a backslash takes the next character as is."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# What an endpoint binds, to find two that clash: ("unix", path, None), or (family,
+# port, address) where address None is every address of the family.
+Binding = tuple[str, int | str, IPAddress | None]
+
+
+def _check_endpoint(key: str, endpoint: str, source: str) -> Binding | None:
+    """Refuse here what would only fail at bind time; returns what it binds (None: not known)."""
     kind, _, rest = endpoint.partition(":")
     if kind not in ("tcp", "tcp6", "unix", "systemd", "ssl"):
         raise ConfigError(key, f"unsupported endpoint {endpoint!r} (use tcp:PORT, unix:PATH or systemd:...)", source)
-    if kind in ("tcp", "tcp6", "ssl"):
-        args = _endpoint_args(rest)
-        positional = [a for a in args if "=" not in a]
-        named = dict(a.split("=", 1) for a in args if "=" in a)
-        port_text = positional[0] if positional else named.get("port", "")
+    args = _endpoint_args(rest)
+    positional = [_unescape(a) for a in args if "=" not in a]
+    named = {name: _unescape(value) for name, value in (a.split("=", 1) for a in args if "=" in a)}
+    if kind == "unix":
+        path = positional[0] if positional else named.get("address", "")
+        if not path:
+            raise ConfigError(key, f"endpoint {endpoint!r} has no socket path (use unix:/path/to/socket)", source)
+        return ("unix", os.path.abspath(path), None)
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    port_text = positional[0] if positional else named.get("port", "")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(key, f"endpoint {endpoint!r} has no valid port", source) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, f"port {port} out of range 0-65535", source)
+    interface = named.get("interface", "")
+    address: IPAddress | None = None
+    if interface:
         try:
-            port = int(port_text)
+            address = ipaddress.ip_address(interface)
         except ValueError:
-            raise ConfigError(key, f"endpoint {endpoint!r} has no valid port", source) from None
-        if not 0 <= port <= 65535:
-            raise ConfigError(key, f"port {port} out of range 0-65535", source)
+            raise ConfigError(key, f"interface {interface!r} is not an IP address", source) from None
+        if kind == "tcp6" and address.version != 6:
+            raise ConfigError(key, f"interface {interface!r} is not an IPv6 address (tcp6 needs one)", source)
+    family = "ipv6" if kind == "tcp6" or (address is not None and address.version == 6) else "ipv4"
+    return (family, port, None if address is None or address.is_unspecified else address)
+
+
+def _clash(a: Binding | None, b: Binding | None) -> bool:
+    """Whether binding both would fail: the same socket path, or the same port on overlapping addresses."""
+    if a is None or b is None or a[1] == 0 or a[1] != b[1]:
+        return False  # port 0 is a fresh port each time
+    if "unix" in (a[0], b[0]):
+        return a == b
+    if a[0] == b[0]:
+        return a[2] is None or b[2] is None or a[2] == b[2]
+    # An IPv6 wildcard also takes IPv4 on Linux (dual stack).
+    return any(family == "ipv6" and address is None for family, _, address in (a, b))
 
 
 def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool) -> None:
@@ -479,11 +527,23 @@ def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool
             if values[key] < low or (key in POSITIVE and values[key] <= 0):
                 bound = "> 0" if key in POSITIVE else f">= {low:g}"
                 raise ConfigError(key, f"must be {bound}, got {values[key]!r}", sources[key])
-    for key in ("api.listen", "health.listen"):
-        _check_endpoint(key, values[key], sources[key])
+    api = _check_endpoint("api.listen", values["api.listen"], sources["api.listen"])
+    health = _check_endpoint("health.listen", values["health.listen"], sources["health.listen"])
+    if _clash(api, health):
+        # Name the key that was set: a changed api.listen can land on the default health port.
+        key, other = "health.listen", "api.listen"
+        if sources[key] == "default" and sources[other] != "default":
+            key, other = other, key
+        what = "socket path" if api is not None and api[0] == "unix" else "port"
+        raise ConfigError(key, f"{values[key]!r} binds the same {what} as {other} ({values[other]!r}): "
+                          f"the API and health endpoints need different {what}s", sources[key])
     for name, value in values["backend.env"].items():
         if not name or "=" in name:
             raise ConfigError("backend.env", f"bad variable name {name!r}", sources["backend.env"])
+
+    keys_file = values["auth.keys_file"]
+    if check_files and values["auth.enabled"] and os.path.isdir(keys_file):
+        raise ConfigError("auth.keys_file", f"{keys_file} is a directory, not a keys file", sources["auth.keys_file"])
 
     api_server = values["scale_from_zero.api_server"]
     if api_server and not re.match(r"^https?://[^/\s]+", api_server):

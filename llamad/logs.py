@@ -10,11 +10,14 @@
 Every write happens in one background thread fed by a bounded queue: a slow,
 full or vanished volume never stalls the reactor (the health port keeps
 answering).  A failed write is counted and reported on stderr at most once a
-minute; a full queue drops lines and counts them the same way.
+minute; a full queue drops lines and counts them the same way.  A log file
+deleted under the daemon (its directory included) is made again within about a
+second of writing, and ``_boot/latest.txt`` with it.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import shutil
@@ -28,6 +31,7 @@ from twisted.logger import FileLogObserver, ILogObserver, formatEventAsClassicLo
 
 QUEUE_LINES = 10000
 WARN_EVERY = 60.0  # seconds between stderr reports of failed writes
+CHECK_EVERY = 1.0  # seconds between checks that an open log file is still at its path
 
 
 def utc_stamp(seconds: float | None = None) -> str:
@@ -46,26 +50,75 @@ def prune(directory: str, suffix: str, keep: int, exclude: str = "") -> None:
         os.unlink(os.path.join(directory, name))
 
 
-class RotatingFile:
+def write_pointer(pointer: str, target: str) -> None:
+    """Atomically make the file ``pointer`` hold the path ``target`` (``_boot/latest.txt``)."""
+    with open(pointer + ".tmp", "w", encoding="utf-8") as f:
+        f.write(target + "\n")
+    os.replace(pointer + ".tmp", pointer)
+
+
+class WatchedFile:
+    """An append-only log file that notices when its path stops leading to it.
+
+    An open descriptor keeps writing into a file whose directory was deleted,
+    so about once a second (``clock`` is monotonic) a write first checks that
+    the file is still linked at its path, and reopens it (directories
+    included) if not.  Used from the writer thread only.
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self.clock = clock
+        self.file: io.FileIO | None = None
+        self.checked = 0.0
+
+    def open_file(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.file = open(self.path, "ab", buffering=0)
+        self.checked = self.clock()
+
+    def check(self) -> None:
+        """Close the file if it is no longer at its path (checked at most every ``CHECK_EVERY`` s)."""
+        now = self.clock()
+        if self.file is None or now - self.checked < CHECK_EVERY:
+            return
+        self.checked = now
+        try:
+            opened = os.fstat(self.file.fileno())
+            current = os.stat(self.path)
+            gone = opened.st_nlink == 0 or (opened.st_dev, opened.st_ino) != (current.st_dev, current.st_ino)
+        except OSError:
+            gone = True
+        if gone:
+            self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class RotatingFile(WatchedFile):
     """``latest.txt`` plus timestamped archives.  Used from the writer thread only."""
 
-    def __init__(self, directory: str, max_bytes: int, keep: int, instance: str) -> None:
+    def __init__(self, directory: str, max_bytes: int, keep: int, instance: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(os.path.join(directory, "latest.txt"), clock)
         self.directory = directory
-        self.path = os.path.join(directory, "latest.txt")
         self.max_bytes = max_bytes
         self.keep = keep
         self.instance = instance
-        self.file: object | None = None
         self.size = 0
 
     def write(self, data: bytes) -> None:
+        self.check()
         if self.file is not None and self.size and self.size + len(data) > self.max_bytes:
             self.rotate()
         if self.file is None:
-            os.makedirs(self.directory, exist_ok=True)
-            self.file = open(self.path, "ab", buffering=0)
-            self.size = self.file.tell()  # type: ignore[attr-defined]
-        self.file.write(data)  # type: ignore[attr-defined]
+            self.open_file()
+            assert self.file is not None
+            self.size = self.file.tell()
+        self.file.write(data)
         self.size += len(data)
 
     def rotate(self) -> None:
@@ -82,28 +135,29 @@ class RotatingFile:
         os.replace(fresh, self.path)  # atomic: `tail -F` sees a new file under the same name
         prune(self.directory, ".log", self.keep)
 
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()  # type: ignore[attr-defined]
-            self.file = None
 
+class AppendFile(WatchedFile):
+    """A plain append-only file (the boot log), and the ``pointer`` file that names it.
 
-class AppendFile:
-    """A plain append-only file (the boot log).  Used from the writer thread only."""
+    When the file has to be created again (its directory was deleted), the
+    pointer is rewritten too, so ``_boot/latest.txt`` leads to it again.
+    """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.file: object | None = None
+    def __init__(self, path: str, pointer: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(path, clock)
+        self.pointer = pointer
+        self.repoint = False  # the file was created again and the pointer not yet rewritten
 
     def write(self, data: bytes) -> None:
+        self.check()
         if self.file is None:
-            self.file = open(self.path, "ab", buffering=0)
-        self.file.write(data)  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()  # type: ignore[attr-defined]
-            self.file = None
+            self.repoint = self.repoint or not os.path.exists(self.path)
+            self.open_file()
+            if self.repoint and self.pointer:
+                write_pointer(self.pointer, self.path)
+            self.repoint = False
+        assert self.file is not None
+        self.file.write(data)
 
 
 class LogWriter:
@@ -195,25 +249,24 @@ class _QueuedText:
         pass
 
 
-def open_logs(logs_dir: str, max_bytes: int, keep: int, on_error: Callable[[], None]) -> tuple[LogWriter, str]:
+def open_logs(logs_dir: str, max_bytes: int, keep: int, on_error: Callable[[], None],
+              clock: Callable[[], float] = time.monotonic) -> tuple[LogWriter, str]:
     """Start the writer with the child log and this boot's log; returns it and the boot log's path."""
     instance = instance_name()
     boot_dir = os.path.join(logs_dir, "_boot")
     llama_dir = os.path.join(logs_dir, "llama")
     writer = LogWriter(on_error)
-    writer.add("child", RotatingFile(llama_dir, max_bytes, keep, instance))
+    writer.add("child", RotatingFile(llama_dir, max_bytes, keep, instance, clock))
     boot_path = os.path.abspath(os.path.join(boot_dir, f"{utc_stamp()}_boot_{instance}.log"))
-    writer.add("boot", AppendFile(boot_path))
+    pointer = os.path.join(boot_dir, "latest.txt")
+    writer.add("boot", AppendFile(boot_path, pointer, clock))
     try:
         os.makedirs(boot_dir, exist_ok=True)
         os.makedirs(llama_dir, exist_ok=True)
         open(os.path.join(llama_dir, "latest.txt"), "ab").close()  # `tail -F` can start at once
         open(boot_path, "ab").close()
         prune(boot_dir, ".log", keep - 1, exclude=os.path.basename(boot_path))  # this one makes keep
-        pointer = os.path.join(boot_dir, "latest.txt")
-        with open(pointer + ".tmp", "w", encoding="utf-8") as f:
-            f.write(boot_path + "\n")
-        os.replace(pointer + ".tmp", pointer)
+        write_pointer(pointer, boot_path)
     except OSError as e:
         writer._failed(f"cannot prepare the log directory {logs_dir}: {e}")
     writer.start()

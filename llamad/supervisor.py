@@ -13,10 +13,8 @@ import enum
 import os
 import random as _random
 import re
-import secrets
 import signal
 import socket
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
@@ -28,7 +26,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llamad import backends
+from llamad import backends, runfiles
 from llamad.backends import Target
 from llamad.config import BackendConfig, SupervisorConfig
 from llamad.timers import cancel
@@ -37,7 +35,10 @@ log = Logger(namespace="llamad.supervisor")
 
 PROBE_INTERVAL = 0.02  # seconds between readiness polls (<= 50 ms, see DESIGN.md)
 RECENT_LINES = 40  # child output kept to explain an exit
+PROBE_TIMEOUT = 1.0  # seconds for one readiness poll
 HURRY_STOP_TIMEOUT = 3.0  # SIGTERM-to-SIGKILL once shutdown has been asked for twice
+WEDGED_STOP_TIMEOUT = 3.0  # SIGTERM-to-SIGKILL for a child that stopped answering
+LEFTOVER_POLL = 0.05  # seconds between checks that an earlier boot's child is gone
 READY_HINTS = (b"llama_server: listening on", b"server is listening", b"Uvicorn running")
 
 
@@ -64,7 +65,9 @@ class Spawn:
 
 @dataclass(frozen=True)
 class Terminate:
-    """SIGTERM the child, SIGKILL it after ``stop_timeout``."""
+    """SIGTERM the child, SIGKILL it after ``grace`` seconds (default: ``stop_timeout``)."""
+
+    grace: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ class Lifecycle:
         self.want_up = False
         self.attempt = 0
         self.failures: deque[float] = deque()
+        self.serving = False  # the running child has been ready
+        self.lost_serving_child = False  # the last child to end had been serving (a crash, not a failed start)
+        self.wedged_reason = ""
 
     def start(self) -> list[Effect]:
         """Someone wants the child up (eager start, or a request at cold start)."""
@@ -130,7 +136,16 @@ class Lifecycle:
         if self.state == State.STARTING:
             self.state = State.READY
             self.attempt = 0
+            self.serving = True
         return []
+
+    def wedged(self, reason: str, grace: float) -> list[Effect]:
+        """The ready child stopped answering its health checks: replace it (a failure, like a crash)."""
+        if self.state != State.READY:
+            return []
+        self.wedged_reason = self.reason = reason
+        self.state = State.STOPPING
+        return [Terminate(grace)]
 
     def ready_timeout(self, seconds: float) -> list[Effect]:
         if self.state != State.STARTING:
@@ -142,11 +157,13 @@ class Lifecycle:
     def exited(self, now: float, reason: str) -> list[Effect]:
         """The child is gone (or could not be spawned)."""
         was = self.state
+        self.lost_serving_child, self.serving = self.serving, False
+        wedged, self.wedged_reason = self.wedged_reason, ""
         if was == State.STOPPING and not self.want_up:
             self.state = State.STOPPED
             return []
-        if was == State.STOPPING and self.reason.startswith("not ready"):
-            reason = self.reason  # the timeout is the story, not the SIGTERM
+        if was == State.STOPPING and (wedged or self.reason.startswith("not ready")):
+            reason = wedged or self.reason  # the time-out or the hang is the story, not the SIGTERM
         elif was == State.STOPPING:
             # Stopped on purpose, then wanted again before the exit: start anew.
             self.state = State.STOPPED
@@ -209,6 +226,8 @@ def exit_kind(reason: str) -> str:
     """A bounded label for ``reason``: what ``llamad_backend_restarts_total`` counts by."""
     if reason.startswith("not ready within"):
         return "ready_timeout"
+    if reason.startswith("wedged"):
+        return "wedged"
     if reason.startswith("spawn failed"):
         return "spawn_failed"
     if "SIGKILL" in reason:
@@ -227,7 +246,7 @@ class ChildOutput(Protocol):
     def child_line(self, line: bytes) -> None: ...
 
 
-Probe = Callable[[int, bytes], "defer.Deferred[int]"]
+Probe = Callable[[int, bytes, float], "defer.Deferred[int]"]
 
 
 _LLAMA_ERROR = re.compile(rb"^\d+\.\d+\.\d+\.\d+ E (.+)$")
@@ -259,18 +278,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_key_file(directory: str | None = None) -> tuple[str, str]:
-    """A fresh per-boot API key in a 0600 file; returns (key, path)."""
-    key = secrets.token_urlsafe(32)
-    fd, path = tempfile.mkstemp(prefix="llamad-key-", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, key.encode() + b"\n")
-    finally:
-        os.close(fd)
-    return key, path
-
-
 class _ChildProtocol(ProcessProtocol):
     def __init__(self, owner: Supervisor) -> None:
         self.owner = owner
@@ -291,7 +298,16 @@ class _ChildProtocol(ProcessProtocol):
 
 
 class Supervisor(Service):
-    """Runs one backend child through :class:`Lifecycle`."""
+    """Runs one backend child through :class:`Lifecycle`.
+
+    :param reactor: spawns the child (``IReactorProcess``).
+    :param clock: every timer; a ``Clock`` in tests.
+    :param probe: ``probe(port, path, timeout)`` fires with the HTTP status of a GET on the child.
+    :param key: the child's API key; written to a 0600 file in ``run_dir`` for each start and
+        removed once the child has read it (ready) or ended.
+    :param run_dir: private runtime folder for the key file and ``<name>.pid``, the record a
+        later boot uses to stop a child this one leaves behind.  Empty: none.
+    """
 
     name = "supervisor"
 
@@ -303,11 +319,12 @@ class Supervisor(Service):
         config: SupervisorConfig,
         probe: Probe,
         key: str,
-        key_file: str,
+        run_dir: str = "",
         output: ChildOutput | None = None,
         new_session: bool = True,
         random: Callable[[], float] = _random.random,
         base_env: dict[str, str] | None = None,
+        child_name: str = "llama",
     ) -> None:
         self.reactor = reactor
         self.clock = clock
@@ -315,7 +332,9 @@ class Supervisor(Service):
         self.config = config
         self.probe = probe
         self.key = key
-        self.key_file = key_file
+        self.run_dir = run_dir
+        self.pid_file = os.path.join(run_dir, f"{child_name}.pid") if run_dir else ""
+        self.key_file = ""
         self.output = output
         self.new_session = new_session and bool(backends.new_session_prefix())
         self.base_env = base_env
@@ -325,19 +344,25 @@ class Supervisor(Service):
         self.protocol: _ChildProtocol | None = None
         self.port = 0
         self.pid: int | None = None
+        self.generation = 0  # one per spawn: a target from an earlier child is never mistaken for this one's
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.last_start_seconds: float | None = None
         self.restarts = 0
+        self.health_failures = 0
         self.recent_lines: deque[bytes] = deque(maxlen=RECENT_LINES)
         self._timer: IDelayedCall | None = None
         self._probe_call: IDelayedCall | None = None
         self._probe_busy = False
+        self._health_call: IDelayedCall | None = None
         self._ready_deadline: IDelayedCall | None = None
         self._kill_call: IDelayedCall | None = None
         self._ready_path = b"/health"
+        self._leftover: runfiles.ChildRecord | None = None  # an earlier boot's child, being stopped
+        self._leftover_call: IDelayedCall | None = None
+        self._spawn_pending = False
         self._stopped_waiters: list[defer.Deferred[None]] = []
-        self._ready_waiters: list[defer.Deferred[None]] = []
+        self._ready_waiters: list[tuple[defer.Deferred[None], int]] = []
         self._listeners: list[Callable[[State, State], None]] = []
 
     # public surface
@@ -376,6 +401,7 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._find_leftover()
         if self.backend.start == "eager":
             self.request_start()
 
@@ -385,19 +411,26 @@ class Supervisor(Service):
         return self.when_stopped()
 
     def target(self) -> Target:
-        return Target(f"http://127.0.0.1:{self.port}".encode(), self.key)
+        return Target(f"http://127.0.0.1:{self.port}".encode(), self.key, self.generation)
 
-    def wait_ready(self) -> defer.Deferred[None]:
-        """Fires when the child is ready; fails with a 503 if this start fails."""
-        if self.state == State.READY:
+    def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]:
+        """Fires when a child is ready; fails with :class:`StartFailed` if its start fails.
+
+        ``newer_than``: a generation whose child could not be reached; wait for a later
+        child even while this one still looks ready (its exit has not been seen yet).
+        A ready child that crashes does not fail the waiters: they wait for its restart.
+        """
+        if self.state == State.READY and (newer_than is None or self.generation > newer_than):
             return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred(self._ready_waiters.remove)
-        self._ready_waiters.append(d)
+        entry: list[tuple[defer.Deferred[None], int]] = []
+        d: defer.Deferred[None] = defer.Deferred(lambda _: self._ready_waiters.remove(entry[0]))
+        entry.append((d, -1 if newer_than is None else newer_than))
+        self._ready_waiters.append(entry[0])
         return d
 
     def when_stopped(self) -> defer.Deferred[None]:
         """Fires once no child is running and none will be started."""
-        if self.state == State.STOPPED:
+        if self.state == State.STOPPED and self._leftover is None:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._stopped_waiters.append(d)
@@ -415,7 +448,7 @@ class Supervisor(Service):
             if isinstance(effect, Spawn):
                 self._spawn()
             elif isinstance(effect, Terminate):
-                self._terminate()
+                self._terminate(self.stop_timeout if effect.grace is None else min(effect.grace, self.stop_timeout))
             elif isinstance(effect, Schedule):
                 self._cancel_timer()
                 self._timer = self.clock.callLater(effect.delay, self._run, self.machine.timer_fired)
@@ -429,30 +462,59 @@ class Supervisor(Service):
             self.last_start_seconds = self.ready_at - (self.started_at or self.ready_at)
             log.info("backend ready: pid {pid} port {port}, {secs:.3f} s after spawn",
                      pid=self.pid, port=self.port, secs=self.last_start_seconds)
+            runfiles.remove(self.key_file)  # read at startup: no copy of the key stays on disk
+            self.health_failures = 0
+            self._health_call = cancel(self._health_call)
+            if self.config.health_interval > 0:
+                self._health_call = self.clock.callLater(self.config.health_interval, self._health_check)
         elif after == State.FAILED:
             log.error("backend failed: {n} exits within {w:g} s; last: {reason}",
                       n=len(self.machine.failures), w=self.config.crash_loop_window, reason=self.reason)
         for listener in list(self._listeners):
             listener(before, after)
-        if after in (State.READY, State.BACKOFF, State.FAILED, State.STOPPED):
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for d in waiters:
-                if after == State.READY:
-                    d.callback(None)
-                else:
-                    d.errback(StartFailed(self.reason or f"backend {after.value}"))
-        if after == State.STOPPED:
-            waiters, self._stopped_waiters = self._stopped_waiters, []
-            for d in waiters:
+        if after == State.READY:
+            self._fire_ready_waiters(None)
+        elif after in (State.FAILED, State.STOPPED) or (after == State.BACKOFF and not self.machine.lost_serving_child):
+            # A start that failed, a crash loop, or a stop: waiting longer would not help.  A
+            # crash of a serving child keeps them: the restart serves them.
+            self._fire_ready_waiters(StartFailed(self.reason or f"backend {after.value}"))
+        if after == State.STOPPED and self._leftover is None:
+            self._fire_stopped_waiters()
+
+    def _fire_ready_waiters(self, error: Exception | None) -> None:
+        keep = []
+        waiters, self._ready_waiters = self._ready_waiters, keep
+        for d, newer_than in waiters:
+            if error is not None:
+                d.errback(error)
+            elif self.generation > newer_than:
                 d.callback(None)
+            else:
+                keep.append((d, newer_than))
+
+    def _fire_stopped_waiters(self) -> None:
+        waiters, self._stopped_waiters = self._stopped_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _cancel_timer(self) -> None:
         self._timer = cancel(self._timer)
 
     def _spawn(self) -> None:
+        if self._leftover is not None:
+            self._spawn_pending = True  # after the earlier boot's child is gone (its port, its GPU memory)
+            return
         self.port = free_port()
+        self.generation += 1
         prefix = backends.new_session_prefix() if self.new_session else []
-        launch = backends.launch(self.backend, self.port, self.key, self.key_file, self.base_env, prefix)
+        try:
+            self._write_key_file()
+        except OSError as e:
+            log.error("cannot write the backend's key file in {dir}: {err}", dir=self.run_dir, err=e)
+            self._run(self.machine.exited, self.clock.seconds(), f"spawn failed: key file: {e}")
+            return
+        launch = backends.launch(self.backend, self.port, self.key, self.key_file or os.devnull,
+                                 self.base_env, prefix)
         argv = launch.argv
         self._ready_path = launch.ready_path
         self.protocol = _ChildProtocol(self)
@@ -462,14 +524,89 @@ class Supervisor(Service):
             self.process = self.reactor.spawnProcess(self.protocol, argv[0], argv, env=launch.env)
         except OSError as e:
             self.protocol = None
+            self.key_file = self._remove_key_file()
             log.error("backend spawn failed: {argv0}: {err}", argv0=argv[0], err=e)
             self._run(self.machine.exited, self.clock.seconds(), f"spawn failed: {e}")
             return
         self.pid = self.process.pid
+        self._write_record()
         log.info("backend start: pid {pid} port {port}: {argv}", pid=self.pid, port=self.port, argv=" ".join(argv))
         self._probe_call = self.clock.callLater(PROBE_INTERVAL, self._probe)
         timeout = self.backend.ready_timeout
         self._ready_deadline = self.clock.callLater(timeout, self._run, self.machine.ready_timeout, timeout)
+
+    def _write_key_file(self) -> None:
+        if self.backend.kind != "llama-server":
+            return  # llama-cpp-python reads the key from its environment
+        if self.run_dir:
+            runfiles.ensure_private_dir(self.run_dir)
+        _, self.key_file = runfiles.write_key_file(self.run_dir or None, self.key)
+
+    def _remove_key_file(self) -> str:
+        if self.key_file:
+            runfiles.remove(self.key_file)
+        return ""
+
+    def _write_record(self) -> None:
+        """Note the child in ``<name>.pid``, so a boot after a SIGKILL of llamad can stop it."""
+        if not self.pid_file or self.pid is None:
+            return
+        record = runfiles.record_for(self.pid, self.key_file)
+        if record is None:
+            return  # gone already: its exit is on the way
+        try:
+            runfiles.ensure_private_dir(self.run_dir)
+            runfiles.write_record(self.pid_file, record)
+        except OSError as e:
+            log.warn("cannot write {path}: {err} (a child left by a SIGKILLed llamad will not be found)",
+                     path=self.pid_file, err=e)
+
+    # an earlier boot's child
+
+    def _find_leftover(self) -> None:
+        """At boot: stop the child an earlier llamad on this data dir left running, if any."""
+        if not self.pid_file:
+            return
+        record = runfiles.read_record(self.pid_file)
+        if record is None:
+            return
+        if not record.running():
+            self._forget(record)
+            return
+        log.warn("found backend pid {pid} left running by an earlier llamad on this data dir: stopping it",
+                 pid=record.pid)
+        self._leftover = record
+        runfiles.signal_group(record.pid, signal.SIGTERM)
+        self._leftover_call = self.clock.callLater(LEFTOVER_POLL, self._leftover_check,
+                                                   self.clock.seconds() + self.stop_timeout)
+
+    def _leftover_check(self, kill_at: float) -> None:
+        record = self._leftover
+        assert record is not None
+        if record.running():
+            if self.clock.seconds() >= kill_at:
+                log.warn("leftover backend pid {pid} still running after SIGTERM: SIGKILL", pid=record.pid)
+                runfiles.signal_group(record.pid, signal.SIGKILL)
+                kill_at = float("inf")
+            self._leftover_call = self.clock.callLater(LEFTOVER_POLL, self._leftover_check, kill_at)
+            return
+        log.info("leftover backend pid {pid} is gone", pid=record.pid)
+        self._leftover_call = None
+        self._leftover = None
+        self._forget(record)
+        if self._spawn_pending:
+            self._spawn_pending = False
+            if self.state == State.STARTING:
+                self._spawn()
+        if self.state == State.STOPPED:
+            self._fire_stopped_waiters()
+
+    def _forget(self, record: runfiles.ChildRecord) -> None:
+        runfiles.remove(self.pid_file)
+        if record.key_file and os.path.dirname(record.key_file) == self.run_dir:
+            runfiles.remove(record.key_file)
+
+    # readiness, then health while ready
 
     def _probe(self, hinted: bool = False) -> None:
         self._probe_call = None
@@ -477,7 +614,7 @@ class Supervisor(Service):
             return
         self._probe_busy = True
         protocol = self.protocol
-        d = self.probe(self.port, self._ready_path)
+        d = self.probe(self.port, self._ready_path, PROBE_TIMEOUT)
 
         def done(status: int | Failure) -> None:
             self._probe_busy = False
@@ -491,6 +628,38 @@ class Supervisor(Service):
 
         d.addBoth(done)
 
+    def _health_check(self) -> None:
+        """While ready: a wedged child (a hang, or errors on /health) is replaced after N failures in a row."""
+        self._health_call = None
+        if self.state != State.READY:
+            return
+        protocol = self.protocol
+        timeout = self.config.health_timeout
+
+        def done(result: int | Failure) -> None:
+            if protocol is not self.protocol or self.state != State.READY:
+                return
+            if result == 200:
+                self.health_failures = 0
+            else:
+                self.health_failures += 1
+                if isinstance(result, Failure):
+                    why = (f"no answer within {timeout:g} s" if result.check(defer.TimeoutError, defer.CancelledError)
+                           else result.getErrorMessage())
+                else:
+                    why = f"HTTP {result}"
+                log.warn("backend health check {n}/{limit} failed: {why}", n=self.health_failures,
+                         limit=self.config.health_failures, why=why)
+                if self.health_failures >= self.config.health_failures:
+                    reason = (f"wedged: {self._ready_path.decode()} failed {self.health_failures} times in a row "
+                              f"(last: {why})")
+                    log.error("backend pid {pid} {reason}: restarting it", pid=self.pid, reason=reason)
+                    self._run(self.machine.wedged, reason, WEDGED_STOP_TIMEOUT)
+                    return
+            self._health_call = self.clock.callLater(self.config.health_interval, self._health_check)
+
+        self.probe(self.port, self._ready_path, timeout).addBoth(done)
+
     def _child_line(self, protocol: _ChildProtocol, line: bytes) -> None:
         if self.output is not None:
             self.output.child_line(line)
@@ -501,20 +670,26 @@ class Supervisor(Service):
             self._probe_call = cancel(self._probe_call)
             self._probe()
 
+    # stopping
+
     def hurry(self) -> None:
         """Shutdown was asked for twice: the child gets a few seconds after SIGTERM, not stop_timeout."""
         self.stop_timeout = min(self.stop_timeout, HURRY_STOP_TIMEOUT)
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.reset(self.stop_timeout)  # reset, not cancel: the SIGKILL still comes
 
-    def _terminate(self) -> None:
+    def _terminate(self, grace: float) -> None:
+        if self.process is None and self._spawn_pending:
+            # Stopped while waiting for a leftover child: this one never ran.
+            self._spawn_pending = False
+            self._run(self.machine.exited, self.clock.seconds(), "stopped before it started")
+            return
         self._signal(signal.SIGTERM)
-        self._kill_call = self.clock.callLater(self.stop_timeout, self._kill)
+        self._kill_call = self.clock.callLater(grace, self._kill, grace)
 
-    def _kill(self) -> None:
+    def _kill(self, grace: float) -> None:
         self._kill_call = None
-        log.warn("backend pid {pid} still running {t:g} s after SIGTERM: SIGKILL", pid=self.pid,
-                 t=self.stop_timeout)
+        log.warn("backend pid {pid} still running {t:g} s after SIGTERM: SIGKILL", pid=self.pid, t=grace)
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
@@ -535,6 +710,7 @@ class Supervisor(Service):
         if protocol is not self.protocol:
             return
         self._probe_call = cancel(self._probe_call)
+        self._health_call = cancel(self._health_call)
         self._ready_deadline = cancel(self._ready_deadline)
         self._kill_call = cancel(self._kill_call)
         value = reason.value
@@ -550,6 +726,9 @@ class Supervisor(Service):
                 os.killpg(self.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        self.key_file = self._remove_key_file()
+        if self.pid_file:
+            runfiles.remove(self.pid_file)
         log_method = log.info if expected else log.warn
         log_method("backend exit: pid {pid} {how}", pid=self.pid, how=description)
         self.process = None
@@ -585,7 +764,7 @@ class ExternalBackend:
     def request_start(self) -> None:
         pass
 
-    def wait_ready(self) -> defer.Deferred[None]:
+    def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]:
         return defer.succeed(None)
 
     def snapshot(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from llamad import config as config_module
+from llamad import runfiles
 from llamad.activity import Activity, IdleWatch
 from llamad.config import Config, ConfigError, ScaleFromZeroConfig
 from llamad.gateway.app import Gateway, api_site
@@ -29,11 +30,9 @@ from llamad.logs import ChildLog, boot_observer, gpu_inventory, open_logs
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.status import Status
-from llamad.supervisor import ExternalBackend, Supervisor, exit_kind, write_key_file
+from llamad.supervisor import ExternalBackend, Supervisor, exit_kind
 
 log = Logger(namespace="llamad")
-
-PROBE_TIMEOUT = 1.0
 
 
 def fail(message: str) -> None:
@@ -64,7 +63,8 @@ class Options(usage.Options):
         """Set any config key, e.g. --set backend.parallel=2 (repeatable)."""
         key, sep, value = assignment.partition("=")
         if not sep:
-            raise usage.UsageError(f"--set needs KEY=VALUE, got {assignment!r}")
+            # One config-error line and exit 2, as for every other bad setting.
+            fail(str(ConfigError(key.strip() or "--set", f"--set needs KEY=VALUE, got {assignment!r}")))
         self.overrides[key.strip()] = value
 
     def postOptions(self) -> None:
@@ -105,7 +105,10 @@ class LlamadService(service.MultiService):
     def reload(self) -> None:
         log.info("SIGHUP: reloading")
         for reload in self.reloaders:
-            reload()
+            try:
+                reload()
+            except Exception:  # one failing reloader must not skip the others
+                log.failure("SIGHUP: reload failed")
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -150,11 +153,11 @@ class LlamadService(service.MultiService):
 
 
 def make_probe(reactor: Any, key: str) -> Any:
-    """GET the readiness path on the child; fires with the status code."""
+    """GET the readiness (or health) path on the child; fires with the status code."""
 
-    def probe(port: int, path: bytes) -> defer.Deferred[int]:
+    def probe(port: int, path: bytes, timeout: float) -> defer.Deferred[int]:
         pool = UpstreamPool(reactor, reactor, "127.0.0.1", port, max_idle=0)
-        return fetch(pool, path, key, PROBE_TIMEOUT).addCallback(lambda result: result[0])
+        return fetch(pool, path, key, timeout).addCallback(lambda result: result[0])
 
     return probe
 
@@ -190,16 +193,16 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
 
     activity = Activity(reactor)
     backend: Any
-    key_file = ""
     if config.backend.kind == "none":
         backend = None  # a scale-from-zero poller pod: inference answers 503
     elif config.backend.kind == "external":
         backend = ExternalBackend(config.backend.url)
     else:
-        key, key_file = write_key_file()
+        key = runfiles.new_key()
         backend = Supervisor(
             reactor, reactor, config.backend, config.supervisor,
-            probe=make_probe(reactor, key), key=key, key_file=key_file, output=ChildLog(writer),
+            probe=make_probe(reactor, key), key=key, run_dir=runfiles.runtime_dir(config.data_dir),
+            output=ChildLog(writer),
         )
 
     status = Status(reactor, backend, config.backend.model_id or config.backend.url, config.backend.start == "lazy",
@@ -239,7 +242,8 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
         root.reloaders.append(lambda: backend.retry() if backend.state.value == "failed" else None)
 
     strports.service(config.health.listen, health_site(status, config.health.ping)).setServiceParent(root)
-    api = api_site(gateway, config.api.max_body_bytes, config.api.header_timeout)
+    api = api_site(gateway, config.api.max_body_bytes, config.api.header_timeout, config.api.body_timeout,
+                   config.api.max_incomplete_per_client)
     strports.service(config.api.listen, api).setServiceParent(root)
     if isinstance(backend, Supervisor):
         backend.setServiceParent(root)
@@ -249,11 +253,6 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
         status.poller = poller
 
     def close() -> None:
-        if key_file:
-            try:
-                os.unlink(key_file)
-            except FileNotFoundError:
-                pass
         globalLogPublisher.removeObserver(observer)
         writer.stop()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, error
@@ -64,8 +66,25 @@ class FakeProbe:
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, bytes]] = []
-        self.status = 503
+        self.status: int | defer.Deferred[int] = 503  # a Deferred: the probe hangs until the test fires it
 
-    def __call__(self, port: int, path: bytes) -> defer.Deferred[int]:
+    def __call__(self, port: int, path: bytes, timeout: float = 1.0) -> defer.Deferred[int]:
         self.calls.append((port, path))
+        if isinstance(self.status, defer.Deferred):
+            return self.status
         return defer.succeed(self.status)
+
+
+def clean_config_env(tmp_path: Path, monkeypatch: Any) -> Path:
+    """A clean environment for config loading: a real model file and command, no stray config file."""
+    from llamad import config
+
+    for name in [*config.ENV_KEYS, *config.PORT_ENV_KEYS, "MODEL_NAME"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
+    model = tmp_path / "m.gguf"
+    model.touch()
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MODEL_PATH", str(model))
+    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
+    return model

@@ -7,6 +7,7 @@ llamad's own, so the per-request work stays small.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from klein import Klein
@@ -23,7 +24,7 @@ from llamad.gateway.errors import ApiError, sse_error_event, write_error
 from llamad.gateway.gate import Gate, Lease
 from llamad.gateway.guard import Auth, Cors, GuardResource
 from llamad.gateway.limits import guarded_site
-from llamad.gateway.proxy import Proxy
+from llamad.gateway.proxy import NotDelivered, Proxy
 from llamad.gateway.usage import UsageTap, ask_for_usage
 from llamad.health import QuietSite
 from llamad.metrics import Metrics
@@ -32,26 +33,32 @@ from llamad.timers import cancel
 
 log = Logger(namespace="llamad.gateway")
 
-# Inference: POST only, JSON object bodies, admitted by the gate, counted as activity.
+# Inference: every llama-server POST route that runs the model.  POST only, admitted
+# by the gate, counted as activity.
 INFERENCE_ROUTES = frozenset(
     {
-        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/responses",
-        "/v1/messages", "/chat/completions", "/completions", "/completion", "/embedding", "/embeddings",
-        "/infill", "/rerank", "/reranking",
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking",
+        "/v1/responses", "/v1/messages", "/v1/audio/transcriptions", "/chat/completions", "/completions",
+        "/completion", "/responses", "/embedding", "/embeddings", "/infill", "/rerank", "/reranking",
+        "/audio/transcriptions",
     }
 )
+# Inference routes that take multipart form data (an audio file): llamad does not parse their bodies.
+FORM_ROUTES = frozenset({"/v1/audio/transcriptions", "/audio/transcriptions"})
+# Inference routes whose body must be a JSON object (checked before it reaches the gate).
+JSON_BODY_ROUTES = INFERENCE_ROUTES - FORM_ROUTES
 # Other routes counted under their own label; anything else is "other" (bounded cardinality).
 KNOWN_ROUTES = INFERENCE_ROUTES | {
     "/v1/models", "/models", "/tokenize", "/detokenize", "/apply-template", "/props", "/slots",
     "/lora-adapters", "/health", "/ping", "/metrics", "/admin/reload", "/admin/restart",
 }
-# Answered by llamad (Klein); every other path is proxied.
-OWN_ROUTES = frozenset({b"/ping", b"/health", b"/metrics", b"/admin/reload", b"/admin/restart"})
 # Listed from the config while the child is down: a model list never wakes it.
 MODEL_LIST_ROUTES = frozenset({"/v1/models", "/models"})
 LOADING_INTERVAL = 3.0  # seconds between ": loading" comments on a waiting stream
 CHILD_METRICS_TIMEOUT = 2.0
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
+# A \uD800-\uDFFF escape: the only way a lone surrogate gets into parsed JSON.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def route_label(path: bytes) -> str:
@@ -59,13 +66,34 @@ def route_label(path: bytes) -> str:
     return text if text in KNOWN_ROUTES else "other"
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """An inference request body: a JSON object, or a 400 that says what is wrong."""
+    """An inference request body: a strict JSON object in UTF-8, or a 400 that says what is wrong.
+
+    Strict, so that what llamad accepts is what the child parses: no NaN or
+    Infinity, no lone surrogate escape, no UTF-16.  The surrogate check costs
+    a re-encode, so it runs only on bodies that hold such an escape.
+    """
     if not body.strip():
         raise ApiError(400, "request body is empty: expected a JSON object", "invalid_json")
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not UTF-8 (byte {body[e.start]:#04x} at offset {e.start})",
+                       "invalid_json") from None
+    try:
+        payload = json.loads(text.removeprefix("\ufeff"), parse_constant=_no_constant)
+        if _SURROGATE_ESCAPE.search(body):
+            json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: lone surrogate \\u{ord(e.object[e.start]):04x} "
+                       "in a string", "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
+    except ValueError as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(payload, dict):
         raise ApiError(400, f"request body must be a JSON object, not {type(payload).__name__}", "invalid_json")
@@ -144,8 +172,19 @@ class Gateway:
 
     @app.route("/admin/reload", methods=["POST"])
     def admin_reload(self, request: IRequest) -> bytes:
-        """Re-read the API keys file (the caller passed the key check already)."""
-        loaded = self.auth.reload()
+        """Re-read the API keys file (the caller passed the key check already).
+
+        An unreadable file leaves no key valid (fail closed) and answers a JSON
+        500 naming why, so ``llamad keys reload`` reports it rather than success.
+        """
+        try:
+            loaded = self.auth.reload()
+        except Exception:
+            log.failure("reloading the API keys failed")
+            raise ApiError(500, "reloading the API keys failed (see the log)", "reload_failed") from None
+        if self.auth.enabled and self.auth.store.error:
+            raise ApiError(500, f"API keys not reloaded: {self.auth.store.error}; no key is valid until the file "
+                           "can be read and reloaded", "keys_file_unreadable")
         self.count(request, 200, "/admin/reload")
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"reloaded": True, "keys": loaded}).encode()
@@ -194,10 +233,13 @@ class Gateway:
         if inference:
             if request.method != b"POST":
                 raise ApiError(405, f"{route} takes POST", "method_not_allowed", {b"allow": b"POST"})
-            payload = parse_json_object(body)
+            payload = parse_json_object(body) if route in JSON_BODY_ROUTES else {}
             if ask_for_usage(request.path, payload):
                 strip_usage = True
-                body = json.dumps(payload).encode()
+                try:
+                    body = json.dumps(payload).encode()
+                except RecursionError:  # parsed just under the limit, this deeper stack is over it
+                    raise ApiError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
             if payload.get("stream") is True and not self.gate.ready:
                 loading = LoadingComments(self.clock, request)
             try:
@@ -238,7 +280,18 @@ class Gateway:
         self.metrics.in_flight.inc()
         self.activity.begin(inference)
         try:
-            await self.proxy.forward(request, target, body, first_byte, tap_for if inference else None, committed)
+            while True:
+                try:
+                    await self.proxy.forward(request, target, body, first_byte, tap_for if inference else None,
+                                             committed)
+                    break
+                except NotDelivered:
+                    # The child died (or is restarting) and got none of this request: send it to the next one.
+                    if lease is None or not self.gate.can_redeliver(lease):
+                        raise
+                    log.info("backend unreachable before {route} was sent: waiting for its restart", route=route)
+                    await self.gate.redeliver(lease)
+                    target = lease.target
         except defer.CancelledError:
             self.count(request, CLIENT_CLOSED, route)
             raise
@@ -271,6 +324,14 @@ class Gateway:
         """``/v1/models`` from the config, so listing models never wakes the child."""
         return {"object": "list", "data": [{"id": self.status.model_id, "object": "model",
                                             "created": int(self.status.booted_wall), "owned_by": "llamad"}]}
+
+
+# Answered by llamad (Klein), each path with the methods its route above takes (read from the
+# routes, so the guard's JSON 405 cannot drift from them); every other path is proxied.
+OWN_ROUTES: dict[bytes, frozenset[bytes]] = {
+    rule.rule.encode(): frozenset(method.encode() for method in rule.methods or ())
+    for rule in Gateway.app.url_map.iter_rules()
+}
 
 
 class LoadingComments:
@@ -307,5 +368,8 @@ class LoadingComments:
         self.request.finish()
 
 
-def api_site(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10) -> Site:
-    return guarded_site(gateway.resource(), max_body_bytes, header_timeout, QuietSite)
+def api_site(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10,
+             body_timeout: float = 30, max_incomplete_per_client: int = 64) -> Site:
+    guard = gateway.resource()
+    return guarded_site(guard, max_body_bytes, header_timeout, QuietSite, body_timeout=body_timeout,
+                        max_incomplete_per_client=max_incomplete_per_client, early_check=guard.early_refusal)

@@ -61,15 +61,16 @@ class Backend(Protocol):
 
     def request_start(self) -> None: ...
 
-    def wait_ready(self) -> defer.Deferred[None]: ...
+    def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]: ...
 
 
 class Lease:
     """One admitted request's slot; ``release`` exactly once when it is done."""
 
-    def __init__(self, gate: Gate | None, target: Target) -> None:
+    def __init__(self, gate: Gate | None, target: Target, started: float = 0.0) -> None:
         self.gate = gate
         self.target = target
+        self.started = started  # arrival: queue_timeout counts from here, redeliveries included
         self.cold_wait: float | None = None  # seconds waited for the child to start, if it had to
 
     def release(self) -> None:
@@ -131,7 +132,7 @@ class Gate:
             raise self._reject("queue_full", ApiError(
                 503, f"server busy: {self.queue.max_queue} requests already waiting", "queue_full",
                 {b"retry-after": b"1"}))
-        lease = Lease(None, Target(b"", ""))  # holds the slot once admitted
+        lease = Lease(None, Target(b"", ""), started)  # holds the slot once admitted
         try:
             if outcome == "queued":
                 self.metrics.queue_depth.set(len(self.queue.waiting))
@@ -157,11 +158,34 @@ class Gate:
             return lease
         except StartFailed as e:
             lease.release()
-            raise self._reject("start_failed", ApiError(503, f"backend start failed: {e}", "backend_unavailable",
-                                                        {b"retry-after": b"5"})) from None
+            raise self._start_failed(e) from None
         except BaseException:
             lease.release()
             raise
+
+    def _start_failed(self, e: StartFailed) -> ApiError:
+        return self._reject("start_failed", ApiError(503, f"backend start failed: {e}", "backend_unavailable",
+                                                     {b"retry-after": b"5"}))
+
+    def can_redeliver(self, lease: Lease) -> bool:
+        """Only a supervised child is restarted; a request an external backend refused fails."""
+        return lease.gate is self and lease.target.generation > 0
+
+    async def redeliver(self, lease: Lease) -> None:
+        """The child could not be reached and got none of the request: wait for the next one.
+
+        The child died and its exit is not seen yet (or it is restarting).  The
+        request keeps its slot, so it goes ahead of everyone still queued, and
+        is sent to the restarted child, within ``queue_timeout`` of its arrival.
+        """
+        backend = self._refuse_early()
+        waiting = backend.wait_ready(newer_than=lease.target.generation)
+        try:
+            await self._bounded(waiting, lease.started)
+        except StartFailed as e:
+            raise self._start_failed(e) from None
+        self._refuse_early()
+        lease.target = backend.target()
 
     async def _bounded(self, d: defer.Deferred[None], started: float) -> None:
         """Wait for ``d`` until ``queue_timeout`` after ``started``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Mapping
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -53,15 +53,21 @@ class Cors:
             return b"*"
         return origin if origin in self.origins else None
 
-    def decorate(self, request: IRequest) -> None:
-        """CORS headers for a response, errors included."""
-        origin = request.getHeader(b"origin")
+    def headers_for(self, origin: bytes | None) -> dict[bytes, bytes]:
+        """The CORS headers of a response to ``origin``: also for answers written below the resource."""
+        headers: dict[bytes, bytes] = {}
         allow = self.allowed(origin)
         if allow is not None:
-            request.setHeader(b"access-control-allow-origin", allow)
-            request.setHeader(b"access-control-expose-headers", CORS_EXPOSE)
+            headers[b"access-control-allow-origin"] = allow
+            headers[b"access-control-expose-headers"] = CORS_EXPOSE
         if not self.any:
-            request.setHeader(b"vary", b"Origin")  # the answer depends on the origin, allowed or not
+            headers[b"vary"] = b"Origin"  # the answer depends on the origin, allowed or not
+        return headers
+
+    def decorate(self, request: IRequest) -> None:
+        """CORS headers for a response, errors included."""
+        for name, value in self.headers_for(request.getHeader(b"origin")).items():
+            request.setHeader(name, value)
 
     def preflight(self, request: IRequest) -> bytes:
         """Answer an OPTIONS preflight with 204, or 403 for an origin not allowed."""
@@ -111,11 +117,14 @@ class Auth:
             return False
         return path != b"/metrics" or self.protect_metrics
 
-    def check(self, request: IRequest) -> ApiKey:
-        """The caller's key, or an :class:`ApiError` (401/429)."""
+    def check(self, request: IRequest, count: bool = True) -> ApiKey:
+        """The caller's key, or an :class:`ApiError` (401/429).
+
+        ``count=False`` takes no rate-limit slot (the check before a body arrives).
+        """
         verdict = self.store.check(
             presented_key(request.getHeader(b"authorization"), request.getHeader(b"x-api-key")),
-            self.clock.seconds(), self.wall(),
+            self.clock.seconds(), self.wall(), count,
         )
         if isinstance(verdict, Denied):
             headers = {b"retry-after": b"%d" % verdict.retry_after} if verdict.retry_after else {}
@@ -132,13 +141,13 @@ class GuardResource(Resource):
     isLeaf = True
 
     def __init__(self, inner: IResource, auth: Auth, cors: Cors, on_reject: Callable[[IRequest, int], None],
-                 own_routes: frozenset[bytes], forward: Callable[[IRequest], int]) -> None:
+                 own_routes: Mapping[bytes, frozenset[bytes]], forward: Callable[[IRequest], int]) -> None:
         super().__init__()
         self.inner = inner
         self.auth = auth
         self.cors = cors
         self.on_reject = on_reject
-        self.own_routes = own_routes
+        self.own_routes = own_routes  # path -> the methods its route takes
         self.forward = forward
 
     def render(self, request: IRequest) -> bytes | int:
@@ -156,17 +165,46 @@ class GuardResource(Resource):
         return self.forward(request)
 
     def check(self, request: IRequest) -> None:
-        if request.method not in ALLOWED_METHODS:
-            raise ApiError(405, f"method {request.method.decode('latin-1')} not allowed", "method_not_allowed",
+        self.check_head(request.method, request.uri, request)
+
+    def check_head(self, method: bytes, target: bytes, request: IRequest, count: bool = True) -> None:
+        """Everything the head of a request decides; ``request`` is read for its headers only."""
+        if method not in ALLOWED_METHODS:
+            raise ApiError(405, f"method {method.decode('latin-1')} not allowed", "method_not_allowed",
                            {b"allow": b", ".join(sorted(ALLOWED_METHODS))})
-        path = request.uri.split(b"?", 1)[0]
+        path = target.split(b"?", 1)[0]
         if not path.startswith(b"/") or _TRICKY_PATH.search(path):
             raise ApiError(400, "invalid request path", "invalid_path")
-        if self.is_preflight(request):
+        if self._preflight(method, request):
             return  # preflights carry no credentials
         if self.auth.needs_key(path):
-            self.auth.check(request)
+            self.auth.check(request, count)
+        allowed = self.own_routes.get(path)
+        if allowed is not None and method not in allowed:
+            # Klein's own 405 is an HTML page; clients of this port expect the JSON error.
+            listed = b", ".join(sorted(allowed))
+            raise ApiError(405, f"{path.decode('latin-1')} takes {listed.decode('latin-1')}", "method_not_allowed",
+                           {b"allow": listed})
+
+    def early_refusal(self, method: bytes, target: bytes, request: IRequest) -> ApiError | None:
+        """The answer to a request whose head is in but whose body is not, if the head already decides it.
+
+        Called by the channel before it reads a body, so a client without a
+        valid key cannot hold a connection open by trickling one.  The rate
+        limit is only looked at: ``render`` checks again and counts the request
+        once.  The error carries the CORS headers ``render`` would have added.
+        """
+        try:
+            self.check_head(method, target, request, count=False)
+        except ApiError as err:
+            if self.cors.enabled:
+                err.headers = {**self.cors.headers_for(request.getHeader(b"origin")), **err.headers}
+            return err
+        return None
 
     def is_preflight(self, request: IRequest) -> bool:
-        return (request.method == b"OPTIONS" and self.cors.enabled and request.getHeader(b"origin") is not None
+        return self._preflight(request.method, request)
+
+    def _preflight(self, method: bytes, request: IRequest) -> bool:
+        return (method == b"OPTIONS" and self.cors.enabled and request.getHeader(b"origin") is not None
                 and request.getHeader(b"access-control-request-method") is not None)

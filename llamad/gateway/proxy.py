@@ -38,6 +38,10 @@ class Tap(typing.Protocol):
     def finish(self) -> bytes: ...
 
 
+class NotDelivered(ApiError):
+    """The backend could not be reached: not one byte of the request got to it, so it may be sent again."""
+
+
 class _Upstream:
     """A parsed backend origin and its connection pool."""
 
@@ -134,12 +138,13 @@ class _Relay:
             if rest:
                 self.request.write(rest)
 
-    def failed(self, reason: str, started: bool) -> None:
+    def failed(self, reason: str, started: bool, sent: bool = True) -> None:
         self.timer = cancel(self.timer)
         if self.done.called:
             return
         if not started:
-            self.done.errback(ApiError(502, f"backend unreachable: {reason}", "backend_unreachable"))
+            error = ApiError if sent else NotDelivered
+            self.done.errback(error(502, f"backend unreachable: {reason}", "backend_unreachable"))
             return
         log.warn("backend stream broke: {why}", why=reason)
         self._break("backend connection lost mid-stream", "stream_interrupted")

@@ -34,7 +34,8 @@ class ResponseHandler(typing.Protocol):
 
     def finished(self) -> None: ...
 
-    def failed(self, reason: str, started: bool) -> None: ...
+    def failed(self, reason: str, started: bool, sent: bool = True) -> None:
+        """The exchange broke; ``sent`` False: not one byte reached the upstream (safe to send again)."""
 
 
 class UpstreamError(Exception):
@@ -275,7 +276,7 @@ class Exchange:
 
     def _unreachable(self, reason: str) -> None:
         if not self.cancelled:
-            self.handler.failed(reason, False)
+            self.handler.failed(reason, False, False)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -293,8 +294,8 @@ class Exchange:
     def finished(self) -> None:
         self.handler.finished()
 
-    def failed(self, reason: str, started: bool) -> None:
-        self.handler.failed(reason, started)
+    def failed(self, reason: str, started: bool, sent: bool = True) -> None:
+        self.handler.failed(reason, started, sent)
 
 
 class UpstreamPool:
@@ -368,7 +369,7 @@ class _Collect:
         if not self.done.called:
             self.done.callback((self.status, b"".join(self.parts)))
 
-    def failed(self, reason: str, started: bool) -> None:
+    def failed(self, reason: str, started: bool, sent: bool = True) -> None:
         if not self.done.called:
             self.done.errback(UpstreamError(reason))
 

@@ -10,7 +10,7 @@ from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
 from k8s_fake import FakeKube
-from llamad.k8s.cache import ListWatchCache
+from llamad.k8s.cache import BACKOFF_INITIAL, BACKOFF_MAX, ListWatchCache
 from llamad.k8s.client import ApiStatusError, KubeClient
 
 pytestmark = pytest.mark.integration
@@ -20,6 +20,14 @@ DEPLOYMENTS = "apis/apps/v1/deployments"
 
 def deployment(name: str, ns: str = "models", replicas: int = 0) -> dict:
     return {"metadata": {"name": name, "namespace": ns}, "spec": {"replicas": replicas}}
+
+
+def most_tries_within(seconds: float) -> int:
+    """The most list attempts the cache can make in ``seconds``: each retry waits at least half its delay."""
+    tries, waited, delay = 1, 0.0, BACKOFF_INITIAL
+    while waited + delay / 2 <= seconds:
+        tries, waited, delay = tries + 1, waited + delay / 2, min(BACKOFF_MAX, delay * 2)
+    return tries
 
 
 async def until(predicate, seconds: float = 5.0) -> None:
@@ -103,10 +111,17 @@ async def test_a_wrong_token_is_an_error_that_backs_off(fake):
         await client_for(fake, "wrong").request("GET", "/apis/apps/v1/deployments")
     assert caught.value.code == 401
     cache = ListWatchCache(reactor, client_for(fake, "wrong"), "/apis/apps/v1/deployments")
+    started = reactor.seconds()  # the clock the backoff timers run on
     cache.startService()
     try:
-        await deferLater(reactor, 0.5)
-        assert not cache.synced and 1 <= cache.errors <= 5  # backing off, not spinning
+        # Retried (the backoff schedule itself is tested on a Clock in tests/unit/test_k8s_cache_clock.py) ...
+        await deferLater(reactor, 1.0)  # at least a second: a spinning cache would have made dozens of tries
+        await until(lambda: cache.errors >= 3, 30)
+        elapsed = reactor.seconds() - started
+        assert not cache.synced and cache.lists == 0
+        # ... and backing off, not spinning: no more tries than the shortest jittered delays fit in the time that
+        # passed (5 in the first second).  A slower machine only lets more time pass, so the bound only gets looser.
+        assert cache.errors <= most_tries_within(elapsed), (cache.errors, elapsed)
     finally:
         cache.stopService()
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +89,25 @@ def test_a_failing_volume_is_counted_and_serving_goes_on(start_llamad, tmp_path)
     assert daemon.request("GET", "/ping", port="health")[0] == 200
     assert daemon.stop() == 0
     assert "failed log writes so far" in daemon.log()
+
+
+def test_logs_come_back_after_the_log_directory_is_deleted(start_llamad, tmp_path):
+    script = tmp_path / "ticking-child"
+    script.write_text("#!/bin/sh\ni=1\nwhile [ $i -le 1200 ]; do echo \"tick $i\"; sleep 0.05; i=$((i+1)); done\n"
+                      "exec sleep 60\n")
+    script.chmod(0o755)
+    daemon = start_llamad({"command": str(script)}, wait="listening")
+    logs = daemon.data_dir / "logs"
+    child_log = logs / "llama" / "latest.txt"
+    wait_for(lambda: b"tick 5\n" in child_log.read_bytes(), 30, "the child's first lines")
+    shutil.rmtree(logs)
+    # Within about a second the open files are found unlinked and made again, directories included.
+    wait_for(lambda: child_log.exists() and b"tick" in child_log.read_bytes(), 10, "the child log again")
+    pointer = logs / "_boot" / "latest.txt"
+
+    def boot_log_back() -> bool:
+        daemon.proc.send_signal(signal.SIGHUP)  # llamad logs the reload: lines for the boot log
+        return pointer.exists() and b"SIGHUP: reloading" in Path(pointer.read_text().strip()).read_bytes()
+
+    wait_for(boot_log_back, 10, "the boot log and its pointer again", interval=0.3)
+    assert daemon.stop() == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 import pytest_twisted
@@ -65,6 +66,7 @@ class Backend(Resource):
         self.mode = mode
         self.sent = [0]
         self.requests: list = []
+        self.producers: list[EndlessStream] = []
 
     def render_POST(self, request):
         self.requests.append(request)
@@ -73,6 +75,7 @@ class Backend(Resource):
         request.setHeader(b"content-type", b"text/event-stream")
         if self.mode == "endless":
             producer = EndlessStream(request, self.sent)
+            self.producers.append(producer)
             request.registerProducer(producer, True)
             producer.resumeProducing()
         elif self.mode == "dies":
@@ -106,18 +109,62 @@ def raw_post(port: int, body: bytes = b'{"stream": true}', extra: bytes = b"") -
     return sock
 
 
-async def read_until_closed(sock: socket.socket, seconds: float) -> bytes:
+async def until(predicate, what: str, seconds: float = 30, interval: float = 0.02):
+    """Poll ``predicate`` while the reactor runs; a generous deadline, since only a broken feature reaches it."""
+    deadline = time.monotonic() + seconds
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        await deferLater(reactor, interval)
+    return value
+
+
+def read_available(sock: socket.socket) -> tuple[bytes, bool]:
+    """What a non-blocking socket has now, and whether the peer has closed it."""
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except BlockingIOError:
+        return data, False
+    return data, True
+
+
+async def read_until_closed(sock: socket.socket, seconds: float = 30) -> bytes:
     sock.setblocking(False)
     data = b""
-    for _ in range(int(seconds / 0.05)):
-        await deferLater(reactor, 0.05)
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-            return data  # recv returned b"": closed
-        except BlockingIOError:
-            continue
-    raise AssertionError(f"connection not closed after {seconds} s; got {data[:200]!r}")
+
+    def closed() -> bool:
+        nonlocal data
+        chunk, done = read_available(sock)
+        data += chunk
+        return done
+
+    try:
+        await until(closed, "the connection to close", seconds, interval=0.05)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; got {data[:200]!r}") from None
+    return data
+
+
+async def stops_growing(counter: list[int], limit: int, checks: int = 10, interval: float = 0.05) -> int:
+    """Wait until ``counter[0]`` is unchanged over ``checks`` consecutive polls, failing once it passes ``limit``.
+
+    The producer writes on every reactor turn while it may, and each poll is a reactor turn, so a value that
+    holds over ten polls is a paused producer however slow the machine; a growing one never settles.
+    """
+    last, same = counter[0], 0
+
+    def settled() -> bool:
+        nonlocal last, same
+        now = counter[0]
+        assert now <= limit, f"sent {now} bytes to a client that reads nothing: no backpressure"
+        same = same + 1 if now == last else 0
+        last = now
+        return same >= checks
+
+    await until(settled, "the backend to stop sending", interval=interval)
+    return last
 
 
 @pytest_twisted.ensureDeferred
@@ -125,39 +172,40 @@ async def test_slow_client_pauses_the_backend():
     backend, backend_port, port, api = serve("endless")
     sock = raw_post(port)
     try:
-        await deferLater(reactor, 1.5)
-        stalled = backend.sent[0]
-        await deferLater(reactor, 0.5)
+        await until(lambda: backend.sent[0] > 0, "the backend to start streaming")
         # The client reads nothing: the backend is paused once the socket
         # buffers fill, so what it sent stops growing and stays small.
-        assert backend.sent[0] == stalled
-        assert stalled < 64 * 2**20
+        stalled = await stops_growing(backend.sent, limit=64 * 2**20)
+        assert stalled > 0 and backend.producers[0].paused and not backend.producers[0].stopped
         # Reading resumes the flow.
         sock.setblocking(False)
         drained = 0
-        for _ in range(40):
-            await deferLater(reactor, 0.02)
-            try:
-                while chunk := sock.recv(1 << 20):
-                    drained += len(chunk)
-            except BlockingIOError:
-                pass
-        assert drained > 0 and backend.sent[0] > stalled
+
+        def flowing() -> bool:
+            nonlocal drained
+            data, closed = read_available(sock)
+            assert not closed, "the gateway closed a stream that was only slow"
+            drained += len(data)
+            return drained > 0 and backend.sent[0] > stalled
+
+        await until(flowing, "the backend to resume once the client reads")
+        # The client goes away: the backend request is cancelled too.
+        sock.close()
+        await until(lambda: backend.requests[0].finished or backend.requests[0]._disconnected,
+                    "the backend request to be cancelled")
+        assert backend.producers[0].stopped  # and it stops generating
     finally:
         sock.close()
-        await deferLater(reactor, 0.2)
-        # The client went away: the backend request was cancelled too.
-        assert backend.requests[0].finished or backend.requests[0]._disconnected
         await api.stopListening()
         await backend_port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_timeout_before_the_response_starts_is_504():
-    backend, backend_port, port, api = serve("silent", request_timeout=0.3)
+    backend, backend_port, port, api = serve("silent", request_timeout=1.0)
     sock = raw_post(port, extra=b"Connection: close\r\n")
     try:
-        data = await read_until_closed(sock, 5)
+        data = await read_until_closed(sock)
     finally:
         sock.close()
     head, _, body = data.partition(b"\r\n\r\n")
@@ -165,9 +213,9 @@ async def test_timeout_before_the_response_starts_is_504():
     assert json.loads(body)["error"]["code"] == "backend_timeout"
     await api.stopListening()
     await backend_port.stopListening()
-    # The timeout also closed the request to the backend.
-    await deferLater(reactor, 0.1)
-    assert all(request.channel is None for request in backend.requests)
+    # The timeout also closed the request to the backend (which got it: the backend is silent, not unreachable).
+    await until(lambda: len(backend.requests) == 1 and backend.requests[0].channel is None,
+                "the backend request to be closed")
 
 
 @pytest_twisted.ensureDeferred
@@ -175,7 +223,7 @@ async def test_backend_dying_mid_stream_sends_one_sse_error_event():
     backend, backend_port, port, api = serve("dies")
     sock = raw_post(port)
     try:
-        data = await read_until_closed(sock, 5)
+        data = await read_until_closed(sock)
     finally:
         sock.close()
     assert data.count(b"HTTP/1.1") == 1 and data.startswith(b"HTTP/1.1 200")

@@ -48,11 +48,15 @@ def test_idle_unload_then_ten_requests_share_one_cold_start(start_llamad, llama_
     try:
         api = openai.OpenAI(base_url=daemon.base_url + "/v1", api_key="x", max_retries=0)
         api.chat.completions.create(model="demo", messages=MESSAGES, max_tokens=2)
+        last_response = time.monotonic()  # the request's activity ended before this
         first = daemon.backend_pid()
-        last_response = time.monotonic()
-        wait_for(lambda: not alive(first), 10, "the idle unload", interval=0.05)
+        assert first and alive(first)  # not unloaded under (or right after) the request
+        wait_for(lambda: not alive(first), 60, "the idle unload", interval=0.05)
         unloaded_after = time.monotonic() - last_response
-        assert 1.5 < unloaded_after < 4, unloaded_after
+        # Not before the 2 s timeout, counted from the end of the request (with 1 s of slack for the response
+        # to reach this client).  No upper bound: a slow machine only unloads later.  The exact time is
+        # tested on a Clock in tests/unit/test_idle.py and tests/unit/test_idle_unload.py.
+        assert unloaded_after > 1.0, unloaded_after
         assert children_of(daemon.proc.pid) == []
         assert daemon.health()["state"] == "stopped"
         assert daemon.request("GET", "/readyz", port="health")[0] == 200  # startable on demand

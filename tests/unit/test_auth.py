@@ -145,6 +145,15 @@ def test_rate_limit_is_a_sliding_window_of_60_seconds(tmp_path):
     assert isinstance(denied, Denied) and denied.retry_after == 5  # oldest is now the one at 1010
 
 
+def test_an_uncounted_check_takes_no_rate_limit_slot_but_sees_a_full_window(tmp_path):
+    store = store_with(tmp_path, f"alice:{SECRET}:1")
+    assert all(isinstance(store.check(SECRET, 0, NOW, count=False), ApiKey) for _ in range(5))
+    assert isinstance(store.check(SECRET, 0, NOW), ApiKey)  # the one counted check
+    denied = store.check(SECRET, 1, NOW, count=False)
+    assert isinstance(denied, Denied) and denied.status == 429
+    assert len(store.windows["alice"]) == 1
+
+
 def test_rate_limits_are_per_key_and_unlimited_keys_never_429(tmp_path):
     store = store_with(tmp_path, f"alice:{SECRET}:1", f"bob:{OTHER}")
     assert isinstance(store.check(SECRET, 0, NOW), ApiKey)
@@ -210,3 +219,50 @@ def test_reload_keeps_the_rate_window_of_a_key_that_stays(tmp_path):
     assert isinstance(store.check(SECRET, 0, NOW), ApiKey)
     store.load(str(path))
     assert isinstance(store.check(SECRET, 1, NOW), Denied)
+
+
+# --- a keys file that is not all UTF-8, or cannot be read ------------------------------
+
+
+def test_a_line_that_is_not_utf8_is_skipped_with_its_line_number_and_the_rest_loads(tmp_path):
+    path = tmp_path / "api_keys"
+    path.write_bytes(f"alice:{SECRET}\n".encode() + b"# caf\xe9\n" + f"bob:{OTHER}\n".encode())
+    lines, warnings = read_key_file(str(path))
+    assert [line.key.key_id for line in lines if line.key] == ["alice", "bob"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{path}:2: skipped: not UTF-8")
+
+
+def test_a_bad_byte_in_an_edit_still_applies_the_revocation_in_it(tmp_path):
+    path = tmp_path / "api_keys"
+    write_key_file(str(path), [f"alice:{SECRET}", f"bob:{OTHER}"])
+    store = KeyStore()
+    store.load(str(path))
+    assert store.check(SECRET, 0, NOW).key_id == "alice"
+    path.write_bytes(b"# revoked alice \xff\n" + f"bob:{OTHER}\n".encode())
+    assert store.load(str(path)) == [f"{path}:1: skipped: not UTF-8 (byte 0xff at offset 16)"]
+    assert isinstance(store.check(SECRET, 0, NOW), Denied)
+    assert store.check(OTHER, 0, NOW).key_id == "bob"
+
+
+def test_a_rewrite_keeps_a_line_that_is_not_utf8_byte_for_byte(tmp_path):
+    path = tmp_path / "api_keys"
+    path.write_bytes(b"# \xff\xfe mine\n" + f"alice:{SECRET}\n".encode())
+    lines, _ = read_key_file(str(path))
+    write_key_file(str(path), [line.text for line in lines] + [f"bob:{OTHER}"])
+    assert path.read_bytes() == b"# \xff\xfe mine\n" + f"alice:{SECRET}\nbob:{OTHER}\n".encode()
+
+
+def test_an_unreadable_keys_file_fails_closed_without_raising(tmp_path):
+    path = tmp_path / "api_keys"
+    write_key_file(str(path), [f"alice:{SECRET}"])
+    store = KeyStore()
+    store.load(str(path))
+    path.unlink()
+    path.mkdir()  # any read failure: a directory, permission denied, an I/O error
+    assert store.load(str(path)) == [f"{path}: cannot read: Is a directory"]
+    assert store.error == f"{path}: cannot read: Is a directory"
+    assert len(store) == 0 and isinstance(store.check(SECRET, 0, NOW), Denied)
+    path.rmdir()
+    write_key_file(str(path), [f"alice:{SECRET}"])
+    assert store.load(str(path)) == [] and store.error == ""
+    assert store.check(SECRET, 0, NOW).key_id == "alice"

@@ -7,22 +7,14 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from fakes import clean_config_env
 
-from llamad import cli, config
+from llamad import cli
 
 
 @pytest.fixture(autouse=True)
 def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A clean environment: a real model file and command, no stray config file."""
-    for name in [*config.ENV_KEYS, *config.PORT_ENV_KEYS, "MODEL_NAME"]:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
-    model = tmp_path / "m.gguf"
-    model.touch()
-    monkeypatch.setenv("DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("MODEL_PATH", str(model))
-    monkeypatch.setenv("LLAMA_SERVER_BIN", sys.executable)
-    return model
+    return clean_config_env(tmp_path, monkeypatch)
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -105,3 +97,37 @@ def test_set_without_equals_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
         code = e.code
     assert code == 2
     assert "backend.parallel" in capsys.readouterr().err
+
+
+# --- llamad keys on a file that is not all UTF-8, or cannot be read ---------------------
+
+
+def keys(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(["keys", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_keys_list_skips_a_line_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "api_keys"
+    path.write_bytes(b"alice:" + b"a" * 20 + b"\n# caf\xe9\n")
+    code, out, err = keys(["--file", str(path), "list"], capsys)
+    assert code == 0 and out.startswith("alice\taaaa...aa\t")
+    assert err == f"warning: {path}:2: skipped: not UTF-8 (byte 0xe9 at offset 5)\n"
+
+
+def test_keys_revoke_keeps_a_line_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "api_keys"
+    path.write_bytes(b"alice:" + b"a" * 20 + b"\n# caf\xe9\nbob:" + b"b" * 20 + b"\n")
+    code, out, _ = keys(["--file", str(path), "revoke", "alice"], capsys)
+    assert code == 0 and out.startswith("revoked alice")
+    assert path.read_bytes() == b"# caf\xe9\nbob:" + b"b" * 20 + b"\n"
+
+
+@pytest.mark.parametrize("action", [["list"], ["generate", "carol"], ["revoke", "alice"]])
+def test_keys_on_an_unreadable_file_is_one_line_and_exit_1(
+    tmp_path: Path, action: list[str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = keys(["--file", str(tmp_path), *action], capsys)
+    assert (code, out) == (1, "")
+    assert err == f"llamad keys: cannot read {tmp_path}: Is a directory\n"

@@ -152,6 +152,17 @@ def test_bad_env_value(env: dict[str, str], message: str) -> None:
     assert error(env=env) == message
 
 
+def test_body_timeout_and_incomplete_request_limit(tmp_path: Path) -> None:
+    api = load().config.api
+    assert (api.body_timeout, api.max_incomplete_per_client) == (30.0, 64)
+    unlimited = load(toml=write(tmp_path, "[api]\nmax_incomplete_per_client = 0\n")).config.api
+    assert unlimited.max_incomplete_per_client == 0
+    path = write(tmp_path, "[api]\nbody_timeout = 0\n")
+    assert error(toml=path) == f"api.body_timeout: must be > 0, got 0.0 (from {path})"
+    path = write(tmp_path, "[api]\nmax_incomplete_per_client = -1\n")
+    assert error(toml=path) == f"api.max_incomplete_per_client: must be >= 0, got -1 (from {path})"
+
+
 @pytest.mark.parametrize("text, shown", [("{A = 1}", "{'A': 1}"), ('"A=1"', "'A=1'")])
 def test_wrong_type_for_backend_env(tmp_path: Path, text: str, shown: str) -> None:
     path = write(tmp_path, f"[backend]\nenv = {text}\n")
@@ -596,3 +607,85 @@ def test_llama_server_bin_does_not_apply_to_the_python_backend(tmp_path: Path) -
     assert loaded.sources["backend.command"].startswith("default")
     loaded = config.load("", env, {}, check_files=False)
     assert loaded.config.backend.command == "/opt/llama/llama-server"
+
+
+# --- errors that would otherwise surface only at bind time or at the first reload -----------
+
+EXTERNAL = {"backend.kind": "external", "backend.url": "http://127.0.0.1:9"}
+
+
+def test_keys_file_that_is_a_directory(tmp_path: Path) -> None:
+    env = {"AUTH_ENABLED": "true", "AUTH_KEYS_FILE": str(tmp_path)}
+    with pytest.raises(ConfigError) as info:
+        load(env=env, options=EXTERNAL, check_files=True)
+    assert str(info.value) == f"auth.keys_file: {tmp_path} is a directory, not a keys file (from env AUTH_KEYS_FILE)"
+    assert load(env={**env, "AUTH_ENABLED": "false"}, options=EXTERNAL, check_files=True)
+    assert load(env=env, options=EXTERNAL, check_files=False)  # check-config --no-file-checks
+    assert load(env={**env, "AUTH_KEYS_FILE": str(tmp_path / "absent")}, options=EXTERNAL, check_files=True)
+
+
+@pytest.mark.parametrize("listen", ["unix:", "unix:mode=660", "unix:address="])
+def test_unix_endpoint_without_a_path(listen: str) -> None:
+    assert error(options={"api.listen": listen}) == (
+        f"api.listen: endpoint {listen!r} has no socket path (use unix:/path/to/socket) (from option)"
+    )
+
+
+@pytest.mark.parametrize(
+    "api, health, key",
+    [
+        ("tcp:8000", "tcp:8000", "health.listen"),
+        ("tcp:8000", "tcp:port=8000", "health.listen"),
+        ("tcp:8000", "tcp:8000:interface=127.0.0.1", "health.listen"),
+        ("tcp:8000:interface=127.0.0.1", "tcp:8000:interface=127.0.0.1", "health.listen"),
+        ("tcp6:8000", "tcp:8000:interface=127.0.0.1", "health.listen"),
+        ("tcp6:8000:interface=\\:\\:1", "tcp:8000:interface=0\\:0\\:\\:1", "health.listen"),
+        ("unix:/run/llamad.sock", "unix:address=/run/llamad.sock", "health.listen"),
+    ],
+)
+def test_health_listen_on_the_api_endpoint(api: str, health: str, key: str) -> None:
+    message = error(options={"api.listen": api, "health.listen": health})
+    assert message.startswith(f"{key}: {health!r} binds the same ") and f"as api.listen ({api!r})" in message
+    assert message.endswith("(from option)") and "\n" not in message
+
+
+def test_api_listen_moved_onto_the_default_health_port_names_api_listen() -> None:
+    assert error(env={"PORT": "8001"}) == (
+        "api.listen: 'tcp:8001' binds the same port as health.listen ('tcp:8001'): the API and health endpoints "
+        "need different ports (from env PORT)"
+    )
+
+
+@pytest.mark.parametrize(
+    "api, health",
+    [
+        ("tcp:8000:interface=127.0.0.1", "tcp:8000:interface=127.0.0.2"),
+        ("tcp:8000:interface=127.0.0.1", "tcp6:8000:interface=\\:\\:1"),
+        ("tcp:0", "tcp:0"),
+        ("unix:/run/a.sock", "unix:/run/b.sock"),
+        ("unix:/run/a.sock", "tcp:8001"),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_endpoints_that_do_not_clash(api: str, health: str) -> None:
+    loaded = load(options={"api.listen": api, "health.listen": health})
+    assert (loaded.config.api.listen, loaded.config.health.listen) == (api, health)
+
+
+@pytest.mark.parametrize(
+    "listen, problem",
+    [
+        ("tcp:8000:interface=300.1.1.1", "interface '300.1.1.1' is not an IP address"),
+        ("tcp:8000:interface=localhost", "interface 'localhost' is not an IP address"),
+        ("tcp6:8000:interface=\\:\\:1\\:", "interface '::1:' is not an IP address"),
+        ("tcp6:8000:interface=127.0.0.1", "interface '127.0.0.1' is not an IPv6 address (tcp6 needs one)"),
+    ],
+)
+def test_interface_must_be_an_ip_address(listen: str, problem: str) -> None:
+    assert error(options={"api.listen": listen}) == f"api.listen: {problem} (from option)"
+
+
+@pytest.mark.parametrize("listen", ["tcp:8000:interface=0.0.0.0", "tcp:8000:interface=\\:\\:1",
+                                    "tcp6:8000:interface=fe80\\:\\:1%eth0", "tcp:interface=10.0.0.1:port=8000"])
+def test_ip_address_interfaces_are_accepted(listen: str) -> None:
+    assert load(options={"api.listen": listen}).config.api.listen == listen

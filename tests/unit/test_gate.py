@@ -280,3 +280,64 @@ def test_disconnect_during_cold_start_does_not_cancel_the_start():
     assert backend.state == State.STARTING and gate.queue.in_use == 1  # the slot went to `second`
     backend.ready()
     assert isinstance(second.result, Lease)
+
+
+def test_a_request_the_dead_child_never_got_keeps_its_slot_and_goes_to_the_restarted_child():
+    """A child crash frees slots before its exit is seen: requests sent then are refused, not lost."""
+    import signal
+
+    from fakes import FakeProbe, FakeProcessReactor
+    from llamad.config import BackendConfig, SupervisorConfig
+    from llamad.supervisor import PROBE_INTERVAL, Supervisor
+
+    reactor = FakeProcessReactor()
+    probe = FakeProbe()
+    probe.status = 200
+    sup = Supervisor(reactor, reactor, BackendConfig(model="/m/demo.gguf"), SupervisorConfig(), probe=probe,
+                     key="k", new_session=False, random=lambda: 1.0, base_env={})
+    sup.startService()
+    reactor.advance(PROBE_INTERVAL)
+    metrics = Metrics()
+    gate = Gate(reactor, Status(reactor, sup, "m", lazy=False), sup, 1, 4, 30, metrics)
+    first = Admission(gate)
+    queued = Admission(gate)
+    assert first.result is not None and queued.result is None
+    old = first.lease.target.generation
+    assert gate.can_redeliver(first.lease)
+    # The proxy got "connection refused": the lease waits for the next child, holding its slot.
+    again = defer.ensureDeferred(gate.redeliver(first.lease))
+    assert not again.called and queued.result is None
+    reactor.last.exit(None, signal.SIGKILL)
+    reactor.advance(1.0)
+    reactor.advance(PROBE_INTERVAL)
+    assert again.called and first.lease.target.generation == old + 1
+    first.lease.release()
+    assert isinstance(queued.result, Lease)
+
+
+def test_redelivery_ends_at_queue_timeout_counted_from_arrival():
+    import signal
+
+    from fakes import FakeProbe, FakeProcessReactor
+    from llamad.config import BackendConfig, SupervisorConfig
+    from llamad.supervisor import PROBE_INTERVAL, Supervisor
+
+    reactor = FakeProcessReactor()
+    probe = FakeProbe()
+    probe.status = 200
+    sup = Supervisor(reactor, reactor, BackendConfig(model="/m/demo.gguf"), SupervisorConfig(backoff_initial=50),
+                     probe=probe, key="k", new_session=False, random=lambda: 1.0, base_env={})
+    sup.startService()
+    reactor.advance(PROBE_INTERVAL)
+    gate = Gate(reactor, Status(reactor, sup, "m", lazy=False), sup, 1, 4, 30, Metrics())
+    admitted = Admission(gate)
+    reactor.advance(20)
+    outcome: list = []
+    defer.ensureDeferred(gate.redeliver(admitted.lease)).addBoth(outcome.append)
+    reactor.last.exit(None, signal.SIGKILL)  # the restart is 50 s away
+    reactor.advance(9.9)
+    assert outcome == []
+    reactor.advance(0.1)
+    assert outcome[0].value.code == "queue_timeout"
+    external = Lease(gate, Target(b"http://127.0.0.1:9", ""))
+    assert not gate.can_redeliver(external)  # nobody restarts an external backend

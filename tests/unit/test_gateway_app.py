@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
@@ -12,7 +13,9 @@ from twisted.internet.task import Clock
 
 from llamad.activity import Activity
 from llamad.backends import Target
-from llamad.gateway.app import Gateway
+from llamad.gateway.app import (
+    FORM_ROUTES, INFERENCE_ROUTES, JSON_BODY_ROUTES, KNOWN_ROUTES, Gateway, parse_json_object, route_label,
+)
 from llamad.gateway.gate import Gate
 from llamad.metrics import Metrics
 from llamad.status import Status
@@ -166,3 +169,88 @@ async def test_waiting_is_bounded_by_the_queue_timeout():
     response = await pending
     assert response.code == 503 and (await json_of(response))["error"]["code"] == "queue_timeout"
     assert backend.waiters == []
+
+
+# --- strict JSON bodies ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        (b"[" * 100000, "nested too deeply"),
+        (b'{"a":' * 3000 + b"1" + b"}" * 3000, "nested too deeply"),
+        (b'{"temperature": NaN}', "NaN"),
+        (b'{"temperature": Infinity}', "Infinity"),
+        (b'{"temperature": -Infinity}', "-Infinity"),
+        (b'{"prompt": "\\ud800"}', "lone surrogate \\ud800"),
+        (b'{"prompt": "x\\uDC00y"}', "lone surrogate \\udc00"),
+        (b'{"\\ud83d": 1}', "lone surrogate \\ud83d"),
+        (b'{"prompt": "\\ude00\\ud83d"}', "lone surrogate"),
+        ('{"prompt": "hi"}'.encode("utf-16"), "not UTF-8"),
+        ('{"prompt": "hi"}'.encode("utf-16-le"), "not valid JSON"),
+        (b'{"prompt": "caf\xe9"}', "not UTF-8 (byte 0xe9 at offset 15)"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_inference_bodies_are_strict_json_in_utf8(body, problem):
+    http, clock, backend, status, metrics, proxy = build()
+    response = await http.post("http://x/v1/chat/completions", data=body)
+    assert response.code == 400
+    error = (await json_of(response))["error"]
+    assert error["code"] == "invalid_json" and problem in error["message"]
+    assert proxy.targets == []
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"prompt": "\\ud83d\\ude00"}', b'{"prompt": "\\\\ud800"}', '{"prompt": "café 😀"}'.encode(),
+             b'\xef\xbb\xbf{"prompt": "a"}'],
+)
+@pytest_twisted.ensureDeferred
+async def test_surrogate_pairs_and_plain_utf8_are_accepted(body):
+    http, clock, backend, status, metrics, proxy = build()
+    assert (await http.post("http://x/v1/chat/completions", data=body)).code == 200
+    assert len(proxy.targets) == 1
+
+
+def test_parse_json_object_keeps_the_parsed_pair():
+    assert parse_json_object(b'{"p": "\\ud83d\\ude00"}') == {"p": "\U0001F600"}
+
+
+# --- inference routes -----------------------------------------------------------------
+
+MULTIPART = (b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.wav"\r\n'
+             b"content-type: audio/wav\r\n\r\nRIFF\x00\xff\r\n--b--\r\n")
+
+
+@pytest.mark.parametrize(
+    "route", ["/v1/reranking", "/v1/audio/transcriptions", "/audio/transcriptions", "/responses", "/v1/rerank"],
+)
+@pytest_twisted.ensureDeferred
+async def test_every_route_that_runs_the_model_passes_the_gate_and_counts_as_activity(route):
+    http, clock, backend, status, metrics, proxy = build()
+    activity = http.resource.forward.__self__.activity
+    changes: list[int] = []
+    activity.on_change(lambda: changes.append(activity.inference_in_flight))
+    body = MULTIPART if "audio" in route else b"{}"
+    assert (await http.post(f"http://x{route}", data=body)).code == 200
+    assert changes == [1, 0] and len(proxy.targets) == 1
+    assert route_label(route.encode()) == route
+    status.draining = True  # the gate refuses from here on
+    response = await http.post(f"http://x{route}", data=body)
+    assert response.code == 503 and (await json_of(response))["error"]["code"] == "shutting_down"
+    assert len(proxy.targets) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_multipart_transcription_is_not_held_to_a_json_body():
+    http, clock, backend, status, metrics, proxy = build()
+    headers = {"content-type": ["multipart/form-data; boundary=b"]}
+    response = await http.post("http://x/v1/audio/transcriptions", data=MULTIPART, headers=headers)
+    assert response.code == 200 and len(proxy.targets) == 1
+    assert (await http.get("http://x/v1/audio/transcriptions")).code == 405
+    assert (await http.post("http://x/v1/reranking", data=MULTIPART)).code == 400  # JSON routes still check
+
+
+def test_inference_routes_are_the_json_ones_plus_the_form_ones():
+    assert JSON_BODY_ROUTES | FORM_ROUTES == INFERENCE_ROUTES and not JSON_BODY_ROUTES & FORM_ROUTES
+    assert INFERENCE_ROUTES <= KNOWN_ROUTES

@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
+from llamad.gateway.app import OWN_ROUTES
 from llamad.gateway.guard import Auth, Cors, GuardResource
 
 KEY = "k" * 24
@@ -173,7 +174,7 @@ def test_raw_backslashes_and_absolute_uris_are_refused_before_auth(tmp_path, uri
     auth = Auth(True, keys_file(tmp_path, f"alice:{KEY}"), False, Clock())
     rejected = []
     guard = GuardResource(Inner(), auth, Cors(()), lambda request, code: rejected.append(code),
-                          frozenset(), Inner().render)
+                          {}, Inner().render)
     request = DummyRequest([])
     request.method, request.uri = b"POST", uri
     request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {KEY}".encode()])
@@ -189,6 +190,30 @@ async def test_get_on_an_inference_route_is_405_with_allow(tmp_path):
     assert response.code == 405 and response.headers.getRawHeaders(b"allow") == [b"POST"]
     assert (await json_of(response))["error"]["code"] == "method_not_allowed"
     assert proxy.targets == []
+
+
+@pytest.mark.parametrize("method, url, allow", [
+    ("POST", "http://x/ping", b"GET, HEAD"),
+    ("DELETE", "http://x/health", b"GET, HEAD"),
+    ("OPTIONS", "http://x/ping", b"GET, HEAD"),
+    ("PUT", "http://x/metrics", b"GET, HEAD"),
+    ("GET", "http://x/admin/reload", b"POST"),
+    ("DELETE", "http://x/admin/restart", b"POST"),
+])
+@pytest_twisted.ensureDeferred
+async def test_own_routes_answer_a_method_they_do_not_take_with_json_405(tmp_path, method, url, allow):
+    http, clock, backend, status, metrics, proxy = gateway(tmp_path, f"alice:{KEY}")
+    response = await http.request(method, url, headers=bearer())
+    assert response.code == 405 and response.headers.getRawHeaders(b"allow") == [allow]
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
+    error = (await json_of(response))["error"]
+    assert error["code"] == "method_not_allowed" and error["type"] == "invalid_request_error"
+    assert proxy.targets == [] and backend.starts == 0
+
+
+def test_own_routes_carry_the_methods_of_their_klein_routes():
+    assert OWN_ROUTES == {b"/ping": {b"GET", b"HEAD"}, b"/health": {b"GET", b"HEAD"}, b"/metrics": {b"GET", b"HEAD"},
+                          b"/admin/reload": {b"POST"}, b"/admin/restart": {b"POST"}}
 
 
 @pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND"])
@@ -297,3 +322,42 @@ async def test_percent_encoded_inference_route_is_not_a_way_around_the_gate(tmp_
     response = await http.post("http://x/v1/chat/complet%69ons", data=b"not json", headers=bearer())
     assert response.code == 400
     assert proxy.targets == []
+
+
+# --- reloading a keys file that is not all UTF-8, or cannot be read ---------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_reload_of_a_file_with_a_bad_byte_loads_the_other_lines(tmp_path):
+    http, clock, backend, status, metrics, proxy = gateway(tmp_path, f"alice:{KEY}", f"bob:{NEW_KEY}")
+    assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 200
+    (tmp_path / "api_keys").write_bytes(f"alice:{KEY}\n# bob left \xe9\n".encode("latin-1"))
+    response = await http.post("http://x/admin/reload", headers=bearer())
+    assert response.code == 200 and await json_of(response) == {"reloaded": True, "keys": 1}
+    assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 401  # revoked
+    assert (await http.post(CHAT, data=b"{}", headers=bearer())).code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_reload_of_an_unreadable_file_is_json_and_fails_closed(tmp_path):
+    http, clock, backend, status, metrics, proxy = gateway(tmp_path, f"alice:{KEY}")
+    path = tmp_path / "api_keys"
+    path.unlink()
+    path.mkdir()
+    response = await http.post("http://x/admin/reload", headers=bearer())
+    assert response.code == 500
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
+    error = (await json_of(response))["error"]
+    assert error["code"] == "keys_file_unreadable" and "Is a directory" in error["message"]
+    assert (await http.post(CHAT, data=b"{}", headers=bearer())).code == 401  # no key is valid now
+    assert proxy.targets == []
+
+
+def test_a_sighup_reload_of_an_unreadable_file_does_not_raise_and_fails_closed(tmp_path):
+    path = tmp_path / "api_keys"
+    path.write_text(f"alice:{KEY}\n")
+    auth = Auth(True, str(path), False, Clock())
+    assert len(auth.store) == 1
+    path.unlink()
+    path.mkdir()
+    assert auth.reload() == 0 and len(auth.store) == 0

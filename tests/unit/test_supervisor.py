@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 import pytest
+from twisted.internet import defer
 
 from fakes import FakeProbe, FakeProcessReactor
 from llamad.config import BackendConfig, SupervisorConfig
@@ -124,7 +126,7 @@ def make(start: str = "eager", **kw) -> tuple[Supervisor, FakeProcessReactor, Fa
         def child_line(self, line: bytes) -> None:
             lines.append(line)
 
-    sup = Supervisor(reactor, reactor, backend, SUP, probe=probe, key="k", key_file="/run/key",
+    sup = Supervisor(reactor, reactor, backend, SUP, probe=probe, key="k", run_dir=kw.pop("run_dir", ""),
                      output=Sink(), new_session=False, random=lambda: 1.0, base_env={"PATH": "/bin"}, **kw)
     return sup, reactor, probe
 
@@ -265,7 +267,7 @@ def test_key_file_is_private_and_fresh(tmp_path):
     import os
     import stat
 
-    from llamad.supervisor import write_key_file
+    from llamad.runfiles import write_key_file
 
     key, path = write_key_file(str(tmp_path))
     other, other_path = write_key_file(str(tmp_path))
@@ -333,3 +335,185 @@ def test_exit_kind_bounds_the_restart_label(code, sig, kind):
     assert exit_kind(describe_exit(code, sig)) == kind
     assert exit_kind("not ready within ready_timeout (30 s)") == "ready_timeout"
     assert exit_kind("spawn failed: [Errno 2] No such file") == "spawn_failed"
+
+
+# --- a crash of a ready child, health checks, runtime files -------------------------
+
+def ready_supervisor(**kw) -> tuple[Supervisor, FakeProcessReactor, FakeProbe]:
+    sup, reactor, probe = make(**kw)
+    probe.status = 200
+    sup.startService()
+    reactor.advance(PROBE_INTERVAL)
+    assert sup.state == State.READY
+    return sup, reactor, probe
+
+
+def test_waiters_survive_the_crash_of_a_ready_child_and_are_served_by_its_restart():
+    sup, reactor, probe = ready_supervisor()
+    first = sup.target().generation
+    waiter = sup.wait_ready(newer_than=first)  # this child refused a connection: it is dying
+    assert not waiter.called
+    reactor.last.exit(None, signal.SIGKILL)
+    assert sup.state == State.BACKOFF and not waiter.called  # a crash, not a failed start
+    reactor.advance(1.0)
+    reactor.advance(PROBE_INTERVAL)
+    assert sup.state == State.READY and waiter.called and waiter.result is None
+    assert sup.target().generation == first + 1
+
+
+def test_waiters_fail_when_the_restart_itself_fails():
+    sup, reactor, probe = ready_supervisor()
+    waiter = sup.wait_ready(newer_than=sup.target().generation)
+    failures: list = []
+    waiter.addErrback(failures.append)
+    reactor.last.exit(None, signal.SIGKILL)
+    reactor.advance(1.0)
+    reactor.last.output(b"0.00.001.000 E llama_model_load: error loading model\n")
+    reactor.last.exit(1)
+    assert sup.state == State.BACKOFF
+    assert failures and "error loading model" in str(failures[0].value)
+
+
+def test_wait_ready_for_a_newer_child_ignores_the_current_one():
+    sup, reactor, probe = ready_supervisor()
+    assert sup.wait_ready().called
+    assert not sup.wait_ready(newer_than=sup.target().generation).called
+    assert sup.wait_ready(newer_than=sup.target().generation - 1).called
+
+
+def test_a_wedged_child_is_replaced_after_n_failed_health_checks_in_a_row():
+    sup, reactor, probe = ready_supervisor()
+    changes = []
+    sup.add_listener(lambda old, new: changes.append(new))
+    waiter = sup.wait_ready(newer_than=sup.target().generation)
+    calls = len(probe.calls)
+    reactor.advance(SUP.health_interval)
+    assert len(probe.calls) == calls + 1  # checked while ready
+    probe.status = 503
+    reactor.advance(SUP.health_interval)
+    probe.status = 200
+    reactor.advance(SUP.health_interval)  # a success resets the count
+    assert sup.health_failures == 0
+    hung: defer.Deferred[int] = defer.Deferred()
+    probe.status = hung  # SIGSTOP: nothing answers
+    for _ in range(SUP.health_failures):
+        reactor.advance(SUP.health_interval)
+        hung.errback(defer.TimeoutError())
+        hung = probe.status = defer.Deferred()
+    child = reactor.last
+    assert sup.state == State.STOPPING and child.signals == ["TERM"]
+    assert sup.reason.startswith("wedged: /health failed 3 times in a row (last: no answer within 3 s)")
+    reactor.advance(3.0)  # a hung child gets seconds, not stop_timeout
+    assert child.signals == ["TERM", "KILL"]
+    child.exit(None, signal.SIGKILL)
+    assert sup.state == State.BACKOFF and sup.reason.startswith("wedged") and sup.restarts == 1
+    assert not waiter.called  # requests waiting for the model survive the restart
+    probe.status = 200
+    reactor.advance(1.0)
+    reactor.advance(PROBE_INTERVAL)
+    assert sup.state == State.READY and waiter.called
+    assert changes[:3] == [State.STOPPING, State.BACKOFF, State.STARTING]
+
+
+def test_health_checks_stop_with_the_child_and_can_be_turned_off():
+    sup, reactor, probe = ready_supervisor()
+    sup.stopService()
+    reactor.last.exit(None, signal.SIGTERM)
+    calls = len(probe.calls)
+    reactor.advance(SUP.health_interval * 5)
+    assert len(probe.calls) == calls
+    off = SupervisorConfig(**{**SUP.__dict__, "health_interval": 0})
+    sup, reactor, probe = make()
+    sup.config = sup.machine.config = off
+    probe.status = 200
+    sup.startService()
+    reactor.advance(PROBE_INTERVAL)
+    calls = len(probe.calls)
+    reactor.advance(SUP.health_interval * 5)
+    assert len(probe.calls) == calls
+
+
+def test_key_file_lives_from_spawn_to_ready_and_the_pid_record_until_exit(tmp_path):
+    import os
+
+    from llamad import runfiles
+
+    run_dir = str(tmp_path / "run")
+    sup, reactor, probe = make(run_dir=run_dir)
+    sup.startService()
+    key_file = reactor.last.argv[reactor.last.argv.index("--api-key-file") + 1]
+    assert os.path.dirname(key_file) == run_dir and open(key_file).read().strip() == "k"
+    assert oct(os.stat(run_dir).st_mode & 0o777) == "0o700"
+    probe.status = 200
+    reactor.advance(PROBE_INTERVAL)
+    assert not os.path.exists(key_file)  # the child read it at startup
+    reactor.last.exit(1)
+    assert not os.path.exists(os.path.join(run_dir, "llama.pid"))
+    assert runfiles.read_record(os.path.join(run_dir, "llama.pid")) is None
+
+
+def test_a_child_left_by_an_earlier_boot_is_stopped_before_the_first_spawn(tmp_path):
+    import subprocess
+
+    from llamad import runfiles
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    leftover = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        key_file = run_dir / "key-old"
+        key_file.write_text("old\n")
+        record = runfiles.record_for(leftover.pid, str(key_file))
+        assert record is not None and record.running()
+        runfiles.write_record(str(run_dir / "llama.pid"), record)
+        sup, reactor, probe = make(run_dir=str(run_dir))
+        sup.startService()
+        assert reactor.processes == [] and sup.state == State.STARTING  # waits: the old one has the GPU
+        leftover.wait(10)  # SIGTERM sent at once; reaped here, so /proc shows it gone
+        assert leftover.returncode == -signal.SIGTERM
+        reactor.advance(0.05)
+        assert len(reactor.processes) == 1 and not key_file.exists()
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()
+    # A recycled PID (same PID, another start time) is never signalled.
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        stale = runfiles.ChildRecord(other.pid, (runfiles.start_time(other.pid) or 0) + 1, runfiles.boot_id())
+        runfiles.write_record(str(run_dir / "llama.pid"), stale)
+        sup, reactor, probe = make(run_dir=str(run_dir))
+        sup.startService()
+        assert len(reactor.processes) == 1 and sup._leftover is None  # spawned at once, nothing signalled
+        assert not (run_dir / "llama.pid").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_stop_while_an_earlier_boots_child_is_being_stopped(tmp_path):
+    import subprocess
+
+    from llamad import runfiles
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(60)"
+    leftover = subprocess.Popen([sys.executable, "-c", ignore_term], start_new_session=True, stdout=subprocess.PIPE)
+    try:
+        assert leftover.stdout is not None and leftover.stdout.readline() == b"1\n"  # SIGTERM is ignored now
+        record = runfiles.record_for(leftover.pid)
+        assert record is not None
+        runfiles.write_record(str(run_dir / "llama.pid"), record)
+        sup, reactor, probe = make(run_dir=str(run_dir))
+        sup.startService()
+        d = sup.stopService()
+        assert sup.state == State.STOPPED and not d.called  # the leftover still runs
+        reactor.advance(SUP.stop_timeout)  # it ignored SIGTERM: SIGKILL
+        leftover.wait(10)
+        reactor.advance(0.05)
+        assert d.called and reactor.processes == []
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()

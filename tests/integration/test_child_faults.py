@@ -1,0 +1,173 @@
+"""The child dies or hangs under load; llamad dies hard: real llama-server, real signals.
+
+- a ``kill -9`` of the child: requests it never got are served by its restart;
+- a ``kill -9`` of llamad: the kernel ends the child (parent-death signal), and
+  the next boot on the same data dir stops a child an earlier one left;
+- a ``kill -STOP`` of the child: health checks notice, and it is replaced.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import alive, wait_for
+from llamad import runfiles
+from llamad.supervisor import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Stream:
+    """One streaming completion on its own connection, read in a thread."""
+
+    port: int
+    body: dict
+    status: int = 0
+    events: list[bytes] = field(default_factory=list)
+    first_event: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str = ""
+
+    def start(self) -> Stream:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        try:
+            conn.request("POST", "/v1/completions", body=json.dumps(self.body),
+                         headers={"content-type": "application/json"})
+            response = conn.getresponse()
+            self.status = response.status
+            for line in response:
+                if line.startswith(b"data: "):
+                    self.events.append(line.strip())
+                    self.first_event.set()
+        except Exception as e:  # noqa: BLE001 - recorded for the assertion message
+            self.error = repr(e)
+        finally:
+            conn.close()
+            self.first_event.set()
+            self.done.set()
+
+    @property
+    def completed(self) -> bool:
+        return self.status == 200 and bool(self.events) and self.events[-1] == b"data: [DONE]"
+
+    @property
+    def interrupted(self) -> bool:
+        return any(b"stream_interrupted" in e for e in self.events)
+
+    def describe(self) -> str:
+        return f"status {self.status}, {len(self.events)} events, last {self.events[-1:]!r}, error {self.error!r}"
+
+
+def metric(daemon, name: str, labels: dict[str, str]) -> float:
+    _, body, _ = daemon.request("GET", "/metrics")
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+LONG = {"prompt": "Tell a long story.", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+
+
+def test_kill_9_of_the_child_loses_no_queued_request(start_llamad):
+    daemon = start_llamad({"parallel": 2, "context": 8192}, toml="[admission]\nqueue_timeout = 600\n")
+    old_pid = daemon.backend_pid()
+    streams = [Stream(daemon.api_port, LONG).start()]
+    streams[0].first_event.wait(60)
+    streams += [Stream(daemon.api_port, LONG).start() for _ in range(15)]
+    wait_for(lambda: sum(s.first_event.is_set() for s in streams) >= 2, 60, "two streams running")
+    wait_for(lambda: metric(daemon, "llamad_queue_depth", {}) >= 14, 60, "14 requests queued")
+    running = [s for s in streams if s.first_event.is_set()]
+    queued = [s for s in streams if not s.first_event.is_set()]
+    assert len(running) == 2 and len(queued) == 14
+
+    os.kill(old_pid, signal.SIGKILL)
+    for s in streams:
+        assert s.done.wait(300), "a stream never ended"
+    for s in running:
+        assert s.interrupted, s.describe()  # the child had its bytes: one error event, then the end
+    failed = [s.describe() for s in queued if not s.completed]
+    assert failed == [], failed  # the child never got these: all served by its restart
+    new_pid = daemon.wait_state("ready")["backend"]["pid"]
+    assert new_pid != old_pid
+    assert metric(daemon, "llamad_backend_restarts_total", {"reason": "killed"}) == 1
+
+
+def test_kill_9_of_llamad_takes_the_child_along_and_leaves_no_key(start_llamad):
+    daemon = start_llamad()
+    child = daemon.backend_pid()
+    run_dir = Path(runfiles.runtime_dir(str(daemon.data_dir)))
+    assert [p.name for p in run_dir.iterdir()] == ["llama.pid"]  # the key file went once the child read it
+    daemon.proc.kill()
+    daemon.proc.wait(30)
+    wait_for(lambda: not alive(child), 10, "the kernel to end the orphaned child")
+
+    again = start_llamad(data_dir=daemon.data_dir)  # the stale record names a dead process: ignored
+    assert again.backend_pid() != child
+    assert "left running by an earlier llamad" not in again.log()
+
+
+def test_a_boot_stops_a_child_left_by_an_earlier_boot(start_llamad, tmp_path, demo_model, llama_server_bin):
+    data_dir = tmp_path / "volume"
+    data_dir.mkdir()
+    run_dir = Path(runfiles.ensure_private_dir(runfiles.runtime_dir(str(data_dir))))
+    key_file = run_dir / "key-left"
+    key_file.write_text("secret-left-behind\n")
+    # A child without the parent-death signal, as a llamad killed between fork and exec would leave.
+    port = free_port()
+    left = subprocess.Popen([llama_server_bin, "-m", demo_model, "--host", "127.0.0.1", "--port", str(port),
+                             "--api-key-file", str(key_file)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        record = runfiles.record_for(left.pid, str(key_file))
+        assert record is not None
+        runfiles.write_record(str(run_dir / "llama.pid"), record)
+        daemon = start_llamad(data_dir=data_dir)
+        assert left.wait(60) is not None  # stopped by the new boot (SIGTERM to its group)
+        assert not key_file.exists()
+        assert f"found backend pid {left.pid} left running by an earlier llamad" in daemon.log()
+        assert daemon.backend_pid() != left.pid
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
+
+
+def test_a_stopped_child_is_noticed_and_replaced_and_waiting_requests_survive(start_llamad):
+    daemon = start_llamad(
+        {"parallel": 1, "context": 8192},
+        toml="[supervisor]\nhealth_interval = 0.5\nhealth_timeout = 1\nhealth_failures = 2\n",
+    )
+    old_pid = daemon.backend_pid()
+    stuck = Stream(daemon.api_port, LONG).start()
+    assert stuck.first_event.wait(60)
+    os.kill(old_pid, signal.SIGSTOP)
+    try:
+        waiting = Stream(daemon.api_port, {**LONG, "max_tokens": 16}).start()  # queued behind the stuck one
+        health = wait_for(lambda: (h := daemon.health())["backend"]["pid"] not in (None, old_pid)
+                          and h["state"] == "ready" and h, 120, "a new child")
+        assert health["backend"]["reason"].startswith("wedged: /health failed 2 times in a row")
+        assert waiting.done.wait(120) and waiting.completed, waiting.describe()
+        assert stuck.done.wait(60) and not stuck.completed
+        assert metric(daemon, "llamad_backend_restarts_total", {"reason": "wedged"}) == 1
+        assert "wedged" in daemon.log()
+        wait_for(lambda: not alive(old_pid), 30, "the wedged child to be gone")
+    finally:
+        if alive(old_pid):
+            os.kill(old_pid, signal.SIGKILL)
