@@ -9,29 +9,34 @@ PIP := $(BIN)/pip --disable-pip-version-check -q
 
 .PHONY: setup run test bench clean
 
-## setup: .venv with llamad installed, llama-server built (cached under ~/.cache/llamad), and
+## setup: .venv with llamad and the openai client installed, llama-server built (cached under ~/.cache/llamad), and
 ## Debian's prometheus for the real-Prometheus test when apt is there and we are root
 setup:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install .
+	$(PIP) install '.[client]'
 	bash scripts/build-llama-server.sh $(LLAMA_CPP_PYTHON_VERSION) $(VENV)
 	@if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
 		|| echo "llamad: could not install prometheus; its test will be skipped"; fi
 
 ## run: serve the configured model, or the demo model when none is configured
+## (EMBEDDINGS=1 make run also serves /v1/embeddings). On Ctrl-C twistd drains and exits 0, and
+## make, which got the SIGINT too, then ends by it (status 130) without an error line.
 run: setup
 	@set -e; \
 	if [ -z "$$MODEL_PATH$$MODEL_NAME" ]; then \
-		$(BIN)/llamad demo-model $(DEMO_MODEL) >/dev/null 2>&1; \
+		$(BIN)/llamad demo-model --force $(DEMO_MODEL) >/dev/null 2>&1; \
 		export MODEL_PATH="$(abspath $(DEMO_MODEL))"; \
 	fi; \
 	export PATH="$(abspath $(BIN)):$$PATH" DATA_DIR="$(DATA_DIR)"; \
 	exec $(BIN)/twistd -n --pidfile= llamad $(ARGS)
 
-## test: the same set-up, the test extras and the llama-cpp-python server, then the whole suite
+## test: the same set-up, the test extras and the llama-cpp-python server, then the whole suite.
+## pip compiles llama-cpp-python once (about 8 min on 2 cores; then its wheel is cached): that compile
+## shows its progress, nothing shows when there is nothing to build; pip's whole output: .venv/pip-test.log
 test: setup
-	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(PIP) install '.[test,llama-cpp-python]'
+	@CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} bash scripts/progress.sh $(VENV)/pip-test.log \
+		"llamad: compiling llama-cpp-python" $(BIN)/pip --disable-pip-version-check -v install '.[test,llama-cpp-python]'
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest $(PYTEST_ARGS) tests
 
 clean:

@@ -144,9 +144,14 @@ class Denied:
 
 
 class KeyStore:
-    """The loaded keys and their rate-limit windows."""
+    """The loaded keys and their rate-limit windows.
 
-    def __init__(self) -> None:
+    ``default_rate`` (requests per minute, 0 = none) limits the keys whose
+    line sets no rate of their own, as MAX_REQUESTS_PER_MINUTE did.
+    """
+
+    def __init__(self, default_rate: int = 0) -> None:
+        self.default_rate = default_rate
         self.by_digest: dict[bytes, ApiKey] = {}
         self.windows: dict[str, deque[float]] = {}
         self.error = ""  # why the last load could not read the file
@@ -191,13 +196,14 @@ class KeyStore:
             return Denied(401, "Invalid API key", "invalid_api_key")
         if key.expires is not None and wall >= key.expires:
             return Denied(401, "API key has expired", "expired_api_key")
-        if key.rate_limit is not None:
+        rate = key.rate_limit if key.rate_limit is not None else self.default_rate
+        if rate:
             window = self.windows.setdefault(key.key_id, deque())
             while window and window[0] <= now - WINDOW:
                 window.popleft()
-            if len(window) >= key.rate_limit:
+            if len(window) >= rate:
                 retry = max(1, math.ceil(window[0] + WINDOW - now))
-                return Denied(429, f"Rate limit of {key.rate_limit} requests per minute exceeded",
+                return Denied(429, f"Rate limit of {rate} requests per minute exceeded",
                               "rate_limit_exceeded", retry)
             if count:
                 window.append(now)
@@ -205,11 +211,14 @@ class KeyStore:
 
 
 def presented_key(authorization: bytes | None, x_api_key: bytes | None) -> str | None:
-    """The key a client sent: ``Authorization: Bearer <key>`` or ``x-api-key``."""
+    """The key a client sent: ``Authorization: Bearer <key>``, a bare ``Authorization: <key>``
+    (llama-gguf-inference took one, so its clients may send it), or ``x-api-key``."""
     if authorization:
         scheme, _, value = authorization.decode("latin-1").strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
+        if not value and scheme.lower() != "bearer":  # one word: the key itself (Basic and others have two)
+            return scheme
     if x_api_key:
         return x_api_key.decode("latin-1").strip() or None
     return None

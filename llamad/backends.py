@@ -77,6 +77,10 @@ def launch(
         ]
         if backend.threads:
             argv += ["-t", str(backend.threads)]
+        if backend.embeddings:
+            # The pooling comes from the model's GGUF metadata (the demo model's says mean); set
+            # --pooling in extra_args for a model that has none.
+            argv.append("--embeddings")
         argv += list(backend.extra_args)
         return Launch((prefix or []) + argv, env, port, b"/health")
     if backend.kind == "llama-cpp-python":
@@ -92,6 +96,8 @@ def launch(
         ]
         if backend.threads:
             argv += ["--n_threads", str(backend.threads)]
+        if backend.embeddings:
+            argv += ["--embedding", "true"]
         argv += list(backend.extra_args)
         # llama_cpp.server reads its settings from the environment too: the key
         # goes there so that it stays off argv, and llamad's own PORT (the API

@@ -49,6 +49,9 @@ class ApiConfig:
     header_timeout: float = 10
     body_timeout: float = 30  # seconds a request body may go without a byte
     max_incomplete_per_client: int = 64  # requests one client IP may have arriving at once; 0 = no limit
+    max_headers: int = 64  # headers in one request (431 past it)
+    max_header_line: int = 8192  # bytes in one header line (431 past it)
+    max_request_line: int = 8192  # bytes in the request line (414 past it)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class BackendConfig:
     context: int = 4096
     parallel: int = 4
     threads: int = 0
+    embeddings: bool = False  # serve /v1/embeddings (llama-server --embeddings)
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     start: str = "eager"
@@ -110,6 +114,7 @@ class AuthConfig:
     enabled: bool = False
     keys_file: str = ""
     protect_metrics: bool = False
+    default_rate: int = 0  # requests per minute for a key whose line sets none; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -155,8 +160,9 @@ class Config:
         return self.admission.max_concurrent or self.backend.parallel
 
 
-# Environment variables: name -> key.  MODEL_NAME is special (resolved under models_dir).
-ENV_KEYS: dict[str, str] = {
+# Environment variables: name -> key (or keys).  MODEL_NAME is special (resolved under models_dir).
+# Most are llama-gguf-inference's names, read with its units, so its deployments move over as they are.
+ENV_KEYS: dict[str, str | tuple[str, ...]] = {
     "DATA_DIR": "data_dir",
     "MODEL_PATH": "backend.model",
     "MODELS_DIR": "backend.models_dir",
@@ -166,12 +172,51 @@ ENV_KEYS: dict[str, str] = {
     "PARALLEL": "backend.parallel",
     "THREADS": "backend.threads",
     "EXTRA_ARGS": "backend.extra_args",
+    "EMBEDDINGS": "backend.embeddings",
     "IDLE_TIMEOUT": "idle.timeout",
     "AUTH_ENABLED": "auth.enabled",
     "AUTH_KEYS_FILE": "auth.keys_file",
     "LOG_DIR": "logs.dir",
+    "CORS_ORIGINS": "api.cors_origins",
+    "MAX_REQUEST_BODY_SIZE": "api.max_body_bytes",
+    "REQUEST_TIMEOUT": "api.request_timeout",
+    "CLIENT_HEADER_TIMEOUT": ("api.header_timeout", "api.body_timeout"),
+    "MAX_HEADERS": "api.max_headers",
+    "MAX_HEADER_LINE_SIZE": "api.max_header_line",
+    "MAX_REQUEST_LINE_SIZE": "api.max_request_line",
+    "MAX_CONCURRENT_REQUESTS": "admission.max_concurrent",
+    "MAX_QUEUE_SIZE": "admission.max_queue",
+    "HEALTH_TIMEOUT": "supervisor.health_timeout",
+    "METRICS_AUTH_ENABLED": "auth.protect_metrics",
+    "MAX_REQUESTS_PER_MINUTE": "auth.default_rate",
 }
-PORT_ENV_KEYS: dict[str, str] = {"PORT": "api.listen", "PORT_HEALTH": "health.listen"}
+# A bounded queue stands for llama-gguf-inference's unbounded one: far more waiters than one server holds.
+UNLIMITED_QUEUE = 1_000_000
+# Variables whose 0 means "unlimited" where the key has no such 0: name -> the value it becomes.
+ENV_ZERO_MEANS_UNLIMITED: dict[str, int] = {"MAX_QUEUE_SIZE": UNLIMITED_QUEUE}
+# The port of a tcp: endpoint.  GATEWAY_PORT is an older name of PORT; PORT wins, as in the old start.sh.
+PORT_ENV_KEYS: dict[str, str] = {"GATEWAY_PORT": "api.listen", "PORT": "api.listen", "PORT_HEALTH": "health.listen"}
+# The interface of tcp: endpoints.
+INTERFACE_ENV_KEYS: dict[str, tuple[str, ...]] = {"HOST": ("api.listen", "health.listen")}
+# llama-gguf-inference's variables that mean nothing here: name -> why.  Each one set is one boot warning.
+IGNORED_ENV: dict[str, str] = {
+    "PORT_BACKEND": "llamad picks a free loopback port for the child",
+    "BACKEND_PORT": "llamad picks a free loopback port for the child",
+    "BACKEND_HOST": "the child listens on 127.0.0.1 only (to proxy to another server: backend.kind = \"external\" "
+                    "and backend.url)",
+    "BACKEND_API_KEY": "llamad makes a new key for the child at every start",
+    "BACKEND_CONNECT_TIMEOUT": "the child is on loopback: a refused connection is a 502 at once "
+                               "(api.request_timeout bounds the wait for its answer)",
+    "LOG_FORMAT": "llamad's log is plain text (stdout and {logs.dir}/_boot/)",
+    "WORKER_TYPE": "the child's log is always {logs.dir}/llama/; give each worker its own LOG_DIR",
+    "LOG_NAME": "the child's log is always {logs.dir}/llama/; give each worker its own LOG_DIR",
+    "DEBUG_SHELL": "llamad always starts serving; `llamad check-config` shows the effective config",
+    "MOCK_BACKEND": "there is no mock mode; `llamad demo-model` writes a tiny real model",
+}
+# Every variable that sets a key (INSTANCE_ID, read by the logs, sets none).
+ENV_NAMES: tuple[str, ...] = (*ENV_KEYS, *PORT_ENV_KEYS, *INTERFACE_ENV_KEYS, "MODEL_NAME")
+# The source of auth.enabled when it was set nowhere but the keys file exists.
+AUTH_AUTO_SOURCE = "default (keys file present)"
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "health.ping": ("always", "runpod"),
@@ -188,6 +233,9 @@ MINIMUM: dict[str, float] = {
     "backend.gpu_layers": -1,
     "backend.parallel": 1,
     "api.max_body_bytes": 1,
+    "api.max_headers": 1,
+    "api.max_header_line": 64,
+    "api.max_request_line": 64,
     "supervisor.crash_loop_limit": 1,
     "supervisor.health_failures": 1,
     "logs.max_bytes": 1024,
@@ -295,12 +343,24 @@ def _parse_text(key: str, text: str, source: str) -> Any:
         if hint is str:
             return text
         if typing.get_origin(hint) is tuple:
+            if text.lstrip().startswith("["):
+                return _coerce(key, _parse_toml_value(key, text, source), source)
             if key == "backend.extra_args":
                 return tuple(shlex.split(text))
             return tuple(w for w in re.split(r"[,\s]+", text) if w)
     except ValueError as e:
         raise ConfigError(key, str(e), source) from None
-    raise ConfigError(key, "cannot be set from text; use the TOML file", source)
+    if text.lstrip().startswith("{"):
+        return _coerce(key, _parse_toml_value(key, text, source), source)
+    raise ConfigError(key, f'expected a TOML inline table, e.g. {{A = "1"}}, got {text!r}', source)
+
+
+def _parse_toml_value(key: str, text: str, source: str) -> Any:
+    """A list or table written as TOML (``["*"]``, ``{A = "1"}``) in a variable or ``--set``."""
+    try:
+        return tomllib.loads(f"value = {text.strip()}")["value"]
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(key, f"not a valid TOML value: {text!r} ({e})", source) from None
 
 
 # --- loading ----------------------------------------------------------------
@@ -313,6 +373,7 @@ class Loaded:
     config: Config
     sources: dict[str, str]
     values: dict[str, Any]
+    warnings: tuple[str, ...] = ()  # settings that have no effect, one line each
 
 
 def _flatten_toml(doc: dict[str, Any], path: str) -> dict[str, Any]:
@@ -353,7 +414,7 @@ def _endpoint_args(rest: str) -> list[str]:
 
 
 def replace_port(endpoint: str, port_text: str, key: str, source: str) -> str:
-    """Put PORT / PORT_HEALTH into a ``tcp:`` endpoint string."""
+    """Put PORT / PORT_HEALTH / GATEWAY_PORT into a ``tcp:`` endpoint string."""
     try:
         port = int(port_text)
     except ValueError:
@@ -372,17 +433,30 @@ def replace_port(endpoint: str, port_text: str, key: str, source: str) -> str:
     return f"{kind}:{':'.join(args)}"
 
 
+def replace_interface(endpoint: str, host: str) -> str:
+    """Put HOST into a ``tcp:`` endpoint string as its interface (escaped: an IPv6 address has colons)."""
+    kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6"):
+        return endpoint
+    args = [a for a in _endpoint_args(rest) if not a.startswith("interface=")]
+    escaped = host.strip().replace(":", "\\:")
+    return f"{kind}:{':'.join([*args, f'interface={escaped}'])}"
+
+
 def load(
     config_file: str | None = None,
     environ: Mapping[str, str] | None = None,
     options: Mapping[str, str | Any] | None = None,
     check_files: bool = True,
+    require_model: bool = True,
 ) -> Loaded:
     """Build the effective config.
 
     ``options`` maps keys to values from the command line (strings are parsed
     like environment values).  With ``check_files`` off, missing model files and
-    commands are not errors (``check-config`` on another machine).
+    commands are not errors (``check-config`` on another machine).  With
+    ``require_model`` off, naming no model is not an error: tools that only need
+    the data dir or the keys file must work in a shell with no MODEL_PATH.
     """
     environ = os.environ if environ is None else environ
     values = _defaults()
@@ -398,16 +472,31 @@ def load(
 
     # An empty variable counts as unset: platform templates often define them blank.
     environ = {name: value for name, value in environ.items() if value != ""}
-    for name, key in ENV_KEYS.items():
-        if name in environ:
-            values[key] = _parse_text(key, environ[name], f"env {name}")
-            sources[key] = f"env {name}"
+    warnings = [f"{name} is ignored: {why}" for name, why in IGNORED_ENV.items() if name in environ]
+    for name, target in ENV_KEYS.items():
+        if name not in environ:
+            continue
+        for key in (target,) if isinstance(target, str) else target:
+            value = _parse_text(key, environ[name], f"env {name}")
+            source = f"env {name}"
+            if value == 0 and name in ENV_ZERO_MEANS_UNLIMITED:
+                value = ENV_ZERO_MEANS_UNLIMITED[name]
+                source += f" (0: unlimited, taken as {value})"
+            values[key], sources[key] = value, source
     for name, key in PORT_ENV_KEYS.items():
         if name in environ:
             replaced = replace_port(values[key], environ[name], key, f"env {name}")
             if replaced != values[key]:
                 values[key] = replaced
                 sources[key] = f"env {name}"
+    if "GATEWAY_PORT" in environ and "PORT" in environ and environ["GATEWAY_PORT"] != environ["PORT"]:
+        warnings.append(f"GATEWAY_PORT={environ['GATEWAY_PORT']} is ignored: PORT={environ['PORT']} is set and wins")
+    for name, keys in INTERFACE_ENV_KEYS.items():
+        for key in keys if name in environ else ():
+            replaced = replace_interface(values[key], environ[name])
+            if replaced != values[key]:
+                values[key] = replaced
+                sources[key] = f"{sources[key]}, env {name}" if sources[key].startswith("env ") else f"env {name}"
     model_name = environ.get("MODEL_NAME", "")
     if model_name and "MODEL_PATH" not in environ:
         values["backend.model"] = model_name
@@ -426,8 +515,12 @@ def load(
         values["backend.command"] = _defaults()["backend.command"]
         sources["backend.command"] = "default (LLAMA_SERVER_BIN is for kind llama-server)"
     _resolve_paths(values, sources)
-    _validate(values, sources, check_files)
-    return Loaded(_build(values), sources, values)
+    if sources["auth.enabled"] == "default" and os.path.exists(values["auth.keys_file"]):
+        # llama-gguf-inference had auth on by default: a keys file where one is looked for means keys are wanted.
+        values["auth.enabled"] = True
+        sources["auth.enabled"] = AUTH_AUTO_SOURCE
+    _validate(values, sources, check_files, require_model)
+    return Loaded(_build(values), sources, values, tuple(warnings))
 
 
 def _resolve_paths(values: dict[str, Any], sources: dict[str, str]) -> None:
@@ -513,7 +606,7 @@ def _clash(a: Binding | None, b: Binding | None) -> bool:
     return any(family == "ipv6" and address is None for family, _, address in (a, b))
 
 
-def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool) -> None:
+def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool, require_model: bool = True) -> None:
     for key, choices in CHOICES.items():
         if values[key] not in choices:
             raise ConfigError(
@@ -564,17 +657,28 @@ def _validate(values: dict[str, Any], sources: dict[str, str], check_files: bool
                               sources["backend.url"])
         return
     model = values["backend.model"]
-    if not model:
-        raise ConfigError("backend.model", "no model configured (set backend.model, MODEL_PATH or MODEL_NAME)",
-                          sources["backend.model"])
+    if not model and require_model:
+        raise _no_model(sources["backend.model"])
     if not check_files:
         return
-    if not os.path.isfile(model):
+    if model and not os.path.isfile(model):
         raise ConfigError("backend.model", f"model file not found: {model}", sources["backend.model"])
     command = values["backend.command"]
     if kind == "llama-server" and shutil.which(command) is None:
         raise ConfigError("backend.command", f"{command!r} not found or not executable (set LLAMA_SERVER_BIN)",
                           sources["backend.command"])
+
+
+def _no_model(source: str) -> ConfigError:
+    return ConfigError("backend.model", "no model configured (set backend.model, MODEL_PATH or MODEL_NAME)", source)
+
+
+def missing_model(loaded: Loaded) -> ConfigError | None:
+    """The error ``twistd llamad`` gives for this config (loaded with ``require_model`` off) if it names no model."""
+    backend = loaded.config.backend
+    if backend.kind in ("llama-server", "llama-cpp-python") and not backend.model:
+        return _no_model(loaded.sources["backend.model"])
+    return None
 
 
 def _build(values: Mapping[str, Any]) -> Config:

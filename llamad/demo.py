@@ -59,7 +59,7 @@ def vocab() -> tuple[list[str], list[int], list[float], list[float]]:
 
 def write_demo_model(path: str) -> str:
     """Write the demo model to ``path`` atomically; returns the path."""
-    from gguf import GGUFWriter
+    from gguf import GGUFWriter, PoolingType
 
     tokens, types, scores, base_logits = vocab()
     rng = np.random.default_rng(SEED)
@@ -104,6 +104,9 @@ def write_demo_model(path: str) -> str:
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
         w.add_chat_template(CHAT_TEMPLATE)
+        # Mean pooling, so that llama-server --embeddings (backend.embeddings) answers /v1/embeddings
+        # with no --pooling flag; generation ignores it.
+        w.add_pooling_type(PoolingType.MEAN)
 
         w.add_tensor("token_embd.weight", embeddings)
         for layer in range(N_LAYER):

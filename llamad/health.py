@@ -1,7 +1,9 @@
 """The health site (port 8001): answered from memory, never from the child.
 
-A plain ``twisted.web`` resource rather than Klein: four fixed paths, and the
-platform polls it often, so it should cost as little as possible.
+A plain ``twisted.web`` resource rather than Klein: a few fixed paths, and the
+platform polls it often, so it should cost as little as possible.  Any other
+GET path is answered as ``/ping``: platforms set up for llama-gguf-inference
+(whose health port took any path) may poll ``/health`` or another path here.
 """
 
 from __future__ import annotations
@@ -28,16 +30,14 @@ class HealthResource(Resource):
             request.setHeader(b"allow", b"GET, HEAD")
             return b""
         path = request.path
-        if path in (b"/", b"/ping"):
-            request.setResponseCode(self.status.ping_code(self.ping_mode))
-            return b""
         if path == b"/livez":
             return _json(request, 200, {"status": "alive"})
         if path == b"/readyz":
             ready, reason = self.status.readiness()
             body = {"status": "ready"} if ready else {"status": "unavailable", "reason": reason}
             return _json(request, 200 if ready else 503, {**body, "state": self.status.snapshot()["state"]})
-        return _json(request, 404, {"error": "not found"})
+        request.setResponseCode(self.status.ping_code(self.ping_mode))  # /ping, / and every other path
+        return b""
 
 
 def _json(request: Request, code: int, body: dict[str, object]) -> bytes:

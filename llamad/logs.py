@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import re
 import shutil
 import socket
 import subprocess
@@ -39,8 +40,10 @@ def utc_stamp(seconds: float | None = None) -> str:
 
 
 def instance_name() -> str:
-    """Which worker this is: RunPod's pod id when present, else the host name."""
-    return os.environ.get("RUNPOD_POD_ID") or socket.gethostname() or "llamad"
+    """Which worker this is, in log file names: ``INSTANCE_ID`` when set (an operator's explicit name, first
+    in llama-gguf-inference too), else RunPod's pod id, else the host name; made safe for a file name."""
+    name = os.environ.get("INSTANCE_ID") or os.environ.get("RUNPOD_POD_ID") or socket.gethostname() or "llamad"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def prune(directory: str, suffix: str, keep: int, exclude: str = "") -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.samples import Sample
 from prometheus_client.exposition import generate_latest
 
 from llamad.activity import Activity
@@ -131,3 +135,38 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def gateway_view(self, uptime: float, authenticated: int, unauthorized: int,
+                     bytes_sent: int) -> dict[str, int | float]:
+        """llama-gguf-inference's JSON ``/metrics`` fields, read from these families at scrape time.
+
+        What no family holds comes from the caller: the key checks' counts and
+        the response bytes.  Success is a status below 400, error 400 and up.
+        """
+        total = success = 0
+        for sample in _samples(self.requests, "llamad_requests_total"):
+            total += int(sample.value)
+            success += int(sample.value) if int(sample.labels["code"]) < 400 else 0
+        return {
+            "requests_total": total,
+            "requests_success": success,
+            "requests_error": total - success,
+            "requests_active": int(_value(self.in_flight, "llamad_in_flight_requests")),
+            "requests_authenticated": authenticated,
+            "requests_unauthorized": unauthorized,
+            "bytes_sent": bytes_sent,
+            "queue_depth": int(_value(self.queue_depth, "llamad_queue_depth")),
+            "queue_rejections": int(_value(self.queue_rejections, "llamad_queue_rejections_total")),
+            "queue_wait_seconds_total": round(_value(self.queue_wait, "llamad_queue_wait_seconds_sum"), 3),
+            "uptime_seconds": int(uptime),
+        }
+
+
+def _samples(family: MetricWrapperBase, name: str) -> Iterator[Sample]:
+    for metric in family.collect():
+        yield from (sample for sample in metric.samples if sample.name == name)
+
+
+def _value(family: MetricWrapperBase, name: str) -> float:
+    """The sum of a family's samples called ``name``, over all its labels."""
+    return sum(sample.value for sample in _samples(family, name))

@@ -5,7 +5,9 @@ disk (never the volume): the key is a secret, and PIDs mean nothing on another
 machine.  The record holds the child's start time and the kernel's boot id,
 so a later boot of llamad on the same data dir can stop a child that an
 earlier boot left behind (llamad was SIGKILLed before its child got the
-parent-death signal) without ever signalling a recycled PID.
+parent-death signal) without ever signalling a recycled PID.  llamad records
+itself the same way (``llamad.pid``), so ``llamad keys reload`` finds the
+daemon of a data dir even when several run.
 """
 
 from __future__ import annotations
@@ -114,6 +116,41 @@ def read_record(path: str) -> ChildRecord | None:
                            str(data.get("key_file", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+DAEMON_RECORD = "llamad.pid"
+
+
+def daemon_record_path(data_dir: str) -> str:
+    """Where the llamad serving ``data_dir`` records itself, so ``llamad keys reload`` finds it by data dir."""
+    return os.path.join(runtime_dir(data_dir), DAEMON_RECORD)
+
+
+def record_daemon(data_dir: str, pid: int | None = None) -> str:
+    """Record this process (or ``pid``) as the llamad of ``data_dir``; returns the record's path."""
+    pid = os.getpid() if pid is None else pid
+    record = record_for(pid)
+    if record is None:
+        raise OSError(f"process {pid} is not running")
+    ensure_private_dir(runtime_dir(data_dir))
+    path = daemon_record_path(data_dir)
+    write_record(path, record)
+    return path
+
+
+def forget_daemon(data_dir: str, pid: int | None = None) -> None:
+    """Remove the record at a clean stop, unless another llamad of the same data dir has replaced it."""
+    path = daemon_record_path(data_dir)
+    record = read_record(path)
+    if record is not None and record.pid == (os.getpid() if pid is None else pid):
+        remove(path)
+
+
+def running_daemon(data_dir: str) -> ChildRecord | None:
+    """The llamad recorded for ``data_dir`` if that very process still runs (a stale record, or a
+    recycled PID, gives None)."""
+    record = read_record(daemon_record_path(data_dir))
+    return record if record is not None and record.running() else None
 
 
 def signal_group(pid: int, sig: int) -> None:

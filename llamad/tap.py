@@ -7,9 +7,12 @@ import signal
 import sys
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.python.failure import Failure
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
@@ -36,9 +39,67 @@ log = Logger(namespace="llamad")
 
 
 def fail(message: str) -> None:
-    """Exit before any port is bound, with one line naming the problem."""
+    """Exit 2 with one line naming the problem, before twistd starts the service tree (no port kept, no child)."""
     sys.stderr.write(f"llamad: config error: {message}\n")
     raise SystemExit(2)
+
+
+class ListeningService(service.Service):
+    """A site on a server endpoint, bound by :meth:`listen` while ``build`` makes the service tree.
+
+    Not in ``privilegedStartService`` (strports' way): by then twistd has
+    started logging and written its PID file, and a SystemExit there skips
+    its clean-up, so a busy port would be tracebacks and a stale PID file.
+    Bound in ``makeService``, it is one config-error line and exit 2, with
+    no child started.
+    """
+
+    def __init__(self, reactor: Any, key: str, endpoint: str, source: str, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.key = key
+        self.endpoint = endpoint
+        self.source = source
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def listen(self) -> None:
+        """Bind now; a failure is a :class:`ConfigError` naming the key and the endpoint."""
+        outcome: list[Any] = []
+        serverFromString(self.reactor, self.endpoint).listen(self.factory).addBoth(outcome.append)
+        if not outcome:  # every endpoint kind the config allows binds at once
+            raise ConfigError(self.key, f"cannot listen on {self.endpoint}: the endpoint did not bind at once",
+                              self.source)
+        if isinstance(outcome[0], Failure):
+            err = outcome[0].value
+            cause = err.socketError if isinstance(err, CannotListenError) else err
+            reason = getattr(cause, "strerror", None) or str(cause)
+            raise ConfigError(self.key, f"cannot listen on {self.endpoint}: {reason[:1].lower()}{reason[1:]}",
+                              self.source)
+        self.port = outcome[0]
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is None:
+            self.listen()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+
+def listen_all(root: service.MultiService) -> None:
+    """Bind every site of the tree; on a failure, unbind those already bound and raise its ConfigError."""
+    listeners = [s for s in root if isinstance(s, ListeningService)]
+    try:
+        for listener in listeners:
+            listener.listen()
+    except ConfigError:
+        for listener in listeners:
+            if listener.port is not None:
+                listener.port.stopListening()
+                listener.port = None
+        raise
 
 
 class Options(usage.Options):
@@ -96,6 +157,11 @@ class LlamadService(service.MultiService):
         super().startService()
         # SIGHUP: re-read what can change under a running daemon (the API keys).
         self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        # Only now that SIGHUP reloads: `llamad keys reload` finds this process by its data dir.
+        try:
+            runfiles.record_daemon(self.config.data_dir)
+        except OSError as e:
+            log.warn("cannot write llamad's PID file (`llamad keys reload` needs --pid or --url): {e}", e=e)
         if self.notifier is not None:  # both sites listen by now
             self.notifier.ready(f"serving; backend {self.status.snapshot()['state']}")
 
@@ -112,6 +178,8 @@ class LlamadService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
+        # Gone before SIGHUP stops meaning "reload": a reload sent while draining must not kill the process.
+        runfiles.forget_daemon(self.config.data_dir)
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
         if self.notifier is not None:
@@ -235,16 +303,19 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
                 config.admission.queue_timeout, metrics)
     proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)
     root.proxy, root.gate = proxy, gate
-    auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor)
+    auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor,
+                default_rate=config.auth.default_rate)
     gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins))
     root.reloaders.append(auth.reload)
     if isinstance(backend, Supervisor):
         root.reloaders.append(lambda: backend.retry() if backend.state.value == "failed" else None)
 
-    strports.service(config.health.listen, health_site(status, config.health.ping)).setServiceParent(root)
+    ListeningService(reactor, "health.listen", config.health.listen, loaded.sources["health.listen"],
+                     health_site(status, config.health.ping)).setServiceParent(root)
     api = api_site(gateway, config.api.max_body_bytes, config.api.header_timeout, config.api.body_timeout,
-                   config.api.max_incomplete_per_client)
-    strports.service(config.api.listen, api).setServiceParent(root)
+                   config.api.max_incomplete_per_client, max_headers=config.api.max_headers,
+                   max_header_line=config.api.max_header_line, max_request_line=config.api.max_request_line)
+    ListeningService(reactor, "api.listen", config.api.listen, loaded.sources["api.listen"], api).setServiceParent(root)
     if isinstance(backend, Supervisor):
         backend.setServiceParent(root)
     if config.scale_from_zero.enabled:
@@ -261,8 +332,19 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     log.info("effective config (llamad check-config shows the same):\n{config}",
              config=config_module.render(loaded).rstrip())
     log.info("GPUs: {gpus}", gpus=gpu_inventory())
+    for warning in loaded.warnings:
+        log.warn("config: {warning}", warning=warning)
+    if loaded.sources["auth.enabled"] == config_module.AUTH_AUTO_SOURCE:
+        log.info("auth enabled: {path} exists (auth.enabled is set nowhere); set auth.enabled = false or "
+                 "AUTH_ENABLED=false to serve without keys", path=config.auth.keys_file)
     log.info("model {model} via {kind}; api {api}, health {health}", model=config.backend.model or config.backend.url,
              kind=config.backend.kind, api=config.api.listen, health=config.health.listen)
+    try:
+        listen_all(root)  # last: the boot log has the config, and the error, when a port is taken
+    except ConfigError as e:
+        log.error("config error: {e}", e=e)
+        close()
+        fail(str(e))
     return root
 
 

@@ -79,7 +79,7 @@ def clean_config_env(tmp_path: Path, monkeypatch: Any) -> Path:
     """A clean environment for config loading: a real model file and command, no stray config file."""
     from llamad import config
 
-    for name in [*config.ENV_KEYS, *config.PORT_ENV_KEYS, "MODEL_NAME"]:
+    for name in [*config.ENV_NAMES, *config.IGNORED_ENV]:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(config, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
     model = tmp_path / "m.gguf"

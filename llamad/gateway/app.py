@@ -6,6 +6,7 @@ llamad's own, so the per-request work stays small.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from typing import Any
@@ -50,7 +51,7 @@ JSON_BODY_ROUTES = INFERENCE_ROUTES - FORM_ROUTES
 # Other routes counted under their own label; anything else is "other" (bounded cardinality).
 KNOWN_ROUTES = INFERENCE_ROUTES | {
     "/v1/models", "/models", "/tokenize", "/detokenize", "/apply-template", "/props", "/slots",
-    "/lora-adapters", "/health", "/ping", "/metrics", "/admin/reload", "/admin/restart",
+    "/lora-adapters", "/health", "/ping", "/metrics", "/admin/reload", "/reload", "/admin/restart",
 }
 # Listed from the config while the child is down: a model list never wakes it.
 MODEL_LIST_ROUTES = frozenset({"/v1/models", "/models"})
@@ -59,6 +60,22 @@ CHILD_METRICS_TIMEOUT = 2.0
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 # A \uD800-\uDFFF escape: the only way a lone surrogate gets into parsed JSON.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def wants_json(accept: bytes | None) -> bool:
+    """Whether ``/metrics`` answers llama-gguf-inference's JSON view: asked for, and Prometheus' text not."""
+    text = (accept or b"").lower()
+    return b"application/json" in text and b"text/plain" not in text and b"openmetrics" not in text
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, or IPv4 loopback as a dual-stack socket shows it (``::ffff:127.0.0.1``)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
 
 
 def route_label(path: bytes) -> str:
@@ -122,6 +139,7 @@ class Gateway:
         self.activity = activity
         self.auth = auth or Auth(False, "", False, clock)
         self.cors = cors or Cors(())
+        self.bytes_sent = 0  # body bytes of finished responses, added once per response by ApiSite
 
     def count(self, request: IRequest, code: int, route: str | None = None) -> None:
         label = route if route is not None else route_label(request.path)
@@ -154,6 +172,12 @@ class Gateway:
     @app.route("/metrics", methods=["GET", "HEAD"])
     async def metrics_route(self, request: IRequest) -> bytes:
         self.count(request, 200, "/metrics")
+        request.responseHeaders.addRawHeader(b"vary", b"Accept")
+        if wants_json(request.getHeader(b"accept")):
+            view = self.metrics.gateway_view(self.clock.seconds() - self.status.booted_at, self.auth.authenticated,
+                                             self.auth.unauthorized, self.bytes_sent)
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"gateway": view}).encode()
         text = self.metrics.exposition()
         target = self.gate.current_target()
         if target is not None and self.status.backend_has_metrics:
@@ -170,13 +194,21 @@ class Gateway:
             return b""
         return body if status == 200 else b""
 
+    def local_unless_auth(self, request: IRequest) -> None:
+        """With auth off, an admin route answers loopback only: reaching the port makes no one an admin."""
+        if not self.auth.enabled and not is_loopback(getattr(request.getClientAddress(), "host", "")):
+            what = f"{request.method.decode('latin-1')} {request.path.decode('latin-1')}"
+            raise ApiError(403, f"{what} needs auth.enabled, or a request from loopback", "forbidden")
+
     @app.route("/admin/reload", methods=["POST"])
+    @app.route("/reload", methods=["POST"], endpoint="reload")  # llama-gguf-inference's path for the same
     def admin_reload(self, request: IRequest) -> bytes:
-        """Re-read the API keys file (the caller passed the key check already).
+        """Re-read the API keys file (the caller passed the key check, or auth is off and it is local).
 
         An unreadable file leaves no key valid (fail closed) and answers a JSON
         500 naming why, so ``llamad keys reload`` reports it rather than success.
         """
+        self.local_unless_auth(request)
         try:
             loaded = self.auth.reload()
         except Exception:
@@ -185,16 +217,14 @@ class Gateway:
         if self.auth.enabled and self.auth.store.error:
             raise ApiError(500, f"API keys not reloaded: {self.auth.store.error}; no key is valid until the file "
                            "can be read and reloaded", "keys_file_unreadable")
-        self.count(request, 200, "/admin/reload")
+        self.count(request, 200, route_label(request.path))
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"reloaded": True, "keys": loaded}).encode()
 
     @app.route("/admin/restart", methods=["POST"])
     def admin_restart(self, request: IRequest) -> bytes:
         """Out of ``failed`` at once, or a fresh child (with a key, or from loopback without auth)."""
-        peer = request.getClientAddress()
-        if not self.auth.enabled and getattr(peer, "host", "") not in ("127.0.0.1", "::1"):
-            raise ApiError(403, "POST /admin/restart needs auth.enabled, or a request from loopback", "forbidden")
+        self.local_unless_auth(request)
         backend = self.gate.backend
         if backend is None or not hasattr(backend, "restart"):
             raise ApiError(409, "no supervised backend to restart", "no_backend")
@@ -368,8 +398,22 @@ class LoadingComments:
         self.request.finish()
 
 
+class ApiSite(QuietSite):
+    """Port 8000's site: adds each finished response's body bytes (Twisted counts them) to the gateway's total."""
+
+    gateway: Gateway | None = None
+
+    def log(self, request: object) -> None:
+        if self.gateway is not None:
+            self.gateway.bytes_sent += getattr(request, "sentLength", 0)
+
+
 def api_site(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10,
-             body_timeout: float = 30, max_incomplete_per_client: int = 64) -> Site:
+             body_timeout: float = 30, max_incomplete_per_client: int = 64, *, max_headers: int = 64,
+             max_header_line: int = 8192, max_request_line: int = 8192) -> Site:
     guard = gateway.resource()
-    return guarded_site(guard, max_body_bytes, header_timeout, QuietSite, body_timeout=body_timeout,
-                        max_incomplete_per_client=max_incomplete_per_client, early_check=guard.early_refusal)
+    site = guarded_site(guard, max_body_bytes, header_timeout, ApiSite, body_timeout=body_timeout,
+                        max_incomplete_per_client=max_incomplete_per_client, early_check=guard.early_refusal,
+                        max_headers=max_headers, max_header_line=max_header_line, max_request_line=max_request_line)
+    site.gateway = gateway  # type: ignore[attr-defined]
+    return site

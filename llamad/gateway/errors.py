@@ -7,14 +7,16 @@ from dataclasses import dataclass, field
 
 from twisted.web.iweb import IRequest
 
-# status -> (OpenAI error type, default code)
+# status -> (OpenAI error type, default code); 413 and 431 use llama-gguf-inference's codes, so its clients match.
 _TYPES = {
     400: ("invalid_request_error", "bad_request"),
     401: ("invalid_request_error", "invalid_api_key"),
     403: ("invalid_request_error", "forbidden"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
-    413: ("invalid_request_error", "request_too_large"),
+    413: ("invalid_request_error", "payload_too_large"),
+    414: ("invalid_request_error", "uri_too_long"),
+    431: ("invalid_request_error", "header_fields_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", "internal_error"),
     502: ("server_error", "backend_unreachable"),

@@ -39,7 +39,8 @@ class Cors:
 
     def __init__(self, origins: tuple[str, ...]) -> None:
         self.any = "*" in origins
-        self.origins = frozenset(o.encode() for o in origins if o != "*")
+        # A browser's Origin never ends in "/": an allowlisted "https://app.example/" would match nothing.
+        self.origins = frozenset(o.rstrip("/").encode() for o in origins if o != "*")
 
     @property
     def enabled(self) -> bool:
@@ -90,13 +91,16 @@ class Auth:
     """The ``[auth]`` policy over a :class:`KeyStore` that SIGHUP can reload."""
 
     def __init__(self, enabled: bool, keys_file: str, protect_metrics: bool, clock: IReactorTime,
-                 wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc), *, default_rate: int = 0) -> None:
         self.enabled = enabled
         self.keys_file = keys_file
         self.protect_metrics = protect_metrics
         self.clock = clock
         self.wall = wall
-        self.store = KeyStore()
+        self.store = KeyStore(default_rate)
+        # Requests let in by a key, and refused by the key check (401 or 429): the JSON /metrics view.
+        self.authenticated = 0
+        self.unauthorized = 0
         if enabled:
             self.reload()
 
@@ -127,11 +131,14 @@ class Auth:
             self.clock.seconds(), self.wall(), count,
         )
         if isinstance(verdict, Denied):
+            self.unauthorized += 1  # a refusal ends the request, whichever check made it
             headers = {b"retry-after": b"%d" % verdict.retry_after} if verdict.retry_after else {}
             if verdict.status == 401:
                 headers[b"www-authenticate"] = b'Bearer realm="llamad"'
             raise ApiError(verdict.status, verdict.message, verdict.code, headers,
                            param="authorization" if verdict.status == 401 else None)
+        if count:
+            self.authenticated += 1
         return verdict
 
 

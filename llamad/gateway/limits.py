@@ -3,9 +3,10 @@
 Twisted's ``HTTPChannel`` answers every violation with a bare 400; clients and
 operators deserve the specific status: 413 for a body over the limit (decided
 from ``Content-Length`` before the body is read, or while a chunked body
-arrives), 414 for a request line over 8 KiB, 431 for too many or too long
-headers, 408 for a client that does not finish its headers in time
-(slowloris) or stalls while sending a body, 400 for an ambiguous body framing
+arrives), 414 for a request line over ``max_request_line``, 431 for more than
+``max_headers`` headers or a header line over ``max_header_line``, 408 for a
+client that does not finish its headers in time (slowloris) or stalls while
+sending a body, 400 for an ambiguous body framing
 (the stuff of request smuggling), a request target that is not a path, or any
 other malformed request, 429 for a client with too many requests still
 arriving at once.  A request with a body has its head checked by the guard
@@ -25,9 +26,9 @@ from twisted.web.iweb import IRequest
 from llamad.gateway.errors import ApiError, error_body
 from llamad.timers import cancel
 
-MAX_LINE = 8192  # request line and each header line
-MAX_HEADERS = 64
-MAX_HEAD_BYTES = 16384  # request line and all headers together
+MAX_LINE = 8192  # default of the request line's and of each header line's limit
+MAX_HEADERS = 64  # default of the header count's limit
+MAX_HEAD_BYTES = 16384  # request line and all headers together (at least the two line limits' sum)
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its last header
 BODY_TIMEOUT = 30.0  # seconds a body may go without a byte
 MAX_INCOMPLETE_PER_CLIENT = 64  # requests one client IP may have arriving at once; 0 = no limit
@@ -52,14 +53,18 @@ class GuardedRequest(server.Request):
         self._body_bytes += len(data)
         channel: GuardedChannel = self.channel
         if self._body_bytes > channel.max_body_bytes:
-            channel.reject(413, f"request body over the {channel.max_body_bytes}-byte limit", "request_too_large")
+            channel.reject(413, f"request body over the {channel.max_body_bytes}-byte limit", "payload_too_large")
             return
         super().handleContentChunk(data)
 
 
 class GuardedChannel(http.HTTPChannel):
-    MAX_LENGTH = MAX_LINE
+    MAX_LENGTH = MAX_LINE  # LineReceiver's own cut: the larger of the two line limits
     totalHeadersSize = MAX_HEAD_BYTES
+    maxHeaders = MAX_HEADERS
+    max_headers = MAX_HEADERS
+    max_header_line = MAX_LINE
+    max_request_line = MAX_LINE
     max_body_bytes = 10485760
     header_timeout = HEADER_TIMEOUT
     body_timeout = BODY_TIMEOUT
@@ -68,6 +73,7 @@ class GuardedChannel(http.HTTPChannel):
     site: server.Site
 
     _header_count = 0
+    _past_request_line = False  # the current request's first line is in
     _header_deadline: IDelayedCall | None = None
     _body_deadline: IDelayedCall | None = None
     _rejected = False
@@ -148,8 +154,12 @@ class GuardedChannel(http.HTTPChannel):
             return
         # Twisted's own check of the same total answers a bare 400.
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self.reject(431, f"request headers over {self.totalHeadersSize} bytes in all", "header_too_large")
+            self.reject(431, f"request headers over {self.totalHeadersSize} bytes in all", "header_fields_too_large")
             return
+        if len(line) > (self.max_header_line if self._past_request_line else self.max_request_line):
+            self.lineLengthExceeded(line)
+            return
+        self._past_request_line = self._past_request_line or bool(line)  # one empty line may come first
         if self._head is None and line:
             parts = line.split(b" ")
             if len(parts) == 3:  # anything else is malformed, and Twisted's parser says so
@@ -163,15 +173,15 @@ class GuardedChannel(http.HTTPChannel):
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        if self._header_count == 0 and not self.requests:
-            self.reject(414, f"request line over {self.MAX_LENGTH} bytes", "uri_too_long")
+        if not self._past_request_line:
+            self.reject(414, f"request line over {self.max_request_line} bytes", "uri_too_long")
         else:
-            self.reject(431, f"a header line over {self.MAX_LENGTH} bytes", "header_too_large")
+            self.reject(431, f"a header line over {self.max_header_line} bytes", "header_fields_too_large")
 
     def headerReceived(self, line: bytes) -> bool:
         self._header_count += 1
-        if self._header_count > MAX_HEADERS:
-            self.reject(431, f"more than {MAX_HEADERS} headers", "too_many_headers")
+        if self._header_count > self.max_headers:
+            self.reject(431, f"more than {self.max_headers} headers", "header_fields_too_large")
             return False
         name, _, value = line.partition(b":")
         name = name.lower()
@@ -191,7 +201,7 @@ class GuardedChannel(http.HTTPChannel):
             elif self._chunked_seen:
                 self.reject(400, "both Transfer-Encoding and Content-Length", "bad_framing")
             elif len(value) > MAX_LENGTH_DIGITS:
-                self.reject(413, f"request body is over the {self.max_body_bytes}-byte limit", "request_too_large")
+                self.reject(413, f"request body is over the {self.max_body_bytes}-byte limit", "payload_too_large")
             self._length_seen = True
         else:
             if self._chunked_seen:
@@ -207,6 +217,7 @@ class GuardedChannel(http.HTTPChannel):
         self._disarm()
         self._awaiting_headers = False
         self._header_count = 0
+        self._past_request_line = False
         head, self._head = self._head, None
         self._length_seen = self._chunked_seen = False
         if self.length != 0:  # a body follows: decide what the head alone can before reading it
@@ -216,7 +227,7 @@ class GuardedChannel(http.HTTPChannel):
                 return
             if self.length is not None and self.length > self.max_body_bytes:
                 self.reject(413, f"request body of {self.length} bytes is over the {self.max_body_bytes}-byte limit",
-                            "request_too_large")
+                            "payload_too_large")
                 return
             self._body_deadline = self.callLater(self.body_timeout, self._body_too_slow)
         super().allHeadersReceived()
@@ -273,7 +284,8 @@ class GuardedChannel(http.HTTPChannel):
 def guarded_site(resource: Any, max_body_bytes: int, header_timeout: float = HEADER_TIMEOUT,
                  site_class: type[server.Site] = server.Site, *, body_timeout: float = BODY_TIMEOUT,
                  max_incomplete_per_client: int = MAX_INCOMPLETE_PER_CLIENT,
-                 early_check: EarlyCheck | None = None) -> server.Site:
+                 early_check: EarlyCheck | None = None, max_headers: int = MAX_HEADERS,
+                 max_header_line: int = MAX_LINE, max_request_line: int = MAX_LINE) -> server.Site:
     """A Site whose connections enforce the limits above.
 
     ``early_check`` is the guard's verdict on a request head, asked before a
@@ -288,5 +300,9 @@ def guarded_site(resource: Any, max_body_bytes: int, header_timeout: float = HEA
         "max_body_bytes": max_body_bytes, "header_timeout": header_timeout, "body_timeout": body_timeout,
         "max_incomplete_per_client": max_incomplete_per_client,
         "early_check": staticmethod(early_check) if early_check is not None else None,
+        "max_headers": max_headers, "maxHeaders": max_headers, "max_header_line": max_header_line,
+        "max_request_line": max_request_line, "MAX_LENGTH": max(max_header_line, max_request_line),
+        # A raised line limit must not be refused by the total first.
+        "totalHeadersSize": max(MAX_HEAD_BYTES, max_header_line + max_request_line),
     })
     return site

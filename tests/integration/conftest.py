@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from llamad import config as llamad_config
 from llamad.demo import write_demo_model
 from llamad.supervisor import free_port
 
@@ -151,7 +152,8 @@ def start_llamad(tmp_path: Path, demo_model: str, llama_server_bin: str) -> Iter
         log_path = tmp_path / f"twistd{len(daemons)}.log"
         full_env = {
             **{k: v for k, v in os.environ.items()
-               if k not in ("PORT", "PORT_HEALTH", "MODEL_PATH", "MODEL_NAME", "LLAMA_SERVER_BIN")},
+               if k not in ("PORT", "PORT_HEALTH", "MODEL_PATH", "MODEL_NAME", "LLAMA_SERVER_BIN")
+               and k not in (*llamad_config.ENV_NAMES, *llamad_config.IGNORED_ENV, "INSTANCE_ID")},
             "PORT": str(api_port),
             "PORT_HEALTH": str(health_port),
             **(env or {}),

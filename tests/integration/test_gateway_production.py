@@ -131,7 +131,7 @@ def test_bad_input_gets_clear_answers_and_the_daemon_keeps_serving(start_llamad)
 
     # Over the limit by Content-Length: 413 before any body byte is sent.
     response = raw(daemon, head + b"Content-Length: 5000\r\n\r\n")
-    assert status_of(response) == 413 and b"request_too_large" in response
+    assert status_of(response) == 413 and b"payload_too_large" in response
 
     # A chunked body: accepted under the limit, cut at the limit.
     body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()

@@ -29,3 +29,12 @@ def test_shipped_config_has_every_key_commented_with_its_default():
             **{f"{s}.{k}": v for s, t in doc.items() if isinstance(t, dict) for k, v in t.items()}}
     plain = {k: list(v) if isinstance(v, tuple) else v for k, v in _defaults().items()}
     assert flat == plain
+
+
+def test_readme_says_what_make_run_and_keys_reload_really_do():
+    """`make run` on Ctrl-C: twistd exits 0, GNU make ends by the SIGINT (130), as
+    tests/integration/test_admin_tools.py shows; `keys reload` needs no pgrep."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "Ctrl-C drains, stops the child and exits 0" not in readme
+    assert "twistd exits 0" in readme and "130" in readme
+    assert "pgrep" not in readme and "llamad keys reload " in readme

@@ -129,6 +129,73 @@ async def test_admin_reload_needs_a_key_and_loads_new_keys(tmp_path):
     assert proxy.targets != []
 
 
+@pytest_twisted.ensureDeferred
+async def test_reload_is_admin_reload_under_llama_gguf_inference_path(tmp_path):
+    http, clock, backend, status, metrics, proxy = gateway(tmp_path, f"alice:{KEY}")
+    keys_file(tmp_path, f"alice:{KEY}", f"bob:{NEW_KEY}")
+    assert (await http.post("http://x/reload")).code == 401
+    assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 401  # not reloaded
+    response = await http.post("http://x/reload", headers=bearer())
+    assert response.code == 200 and await json_of(response) == {"reloaded": True, "keys": 2}
+    assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 200
+    get = await http.get("http://x/reload", headers=bearer())
+    assert get.code == 405 and get.headers.getRawHeaders(b"allow") == [b"POST"]
+    text = metrics.exposition().decode()
+    assert 'llamad_requests_total{code="200",method="POST",route="/reload"} 1.0' in text
+    assert 'route="other"' not in text
+    assert len(proxy.targets) == 1  # the chat request only: /reload is llamad's, never the child's
+
+
+@pytest.fixture
+def remote_client(monkeypatch):
+    """Requests that StubTreq makes arrive from 10.1.2.3, not from loopback."""
+    from twisted.internet.address import IPv4Address
+    from twisted.web.server import Request
+
+    monkeypatch.setattr(Request, "getClientAddress", lambda self: IPv4Address("TCP", "10.1.2.3", 40000))
+
+
+@pytest.mark.parametrize("path", ["/admin/reload", "/reload", "/admin/restart"])
+@pytest_twisted.ensureDeferred
+async def test_with_auth_off_admin_routes_refuse_a_remote_client_with_json_403(tmp_path, remote_client, path):
+    http, clock, backend, status, metrics, proxy = gateway(tmp_path, enabled=False)
+    response = await http.post(f"http://x{path}")
+    assert response.code == 403
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
+    error = (await json_of(response))["error"]
+    assert error["code"] == "forbidden"
+    assert error["message"] == f"POST {path} needs auth.enabled, or a request from loopback"
+    assert proxy.targets == [] and backend.starts == 0
+
+
+@pytest.mark.parametrize("path", ["/admin/reload", "/reload"])
+@pytest_twisted.ensureDeferred
+async def test_with_auth_off_reload_answers_loopback_with_any_or_no_key(tmp_path, path):
+    http, clock, backend, status, metrics, proxy = gateway(tmp_path, enabled=False)
+    for headers in ({}, bearer("whatever-it-is-123")):
+        response = await http.post(f"http://x{path}", headers=headers)
+        assert response.code == 200 and await json_of(response) == {"reloaded": True, "keys": 0}
+
+
+@pytest.mark.parametrize("path", ["/admin/reload", "/reload"])
+@pytest_twisted.ensureDeferred
+async def test_with_auth_on_a_remote_client_reloads_with_a_valid_key(tmp_path, remote_client, path):
+    http, clock, backend, status, metrics, proxy = gateway(tmp_path, f"alice:{KEY}")
+    assert (await http.post(f"http://x{path}")).code == 401
+    response = await http.post(f"http://x{path}", headers=bearer())
+    assert response.code == 200 and await json_of(response) == {"reloaded": True, "keys": 1}
+
+
+@pytest.mark.parametrize("host, local", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.1.2.3", False), ("::ffff:10.1.2.3", False), ("2001:db8::1", False), ("", False), ("localhost", False),
+])
+def test_is_loopback(host, local):
+    from llamad.gateway.app import is_loopback
+
+    assert is_loopback(host) is local
+
+
 # --- paths and methods -------------------------------------------------------------
 
 
@@ -213,7 +280,7 @@ async def test_own_routes_answer_a_method_they_do_not_take_with_json_405(tmp_pat
 
 def test_own_routes_carry_the_methods_of_their_klein_routes():
     assert OWN_ROUTES == {b"/ping": {b"GET", b"HEAD"}, b"/health": {b"GET", b"HEAD"}, b"/metrics": {b"GET", b"HEAD"},
-                          b"/admin/reload": {b"POST"}, b"/admin/restart": {b"POST"}}
+                          b"/admin/reload": {b"POST"}, b"/reload": {b"POST"}, b"/admin/restart": {b"POST"}}
 
 
 @pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND"])

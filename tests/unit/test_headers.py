@@ -132,7 +132,9 @@ def test_to_client_keeps_content_length_and_authorization_like_fields() -> None:
     [
         (400, "invalid_request_error", "bad_request"),
         (401, "invalid_request_error", "invalid_api_key"),
-        (413, "invalid_request_error", "request_too_large"),
+        (413, "invalid_request_error", "payload_too_large"),
+        (414, "invalid_request_error", "uri_too_long"),
+        (431, "invalid_request_error", "header_fields_too_large"),
         (429, "rate_limit_error", "rate_limit_exceeded"),
         (502, "server_error", "backend_unreachable"),
         (503, "server_error", "backend_unavailable"),

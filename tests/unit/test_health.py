@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import pytest_twisted
@@ -144,10 +145,17 @@ async def test_readyz_without_backend() -> None:
     assert (await fetch(status, "runpod", "/ping"))[0] == 503
 
 
-@pytest.mark.parametrize("path", ["/health", "/ping/", "/v1/models", "/readyz/x"])
+@pytest.mark.parametrize("path", ["/health", "/ping/", "/v1/models", "/readyz/x", "/healthz"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("state, mode, code", [(State.READY, "always", 200), (State.STARTING, "always", 200),
+                                               (State.STARTING, "runpod", 204), (State.FAILED, "runpod", 503)])
 @pytest_twisted.ensureDeferred
-async def test_unknown_path_is_404(path: str) -> None:
-    assert await fetch_json(make_status(State.READY), path) == (404, {"error": "not found"})
+async def test_any_other_path_is_answered_as_ping(path: str, method: str, state: State, mode: str,
+                                                  code: int) -> None:
+    """A platform set up for llama-gguf-inference's health port (any path: 200) keeps working."""
+    status = make_status(state, "x")
+    assert await fetch(status, mode, path, method) == (code, b"", ANY)
+    assert status.backend.snapshots == []
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])

@@ -105,7 +105,7 @@ def send(raw: bytes, **kw):
 def test_request_line_and_headers_over_16k_in_all_are_431():
     many = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 4096) for i in range(20))
     transport, recorder = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
-    error = refused(transport, 431, "header_too_large")
+    error = refused(transport, 431, "header_fields_too_large")
     assert error["message"] == "request headers over 16384 bytes in all"
     assert recorder.seen == []
 
@@ -135,7 +135,7 @@ def test_a_bad_or_doubled_content_length_is_400(value):
 
 def test_a_content_length_too_long_for_int_is_413_not_a_crash():
     transport, recorder = send(POST_HEAD + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n")
-    refused(transport, 413, "request_too_large")
+    refused(transport, 413, "payload_too_large")
     assert recorder.seen == []
 
 
