@@ -7,24 +7,18 @@ to the child, so health checks cannot wake or slow the model.
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
 from llamad.activity import Activity
+from llamad.interfaces import Backend
 from llamad.supervisor import State
-
-
-class BackendView(Protocol):
-    state: State
-    reason: str
-
-    def snapshot(self) -> dict[str, Any]: ...
 
 
 class Status:
     def __init__(
-        self, clock: IReactorTime, backend: BackendView | None, model_id: str, lazy: bool,
+        self, clock: IReactorTime, backend: Backend | None, model_id: str, lazy: bool,
         backend_has_metrics: bool = False,
     ) -> None:
         self.clock = clock

@@ -310,6 +310,7 @@ class Supervisor(Service):
     """
 
     name = "supervisor"
+    supervised = True
 
     def __init__(
         self,
@@ -397,7 +398,9 @@ class Supervisor(Service):
             self._run(self.machine.start)
 
     def retry(self) -> None:
-        self._run(self.machine.retry)
+        """Leave ``failed`` now (SIGHUP); a child in any other state is left as it is."""
+        if self.state == State.FAILED:
+            self._run(self.machine.retry)
 
     def startService(self) -> None:
         super().startService()
@@ -750,10 +753,17 @@ class Supervisor(Service):
 
 
 class ExternalBackend:
-    """``backend.kind = "external"``: a server llamad proxies to but does not run."""
+    """``backend.kind = "external"``: a server llamad proxies to but does not run.
 
+    It is always taken as ready; starting, stopping and restarting it are not
+    llamad's to do, so those do nothing.
+    """
+
+    supervised = False
     state = State.READY
     reason = ""
+    ready_at: float | None = None
+    last_start_seconds: float | None = None
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
@@ -766,6 +776,18 @@ class ExternalBackend:
 
     def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]:
         return defer.succeed(None)
+
+    def unload(self) -> None:
+        pass
+
+    def restart(self) -> None:
+        pass
+
+    def retry(self) -> None:
+        pass
+
+    def add_listener(self, listener: Callable[[State, State], None]) -> None:
+        pass  # its state never changes
 
     def snapshot(self) -> dict[str, Any]:
         return {"state": self.state.value, "url": self.url}

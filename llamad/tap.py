@@ -33,7 +33,9 @@ from llamad.logs import ChildLog, boot_observer, gpu_inventory, open_logs
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.status import Status
-from llamad.supervisor import ExternalBackend, Supervisor, exit_kind
+from llamad.interfaces import Backend
+from llamad.model import BackendReporter, IdleAction, ModelRuntime
+from llamad.supervisor import ExternalBackend, Supervisor
 
 log = Logger(namespace="llamad")
 
@@ -230,23 +232,39 @@ def make_probe(reactor: Any, key: str) -> Any:
     return probe
 
 
-def on_idle(action: str, backend: Any, metrics: Metrics, reactor: Any) -> bool:
-    """``idle.action``: unload the child, exit the process, or nothing.  False: try later."""
-    if backend.state.value in ("starting", "backoff"):
-        return False  # loading is not idleness: look again after another timeout
-    if action == "unload" and backend.state.value == "ready" and hasattr(backend, "unload"):
-        log.info("idle: unloading the model (the next inference request loads it again)")
-        metrics.idle_unloads.inc()
-        backend.unload()
-    elif action == "exit":
-        log.info("idle: exiting (drain, stop the child, exit 0)")
-        reactor.stop()
-    return True
+def make_backend(config: Config, reactor: Any, writer: Any) -> Backend | None:
+    """The model's server for ``backend.kind``: a supervised child, an external server, or none."""
+    if config.backend.kind == "none":
+        return None  # a scale-from-zero poller pod: inference answers 503
+    if config.backend.kind == "external":
+        return ExternalBackend(config.backend.url)
+    key = runfiles.new_key()
+    return Supervisor(
+        reactor, reactor, config.backend, config.supervisor,
+        probe=make_probe(reactor, key), key=key, run_dir=runfiles.runtime_dir(config.data_dir),
+        output=ChildLog(writer),
+    )
+
+
+def make_model(config: Config, backend: Backend | None, status: Status, metrics: Metrics,
+               reactor: Any) -> ModelRuntime:
+    """One model's gate, activity and idle watch around its backend."""
+    activity = Activity(reactor)
+    gate = Gate(reactor, status, backend, config.max_concurrent, config.admission.max_queue,
+                config.admission.queue_timeout, metrics)
+    idle = IdleWatch(reactor, activity, config.idle.timeout,
+                     IdleAction(config.idle.action, backend, metrics, reactor.stop))
+    return ModelRuntime(config.backend.model_id or config.backend.url, backend, gate, activity, idle)
 
 
 def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     """The whole service tree for one config, on the given reactor."""
     config = loaded.config
+    if not config.single_model:
+        # The config is read and checked in full (`llamad check-config`); the service that places
+        # and serves several models is not part of this version.
+        fail("models: this llamad serves one model ([backend]); a config with [models.<id>] tables or "
+             "fleet.models_dir can be checked with `llamad check-config` but not served yet")
     for key, endpoint in (("api.listen", config.api.listen), ("health.listen", config.health.listen)):
         try:
             serverFromString(reactor, endpoint)
@@ -259,56 +277,28 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     observer = boot_observer(writer)
     globalLogPublisher.addObserver(observer)
 
-    activity = Activity(reactor)
-    backend: Any
-    if config.backend.kind == "none":
-        backend = None  # a scale-from-zero poller pod: inference answers 503
-    elif config.backend.kind == "external":
-        backend = ExternalBackend(config.backend.url)
-    else:
-        key = runfiles.new_key()
-        backend = Supervisor(
-            reactor, reactor, config.backend, config.supervisor,
-            probe=make_probe(reactor, key), key=key, run_dir=runfiles.runtime_dir(config.data_dir),
-            output=ChildLog(writer),
-        )
-
+    backend = make_backend(config, reactor, writer)
     status = Status(reactor, backend, config.backend.model_id or config.backend.url, config.backend.start == "lazy",
                     backend_has_metrics=config.backend.kind == "llama-server")
+    model = make_model(config, backend, status, metrics, reactor)
+    activity, gate = model.activity, model.gate
     root = LlamadService(config, status, activity, reactor)
     notifier = Notifier(reactor)
     notifier.setServiceParent(root)
     root.notifier = notifier
-    if isinstance(backend, Supervisor):
-        def on_state(before: Any, after: Any) -> None:
-            metrics.set_backend_state(after)
-            notifier.status(f"backend {after.value}" + (f": {backend.reason}" if after.value in ("backoff", "failed")
-                                                         else ""))
-            if after.value == "ready":
-                status.ever_ready = True
-                if backend.last_start_seconds is not None:
-                    metrics.backend_start_duration.observe(backend.last_start_seconds)
-            if after.value in ("backoff", "failed") and before.value in ("starting", "ready", "stopping"):
-                metrics.backend_restarts.labels(exit_kind(backend.reason)).inc()
-
-        backend.add_listener(on_state)
-    elif backend is not None:
-        metrics.set_backend_state(backend.state)
-
+    if backend is not None:
+        backend.add_listener(BackendReporter(backend, metrics, notifier, status))
     status.activity = activity
     metrics.watch_activity(activity)
-    IdleWatch(reactor, activity, config.idle.timeout,
-              lambda: on_idle(config.idle.action, backend, metrics, reactor)).setServiceParent(root)
-    gate = Gate(reactor, status, backend, config.max_concurrent, config.admission.max_queue,
-                config.admission.queue_timeout, metrics)
+    model.idle.setServiceParent(root)
     proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)
     root.proxy, root.gate = proxy, gate
     auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor,
                 default_rate=config.auth.default_rate)
     gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins))
     root.reloaders.append(auth.reload)
-    if isinstance(backend, Supervisor):
-        root.reloaders.append(lambda: backend.retry() if backend.state.value == "failed" else None)
+    if backend is not None:
+        root.reloaders.append(backend.retry)
 
     ListeningService(reactor, "health.listen", config.health.listen, loaded.sources["health.listen"],
                      health_site(status, config.health.ping)).setServiceParent(root)
@@ -316,7 +306,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
                    config.api.max_incomplete_per_client, max_headers=config.api.max_headers,
                    max_header_line=config.api.max_header_line, max_request_line=config.api.max_request_line)
     ListeningService(reactor, "api.listen", config.api.listen, loaded.sources["api.listen"], api).setServiceParent(root)
-    if isinstance(backend, Supervisor):
+    if isinstance(backend, Supervisor):  # the one kind that is a service: it runs a child
         backend.setServiceParent(root)
     if config.scale_from_zero.enabled:
         poller = make_poller(config.scale_from_zero, reactor, metrics)

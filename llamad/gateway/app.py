@@ -226,7 +226,7 @@ class Gateway:
         """Out of ``failed`` at once, or a fresh child (with a key, or from loopback without auth)."""
         self.local_unless_auth(request)
         backend = self.gate.backend
-        if backend is None or not hasattr(backend, "restart"):
+        if backend is None or not backend.supervised:
             raise ApiError(409, "no supervised backend to restart", "no_backend")
         backend.restart()
         self.count(request, 200, "/admin/restart")

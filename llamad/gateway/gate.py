@@ -9,13 +9,14 @@ Nothing waits forever: a full queue answers 503 at once, and every wait ends at
 from __future__ import annotations
 
 from collections import deque
-from typing import Generic, Hashable, Literal, Protocol, TypeVar
+from typing import Generic, Hashable, Literal, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from llamad.backends import Target
 from llamad.gateway.errors import ApiError
+from llamad.interfaces import Backend
 from llamad.metrics import Metrics
 from llamad.status import Status
 from llamad.supervisor import StartFailed, State
@@ -51,17 +52,6 @@ class AdmissionQueue(Generic[T]):
             return self.waiting.popleft()
         self.in_use -= 1
         return None
-
-
-class Backend(Protocol):
-    state: State
-    reason: str
-
-    def target(self) -> Target: ...
-
-    def request_start(self) -> None: ...
-
-    def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]: ...
 
 
 class Lease:
@@ -150,7 +140,7 @@ class Gate:
                 await self._bounded(waiting, started)
             if cold:
                 # From arrival to the child's readiness, whether it waited in the queue or for the start.
-                ready_at = getattr(backend, "ready_at", None) or self.clock.seconds()
+                ready_at = backend.ready_at or self.clock.seconds()
                 lease.cold_wait = max(0.0, ready_at - started)
                 self.metrics.cold_start_wait.observe(lease.cold_wait)
             self.metrics.queue_wait.observe(self.clock.seconds() - started)

@@ -55,6 +55,10 @@ def test_queue_is_fifo_even_when_a_slot_is_free():
 class Backend:
     """Like the supervisor: request_start starts once; wait_ready fires when that start ends."""
 
+    supervised = True
+    ready_at: float | None = None
+    last_start_seconds: float | None = None
+
     def __init__(self, state: State = State.READY) -> None:
         self.state = state
         self.reason = ""

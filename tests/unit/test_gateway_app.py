@@ -23,6 +23,10 @@ from llamad.supervisor import StartFailed, State
 
 
 class FakeBackend:
+    supervised = True
+    ready_at: float | None = None
+    last_start_seconds: float | None = None
+
     def __init__(self, state: State = State.READY) -> None:
         self.state = state
         self.reason = ""

@@ -1,4 +1,4 @@
-"""``idle.action``, end to end on a Clock: IdleWatch, ``tap.on_idle`` and a real Supervisor on a fake process reactor.
+"""``idle.action``, end to end on a Clock: IdleWatch, ``model.IdleAction`` and a real Supervisor on a fake process reactor.
 
 The timer itself is tested in test_idle.py; these pin down what the idle unload
 does to the child, and exactly when, so that the integration test in
@@ -12,7 +12,7 @@ import signal
 from llamad.activity import Activity, IdleWatch
 from llamad.metrics import Metrics
 from llamad.supervisor import PROBE_INTERVAL, State
-from llamad.tap import on_idle
+from llamad.model import IdleAction
 from test_supervisor import make
 
 TIMEOUT = 2.0  # as in the integration test's [idle] timeout
@@ -27,7 +27,7 @@ def ready_worker(action: str = "unload"):
     sup, reactor, probe = make()
     metrics = Metrics()
     activity = Activity(reactor)
-    idle = IdleWatch(reactor, activity, TIMEOUT, lambda: on_idle(action, sup, metrics, reactor))
+    idle = IdleWatch(reactor, activity, TIMEOUT, IdleAction(action, sup, metrics, lambda: reactor.stop()))
     idle.startService()
     probe.status = 200
     sup.startService()
@@ -70,7 +70,7 @@ def test_idle_while_loading_is_not_an_unload_and_looks_again_after_another_timeo
     sup, reactor, probe = make()
     metrics = Metrics()
     activity = Activity(reactor)
-    IdleWatch(reactor, activity, TIMEOUT, lambda: on_idle("unload", sup, metrics, reactor)).startService()
+    IdleWatch(reactor, activity, TIMEOUT, IdleAction("unload", sup, metrics, lambda: reactor.stop())).startService()
     sup.startService()  # the probe answers 503: the model is still loading
     reactor.advance(TIMEOUT)
     assert sup.state == State.STARTING and reactor.last.signals == [] and unloads(metrics) == 0
@@ -91,6 +91,6 @@ def test_idle_exit_stops_the_reactor_once():
     activity.end(True)
     reactor.advance(TIMEOUT)
     assert stops == [PROBE_INTERVAL + TIMEOUT]
-    assert reactor.last.signals == [] and unloads(metrics) == 0  # the shutdown stops the child, not on_idle
+    assert reactor.last.signals == [] and unloads(metrics) == 0  # the shutdown stops the child, not the idle action
     reactor.advance(100)
     assert len(stops) == 1
