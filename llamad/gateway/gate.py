@@ -9,7 +9,7 @@ Nothing waits forever: a full queue answers 503 at once, and every wait ends at
 from __future__ import annotations
 
 from collections import deque
-from typing import Generic, Hashable, Literal, TypeVar
+from typing import Callable, Generic, Hashable, Literal, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -78,6 +78,7 @@ class Gate:
         self.queue: AdmissionQueue[defer.Deferred[None]] = AdmissionQueue(max_concurrent, max_queue)
         self.queue_timeout = queue_timeout
         self.metrics = metrics
+        self.starting_waiters = 0  # admitted requests waiting for the backend to be ready
 
     @property
     def ready(self) -> bool:
@@ -136,8 +137,7 @@ class Gate:
                 waiting = backend.wait_ready()
                 if backend.state == State.STOPPED:
                     self.metrics.cold_starts.inc()  # this request starts the child
-                backend.request_start()
-                await self._bounded(waiting, started)
+                await self._wait_for_start(waiting, started, backend.request_start)
             if cold:
                 # From arrival to the child's readiness, whether it waited in the queue or for the start.
                 ready_at = backend.ready_at or self.clock.seconds()
@@ -171,11 +171,22 @@ class Gate:
         backend = self._refuse_early()
         waiting = backend.wait_ready(newer_than=lease.target.generation)
         try:
-            await self._bounded(waiting, lease.started)
+            await self._wait_for_start(waiting, lease.started)
         except StartFailed as e:
             raise self._start_failed(e) from None
         self._refuse_early()
         lease.target = backend.target()
+
+    async def _wait_for_start(self, d: defer.Deferred[None], started: float,
+                              start: Callable[[], None] | None = None) -> None:
+        """Ask for a start, then wait for the backend, counted: a fleet starts only models someone waits for."""
+        self.starting_waiters += 1
+        try:
+            if start is not None:
+                start()
+            await self._bounded(d, started)
+        finally:
+            self.starting_waiters -= 1
 
     async def _bounded(self, d: defer.Deferred[None], started: float) -> None:
         """Wait for ``d`` until ``queue_timeout`` after ``started``."""

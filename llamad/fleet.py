@@ -1,0 +1,250 @@
+# -*- test-case-name: tests.unit.test_fleet -*-
+"""The models llamad serves, and where they fit: the one place that starts and stops their children.
+
+A model's gate never starts its child itself: it asks the fleet (through
+:class:`Placed`), which records how long the model has been waited for and
+runs :func:`llamad.placement.place` over every model.  The fleet performs the
+plan: it unloads idle models to make room, starts the ones that fit, and
+looks again whenever a child changes state, a request begins or ends, or a
+``min_resident`` window closes.  Requests for a model that does not fit wait
+in that model's gate, bounded by ``queue_timeout``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from llamad import placement
+from llamad.backends import Target
+from llamad.interfaces import Backend
+from llamad.model import ModelRuntime
+from llamad.supervisor import State
+from llamad.timers import cancel
+
+log = Logger(namespace="llamad.fleet")
+
+# How placement sees each backend state: a child restarting after a crash keeps its memory reserved.
+PLACEMENT_STATE: dict[State, placement.State] = {
+    State.STOPPED: "unloaded",
+    State.STARTING: "loading",
+    State.BACKOFF: "loading",
+    State.READY: "loaded",
+    State.STOPPING: "stopping",
+    State.FAILED: "failed",
+}
+
+
+class Fleet(MultiService):
+    """Runs :func:`placement.place` over the models and performs its plan.
+
+    :param clock: timers (``min_resident`` windows); a ``Clock`` in tests.
+    :param budget: bytes all loaded models may take together; None: no memory limit.
+    :param max_loaded: models loaded at once; 0: no limit.
+    :param min_resident: seconds a just-loaded model stays, unless an older request needs its memory.
+    :param on_swap: called with (unloaded model, the model it made room for) for each eviction.
+    """
+
+    name = "fleet"
+
+    def __init__(self, clock: IReactorTime, budget: int | None, max_loaded: int = 0, min_resident: float = 0.0,
+                 on_swap: Callable[[str, str], None] | None = None) -> None:
+        super().__init__()
+        self.clock = clock
+        self.budget = budget
+        self.max_loaded = max_loaded
+        self.min_resident = min_resident
+        self.on_swap = on_swap
+        self.models: dict[str, ModelRuntime] = {}
+        self.needs: dict[str, int] = {}
+        self.pinned: set[str] = set()
+        self.preload: list[str] = []
+        self.waiting_since: dict[str, float] = {}
+        self.blocked: dict[str, str] = {}  # model id -> why it waits, from the last plan
+        self.swaps = 0
+        self._wake: IDelayedCall | None = None
+        self._placing = False
+        self._again = False
+        self._booting = False
+
+    def add(self, runtime: ModelRuntime, need: int, pinned: bool = False, preload: bool = False) -> None:
+        """Take ``runtime`` into the fleet; its ``backend`` is the real one (its gate holds a :class:`Placed`)."""
+        model_id = runtime.id
+        self.models[model_id] = runtime
+        self.needs[model_id] = need
+        if pinned:
+            self.pinned.add(model_id)
+        if preload:
+            self.preload.append(model_id)
+        if runtime.backend is not None:
+            runtime.backend.add_listener(lambda before, after: self._changed(model_id, after))
+        runtime.activity.on_change(self.place)
+
+    def startService(self) -> None:
+        super().startService()
+        now = self.clock.seconds()
+        for model_id in self.preload:
+            self.waiting_since.setdefault(model_id, now)
+        self._booting = True
+        try:
+            self.place()
+        finally:
+            self._booting = False
+        for model_id in self.preload:
+            if model_id in self.waiting_since:
+                # A preload is no request: it takes free room at boot, and never evicts a model later.
+                log.warn("preload of model {model} skipped: {reason}", model=model_id,
+                         reason=self.blocked.get(model_id, "no room"))
+                del self.waiting_since[model_id]
+                self.blocked.pop(model_id, None)
+
+    def stopService(self) -> Any:
+        self._wake = cancel(self._wake)
+        return super().stopService()
+
+    def want(self, model_id: str) -> None:
+        """A request needs ``model_id`` up: it waits (from now, unless it already did) until it fits."""
+        backend = self.models[model_id].backend
+        if backend is None or backend.state in (State.STARTING, State.READY, State.BACKOFF):
+            return  # up, or on its way up: its memory is already held
+        self.waiting_since.setdefault(model_id, self.clock.seconds())
+        self.place()
+
+    def _changed(self, model_id: str, after: State) -> None:
+        if after in (State.STARTING, State.READY, State.FAILED):
+            self.waiting_since.pop(model_id, None)  # started (or given up on): no longer waiting for room
+            self.blocked.pop(model_id, None)
+        self.place()
+
+    def views(self) -> list[placement.ModelView]:
+        """Every model as placement sees it, from memory only."""
+        views = []
+        for model_id, runtime in self.models.items():
+            backend = runtime.backend
+            if backend is None:
+                continue
+            gate = runtime.gate
+            views.append(placement.ModelView(
+                id=model_id,
+                need=self.needs.get(model_id, 0),
+                state=PLACEMENT_STATE[backend.state],
+                pinned=model_id in self.pinned,
+                in_flight=runtime.activity.inference_in_flight,
+                queued=len(gate.queue.waiting) + gate.starting_waiters,
+                last_used=runtime.activity.last_activity,
+                loaded_at=backend.ready_at,
+                waiting_since=self.waiting_since.get(model_id),
+            ))
+        return views
+
+    def place(self) -> None:
+        """Plan and act; re-entrant calls (a stop changes a state) run once more after this one."""
+        if not self.running:
+            return  # startService places once everything is added
+        if self._placing:
+            self._again = True
+            return
+        self._placing = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._place_once()
+        finally:
+            self._placing = False
+
+    def _place_once(self) -> None:
+        for model_id in list(self.waiting_since):
+            runtime = self.models[model_id]
+            if not self._booting and runtime.gate.starting_waiters == 0 and not runtime.gate.queue.waiting:
+                del self.waiting_since[model_id]  # everyone who waited for it gave up
+        now = self.clock.seconds()
+        plan = placement.place(self.views(), self.budget, self.max_loaded, self.min_resident, now)
+        for model_id, reason in plan.blocked.items():
+            if self.blocked.get(model_id) != reason:
+                log.info("model {model} waits: {reason}", model=model_id, reason=reason)
+        self.blocked = dict(plan.blocked)
+        for model_id in plan.stop:
+            for_model = plan.evicted_for.get(model_id, "")
+            log.info("unloading model {model} to make room for {other}", model=model_id, other=for_model or "?")
+            self.swaps += 1
+            if self.on_swap is not None:
+                self.on_swap(model_id, for_model)
+            backend = self.models[model_id].backend
+            assert backend is not None
+            backend.unload()
+        for model_id in plan.start:
+            backend = self.models[model_id].backend
+            assert backend is not None
+            log.info("starting model {model}", model=model_id)
+            backend.request_start()
+        self._wake = cancel(self._wake)
+        if plan.wake is not None:
+            self._wake = self.clock.callLater(max(0.0, plan.wake - now), self.place)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Placement facts for /health: no I/O."""
+        return {
+            "budget": self.budget,
+            "max_loaded": self.max_loaded,
+            "held": placement.held_bytes(self.views()),
+            "swaps": self.swaps,
+            "waiting": {model_id: self.blocked.get(model_id, "starting") for model_id in self.waiting_since},
+        }
+
+
+class Placed:
+    """A model's backend as its gate sees it in a fleet: a start is asked of the fleet, which decides when."""
+
+    def __init__(self, backend: Backend, fleet: Fleet, model_id: str) -> None:
+        self.backend = backend
+        self.fleet = fleet
+        self.model_id = model_id
+
+    @property
+    def supervised(self) -> bool:
+        return self.backend.supervised
+
+    @property
+    def state(self) -> State:
+        return self.backend.state
+
+    @property
+    def reason(self) -> str:
+        return self.fleet.blocked.get(self.model_id) or self.backend.reason
+
+    @property
+    def ready_at(self) -> float | None:
+        return self.backend.ready_at
+
+    @property
+    def last_start_seconds(self) -> float | None:
+        return self.backend.last_start_seconds
+
+    def target(self) -> Target:
+        return self.backend.target()
+
+    def request_start(self) -> None:
+        self.fleet.want(self.model_id)
+
+    def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]:
+        return self.backend.wait_ready(newer_than)
+
+    def unload(self) -> None:
+        self.backend.unload()
+
+    def restart(self) -> None:
+        self.backend.restart()
+
+    def retry(self) -> None:
+        self.backend.retry()
+
+    def add_listener(self, listener: Callable[[State, State], None]) -> None:
+        self.backend.add_listener(listener)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.backend.snapshot()
