@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from llamad import placement
 from llamad.backends import Target
+from llamad.gateway.models_api import ModelSnapshot
 from llamad.interfaces import Backend
 from llamad.model import ModelRuntime
 from llamad.supervisor import State
@@ -61,6 +62,9 @@ class Fleet(MultiService):
         self.on_swap = on_swap
         self.models: dict[str, ModelRuntime] = {}
         self.needs: dict[str, int] = {}
+        self.facts: dict[str, tuple[str, tuple[str, ...], bool]] = {}  # path, aliases, found in models_dir
+        self.asked: set[str] = set()  # loads asked for by POST /models/load, not by a waiting request
+        self.unload_when_idle: set[str] = set()
         self.pinned: set[str] = set()
         self.preload: list[str] = []
         self.waiting_since: dict[str, float] = {}
@@ -71,11 +75,13 @@ class Fleet(MultiService):
         self._again = False
         self._booting = False
 
-    def add(self, runtime: ModelRuntime, need: int, pinned: bool = False, preload: bool = False) -> None:
+    def add(self, runtime: ModelRuntime, need: int, pinned: bool = False, preload: bool = False,
+            path: str = "", aliases: tuple[str, ...] = (), scanned: bool = False) -> None:
         """Take ``runtime`` into the fleet; its ``backend`` is the real one (its gate holds a :class:`Placed`)."""
         model_id = runtime.id
         self.models[model_id] = runtime
         self.needs[model_id] = need
+        self.facts[model_id] = (path, aliases, scanned)
         if pinned:
             self.pinned.add(model_id)
         if preload:
@@ -114,10 +120,34 @@ class Fleet(MultiService):
         self.waiting_since.setdefault(model_id, self.clock.seconds())
         self.place()
 
+    def load(self, model_id: str) -> None:
+        """``POST /models/load``: start it as if a request waited for it (it may evict idle models)."""
+        self.asked.add(model_id)
+        self.unload_when_idle.discard(model_id)
+        self.want(model_id)
+
+    def unload(self, model_id: str, force: bool = False) -> None:
+        """``POST /models/unload``: stop it once its requests are done (``force``: now, cutting them)."""
+        runtime = self.models[model_id]
+        self.asked.discard(model_id)
+        self.waiting_since.pop(model_id, None)
+        if force or self._idle(runtime):
+            self.unload_when_idle.discard(model_id)
+            if runtime.backend is not None:
+                runtime.backend.unload()
+        else:
+            self.unload_when_idle.add(model_id)
+
+    @staticmethod
+    def _idle(runtime: ModelRuntime) -> bool:
+        return (runtime.activity.inference_in_flight == 0 and not runtime.gate.queue.waiting
+                and runtime.gate.starting_waiters == 0)
+
     def _changed(self, model_id: str, after: State) -> None:
         if after in (State.STARTING, State.READY, State.FAILED):
             self.waiting_since.pop(model_id, None)  # started (or given up on): no longer waiting for room
             self.blocked.pop(model_id, None)
+            self.asked.discard(model_id)
         self.place()
 
     def views(self) -> list[placement.ModelView]:
@@ -158,9 +188,16 @@ class Fleet(MultiService):
             self._placing = False
 
     def _place_once(self) -> None:
+        for model_id in list(self.unload_when_idle):
+            runtime = self.models[model_id]
+            if self._idle(runtime):
+                self.unload_when_idle.discard(model_id)
+                if runtime.backend is not None:
+                    runtime.backend.unload()
         for model_id in list(self.waiting_since):
             runtime = self.models[model_id]
-            if not self._booting and runtime.gate.starting_waiters == 0 and not runtime.gate.queue.waiting:
+            if (not self._booting and model_id not in self.asked and runtime.gate.starting_waiters == 0
+                    and not runtime.gate.queue.waiting):
                 del self.waiting_since[model_id]  # everyone who waited for it gave up
         now = self.clock.seconds()
         plan = placement.place(self.views(), self.budget, self.max_loaded, self.min_resident, now)
@@ -185,6 +222,23 @@ class Fleet(MultiService):
         self._wake = cancel(self._wake)
         if plan.wake is not None:
             self._wake = self.clock.callLater(max(0.0, plan.wake - now), self.place)
+
+    def model_snapshots(self, created: int) -> list[ModelSnapshot]:
+        """Every model as llama-server's router API shows it (``GET /models``): from memory only."""
+        snapshots = []
+        for model_id, runtime in self.models.items():
+            backend = runtime.backend
+            path, aliases, scanned = self.facts.get(model_id, ("", (), False))
+            facts = backend.snapshot() if backend is not None else {}
+            snapshots.append(ModelSnapshot(
+                id=model_id, state=backend.state.value if backend is not None else "stopped", path=path,
+                created=created, aliases=aliases, reason=backend.reason if backend is not None else "",
+                pid=facts.get("pid"), memory_need=self.needs.get(model_id, 0),
+                last_used=round(runtime.activity.last_activity, 3), in_flight=runtime.activity.inference_in_flight,
+                queued=len(runtime.gate.queue.waiting) + runtime.gate.starting_waiters,
+                source="models_dir" if scanned else "preset",
+            ))
+        return snapshots
 
     def snapshot(self) -> dict[str, Any]:
         """Placement facts for /health: no I/O."""

@@ -228,14 +228,22 @@ class LogWriter:
 
 
 class ChildLog:
-    """The child's output lines, stamped and queued for ``llama/latest.txt``."""
+    """A child's output lines, stamped and queued for ``llama/latest.txt`` (a fleet: ``llama/<id>/latest.txt``)."""
 
-    def __init__(self, writer: LogWriter) -> None:
+    def __init__(self, writer: LogWriter, name: str = "child") -> None:
         self.writer = writer
+        self.name = name
 
     def child_line(self, line: bytes) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()).encode()
-        self.writer.put("child", stamp + b"Z " + line + b"\n")
+        self.writer.put(self.name, stamp + b"Z " + line + b"\n")
+
+
+def model_log(writer: LogWriter, logs_dir: str, model_id: str, max_bytes: int, keep: int) -> ChildLog:
+    """The child log of one model of a fleet: ``llama/<id>/latest.txt``, rotated like the one-model log."""
+    name = f"child:{model_id}"
+    writer.add(name, RotatingFile(os.path.join(logs_dir, "llama", model_id), max_bytes, keep, instance_name()))
+    return ChildLog(writer, name)
 
 
 class _QueuedText:

@@ -71,6 +71,10 @@ class Metrics:
             buckets=START_BUCKETS, registry=r,
         )
         self.idle_unloads = Counter("llamad_idle_unloads", "Backend stops after idle.timeout.", registry=r)
+        self.model_swaps = Counter(
+            "llamad_model_swaps", "Models unloaded to make room for another (thrash shows here), by model unloaded.",
+            ["model"], registry=r,
+        )
         self.idle_seconds = Gauge("llamad_idle_seconds", "Seconds since inference last ended (0 while busy).",
                                   registry=r)
         self.inference_in_flight = Gauge("llamad_inference_in_flight", "Inference requests in flight.", registry=r)

@@ -86,4 +86,4 @@ class ModelRuntime:
     backend: Backend | None  # None: a scale-from-zero poller pod serves no model
     gate: Gate
     activity: Activity
-    idle: IdleWatch
+    idle: IdleWatch | None = None  # None: idleness is watched for the whole process, or not at all

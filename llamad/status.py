@@ -32,6 +32,7 @@ class Status:
         self.ever_ready = False
         self.activity: Activity | None = None
         self.poller: Any = None  # the scale-from-zero service, when enabled
+        self.fleet: Any = None  # the fleet, when llamad serves several models (then ``backend`` is None)
 
     @property
     def state(self) -> State | None:
@@ -42,6 +43,13 @@ class Status:
         state = self.state
         if self.draining:
             return False, "draining: shutting down"
+        if self.fleet is not None:
+            # Ready while at least one model serves, or can start on demand.
+            failed = [m for m in self.fleet.models.values() if m.backend is None or m.backend.state == State.FAILED]
+            if len(failed) < len(self.fleet.models):
+                return True, ""
+            return False, "every model failed: " + "; ".join(f"{m.id}: {m.backend.reason if m.backend else ''}"
+                                                             for m in failed)
         if state is None:
             if self.poller is not None:  # a poller pod: ready once every cache has listed
                 return (True, "") if self.poller.synced else (False, "scale-from-zero: listing the cluster")
@@ -70,6 +78,18 @@ class Status:
             return 503
         return 204  # initializing
 
+    def model_snapshot(self, runtime: Any) -> dict[str, Any]:
+        """One model of a fleet: state, memory, last use, in flight and queued."""
+        backend = runtime.backend
+        return {
+            **(backend.snapshot() if backend is not None else {"state": "none"}),
+            "memory": self.fleet.needs.get(runtime.id, 0),
+            "waiting": self.fleet.blocked.get(runtime.id) if runtime.id in self.fleet.waiting_since else None,
+            "in_flight": runtime.activity.inference_in_flight,
+            "queued": len(runtime.gate.queue.waiting) + runtime.gate.starting_waiters,
+            "last_used": round(runtime.activity.last_activity, 3),
+        }
+
     def snapshot(self) -> dict[str, Any]:
         ready, reason = self.readiness()
         body: dict[str, Any] = {
@@ -84,6 +104,10 @@ class Status:
             body["backend"] = self.backend.snapshot()
         if self.poller is not None:
             body["scale_from_zero"] = self.poller.snapshot()
+        if self.fleet is not None:
+            body["state"] = "fleet"
+            body["fleet"] = self.fleet.snapshot()
+            body["models"] = {model_id: self.model_snapshot(runtime) for model_id, runtime in self.fleet.models.items()}
         if self.activity is not None:
             body["activity"] = {
                 "inference_in_flight": self.activity.inference_in_flight,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -29,10 +30,14 @@ from llamad.health import health_site
 from llamad.k8s import connect
 from llamad.k8s.client import KubeClient
 from llamad.k8s.poller import ScaleFromZero
-from llamad.logs import ChildLog, boot_observer, gpu_inventory, open_logs
+from llamad.logs import ChildLog, model_log, boot_observer, gpu_inventory, open_logs
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.status import Status
+from llamad import memory, placement
+from llamad.config import ModelConfig
+from llamad.fleet import Fleet, Placed
+from llamad.gateway.routing import ModelDirectory
 from llamad.interfaces import Backend
 from llamad.model import BackendReporter, IdleAction, ModelRuntime
 from llamad.supervisor import ExternalBackend, Supervisor
@@ -151,7 +156,9 @@ class LlamadService(service.MultiService):
         self.closers: list[Any] = []
         self.reloaders: list[Any] = []
         self.proxy: Proxy | None = None
-        self.gate: Gate | None = None
+        self.gates: list[Gate] = []
+        self.backends: service.IService | None = None  # the supervisor, or the fleet of them
+        self.supervisors: list[Supervisor] = []
         self.notifier: Notifier | None = None
         self._previous_sighup: Any = None
 
@@ -188,18 +195,17 @@ class LlamadService(service.MultiService):
             self.notifier.stopping()
         log.info("shutting down: draining {n} in-flight request(s)", n=self.activity.in_flight)
         self.status.draining = True  # readiness 503 and new inference 503 from here on
-        if self.gate is not None:
-            self.gate.refuse_waiting()
+        for gate in self.gates:
+            gate.refuse_waiting()
         drained = self.activity.drained()
         drained.addTimeout(self.config.api.drain_timeout, self.clock)
-        backend = self.getServiceNamed("supervisor") if "supervisor" in self.namedServices else None
 
         def now() -> None:
             # A second SIGTERM/SIGINT means "now": skip the rest of the drain, and
-            # give the child seconds rather than stop_timeout.
+            # give the children seconds rather than stop_timeout.
             drained.cancel()
-            if backend is not None:
-                backend.hurry()
+            for supervisor in self.supervisors:
+                supervisor.hurry()
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.clock.callFromThread(now))
@@ -209,8 +215,8 @@ class LlamadService(service.MultiService):
             why = "drain_timeout reached" if isinstance(e, defer.TimeoutError) else "second signal"
             cut = self.proxy.cut_all("llamad is shutting down") if self.proxy is not None else 0
             log.warn("{why}: cut {n} request(s) still in flight", why=why, n=cut)
-        if backend is not None:
-            yield backend.stopService()
+        if self.backends is not None:
+            yield self.backends.stopService()
         yield super().stopService()
         for close in self.closers:
             close()
@@ -257,14 +263,71 @@ def make_model(config: Config, backend: Backend | None, status: Status, metrics:
     return ModelRuntime(config.backend.model_id or config.backend.url, backend, gate, activity, idle)
 
 
+def make_fleet(config: Config, status: Status, metrics: Metrics, reactor: Any,
+               writer: Any) -> tuple[Fleet, dict[str, ModelRuntime]]:
+    """Every model of ``[models]`` and ``fleet.models_dir``, each placed by the fleet by its memory need."""
+    budget, how = config.fleet.budget(memory.auto_budget)
+    has_gpu = memory.total_gpu_memory(5.0) is not None
+    log.info("fleet: memory budget {budget} ({how}), max_loaded {n}", budget=placement.format_bytes(budget),
+             how=how, n=config.fleet.max_loaded or "no limit")
+    fleet = Fleet(reactor, budget, config.fleet.max_loaded, config.fleet.min_resident,
+                  on_swap=lambda gone, made_room_for: metrics.model_swaps.labels(gone).inc())
+    models: dict[str, ModelRuntime] = {}
+    run_dir = runfiles.runtime_dir(config.data_dir)
+    for model in config.models.values():
+        need = model_need(model, has_gpu)
+        if budget is not None and need > budget:
+            fail(f"models.{model.id}.memory: needs {placement.format_bytes(need)}, more than the whole budget "
+                 f"{placement.format_bytes(budget)} ({how}): it can never be loaded")
+        backend_config = dataclasses.replace(model.backend, start="lazy")  # the fleet decides when
+        backend: Backend
+        if backend_config.kind == "external":
+            backend = ExternalBackend(backend_config.url)
+        else:
+            key = runfiles.new_key()
+            supervisor = Supervisor(reactor, reactor, backend_config, config.supervisor,
+                                    probe=make_probe(reactor, key), key=key, run_dir=run_dir,
+                                    output=model_log(writer, config.logs.dir, model.id, config.logs.max_bytes,
+                                                     config.logs.keep),
+                                    child_name=model.id)
+            supervisor.setName(f"model {model.id}")
+            supervisor.setServiceParent(fleet)
+            backend = supervisor
+        gate = Gate(reactor, status, Placed(backend, fleet, model.id),
+                    config.admission.max_concurrent or backend_config.parallel, config.admission.max_queue,
+                    config.admission.queue_timeout, metrics)
+        activity = Activity(reactor)
+        idle = None
+        if config.idle.action == "unload" and model.idle_timeout > 0:
+            idle = IdleWatch(reactor, activity, model.idle_timeout, IdleAction("unload", backend, metrics, reactor.stop))
+            idle.setName(f"idle {model.id}")
+            idle.setServiceParent(fleet)
+        runtime = ModelRuntime(model.id, backend, gate, activity, idle)
+        fleet.add(runtime, need, model.pinned, model.preload, backend_config.model or backend_config.url,
+                  model.aliases, model.scanned)
+        models[model.id] = runtime
+        log.info("model {id}: {path}, needs {need}", id=model.id, path=backend_config.model or backend_config.url,
+                 need=placement.format_bytes(need))
+    return fleet, models
+
+
+def model_need(model: ModelConfig, gpu: bool) -> int:
+    """Bytes ``model`` takes loaded: its ``memory``, else the estimate from its GGUF; a bad GGUF exits 2."""
+    if model.memory != config_module.AUTO:
+        return int(model.memory)
+    if model.backend.kind == "external":
+        return 0
+    try:
+        return memory.estimate(model.backend.model, model.backend.gpu_layers, model.backend.context,
+                               model.backend.parallel, gpu=gpu).total
+    except memory.MemoryEstimateError as e:
+        fail(f"models.{model.id}.model: {e}")
+        raise  # unreachable: fail exits
+
+
 def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     """The whole service tree for one config, on the given reactor."""
     config = loaded.config
-    if not config.single_model:
-        # The config is read and checked in full (`llamad check-config`); the service that places
-        # and serves several models is not part of this version.
-        fail("models: this llamad serves one model ([backend]); a config with [models.<id>] tables or "
-             "fleet.models_dir can be checked with `llamad check-config` but not served yet")
     for key, endpoint in (("api.listen", config.api.listen), ("health.listen", config.health.listen)):
         try:
             serverFromString(reactor, endpoint)
@@ -277,28 +340,49 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     observer = boot_observer(writer)
     globalLogPublisher.addObserver(observer)
 
-    backend = make_backend(config, reactor, writer)
-    status = Status(reactor, backend, config.backend.model_id or config.backend.url, config.backend.start == "lazy",
-                    backend_has_metrics=config.backend.kind == "llama-server")
-    model = make_model(config, backend, status, metrics, reactor)
-    activity, gate = model.activity, model.gate
-    root = LlamadService(config, status, activity, reactor)
     notifier = Notifier(reactor)
+    if config.single_model:
+        backend = make_backend(config, reactor, writer)
+        status = Status(reactor, backend, config.backend.model_id or config.backend.url,
+                        config.backend.start == "lazy", backend_has_metrics=config.backend.kind == "llama-server")
+        model = make_model(config, backend, status, metrics, reactor)
+        activity, gate = model.activity, model.gate
+        root = LlamadService(config, status, activity, reactor)
+        if backend is not None:
+            backend.add_listener(BackendReporter(backend, metrics, notifier, status))
+        if isinstance(backend, Supervisor):
+            root.backends, root.supervisors = backend, [backend]
+        root.gates = [gate]
+        assert model.idle is not None
+        model.idle.setServiceParent(root)
+        models, directory = None, None
+    else:
+        activity = Activity(reactor)  # every request, for the drain and idle.action = "exit"
+        status = Status(reactor, None, "", lazy=True)
+        root = LlamadService(config, status, activity, reactor)
+        fleet, models = make_fleet(config, status, metrics, reactor, writer)
+        status.fleet = fleet
+        root.backends, root.gates = fleet, [m.gate for m in models.values()]
+        root.supervisors = [m.backend for m in models.values() if isinstance(m.backend, Supervisor)]
+        gate = next(iter(models.values())).gate
+        directory = ModelDirectory(list(models), {m.id: m.aliases for m in config.models.values()},
+                                   config.default_model)
+        if config.idle.action == "exit":
+            IdleWatch(reactor, activity, config.idle.timeout,
+                      IdleAction("exit", None, metrics, reactor.stop)).setServiceParent(root)
     notifier.setServiceParent(root)
     root.notifier = notifier
-    if backend is not None:
-        backend.add_listener(BackendReporter(backend, metrics, notifier, status))
     status.activity = activity
     metrics.watch_activity(activity)
-    model.idle.setServiceParent(root)
     proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)
     root.proxy, root.gate = proxy, gate
     auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor,
                 default_rate=config.auth.default_rate)
-    gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins))
+    gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
+                      models, directory)
     root.reloaders.append(auth.reload)
-    if backend is not None:
-        root.reloaders.append(backend.retry)
+    for supervisor in root.supervisors:
+        root.reloaders.append(supervisor.retry)
 
     ListeningService(reactor, "health.listen", config.health.listen, loaded.sources["health.listen"],
                      health_site(status, config.health.ping)).setServiceParent(root)
@@ -306,8 +390,8 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
                    config.api.max_incomplete_per_client, max_headers=config.api.max_headers,
                    max_header_line=config.api.max_header_line, max_request_line=config.api.max_request_line)
     ListeningService(reactor, "api.listen", config.api.listen, loaded.sources["api.listen"], api).setServiceParent(root)
-    if isinstance(backend, Supervisor):  # the one kind that is a service: it runs a child
-        backend.setServiceParent(root)
+    if root.backends is not None:  # the supervised children, started after both sites listen
+        root.backends.setServiceParent(root)
     if config.scale_from_zero.enabled:
         poller = make_poller(config.scale_from_zero, reactor, metrics)
         poller.setServiceParent(root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from typing import Any
+from typing import Any, Mapping
 
 from klein import Klein
 from twisted.internet import defer
@@ -26,9 +26,12 @@ from llamad.gateway.gate import Gate, Lease
 from llamad.gateway.guard import Auth, Cors, GuardResource
 from llamad.gateway.limits import guarded_site
 from llamad.gateway.proxy import NotDelivered, Proxy
+from llamad.gateway import models_api
+from llamad.gateway.routing import ModelDirectory
 from llamad.gateway.usage import UsageTap, ask_for_usage
 from llamad.health import QuietSite
 from llamad.metrics import Metrics
+from llamad.model import ModelRuntime
 from llamad.status import Status
 from llamad.timers import cancel
 
@@ -50,11 +53,15 @@ FORM_ROUTES = frozenset({"/v1/audio/transcriptions", "/audio/transcriptions"})
 JSON_BODY_ROUTES = INFERENCE_ROUTES - FORM_ROUTES
 # Other routes counted under their own label; anything else is "other" (bounded cardinality).
 KNOWN_ROUTES = INFERENCE_ROUTES | {
+    "/models/load", "/models/unload",
     "/v1/models", "/models", "/tokenize", "/detokenize", "/apply-template", "/props", "/slots",
     "/lora-adapters", "/health", "/ping", "/metrics", "/admin/reload", "/reload", "/admin/restart",
 }
 # Listed from the config while the child is down: a model list never wakes it.
 MODEL_LIST_ROUTES = frozenset({"/v1/models", "/models"})
+MODEL_LIST_PATHS = frozenset(route.encode() for route in MODEL_LIST_ROUTES)
+# llama-server's router API, answered by llamad when it serves several models.
+MODELS_API_ROUTES = frozenset({b"/models/load", b"/models/unload"})
 LOADING_INTERVAL = 3.0  # seconds between ": loading" comments on a waiting stream
 CHILD_METRICS_TIMEOUT = 2.0
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
@@ -130,7 +137,11 @@ class Gateway:
         activity: Activity,
         auth: Auth | None = None,
         cors: Cors | None = None,
+        models: Mapping[str, ModelRuntime] | None = None,
+        directory: ModelDirectory | None = None,
     ) -> None:
+        """``gate`` and ``activity``: the one model's, or with ``models`` (a fleet) the process-wide
+        activity (the drain counts every request) and the first model's gate."""
         self.clock = clock
         self.status = status
         self.gate = gate
@@ -140,6 +151,16 @@ class Gateway:
         self.auth = auth or Auth(False, "", False, clock)
         self.cors = cors or Cors(())
         self.bytes_sent = 0  # body bytes of finished responses, added once per response by ApiSite
+        if models is None:
+            models = {status.model_id: ModelRuntime(status.model_id, gate.backend, gate, activity)}
+        self.models = dict(models)
+        self.fleet = directory is not None
+        self.directory = directory or ModelDirectory(list(self.models), lenient=True)
+
+    def runtime_for(self, request: IRequest, payload: Mapping[str, Any] | None) -> tuple[ModelRuntime, bytes]:
+        """The model a request is for, and the path to send its server (``/upstream/<id>`` removed)."""
+        routed = self.directory.route(request.method, request.uri, payload)
+        return self.models[routed.model], routed.uri
 
     def count(self, request: IRequest, code: int, route: str | None = None) -> None:
         label = route if route is not None else route_label(request.path)
@@ -225,7 +246,8 @@ class Gateway:
     def admin_restart(self, request: IRequest) -> bytes:
         """Out of ``failed`` at once, or a fresh child (with a key, or from loopback without auth)."""
         self.local_unless_auth(request)
-        backend = self.gate.backend
+        runtime, _ = self.runtime_for(request, None)
+        backend = runtime.backend
         if backend is None or not backend.supervised:
             raise ApiError(409, "no supervised backend to restart", "no_backend")
         backend.restart()
@@ -260,20 +282,25 @@ class Gateway:
         strip_usage = False
         loading: LoadingComments | None = None
         lease: Lease | None = None
+        if self.fleet and (request.path in MODELS_API_ROUTES or route in MODEL_LIST_ROUTES):
+            self.models_api(request, route, body)
+            return
         if inference:
             if request.method != b"POST":
                 raise ApiError(405, f"{route} takes POST", "method_not_allowed", {b"allow": b"POST"})
             payload = parse_json_object(body) if route in JSON_BODY_ROUTES else {}
+            runtime, uri = self.runtime_for(request, payload if route in JSON_BODY_ROUTES else None)
+            gate = runtime.gate
             if ask_for_usage(request.path, payload):
                 strip_usage = True
                 try:
                     body = json.dumps(payload).encode()
                 except RecursionError:  # parsed just under the limit, this deeper stack is over it
                     raise ApiError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
-            if payload.get("stream") is True and not self.gate.ready:
+            if payload.get("stream") is True and not gate.ready:
                 loading = LoadingComments(self.clock, request)
             try:
-                lease = await self.gate.admit()
+                lease = await gate.admit()
             except ApiError as err:
                 if loading is None or not loading.stop():
                     raise
@@ -290,13 +317,15 @@ class Gateway:
             target = lease.target
         else:
             committed = False
-            if route in MODEL_LIST_ROUTES and not self.gate.ready:
+            runtime, uri = self.runtime_for(request, None)
+            gate = runtime.gate
+            if route in MODEL_LIST_ROUTES and not gate.ready:
                 self.count(request, 200, route)
                 request.setHeader(b"content-type", b"application/json")
                 request.write(json.dumps(self.model_list()).encode())
                 request.finish()
                 return
-            target = self.gate.direct()
+            target = gate.direct()
 
         taps: list[UsageTap] = []
 
@@ -308,19 +337,21 @@ class Gateway:
             self.metrics.by_route(self.metrics.time_to_first_byte, route).observe(self.clock.seconds() - started)
 
         self.metrics.in_flight.inc()
-        self.activity.begin(inference)
+        activities = (self.activity,) if runtime.activity is self.activity else (self.activity, runtime.activity)
+        for activity in activities:
+            activity.begin(inference)
         try:
             while True:
                 try:
                     await self.proxy.forward(request, target, body, first_byte, tap_for if inference else None,
-                                             committed)
+                                             committed, uri)
                     break
                 except NotDelivered:
                     # The child died (or is restarting) and got none of this request: send it to the next one.
-                    if lease is None or not self.gate.can_redeliver(lease):
+                    if lease is None or not gate.can_redeliver(lease):
                         raise
                     log.info("backend unreachable before {route} was sent: waiting for its restart", route=route)
-                    await self.gate.redeliver(lease)
+                    await gate.redeliver(lease)
                     target = lease.target
         except defer.CancelledError:
             self.count(request, CLIENT_CLOSED, route)
@@ -339,7 +370,8 @@ class Gateway:
         finally:
             if lease is not None:
                 lease.release()
-            self.activity.end(inference)
+            for activity in activities:
+                activity.end(inference)
             self.metrics.in_flight.dec()
             self.metrics.by_route(self.metrics.request_duration, route).observe(self.clock.seconds() - started)
             if taps:
@@ -349,6 +381,39 @@ class Gateway:
                     prompt, completion = taps[0].usage
                     self.metrics.tokens.labels("prompt").inc(prompt)
                     self.metrics.tokens.labels("completion").inc(completion)
+
+    def models_api(self, request: IRequest, route: str, body: bytes) -> None:
+        """llama-server's router API for a fleet: list every model whatever its state (never waking
+        one), and load or unload one (an unload waits for the model's requests; ``"force": true`` cuts them)."""
+        fleet = self.status.fleet
+        snapshots = fleet.model_snapshots(int(self.status.booted_wall))
+        if request.path in MODEL_LIST_PATHS:
+            if request.method not in (b"GET", b"HEAD"):
+                raise ApiError(405, f"{route} takes GET", "method_not_allowed", {b"allow": b"GET, HEAD"})
+            status, answer = 200, models_api.models_list(snapshots)
+        elif request.method != b"POST":
+            raise ApiError(405, f"{route} takes POST", "method_not_allowed", {b"allow": b"POST"})
+        else:
+            try:
+                name = models_api.requested_model(body)
+            except models_api.ModelsApiError as e:
+                status, answer = e.answer()
+            else:
+                model = self.directory.names.get(name)
+                snapshot = next((s for s in snapshots if s.id == model), None)
+                if request.path == b"/models/load":
+                    status, answer = models_api.load_answer(snapshot)
+                    if status == 200 and model is not None:
+                        fleet.load(model)
+                else:
+                    status, answer = models_api.unload_answer(snapshot)
+                    if status == 200 and model is not None:
+                        fleet.unload(model, force=json.loads(body).get("force") is True)
+        self.count(request, status, route)
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.write(json.dumps(answer).encode())
+        request.finish()
 
     def model_list(self) -> dict[str, Any]:
         """``/v1/models`` from the config, so listing models never wakes the child."""

@@ -221,15 +221,18 @@ class Proxy:
         first_byte: Callable[[], None] | None = None,
         tap_for: Callable[[bool], Tap] | None = None,
         committed: bool = False,
+        uri: bytes | None = None,
     ) -> defer.Deferred[None]:
         """Relay ``request`` to ``target``; fires when the response is written.
 
         Failures before the response starts raise :class:`ApiError` (502, 504).
-        ``committed``: llamad already sent an SSE response's head (cold start).
+        ``committed``: llamad already sent an SSE response's head (cold start).  ``uri``: the path to
+        send, when it is not the client's (``/upstream/<id>/...``).
         """
         upstream = self._upstream(target.origin)
         method = request.method
-        lines = [b"%s %s%s HTTP/1.1" % (method, upstream.prefix, request.uri), upstream.host_header]
+        lines = [b"%s %s%s HTTP/1.1" % (method, upstream.prefix, request.uri if uri is None else uri),
+                 upstream.host_header]
         lines += header_rules.to_backend(request.requestHeaders, target.key)
         if body or method in (b"POST", b"PUT", b"PATCH"):
             lines.append(b"Content-Length: %d" % len(body))

@@ -38,12 +38,13 @@ class ModelDirectory:
         for model, names in (aliases or {}).items():
             for name in names:
                 self.names[name] = model
-        self.default = self.names.get(default, "") if default else (self.ids[0] if len(self.ids) == 1 else "")
+        self.default: str | None = (self.names.get(default) if default
+                                    else self.ids[0] if len(self.ids) == 1 else None)
 
     def resolve(self, name: str | None) -> str:
         """The id ``name`` stands for (an id or an alias); the default for no name."""
         if not name:
-            if self.default:
+            if self.default is not None:
                 return self.default
             raise ApiError(400, f"this server has several models: name one in \"model\" (one of: {self.listing()})",
                            "model_required", param="model")

@@ -54,7 +54,7 @@ class FakeProxy:
     def __init__(self) -> None:
         self.targets: list[Target] = []
 
-    def forward(self, request, target, body, first_byte=None, tap_for=None, committed=False):
+    def forward(self, request, target, body, first_byte=None, tap_for=None, committed=False, uri=None):
         self.targets.append(target)
         request.setHeader(b"content-type", b"application/json")
         first_byte()

@@ -59,3 +59,8 @@ def test_a_one_model_llamad_takes_any_name_as_llama_server_does():
     single = ModelDirectory(["demo"], lenient=True)
     assert single.route(b"POST", b"/v1/chat/completions", {"model": "gpt-3.5-turbo"}).model == "demo"
     assert ModelDirectory(["a", "b"], lenient=True).names.get("zzz") is None  # lenient only with one model
+
+
+def test_a_model_without_a_name_is_still_the_default():
+    # backend.kind = "none" or an unnamed model: one runtime under "", which every request reaches.
+    assert ModelDirectory([""], lenient=True).route(b"POST", b"/v1/chat/completions", {}).model == ""

@@ -69,16 +69,3 @@ def test_a_failing_reloader_does_not_skip_the_others() -> None:
     root.reload()
     assert done == ["retry"]
 
-
-def test_a_fleet_config_is_refused_with_one_line_until_the_fleet_serves_it(tmp_path, capsys):
-    from llamad import tap
-
-    (tmp_path / "a.gguf").touch()
-    (tmp_path / "fleet.toml").write_text(f'[models.a]\nmodel = "{tmp_path / "a.gguf"}"\n')
-    options = Options()
-    options.parseOptions(["--config", str(tmp_path / "fleet.toml")])
-    with pytest.raises(SystemExit) as info:
-        tap.build(options.loaded, Clock())
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("llamad: config error: models: this llamad serves one model")
