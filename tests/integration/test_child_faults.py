@@ -86,16 +86,18 @@ LONG = {"prompt": "Tell a long story.", "max_tokens": 1500, "stream": True, "ign
 
 
 def test_kill_9_of_the_child_loses_no_queued_request(start_llamad):
-    daemon = start_llamad({"parallel": 2, "context": 8192}, toml="[admission]\nqueue_timeout = 600\n")
+    # Two streams far longer than the set-up hold both slots, so exactly they are with the child
+    # at the kill; 14 short requests wait in llamad's queue.
+    daemon = start_llamad({"parallel": 2, "context": 32768}, toml="[admission]\nqueue_timeout = 600\n")
     old_pid = daemon.backend_pid()
-    streams = [Stream(daemon.api_port, LONG).start()]
-    streams[0].first_event.wait(60)
-    streams += [Stream(daemon.api_port, LONG).start() for _ in range(15)]
-    wait_for(lambda: sum(s.first_event.is_set() for s in streams) >= 2, 60, "two streams running")
+    running = [Stream(daemon.api_port, {**LONG, "max_tokens": 16000}).start() for _ in range(2)]
+    for s in running:
+        assert s.first_event.wait(60)
+    queued = [Stream(daemon.api_port, {**LONG, "max_tokens": 32}).start() for _ in range(14)]
+    streams = running + queued
     wait_for(lambda: metric(daemon, "llamad_queue_depth", {}) >= 14, 60, "14 requests queued")
-    running = [s for s in streams if s.first_event.is_set()]
-    queued = [s for s in streams if not s.first_event.is_set()]
-    assert len(running) == 2 and len(queued) == 14
+    assert not any(s.done.is_set() or s.first_event.is_set() for s in queued)
+    assert not any(s.done.is_set() for s in running)
 
     os.kill(old_pid, signal.SIGKILL)
     for s in streams:
