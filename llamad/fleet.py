@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from llamad import placement
+from llamad import memory, placement
 from llamad.backends import Target
 from llamad.gateway.models_api import ModelSnapshot
 from llamad.interfaces import Backend
@@ -28,6 +28,9 @@ from llamad.supervisor import State
 from llamad.timers import cancel
 
 log = Logger(namespace="llamad.fleet")
+
+MEASURE_INTERVAL = 10.0  # seconds between measurements of the loaded models' memory
+Measure = Callable[[list[int]], "defer.Deferred[dict[int, int] | None]"]
 
 # How placement sees each backend state: a child restarting after a crash keeps its memory reserved.
 PLACEMENT_STATE: dict[State, placement.State] = {
@@ -48,13 +51,20 @@ class Fleet(MultiService):
     :param max_loaded: models loaded at once; 0: no limit.
     :param min_resident: seconds a just-loaded model stays, unless an older request needs its memory.
     :param on_swap: called with (unloaded model, the model it made room for) for each eviction.
+    :param measure: ``measure(pids)`` fires with the bytes each process uses (GPU memory from
+        ``nvidia-smi``, or RSS); every ``MEASURE_INTERVAL`` the loaded models are measured, and an
+        estimated need becomes the most seen plus a margin.
     """
 
     name = "fleet"
 
     def __init__(self, clock: IReactorTime, budget: int | None, max_loaded: int = 0, min_resident: float = 0.0,
-                 on_swap: Callable[[str, str], None] | None = None) -> None:
+                 on_swap: Callable[[str, str], None] | None = None, measure: Measure | None = None) -> None:
         super().__init__()
+        self.measure = measure
+        self.estimates: dict[str, int] = {}  # needs that came from an estimate: a measurement corrects them
+        self.measured: dict[str, int] = {}  # the most each model was seen to use while it ran
+        self._measure_call: IDelayedCall | None = None
         self.clock = clock
         self.budget = budget
         self.max_loaded = max_loaded
@@ -76,11 +86,16 @@ class Fleet(MultiService):
         self._booting = False
 
     def add(self, runtime: ModelRuntime, need: int, pinned: bool = False, preload: bool = False,
-            path: str = "", aliases: tuple[str, ...] = (), scanned: bool = False) -> None:
-        """Take ``runtime`` into the fleet; its ``backend`` is the real one (its gate holds a :class:`Placed`)."""
+            path: str = "", aliases: tuple[str, ...] = (), scanned: bool = False, estimated: bool = False) -> None:
+        """Take ``runtime`` into the fleet; its ``backend`` is the real one (its gate holds a :class:`Placed`).
+
+        ``estimated``: ``need`` is an estimate from the GGUF, to be corrected by measurement.
+        """
         model_id = runtime.id
         self.models[model_id] = runtime
         self.needs[model_id] = need
+        if estimated:
+            self.estimates[model_id] = need
         self.facts[model_id] = (path, aliases, scanned)
         if pinned:
             self.pinned.add(model_id)
@@ -100,6 +115,8 @@ class Fleet(MultiService):
             self.place()
         finally:
             self._booting = False
+        if self.measure is not None and self.estimates:
+            self._measure_call = self.clock.callLater(MEASURE_INTERVAL, self._measure_loaded)
         for model_id in self.preload:
             if model_id in self.waiting_since:
                 # A preload is no request: it takes free room at boot, and never evicts a model later.
@@ -110,6 +127,7 @@ class Fleet(MultiService):
 
     def stopService(self) -> Any:
         self._wake = cancel(self._wake)
+        self._measure_call = cancel(self._measure_call)
         return super().stopService()
 
     def want(self, model_id: str) -> None:
@@ -119,6 +137,38 @@ class Fleet(MultiService):
             return  # up, or on its way up: its memory is already held
         self.waiting_since.setdefault(model_id, self.clock.seconds())
         self.place()
+
+    def _measure_loaded(self) -> None:
+        """Measure the loaded models whose need is an estimate; the next placement uses what was seen."""
+        self._measure_call = None
+        pids = {}
+        for model_id in self.estimates:
+            backend = self.models[model_id].backend
+            pid = backend.snapshot().get("pid") if backend is not None and backend.state == State.READY else None
+            if pid:
+                pids[pid] = model_id
+        d = self.measure(list(pids)) if pids and self.measure is not None else defer.succeed({})
+
+        def seen(by_pid: dict[int, int] | None) -> None:
+            for pid, used in (by_pid or {}).items():
+                model_id = pids.get(pid)
+                if model_id is None or not used:
+                    continue
+                self.measured[model_id] = max(used, self.measured.get(model_id, 0))
+                need = memory.corrected_need(self.estimates[model_id], self.measured[model_id])
+                if need != self.needs[model_id]:
+                    log.info("model {model}: measured {used}, needs {need} from now on (estimate {estimate})",
+                             model=model_id, used=placement.format_bytes(used), need=placement.format_bytes(need),
+                             estimate=placement.format_bytes(self.estimates[model_id]))
+                    self.needs[model_id] = need
+
+        d.addCallback(seen)
+        d.addErrback(lambda failure: log.debug("measuring models failed: {f}", f=failure.getErrorMessage()))
+        d.addBoth(lambda _: self._next_measure())
+
+    def _next_measure(self) -> None:
+        if self.running:
+            self._measure_call = self.clock.callLater(MEASURE_INTERVAL, self._measure_loaded)
 
     def load(self, model_id: str) -> None:
         """``POST /models/load``: start it as if a request waited for it (it may evict idle models)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from prometheus_client.exposition import generate_latest
 
@@ -174,3 +176,29 @@ def _samples(family: MetricWrapperBase, name: str) -> Iterator[Sample]:
 def _value(family: MetricWrapperBase, name: str) -> float:
     """The sum of a family's samples called ``name``, over all its labels."""
     return sum(sample.value for sample in _samples(family, name))
+
+
+def label_child_metrics(texts: Mapping[str, bytes]) -> bytes:
+    """Several children's ``llamacpp:*`` expositions as one, each sample labelled with its ``model``.
+
+    Concatenated as they are, the families would repeat (a parse error for
+    Prometheus); merged here, each family appears once with one series per model.
+    """
+    families: dict[str, Metric] = {}
+    for model, text in texts.items():
+        try:
+            parsed = list(text_string_to_metric_families(text.decode("utf-8", "replace")))
+        except ValueError:
+            continue  # one child's odd exposition never spoils the scrape
+        for family in parsed:
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+            for sample in family.samples:
+                merged.samples.append(sample._replace(labels={**sample.labels, "model": model}))
+
+    class _Families:
+        def collect(self) -> Iterator[Metric]:
+            return iter(families.values())
+
+    return generate_latest(_Families()) if families else b""  # type: ignore[arg-type]

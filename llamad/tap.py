@@ -271,7 +271,8 @@ def make_fleet(config: Config, status: Status, metrics: Metrics, reactor: Any,
     log.info("fleet: memory budget {budget} ({how}), max_loaded {n}", budget=placement.format_bytes(budget),
              how=how, n=config.fleet.max_loaded or "no limit")
     fleet = Fleet(reactor, budget, config.fleet.max_loaded, config.fleet.min_resident,
-                  on_swap=lambda gone, made_room_for: metrics.model_swaps.labels(gone).inc())
+                  on_swap=lambda gone, made_room_for: metrics.model_swaps.labels(gone).inc(),
+                  measure=memory_probe(reactor, has_gpu))
     models: dict[str, ModelRuntime] = {}
     run_dir = runfiles.runtime_dir(config.data_dir)
     for model in config.models.values():
@@ -304,11 +305,22 @@ def make_fleet(config: Config, status: Status, metrics: Metrics, reactor: Any,
             idle.setServiceParent(fleet)
         runtime = ModelRuntime(model.id, backend, gate, activity, idle)
         fleet.add(runtime, need, model.pinned, model.preload, backend_config.model or backend_config.url,
-                  model.aliases, model.scanned)
+                  model.aliases, model.scanned, estimated=model.memory == config_module.AUTO)
         models[model.id] = runtime
         log.info("model {id}: {path}, needs {need}", id=model.id, path=backend_config.model or backend_config.url,
                  need=placement.format_bytes(need))
     return fleet, models
+
+
+def memory_probe(reactor: Any, gpu: bool) -> Any:
+    """What each child uses: GPU memory from ``nvidia-smi`` (off the reactor), else its RSS."""
+
+    def measure(pids: list[int]) -> defer.Deferred[dict[int, int] | None]:
+        if gpu:
+            return memory.gpu_memory_by_pid(reactor)
+        return defer.succeed({pid: memory.rss_bytes(pid) or 0 for pid in pids})
+
+    return measure
 
 
 def model_need(model: ModelConfig, gpu: bool) -> int:

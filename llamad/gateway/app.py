@@ -30,7 +30,7 @@ from llamad.gateway import models_api
 from llamad.gateway.routing import ModelDirectory
 from llamad.gateway.usage import UsageTap, ask_for_usage
 from llamad.health import QuietSite
-from llamad.metrics import Metrics
+from llamad.metrics import Metrics, label_child_metrics
 from llamad.model import ModelRuntime
 from llamad.status import Status
 from llamad.timers import cancel
@@ -200,11 +200,23 @@ class Gateway:
             request.setHeader(b"content-type", b"application/json")
             return json.dumps({"gateway": view}).encode()
         text = self.metrics.exposition()
-        target = self.gate.current_target()
-        if target is not None and self.status.backend_has_metrics:
-            text += await self._child_metrics(target)
+        if self.fleet:
+            text += await self._fleet_metrics()
+        else:
+            target = self.gate.current_target()
+            if target is not None and self.status.backend_has_metrics:
+                text += await self._child_metrics(target)
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return text
+
+    async def _fleet_metrics(self) -> bytes:
+        """Every ready child's ``llamacpp:*`` metrics, fetched at once, one series per ``model``."""
+        ready = {model_id: runtime.gate.current_target() for model_id, runtime in self.models.items()
+                 if runtime.backend is not None and runtime.backend.supervised}
+        fetches = {model_id: defer.ensureDeferred(self._child_metrics(target))
+                   for model_id, target in ready.items() if target is not None}
+        texts = {model_id: await d for model_id, d in fetches.items()}
+        return label_child_metrics({model_id: text for model_id, text in texts.items() if text})
 
     async def _child_metrics(self, target: Target) -> bytes:
         """The child's ``llamacpp:*`` metrics, or nothing if it cannot answer quickly."""

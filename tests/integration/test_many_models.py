@@ -9,6 +9,7 @@ import signal
 import threading
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import alive, wait_for
 from test_child_faults import Stream, metric
@@ -82,6 +83,10 @@ def test_kill_9_of_one_child_leaves_the_other_models_streaming(start_llamad, dem
     assert again.done.wait(120) and again.completed, again.describe()
     assert models(daemon)["c"]["pid"] not in (None, pid)
     wait_for(lambda: not alive(pid), 30, "the killed child to be reaped")
+    # Each ready child's own metrics, one family per name, one series per model.
+    _, body, _ = daemon.request("GET", "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert {s.labels["model"] for s in families["llamacpp:prompt_tokens"].samples} == {"a", "b", "c"}
 
 
 def test_models_dir_router_api_and_per_model_idle_unload(start_llamad, demo_model, tmp_path):

@@ -7,6 +7,7 @@ import signal
 from fakes import FakeProbe, FakeProcessReactor
 from twisted.internet import defer
 
+from llamad import memory
 from llamad.activity import Activity, IdleWatch
 from llamad.config import BackendConfig, SupervisorConfig
 from llamad.fleet import Fleet, Placed
@@ -32,7 +33,8 @@ class World:
         self.queue_timeout = queue_timeout
         self.sups: dict[str, Supervisor] = {}
 
-    def add(self, model_id: str, need: int, pinned: bool = False, preload: bool = False, parallel: int = 1) -> None:
+    def add(self, model_id: str, need: int, pinned: bool = False, preload: bool = False, parallel: int = 1,
+            estimated: bool = False) -> None:
         sup = Supervisor(self.reactor, self.reactor, BackendConfig(model=f"/m/{model_id}.gguf", start="lazy",
                                                                    name=model_id),
                          SupervisorConfig(health_interval=0), probe=self.probe, key="k", new_session=False,
@@ -42,7 +44,7 @@ class World:
         gate = Gate(self.reactor, status, placed, parallel, 16, self.queue_timeout, Metrics())
         activity = Activity(self.reactor)
         runtime = ModelRuntime(model_id, sup, gate, activity, IdleWatch(self.reactor, activity, 0, lambda: True))
-        self.fleet.add(runtime, need, pinned, preload)
+        self.fleet.add(runtime, need, pinned, preload, estimated=estimated)
         sup.setName(f"model {model_id}")
         sup.setServiceParent(self.fleet)
         self.sups[model_id] = sup
@@ -202,3 +204,27 @@ def test_a_crashed_model_restarts_in_its_reserved_memory():
     # a came back (a second child), idle: the request waiting for b since before then gets its memory.
     assert w.sups["a"].generation == 2 and w.swaps == [("a", "b")]
     assert w.states() == {"a": "stopped", "b": "ready"} and isinstance(b[0], Lease)
+
+
+def test_an_estimated_need_is_corrected_by_what_the_child_was_measured_to_use():
+    from llamad.fleet import MEASURE_INTERVAL
+
+    seen: list[list[int]] = []
+
+    def measure(pids: list[int]):
+        seen.append(pids)
+        return defer.succeed({pid: 3 * GiB for pid in pids})
+
+    w = World(budget=10 * GiB)
+    w.fleet.measure = measure
+    w.add("a", 1 * GiB, preload=True, estimated=True)  # from the GGUF
+    w.add("b", 1 * GiB, preload=True)  # an explicit memory: never corrected
+    w.start()
+    w.settle()
+    w.reactor.advance(MEASURE_INTERVAL)
+    assert seen == [[w.sups["a"].pid]]
+    assert w.fleet.needs == {"a": memory.corrected_need(1 * GiB, 3 * GiB), "b": 1 * GiB}
+    assert w.fleet.needs["a"] > 3 * GiB
+    w.fleet.stopService()
+    w.reactor.advance(MEASURE_INTERVAL * 3)
+    assert len(seen) == 1  # no measuring after the stop

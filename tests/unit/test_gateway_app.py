@@ -258,3 +258,22 @@ async def test_a_multipart_transcription_is_not_held_to_a_json_body():
 def test_inference_routes_are_the_json_ones_plus_the_form_ones():
     assert JSON_BODY_ROUTES | FORM_ROUTES == INFERENCE_ROUTES and not JSON_BODY_ROUTES & FORM_ROUTES
     assert INFERENCE_ROUTES <= KNOWN_ROUTES
+
+
+def test_several_childrens_metrics_merge_into_one_family_per_name_with_a_model_label():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llamad.metrics import label_child_metrics
+
+    child = (b"# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n"
+             b"# TYPE llamacpp:prompt_tokens_total counter\nllamacpp:prompt_tokens_total %d\n"
+             b"# HELP llamacpp:requests_processing Number of requests processing.\n"
+             b"# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 1\n")
+    text = label_child_metrics({"qwen": child % 7, "gemma": child % 9, "broken": b"not { a metric"})
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    tokens = families["llamacpp:prompt_tokens"]
+    assert tokens.type == "counter"
+    assert {(s.labels["model"], s.value) for s in tokens.samples} == {("qwen", 7.0), ("gemma", 9.0)}
+    assert len(families["llamacpp:requests_processing"].samples) == 2
+    assert text.count(b"# TYPE llamacpp:requests_processing gauge") == 1
+    assert label_child_metrics({}) == b""
