@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
@@ -25,9 +25,12 @@ disable_created_metrics()
 class Metrics:
     """The ``llamad_*`` families; one instance per process (or per test)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, per_model: bool = False) -> None:
+        """``per_model``: several models are served; the families about one model get a ``model`` label."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.per_model = per_model
         r = self.registry
+        m = ["model"] if per_model else []
         self.requests = Counter(
             "llamad_requests", "API requests answered, by route, method and status code.",
             ["route", "method", "code"], registry=r,
@@ -42,23 +45,24 @@ class Metrics:
         )
         self.in_flight = Gauge("llamad_in_flight_requests", "Requests being proxied to the backend.", registry=r)
         self.backend_state = Gauge(
-            "llamad_backend_state", "1 for the backend's current state, 0 for the others.", ["state"], registry=r,
+            "llamad_backend_state", "1 for the backend's current state, 0 for the others.", [*m, "state"], registry=r,
         )
         self.backend_restarts = Counter(
             "llamad_backend_restarts", "Unexpected backend exits that led to a restart or failure, by reason.",
-            ["reason"], registry=r,
+            [*m, "reason"], registry=r,
         )
         self.backend_start_duration = Histogram(
             "llamad_backend_start_duration_seconds", "Time from spawning the backend to its readiness.",
-            buckets=START_BUCKETS, registry=r,
+            m, buckets=START_BUCKETS, registry=r,
         )
-        self.queue_depth = Gauge("llamad_queue_depth", "Inference requests waiting for admission.", registry=r)
+        self.queue_depth = Gauge("llamad_queue_depth", "Inference requests waiting for admission.", m, registry=r)
         self.queue_wait = Histogram(
             "llamad_queue_wait_seconds", "Time an admitted inference request waited (queue and cold start).",
-            buckets=LATENCY_BUCKETS, registry=r,
+            m, buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_rejections = Counter(
-            "llamad_queue_rejections", "Inference requests refused by the gate, by reason.", ["reason"], registry=r,
+            "llamad_queue_rejections", "Inference requests refused by the gate, by reason.", [*m, "reason"],
+            registry=r,
         )
         self.tokens = Counter(
             "llamad_tokens", "Tokens reported in responses' usage, by kind (prompt, completion).", ["kind"],
@@ -66,13 +70,13 @@ class Metrics:
         )
         self.cold_starts = Counter(
             "llamad_cold_starts", "Backend starts triggered by a request (lazy start or after an idle unload).",
-            registry=r,
+            m, registry=r,
         )
         self.cold_start_wait = Histogram(
             "llamad_cold_start_wait_seconds", "Time a request waited for the backend to start.",
-            buckets=START_BUCKETS, registry=r,
+            m, buckets=START_BUCKETS, registry=r,
         )
-        self.idle_unloads = Counter("llamad_idle_unloads", "Backend stops after idle.timeout.", registry=r)
+        self.idle_unloads = Counter("llamad_idle_unloads", "Backend stops after idle.timeout.", m, registry=r)
         self.model_swaps = Counter(
             "llamad_model_swaps", "Models unloaded to make room for another (thrash shows here), by model unloaded.",
             ["model"], registry=r,
@@ -111,7 +115,8 @@ class Metrics:
         )
         self._request_children: dict[tuple[str, bytes, int], Counter] = {}
         self._route_children: dict[tuple[int, str], Histogram] = {}
-        self.set_backend_state(State.STOPPED)
+        if not per_model:
+            self.set_backend_state(State.STOPPED)
 
     def count_request(self, route: str, method: bytes, code: int) -> None:
         """``llamad_requests_total`` on the hot path: labelled children are cached."""
@@ -166,6 +171,44 @@ class Metrics:
             "queue_wait_seconds_total": round(_value(self.queue_wait, "llamad_queue_wait_seconds_sum"), 3),
             "uptime_seconds": int(uptime),
         }
+
+
+    def for_model(self, model_id: str) -> Metrics | ModelMetrics:
+        """What one model's gate, reporter and idle action count into: its labelled series in a
+        fleet, the plain families (today's names, no label) when llamad serves one model."""
+        return ModelMetrics(self, model_id) if self.per_model else self
+
+
+class _WithModel:
+    """A family with labels after ``model``: ``labels(reason)`` means ``labels(model, reason)``."""
+
+    def __init__(self, family: MetricWrapperBase, model_id: str) -> None:
+        self.family = family
+        self.model_id = model_id
+
+    def labels(self, *values: str) -> Any:
+        return self.family.labels(self.model_id, *values)
+
+
+class ModelMetrics:
+    """One model's series of the per-model families, under the attribute names :class:`Metrics` has."""
+
+    def __init__(self, metrics: Metrics, model_id: str) -> None:
+        self.model_id = model_id
+        self.backend_state = _WithModel(metrics.backend_state, model_id)
+        self.backend_restarts = _WithModel(metrics.backend_restarts, model_id)
+        self.queue_rejections = _WithModel(metrics.queue_rejections, model_id)
+        self.backend_start_duration = metrics.backend_start_duration.labels(model_id)
+        self.queue_depth = metrics.queue_depth.labels(model_id)
+        self.queue_wait = metrics.queue_wait.labels(model_id)
+        self.cold_starts = metrics.cold_starts.labels(model_id)
+        self.cold_start_wait = metrics.cold_start_wait.labels(model_id)
+        self.idle_unloads = metrics.idle_unloads.labels(model_id)
+        self.set_backend_state(State.STOPPED)
+
+    def set_backend_state(self, current: State) -> None:
+        for state in State:
+            self.backend_state.labels(state.value).set(1 if state == current else 0)
 
 
 def _samples(family: MetricWrapperBase, name: str) -> Iterator[Sample]:

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from llamad.activity import Activity, IdleWatch
 from llamad.gateway.gate import Gate
 from llamad.interfaces import Backend
-from llamad.metrics import Metrics
+from llamad.metrics import Metrics, ModelMetrics
 from llamad.notify import Notifier
 from llamad.status import Status
 from llamad.supervisor import State, exit_kind
@@ -34,7 +34,7 @@ class IdleAction:
     idleness, so the watch looks again after another time-out.
     """
 
-    def __init__(self, action: str, backend: Backend | None, metrics: Metrics,
+    def __init__(self, action: str, backend: Backend | None, metrics: Metrics | ModelMetrics,
                  stop_process: Callable[[], None]) -> None:
         self.action = action
         self.backend = backend
@@ -58,18 +58,20 @@ class IdleAction:
 class BackendReporter:
     """A backend's state changes, as metrics, a systemd status line and the status's ``ever_ready``."""
 
-    def __init__(self, backend: Backend, metrics: Metrics, notifier: Notifier, status: Status) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics | ModelMetrics, notifier: Notifier, status: Status,
+                 name: str = "backend") -> None:
         self.backend = backend
         self.metrics = metrics
         self.notifier = notifier
         self.status = status
+        self.name = name  # "backend", or "model <id>" in a fleet: what the systemd status line says
         metrics.set_backend_state(backend.state)
 
     def __call__(self, before: State, after: State) -> None:
         backend = self.backend
         self.metrics.set_backend_state(after)
         troubled = after in (State.BACKOFF, State.FAILED)
-        self.notifier.status(f"backend {after.value}" + (f": {backend.reason}" if troubled else ""))
+        self.notifier.status(f"{self.name} {after.value}" + (f": {backend.reason}" if troubled else ""))
         if after == State.READY:
             self.status.ever_ready = True
             if backend.last_start_seconds is not None:

@@ -263,7 +263,7 @@ def make_model(config: Config, backend: Backend | None, status: Status, metrics:
     return ModelRuntime(config.backend.model_id or config.backend.url, backend, gate, activity, idle)
 
 
-def make_fleet(config: Config, status: Status, metrics: Metrics, reactor: Any,
+def make_fleet(config: Config, status: Status, metrics: Metrics, notifier: Notifier, reactor: Any,
                writer: Any) -> tuple[Fleet, dict[str, ModelRuntime]]:
     """Every model of ``[models]`` and ``fleet.models_dir``, each placed by the fleet by its memory need."""
     budget, how = config.fleet.budget(memory.auto_budget)
@@ -294,13 +294,15 @@ def make_fleet(config: Config, status: Status, metrics: Metrics, reactor: Any,
             supervisor.setName(f"model {model.id}")
             supervisor.setServiceParent(fleet)
             backend = supervisor
+        counts = metrics.for_model(model.id)
+        backend.add_listener(BackendReporter(backend, counts, notifier, status, f"model {model.id}"))
         gate = Gate(reactor, status, Placed(backend, fleet, model.id),
                     config.admission.max_concurrent or backend_config.parallel, config.admission.max_queue,
-                    config.admission.queue_timeout, metrics)
+                    config.admission.queue_timeout, counts)
         activity = Activity(reactor)
         idle = None
         if config.idle.action == "unload" and model.idle_timeout > 0:
-            idle = IdleWatch(reactor, activity, model.idle_timeout, IdleAction("unload", backend, metrics, reactor.stop))
+            idle = IdleWatch(reactor, activity, model.idle_timeout, IdleAction("unload", backend, counts, reactor.stop))
             idle.setName(f"idle {model.id}")
             idle.setServiceParent(fleet)
         runtime = ModelRuntime(model.id, backend, gate, activity, idle)
@@ -346,7 +348,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
         except Exception as e:
             fail(f"{key}: bad endpoint {endpoint!r}: {e}")
 
-    metrics = Metrics()
+    metrics = Metrics(per_model=not config.single_model)
     writer, boot_path = open_logs(config.logs.dir, config.logs.max_bytes, config.logs.keep,
                                   metrics.log_write_errors.inc)
     observer = boot_observer(writer)
@@ -372,7 +374,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
         activity = Activity(reactor)  # every request, for the drain and idle.action = "exit"
         status = Status(reactor, None, "", lazy=True)
         root = LlamadService(config, status, activity, reactor)
-        fleet, models = make_fleet(config, status, metrics, reactor, writer)
+        fleet, models = make_fleet(config, status, metrics, notifier, reactor, writer)
         status.fleet = fleet
         root.backends, root.gates = fleet, [m.gate for m in models.values()]
         root.supervisors = [m.backend for m in models.values() if isinstance(m.backend, Supervisor)]

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from llamad.backends import Target
 from llamad.gateway.errors import ApiError
 from llamad.interfaces import Backend
-from llamad.metrics import Metrics
+from llamad.metrics import Metrics, ModelMetrics
 from llamad.status import Status
 from llamad.supervisor import StartFailed, State
 
@@ -71,7 +71,7 @@ class Lease:
 
 class Gate:
     def __init__(self, clock: IReactorTime, status: Status, backend: Backend | None, max_concurrent: int,
-                 max_queue: int, queue_timeout: float, metrics: Metrics) -> None:
+                 max_queue: int, queue_timeout: float, metrics: Metrics | ModelMetrics) -> None:
         self.clock = clock
         self.status = status
         self.backend = backend

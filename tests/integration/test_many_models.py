@@ -87,6 +87,8 @@ def test_kill_9_of_one_child_leaves_the_other_models_streaming(start_llamad, dem
     _, body, _ = daemon.request("GET", "/metrics")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     assert {s.labels["model"] for s in families["llamacpp:prompt_tokens"].samples} == {"a", "b", "c"}
+    restarts = {(s.labels["model"], s.labels["reason"]): s.value for s in families["llamad_backend_restarts"].samples}
+    assert restarts == {("c", "killed"): 1}
 
 
 def test_models_dir_router_api_and_per_model_idle_unload(start_llamad, demo_model, tmp_path):

@@ -228,3 +228,20 @@ def test_an_estimated_need_is_corrected_by_what_the_child_was_measured_to_use():
     w.fleet.stopService()
     w.reactor.advance(MEASURE_INTERVAL * 3)
     assert len(seen) == 1  # no measuring after the stop
+
+
+def test_each_models_gate_counts_into_its_own_labelled_series():
+    from llamad.metrics import Metrics
+
+    metrics = Metrics(per_model=True)
+    a, b = metrics.for_model("a"), metrics.for_model("b")
+    a.queue_depth.set(3)
+    b.queue_rejections.labels("queue_full").inc()
+    a.set_backend_state(State.READY)
+    value = metrics.registry.get_sample_value
+    assert value("llamad_queue_depth", {"model": "a"}) == 3 and value("llamad_queue_depth", {"model": "b"}) == 0
+    assert value("llamad_queue_rejections_total", {"model": "b", "reason": "queue_full"}) == 1
+    assert value("llamad_backend_state", {"model": "a", "state": "ready"}) == 1
+    assert value("llamad_backend_state", {"model": "b", "state": "stopped"}) == 1
+    single = Metrics()
+    assert single.for_model("demo") is single  # one model: today's series, no label
