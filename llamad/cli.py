@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
 import sys
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llamad import config as config_module
 from llamad import runfiles
@@ -240,6 +241,185 @@ def _reload_url(url: str, key: str) -> int:
     return 1
 
 
+# --- llamad models: the router API of a running daemon, as a table ------------------------
+
+MODELS_TIMEOUT = 10.0  # seconds; a daemon that is up answers the models API at once
+
+
+class ModelsError(Exception):
+    """One line for stderr and the exit status that goes with it."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def api_url(listen: str) -> str:
+    """The URL that reaches an ``api.listen`` endpoint from this host; ValueError when no URL can.
+
+    A wildcard or absent interface is reached on loopback, the family kept.
+    """
+    kind, _, rest = listen.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        raise ValueError(f"api.listen is {listen!r}, which `llamad models` cannot reach (only tcp: endpoints); "
+                         "give --url")
+    args = config_module._endpoint_args(rest)
+    positional = [config_module._unescape(a) for a in args if "=" not in a]
+    named = {n: config_module._unescape(v) for n, v in (a.split("=", 1) for a in args if "=" in a)}
+    port = positional[0] if positional else named.get("port", "")
+    if not port.isdigit() or int(port) == 0:
+        raise ValueError(f"api.listen is {listen!r}: no fixed port to reach; give --url")
+    interface = named.get("interface", "")
+    if interface in ("", "0.0.0.0", "::"):
+        interface = "::1" if kind == "tcp6" or interface == "::" else "127.0.0.1"
+    host = f"[{interface}]" if ":" in interface else interface
+    return f"{'https' if kind == 'ssl' else 'http'}://{host}:{int(port)}"
+
+
+def human_bytes(size: int | float | None) -> str:
+    """Memory as people read it ("1.0 GiB"); "-" for none (a model that is not loaded holds none)."""
+    if not size:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def ago(when: float | None, now: float) -> str:
+    """``last_used`` (wall-clock seconds) as "12 s ago", "5 min ago", "3 h ago", "2 d ago", or "never"."""
+    if when is None:
+        return "never"
+    seconds = max(0, int(now - when))
+    for limit, size, unit in ((120, 1, "s"), (7200, 60, "min"), (172800, 3600, "h")):
+        if seconds < limit:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds // 86400} d ago"
+
+
+def models_table(answer: Any, now: float) -> list[str]:
+    """The lines ``llamad models`` prints for a ``GET /models`` answer.
+
+    A single-model llamad proxies ``/models`` to its llama-server, whose entries carry
+    no ``llamad`` object: then only the ids can be shown, and the first line says why.
+    """
+    data = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(data, list):
+        raise ModelsError("GET /models answered JSON without a \"data\" list (is this a llamad?)")
+    entries = [e for e in data if isinstance(e, dict)]
+    if not any(isinstance(e.get("llamad"), dict) for e in entries):
+        ids = ", ".join(str(e.get("id", "?")) for e in entries) or "none listed"
+        return [f"this llamad serves one model (no fleet to load or unload): {ids}"]
+    header = ["ID", "STATE", "MEMORY", "IN FLIGHT", "QUEUED", "LAST USED"]
+    rows = []
+    for entry in entries:
+        own = entry.get("llamad") if isinstance(entry.get("llamad"), dict) else {}
+        rows.append([str(entry.get("id", "?")), str(own.get("state", "?")), human_bytes(own.get("memory")),
+                     str(own.get("in_flight", 0)), str(own.get("queued", 0)), ago(own.get("last_used"), now),
+                     str(own.get("reason") or "")])
+    if any(row[-1] for row in rows):
+        header.append("REASON")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def _models_request(url: str, key: str, method: str, path: str, body: dict[str, Any] | None,
+                    timeout: float) -> tuple[str, Any]:
+    """One call to the daemon's API: (raw text, parsed JSON); ModelsError for an error answer or no answer."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    headers = {"accept": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["content-type"] = "application/json"
+    request = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        raise ModelsError(f"{method} {path}: {e.code}: {_error_message(e.read().decode(errors='replace'))}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # refused, timed out, not HTTP, a bad --url
+        reason = getattr(e, "reason", None) or e
+        raise ModelsError(f"no llamad answers at {url} ({reason}); is it running? (--url, --config)") from None
+    try:
+        return text, json.loads(text)
+    except ValueError:
+        raise ModelsError(f"{method} {path}: the answer is not JSON: {text[:200]!r}") from None
+
+
+def _error_message(text: str) -> str:
+    """The server's own words from an error body (router and OpenAI shapes alike), else the body itself."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return " ".join(text.split())[:200] or "(empty answer)"
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    return " ".join(text.split())[:200]
+
+
+def models(args: argparse.Namespace) -> int:
+    """List, load or unload a running llamad's models through its router API."""
+    import time
+
+    url = getattr(args, "url", None)
+    try:
+        if not url:
+            try:
+                url = api_url(tool_config(args).api.listen)
+            except ValueError as e:
+                raise ModelsError(str(e), 2) from None
+        key = getattr(args, "key", None) or os.environ.get("LLAMAD_API_KEY", "")
+        timeout = getattr(args, "timeout", MODELS_TIMEOUT)
+        action = getattr(args, "action", None) or "list"
+        if action == "list":
+            text, answer = _models_request(url, key, "GET", "/models", None, timeout)
+            if getattr(args, "json", False):
+                print(text.rstrip("\n"))
+            else:
+                print("\n".join(models_table(answer, time.time())))
+            return 0
+        body: dict[str, Any] = {"model": args.id}
+        if action == "unload":
+            body["force"] = bool(args.force)
+        _, answer = _models_request(url, key, "POST", f"/models/{action}", body, timeout)
+    except ModelsError as e:
+        print(f"llamad models: {e.message}", file=sys.stderr)
+        return e.status
+    if not (isinstance(answer, dict) and answer.get("success") is True):
+        print(f"llamad models: {action} {args.id}: unexpected answer {json.dumps(answer)[:200]}", file=sys.stderr)
+        return 1
+    if action == "load":
+        print(f"loading {args.id} (in the background; `llamad models` shows its state)")
+    elif args.force:
+        print(f"unloading {args.id} now (requests in flight are cut)")
+    else:
+        print(f"unloading {args.id} (after its requests in flight)")
+    return 0
+
+
+def _models_options(p: argparse.ArgumentParser, here: bool) -> None:
+    """Where the daemon is, accepted before and after the action; an action's copy overrides only when given."""
+    default = {} if here else {"default": argparse.SUPPRESS}
+    p.add_argument("--config", "-c", help="config whose api.listen to reach (read as twistd llamad reads it, "
+                                          "environment included; no model needed)", **default)
+    p.add_argument("--url", help="the daemon's API instead, e.g. http://127.0.0.1:8000", **default)
+    p.add_argument("--key", help="an API key (default: $LLAMAD_API_KEY)", **default)
+    p.add_argument("--timeout", type=float, help=f"seconds to wait for an answer (default: {MODELS_TIMEOUT:g})",
+                   **(default or {"default": MODELS_TIMEOUT}))
+
+
 def _assignment(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
@@ -284,6 +464,25 @@ def parser() -> argparse.ArgumentParser:
     rl.add_argument("--url", help="POST /admin/reload here instead, e.g. http://127.0.0.1:8000")
     rl.add_argument("--key", help="a valid API key for --url (default: $LLAMAD_API_KEY)")
     k.set_defaults(func=keys)
+
+    m = sub.add_parser("models", help="list a running llamad's models, or load or unload one",
+                       description="Talk to a running llamad's models API (GET /models, POST /models/load, "
+                                   "POST /models/unload). Without an action: list.")
+    _models_options(m, here=True)
+    m.add_argument("--json", action="store_true", help="print GET /models as the daemon answers it")
+    model_actions = m.add_subparsers(dest="action")
+    ml = model_actions.add_parser("list", help="one line per model: state, memory, requests, last use")
+    _models_options(ml, here=False)
+    ml.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="print GET /models as the daemon answers it")
+    mo = model_actions.add_parser("load", help="start a model now (the daemon loads it in the background)")
+    mo.add_argument("id", help="a model id or alias")
+    _models_options(mo, here=False)
+    mu = model_actions.add_parser("unload", help="stop a model once its requests in flight are done")
+    mu.add_argument("id", help="a model id or alias")
+    mu.add_argument("--force", action="store_true", help="stop it now, cutting its requests in flight")
+    _models_options(mu, here=False)
+    m.set_defaults(func=models)
     return p
 
 
