@@ -50,4 +50,5 @@ bench: setup
 	PATH="$(abspath $(BIN)):$$PATH:/usr/sbin" $(BIN)/python bench/run.py --repeat $${REPEAT:-3}
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/ttfb.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/coldstart.py --runs 10
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/swap.py --rounds 5
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/scale_from_zero.py --seconds 60

@@ -38,6 +38,7 @@ RECENT_LINES = 40  # child output kept to explain an exit
 PROBE_TIMEOUT = 1.0  # seconds for one readiness poll
 HURRY_STOP_TIMEOUT = 3.0  # SIGTERM-to-SIGKILL once shutdown has been asked for twice
 WEDGED_STOP_TIMEOUT = 3.0  # SIGTERM-to-SIGKILL for a child that stopped answering
+RESIGNAL_AFTER = 2.0  # seconds from SIGTERM to a second SIGTERM, for a child that missed the first
 LEFTOVER_POLL = 0.05  # seconds between checks that an earlier boot's child is gone
 READY_HINTS = (b"llama_server: listening on", b"server is listening", b"Uvicorn running")
 
@@ -358,6 +359,7 @@ class Supervisor(Service):
         self._health_call: IDelayedCall | None = None
         self._ready_deadline: IDelayedCall | None = None
         self._kill_call: IDelayedCall | None = None
+        self._resignal_call: IDelayedCall | None = None
         self._ready_path = b"/health"
         self._leftover: runfiles.ChildRecord | None = None  # an earlier boot's child, being stopped
         self._leftover_call: IDelayedCall | None = None
@@ -477,9 +479,11 @@ class Supervisor(Service):
             listener(before, after)
         if after == State.READY:
             self._fire_ready_waiters(None)
-        elif after in (State.FAILED, State.STOPPED) or (after == State.BACKOFF and not self.machine.lost_serving_child):
-            # A start that failed, a crash loop, or a stop: waiting longer would not help.  A
-            # crash of a serving child keeps them: the restart serves them.
+        elif (after == State.FAILED or (after == State.STOPPED and not self.running)
+              or (after == State.BACKOFF and not self.machine.lost_serving_child)):
+            # A start that failed, a crash loop, or the service stopping: waiting longer would not
+            # help.  A crash of a serving child keeps them (the restart serves them), and so does an
+            # unload: a fleet that evicted the model starts it again when it fits.
             self._fire_ready_waiters(StartFailed(self.reason or f"backend {after.value}"))
         if after == State.STOPPED and self._leftover is None:
             self._fire_stopped_waiters()
@@ -689,6 +693,16 @@ class Supervisor(Service):
             return
         self._signal(signal.SIGTERM)
         self._kill_call = self.clock.callLater(grace, self._kill, grace)
+        if grace > RESIGNAL_AFTER:
+            self._resignal_call = self.clock.callLater(RESIGNAL_AFTER, self._resignal)
+
+    def _resignal(self) -> None:
+        """SIGTERM once more: llama-server can miss one that lands just after it started serving, and
+        takes a second as "exit now".  By the time a child is stopped, its requests are done."""
+        self._resignal_call = None
+        log.info("backend pid {pid} still running {t:g} s after SIGTERM: SIGTERM again", pid=self.pid,
+                 t=RESIGNAL_AFTER)
+        self._signal(signal.SIGTERM)
 
     def _kill(self, grace: float) -> None:
         self._kill_call = None
@@ -716,6 +730,7 @@ class Supervisor(Service):
         self._health_call = cancel(self._health_call)
         self._ready_deadline = cancel(self._ready_deadline)
         self._kill_call = cancel(self._kill_call)
+        self._resignal_call = cancel(self._resignal_call)
         value = reason.value
         description = describe_exit(getattr(value, "exitCode", None), getattr(value, "signal", None))
         expected = self.state == State.STOPPING and not self.machine.want_up

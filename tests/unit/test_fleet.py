@@ -245,3 +245,22 @@ def test_each_models_gate_counts_into_its_own_labelled_series():
     assert value("llamad_backend_state", {"model": "b", "state": "stopped"}) == 1
     single = Metrics()
     assert single.for_model("demo") is single  # one model: today's series, no label
+
+
+def test_a_request_that_arrives_while_its_model_is_being_evicted_waits_and_is_served():
+    w = World(budget=6 * GiB)
+    w.add("a", 5 * GiB, preload=True)
+    w.add("b", 5 * GiB)
+    w.start()
+    w.settle()
+    b = w.admit("b")  # a is idle: it is stopped to make room for b
+    assert w.sups["a"].state == State.STOPPING
+    w.reactor.advance(1)
+    a = w.admit("a")  # ... and a request for a arrives before it is gone
+    w.settle()
+    assert a == [] and isinstance(b[0], Lease)  # a's request waits; the stop did not fail it
+    lease = w.use("b", b)
+    w.done("b", lease)
+    w.settle()
+    w.settle()
+    assert isinstance(a[0], Lease) and w.states() == {"a": "ready", "b": "stopped"}
