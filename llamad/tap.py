@@ -326,7 +326,12 @@ def memory_probe(reactor: Any, gpu: bool) -> Any:
 
 
 def model_need(model: ModelConfig, gpu: bool) -> int:
-    """Bytes ``model`` takes loaded: its ``memory``, else the estimate from its GGUF; a bad GGUF exits 2."""
+    """Bytes ``model`` takes loaded: its ``memory``, else the estimate from its GGUF.
+
+    A GGUF llamad cannot read is that model's problem only: its size stands in for the
+    estimate, and its child will fail to start with llama.cpp's own words, while the other
+    models serve on.
+    """
     if model.memory != config_module.AUTO:
         return int(model.memory)
     if model.backend.kind == "external":
@@ -335,8 +340,10 @@ def model_need(model: ModelConfig, gpu: bool) -> int:
         return memory.estimate(model.backend.model, model.backend.gpu_layers, model.backend.context,
                                model.backend.parallel, gpu=gpu).total
     except memory.MemoryEstimateError as e:
-        fail(f"models.{model.id}.model: {e}")
-        raise  # unreachable: fail exits
+        size = os.path.getsize(model.backend.model) if os.path.isfile(model.backend.model) else 0
+        log.warn("model {id}: cannot estimate its memory ({e}); counting its file size, {size}", id=model.id,
+                 e=e, size=placement.format_bytes(size))
+        return size
 
 
 def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:

@@ -196,9 +196,12 @@ class Gate:
         try:
             await d
         except defer.TimeoutError:
-            raise self._reject("queue_timeout", ApiError(
-                503, f"no capacity within queue_timeout ({self.queue_timeout:g} s)", "queue_timeout",
-                {b"retry-after": b"5"})) from None
+            message = f"no capacity within queue_timeout ({self.queue_timeout:g} s)"
+            waiting = self.backend is not None and self.backend.state != State.READY and self.backend.reason
+            if waiting:
+                message += f": {self.backend.reason}"  # e.g. a fleet's "needs 6.0 GiB, 2.5 GiB free ..."
+            raise self._reject("queue_timeout", ApiError(503, message, "queue_timeout",
+                                                         {b"retry-after": b"5"})) from None
 
     def refuse_waiting(self) -> None:
         """Shutdown: everyone still queued gets 503 now instead of a slot later."""

@@ -138,3 +138,17 @@ def test_idle_exit_waits_for_every_model(start_llamad, demo_model):
         assert status == 200
     assert daemon.proc.wait(120) == 0  # every model idle for idle.timeout: drain, stop both children, exit 0
     assert "idle: exiting" in daemon.log()
+
+
+def test_a_corrupt_gguf_fails_its_own_model_only(start_llamad, demo_model, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\xff" * 64)
+    tables = model_table("good", demo_model) + f'[models.bad]\nmodel = "{broken}"\n'
+    daemon = start_llamad(toml=fleet_toml(tables, budget="8GiB") + "[supervisor]\ncrash_loop_limit = 1\n",
+                          wait="listening")
+    status, body, _ = daemon.request("POST", "/v1/completions", body={"model": "bad", "prompt": "x", "max_tokens": 4})
+    assert status == 503 and b"backend" in body
+    status, body, _ = daemon.request("POST", "/v1/completions", body={"model": "good", "prompt": "x",
+                                                                      "max_tokens": 4})
+    assert status == 200 and json.loads(body)["choices"]
+    assert models(daemon)["bad"]["state"] == "failed" and daemon.health()["status"] == "ok"

@@ -140,6 +140,7 @@ def test_a_request_that_waits_past_queue_timeout_gets_503_and_nothing_is_started
     b = w.admit("b")
     w.reactor.advance(30)
     assert b and b[0].value.code == "queue_timeout"
+    assert "needs 5.0 GiB, 3.0 GiB free of 8.0 GiB; busy: a (1 in flight)" in b[0].value.message
     w.done("a", lease)
     w.settle()
     assert w.states() == {"a": "ready", "b": "stopped"} and w.swaps == []
