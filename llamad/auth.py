@@ -1,4 +1,4 @@
-"""API keys: the seed's keys file, constant-time checks, per-key rate limits.
+"""API keys: llama-gguf-inference's keys file, constant-time checks, per-key rate limits.
 
 File format, one key per line (``#`` starts a comment)::
 

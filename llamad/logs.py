@@ -1,4 +1,4 @@
-"""Log files on the volume, in the seed's layout, written off the reactor thread.
+"""Log files on the volume, in llama-gguf-inference's layout, written off the reactor thread.
 
 - ``llama/latest.txt``: the child's stdout and stderr, one UTC-timestamped line
   per line.  At ``logs.max_bytes`` it is renamed to

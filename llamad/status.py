@@ -68,7 +68,7 @@ class Status:
         )
 
     def ping_code(self, mode: str) -> int:
-        """``/ping`` on the health port: the seed's always-200, or RunPod's contract."""
+        """``/ping`` on the health port: llama-gguf-inference's always-200, or RunPod's contract."""
         if mode == "always":
             return 200
         ready, _ = self.readiness()

@@ -60,7 +60,7 @@ def variant(va: Obj) -> Variant:
         raise Skip(f"{namespace}/{name}: being deleted")
     spec = va.get("spec") or {}
     ref = spec.get("scaleTargetRef") or {}
-    api_version = ref.get("apiVersion") or "apps/v1"  # empty means apps/v1 (the seed required it)
+    api_version = ref.get("apiVersion") or "apps/v1"  # empty means apps/v1 (llm-d's autoscaler requires it)
     if ref.get("kind") != "Deployment" or api_version != "apps/v1" or not ref.get("name"):
         raise Skip(f"{namespace}/{name}: scaleTargetRef must name an apps/v1 Deployment, got {dict(ref)!r}")
     model_id = spec.get("modelID") or ""
