@@ -190,8 +190,7 @@ class Fleet(MultiService):
 
     @staticmethod
     def _idle(runtime: ModelRuntime) -> bool:
-        return (runtime.activity.inference_in_flight == 0 and not runtime.gate.queue.waiting
-                and runtime.gate.starting_waiters == 0)
+        return runtime.activity.inference_in_flight == 0 and runtime.gate.waiting == 0
 
     def _changed(self, model_id: str, after: State) -> None:
         if after in (State.STARTING, State.READY, State.FAILED):
@@ -214,7 +213,7 @@ class Fleet(MultiService):
                 state=PLACEMENT_STATE[backend.state],
                 pinned=model_id in self.pinned,
                 in_flight=runtime.activity.inference_in_flight,
-                queued=len(gate.queue.waiting) + gate.starting_waiters,
+                queued=gate.waiting,
                 last_used=runtime.activity.last_activity,
                 loaded_at=backend.ready_at,
                 waiting_since=self.waiting_since.get(model_id),
@@ -246,8 +245,7 @@ class Fleet(MultiService):
                     runtime.backend.unload()
         for model_id in list(self.waiting_since):
             runtime = self.models[model_id]
-            if (not self._booting and model_id not in self.asked and runtime.gate.starting_waiters == 0
-                    and not runtime.gate.queue.waiting):
+            if not self._booting and model_id not in self.asked and runtime.gate.waiting == 0:
                 del self.waiting_since[model_id]  # everyone who waited for it gave up
         now = self.clock.seconds()
         plan = placement.place(self.views(), self.budget, self.max_loaded, self.min_resident, now)
@@ -285,7 +283,7 @@ class Fleet(MultiService):
                 created=created, aliases=aliases, reason=backend.reason if backend is not None else "",
                 pid=facts.get("pid"), memory_need=self.needs.get(model_id, 0),
                 last_used=round(runtime.activity.last_activity, 3), in_flight=runtime.activity.inference_in_flight,
-                queued=len(runtime.gate.queue.waiting) + runtime.gate.starting_waiters,
+                queued=runtime.gate.waiting,
                 source="models_dir" if scanned else "preset",
             ))
         return snapshots

@@ -850,11 +850,12 @@ def parse_cgroup_limit(text: str) -> int | None:
 
 def total_gpu_memory(timeout: float = 5.0) -> int | None:
     """Memory of all GPUs together per nvidia-smi; None without one.  Boot/config time only: it blocks."""
-    found = _gpu_totals(timeout)
+    found = gpu_totals(timeout)
     return sum(found) if found else None
 
 
-def _gpu_totals(timeout: float) -> list[int]:
+def gpu_totals(timeout: float) -> list[int]:
+    """Each GPU's memory per nvidia-smi; empty without one.  Boot/config time only: it blocks."""
     executable = shutil.which("nvidia-smi")
     if executable is None:
         return []
@@ -899,13 +900,14 @@ def total_system_memory() -> int:
     return _system_memory()[0]
 
 
-def auto_budget(reserve: int, timeout: float = 5.0) -> tuple[int, str]:
+def auto_budget(reserve: int, timeout: float = 5.0, gpus: list[int] | None = None) -> tuple[int, str]:
     """The memory to place models in, and how it was found.  Boot/config time only: it runs nvidia-smi.
 
     All GPUs' memory when nvidia-smi answers, else the host's; ``reserve``
-    is kept back (the budget is never negative).
+    is kept back (the budget is never negative).  ``gpus``: the totals, when
+    the caller asked nvidia-smi already.
     """
-    gpus = _gpu_totals(timeout)
+    gpus = gpu_totals(timeout) if gpus is None else gpus
     if gpus:
         total = sum(gpus)
         where = "nvidia-smi" if len(gpus) == 1 else f"{len(gpus)} GPUs, nvidia-smi"

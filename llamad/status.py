@@ -86,7 +86,7 @@ class Status:
             "memory": self.fleet.needs.get(runtime.id, 0),
             "waiting": self.fleet.blocked.get(runtime.id) if runtime.id in self.fleet.waiting_since else None,
             "in_flight": runtime.activity.inference_in_flight,
-            "queued": len(runtime.gate.queue.waiting) + runtime.gate.starting_waiters,
+            "queued": runtime.gate.waiting,
             "last_used": round(runtime.activity.last_activity, 3),
         }
 

@@ -266,8 +266,9 @@ def make_model(config: Config, backend: Backend | None, status: Status, metrics:
 def make_fleet(config: Config, status: Status, metrics: Metrics, notifier: Notifier, reactor: Any,
                writer: Any) -> tuple[Fleet, dict[str, ModelRuntime]]:
     """Every model of ``[models]`` and ``fleet.models_dir``, each placed by the fleet by its memory need."""
-    budget, how = config.fleet.budget(memory.auto_budget)
-    has_gpu = memory.total_gpu_memory(5.0) is not None
+    gpus = memory.gpu_totals(5.0)  # asked once at boot: for the budget and for what a need counts
+    budget, how = config.fleet.budget(lambda reserve: memory.auto_budget(reserve, gpus=gpus))
+    has_gpu = bool(gpus)
     log.info("fleet: memory budget {budget} ({how}), max_loaded {n}", budget=placement.format_bytes(budget),
              how=how, n=config.fleet.max_loaded or "no limit")
     fleet = Fleet(reactor, budget, config.fleet.max_loaded, config.fleet.min_resident,
@@ -376,7 +377,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
         root.gates = [gate]
         assert model.idle is not None
         model.idle.setServiceParent(root)
-        models, directory = None, None
+        models, directory = {model.id: model}, None
     else:
         activity = Activity(reactor)  # every request, for the drain and idle.action = "exit"
         status = Status(reactor, None, "", lazy=True)

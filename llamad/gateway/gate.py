@@ -81,6 +81,11 @@ class Gate:
         self.starting_waiters = 0  # admitted requests waiting for the backend to be ready
 
     @property
+    def waiting(self) -> int:
+        """Requests that wait for this gate: queued for a slot, or holding one until the backend is ready."""
+        return len(self.queue.waiting) + self.starting_waiters
+
+    @property
     def ready(self) -> bool:
         return self.backend is not None and self.backend.state == State.READY
 
