@@ -1,11 +1,38 @@
-"""llamad against direct llama-server and nginx, measured in one run.
+"""llamad against direct llama-server and nginx, measured in interleaved rounds.
 
-    .venv/bin/python bench/run.py [--repeat 3] [--seconds 5]
+    .venv/bin/python bench/run.py [--rounds 8] [--seconds 2] [--no-real-sse]
+                                  [--llamad-set api.KEY=VALUE ...] [--json PATH]
 
 Three paths to the same servers: direct, nginx (keep-alive reverse proxy,
 ``proxy_buffering off``, one worker), and llamad (``backend.kind =
-"external"``, so all three reach the very same child process).  Prints the
-medians over ``--repeat`` runs, and the ratios llamad/direct and nginx/direct.
+"external"``, so all three reach the very same child process).
+
+The method: ``--rounds`` rounds; in each round, for each scenario, the three
+paths are measured one after the other for ``--seconds`` each, and the order
+rotates from round to round (round r starts at path r % 3: direct, nginx,
+llamad), so that a slow drift of the shared machine (another tenant, thermal
+state, a cache warming up) lands on every path alike.  Each round gives the
+ratios nginx/direct and llamad/direct (for latency, the added milliseconds:
+path p50 - direct p50); the report is the median of those per-round ratios,
+next to the medians of the absolute values.  Scenarios:
+
+    c8          POST /v1/completions (bench/completions.lua), wrk, 8 connections: req/s
+    c1          the same at 1 connection: p50 latency, ms
+    sse8        a synthetic SSE backend (bench/sse_backend.py), 8 streams: events/s
+    llama-sse8  llama-server's own SSE, 8 streams: events/s (--no-real-sse skips it)
+
+CPU per request: utime + stime from ``/proc/<pid>/stat`` (fields 14 and 15,
+in clock ticks) of the process and its live descendants (nginx: the master
+and its worker; llamad: the twistd process serving the scenario), read right
+before and after each nginx and llamad measurement, divided by the requests
+wrk completed ("N requests in") or by the SSE events relayed.  Reported as
+the median over rounds, in microseconds; the 10 ms tick is fine against runs
+of a couple of seconds.  Once at the end, /ping on llamad's health port is
+measured while its API port is saturated.
+
+``--llamad-set KEY=VALUE`` (repeatable) adds a key to both llamad configs:
+``api.fast_path=false`` puts ``fast_path = false`` in the ``[api]`` table;
+the value is a TOML literal, written verbatim.
 
 Needs ``wrk`` and ``nginx`` (Debian: ``apt-get install wrk nginx-light``).
 """
@@ -25,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from llamad.demo import write_demo_model
@@ -32,12 +60,17 @@ from llamad.supervisor import free_port
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+PATHS = ("direct", "nginx", "llamad")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-
-def wait_port(port: int, path: str = "/health", timeout: float = 60) -> None:
+def wait_port(port: int, path: str = "/health", timeout: float = 60,
+              proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log else ""
+            raise SystemExit(f"{proc.args[0]} exited ({proc.returncode}) before port {port} answered:\n{tail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
@@ -47,6 +80,38 @@ def wait_port(port: int, path: str = "/health", timeout: float = 60) -> None:
             pass
         time.sleep(0.05)
     raise SystemExit(f"port {port} did not answer 200 on {path} within {timeout} s")
+
+
+# --- CPU from /proc -----------------------------------------------------------------
+
+def _ticks(pid: int) -> int:
+    """utime + stime of one process (all its threads), in clock ticks; 0 if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its live descendants (nginx: master + worker)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += _ticks(p)
+        todo += _children(p)
+    return total / CLK_TCK
 
 
 # --- wrk ---------------------------------------------------------------------------
@@ -62,7 +127,8 @@ def wrk(port: int, path: str, connections: int, seconds: int, script: str | None
         argv += ["-s", script]
     out = subprocess.run(argv + [f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
                          check=True).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+              "requests": float(re.search(r"(\d+) requests in", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         result[f"p{pct}"] = _ms(re.search(rf"\s{pct}(?:\.000)?%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -110,7 +176,7 @@ async def _streams(port: int, path: str, body: bytes, concurrency: int, seconds:
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
-    return {"events_per_s": events / elapsed, "ttfb_p50": statistics.median(firsts) * 1000}
+    return {"events_per_s": events / elapsed, "events": float(events), "ttfb_p50": statistics.median(firsts) * 1000}
 
 
 def streams(port: int, path: str, body: dict, concurrency: int, seconds: float) -> dict[str, float]:
@@ -147,37 +213,83 @@ http {{
 """
 
 
+def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["api.fast_path=false"]`` -> ``{"api": {"fast_path": "false"}}`` (values: TOML literals)."""
+    extra: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise SystemExit(f"--llamad-set wants KEY=VALUE, got {item!r}")
+        table, _, name = key.strip().rpartition(".")
+        extra.setdefault(table, {})[name] = value.strip()
+    return extra
+
+
+def llamad_toml(tables: dict[str, dict[str, str]], extra: dict[str, dict[str, str]]) -> str:
+    """Top-level keys (table ``""``) first, then every table, ``extra`` merged in; checked with tomllib."""
+    merged = {table: dict(keys) for table, keys in tables.items()}
+    for table, keys in extra.items():
+        merged.setdefault(table, {}).update(keys)
+    lines = [f"{k} = {v}" for k, v in merged.pop("", {}).items()]
+    for table, keys in merged.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {v}" for k, v in keys.items()]
+    text = "\n".join(lines) + "\n"
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SystemExit(f"--llamad-set makes invalid TOML ({e}):\n{text}")
+    return text
+
+
 class Servers:
-    def __init__(self, llama_server: str, work: Path) -> None:
+    def __init__(self, llama_server: str, work: Path, extra: dict[str, dict[str, str]] | None = None) -> None:
         self.work = work
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.proc: dict[str, subprocess.Popen[bytes]] = {}  # by port name
+        self.logs: dict[str, Path] = {}
         self.port = {name: free_port() for name in
                      ("llama", "sse", "nginx_llama", "nginx_sse", "llamad_llama", "health_llama",
                       "llamad_sse", "health_sse")}
+        try:
+            self._start(llama_server, extra or {})
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, llama_server: str, extra: dict[str, dict[str, str]]) -> None:
+        work = self.work
         model = write_demo_model(str(work / "demo.gguf"))
-        self.spawn([llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(self.port["llama"]),
-                    "-np", "8", "-c", "8192", "--metrics", "--alias", "demo"])
-        self.spawn([sys.executable, str(HERE / "sse_backend.py"), str(self.port["sse"]), "200"])
+        self.spawn("llama", [llama_server, "-m", model, "--host", "127.0.0.1", "--port", str(self.port["llama"]),
+                             "-np", "8", "-c", "8192", "--metrics", "--alias", "demo"])
+        self.spawn("sse", [sys.executable, str(HERE / "sse_backend.py"), str(self.port["sse"]), "200"])
         conf = work / "nginx.conf"
         conf.write_text(NGINX_CONF.format(work=work, **self.port))
-        self.spawn(["nginx", "-p", str(work), "-c", str(conf)])
+        self.spawn("nginx", ["nginx", "-p", str(work), "-c", str(conf)])
+        self.proc["nginx_llama"] = self.proc["nginx_sse"] = self.proc["nginx"]
+        self.logs["nginx_llama"] = self.logs["nginx_sse"] = self.logs["nginx"]
         for name, upstream, max_concurrent in (("llama", "llama", 8), ("sse", "sse", 128)):
             config = work / f"llamad-{name}.toml"
-            config.write_text(
-                f'data_dir = "{work}/data-{name}"\n'
-                f'[api]\nlisten = "tcp:{self.port["llamad_" + name]}:interface=127.0.0.1"\n'
-                f'[health]\nlisten = "tcp:{self.port["health_" + name]}:interface=127.0.0.1"\n'
-                f'[backend]\nkind = "external"\nurl = "http://127.0.0.1:{self.port[upstream]}"\nparallel = 8\n'
-                f'[admission]\nmax_concurrent = {max_concurrent}\nmax_queue = 1024\n'
-            )
-            self.spawn([str(BIN / "twistd"), "-n", "--pidfile=", "llamad", "--config", str(config)])
+            config.write_text(llamad_toml({
+                "": {"data_dir": f'"{work}/data-{name}"'},
+                "api": {"listen": f'"tcp:{self.port["llamad_" + name]}:interface=127.0.0.1"'},
+                "health": {"listen": f'"tcp:{self.port["health_" + name]}:interface=127.0.0.1"'},
+                "backend": {"kind": '"external"', "url": f'"http://127.0.0.1:{self.port[upstream]}"',
+                            "parallel": "8"},
+                "admission": {"max_concurrent": str(max_concurrent), "max_queue": "1024"},
+            }, extra))
+            self.spawn("llamad_" + name, [str(BIN / "twistd"), "-n", "--pidfile=", "llamad", "--config", str(config)])
         for name in ("llama", "sse", "nginx_llama", "nginx_sse", "llamad_llama", "llamad_sse"):
-            wait_port(self.port[name])
+            wait_port(self.port[name], proc=self.proc[name], log=self.logs[name])
 
-    def spawn(self, argv: list[str]) -> None:
+    def spawn(self, name: str, argv: list[str]) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("PORT", "PORT_HEALTH", "MODEL_PATH", "MODEL_NAME")}
-        log = open(self.work / f"{Path(argv[0]).name}-{len(self.procs)}.log", "wb")
-        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work))
+        path = self.work / f"{Path(argv[0]).name}-{len(self.procs)}.log"
+        with open(path, "wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work)
+        self.procs.append(proc)
+        self.proc[name] = proc
+        self.logs[name] = path
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -193,74 +305,136 @@ class Servers:
 
 # --- the run ---------------------------------------------------------------------
 
-def one_run(s: Servers, seconds: int) -> dict[str, float]:
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stream": True}
+
+# scenario -> the port (by name in Servers.port) each path is measured on; for nginx and
+# llamad, also the process whose CPU is read (Servers.proc)
+SCENARIOS = {
+    "c8": {"direct": "llama", "nginx": "nginx_llama", "llamad": "llamad_llama"},
+    "c1": {"direct": "llama", "nginx": "nginx_llama", "llamad": "llamad_llama"},
+    "sse8": {"direct": "sse", "nginx": "nginx_sse", "llamad": "llamad_sse"},
+    "llama-sse8": {"direct": "llama", "nginx": "nginx_llama", "llamad": "llamad_llama"},
+}
+
+
+def measure(scenario: str, port: int, seconds: int) -> tuple[float, float]:
+    """(the value, the number of requests or events it took)."""
     lua = str(HERE / "completions.lua")
-    r: dict[str, float] = {}
-    for path_name, key in (("direct", "llama"), ("nginx", "nginx_llama"), ("llamad", "llamad_llama")):
-        port = s.port[key]
-        one = wrk(port, "/v1/completions", 1, seconds, lua)
-        eight = wrk(port, "/v1/completions", 8, seconds, lua)
-        r[f"{path_name} c1 p50 ms"] = one["p50"]
-        r[f"{path_name} c1 p99 ms"] = one["p99"]
-        r[f"{path_name} c8 req/s"] = eight["rps"]
-    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stream": True}
-    for path_name, synthetic, real in (("direct", "sse", "llama"), ("nginx", "nginx_sse", "nginx_llama"),
-                                       ("llamad", "llamad_sse", "llamad_llama")):
-        for n in (8, 64):
-            out = streams(s.port[synthetic], "/v1/chat/completions", chat, n, seconds)
-            r[f"{path_name} synthetic sse x{n} events/s"] = out["events_per_s"]
-            r[f"{path_name} synthetic sse x{n} ttfb ms"] = out["ttfb_p50"]
-        out = streams(s.port[real], "/v1/chat/completions", chat, 8, seconds)
-        r[f"{path_name} llama-server sse x8 events/s"] = out["events_per_s"]
-        r[f"{path_name} llama-server sse x8 ttfb ms"] = out["ttfb_p50"]
-    # /ping on the health port while the API port is saturated.
-    load = subprocess.Popen(["wrk", "-t", "2", "-c", "8", "-d", f"{seconds + 2}s", "-s", lua,
+    if scenario == "c8":
+        out = wrk(port, "/v1/completions", 8, seconds, lua)
+        return out["rps"], out["requests"]
+    if scenario == "c1":
+        out = wrk(port, "/v1/completions", 1, seconds, lua)
+        return out["p50"], out["requests"]
+    out = streams(port, "/v1/chat/completions", CHAT, 8, seconds)
+    return out["events_per_s"], out["events"]
+
+
+def one_round(s: Servers, r: int, seconds: int, scenarios: list[str]) -> dict:
+    order = PATHS[r % 3:] + PATHS[:r % 3]
+    row: dict = {"round": r + 1, "order": "/".join(order)}
+    cpu: dict[str, float] = {}
+    for scenario in scenarios:
+        value: dict[str, float] = {}
+        for path in order:
+            name = SCENARIOS[scenario][path]
+            pid = s.proc[name].pid if path != "direct" else None
+            before = cpu_seconds(pid) if pid else 0.0
+            value[path], count = measure(scenario, s.port[name], seconds)
+            if pid:
+                cpu[f"{scenario} cpu_us {path}"] = (cpu_seconds(pid) - before) * 1e6 / max(count, 1)
+        for path in PATHS:
+            row[f"{scenario} {path}"] = value[path]
+        for path in ("nginx", "llamad"):
+            row[f"{scenario} {path}/direct"] = (value[path] - value["direct"] if scenario == "c1"
+                                                else value[path] / value["direct"])
+    return {**row, **cpu}
+
+
+def ping_under_load(s: Servers, seconds: int) -> dict[str, float]:
+    """/ping on the health port while the API port is saturated."""
+    load = subprocess.Popen(["wrk", "-t", "2", "-c", "8", "-d", f"{seconds + 2}s", "-s", str(HERE / "completions.lua"),
                              f"http://127.0.0.1:{s.port['llamad_llama']}/v1/completions"],
                             stdout=subprocess.DEVNULL)
-    time.sleep(1)
-    ping = wrk(s.port["health_llama"], "/ping", 1, seconds)
-    load.wait()
-    r["health /ping under load p50 ms"] = ping["p50"]
-    r["health /ping under load p99 ms"] = ping["p99"]
-    return r
+    try:
+        time.sleep(1)
+        ping = wrk(s.port["health_llama"], "/ping", 1, seconds)
+        load.wait()
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    return {"health /ping under load p50 ms": ping["p50"], "health /ping under load p99 ms": ping["p99"]}
 
 
-def report(runs: list[dict[str, float]]) -> None:
-    med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
-    print(f"\nmedians of {len(runs)} run(s)\n")
-    print(f"{'measure':<44}{'direct':>10}{'nginx':>10}{'llamad':>10}{'nginx/dir':>11}{'llamad/dir':>11}")
-    for measure in ("c1 p50 ms", "c1 p99 ms", "c8 req/s", "synthetic sse x8 events/s", "synthetic sse x8 ttfb ms",
-                    "synthetic sse x64 events/s", "synthetic sse x64 ttfb ms", "llama-server sse x8 events/s",
-                    "llama-server sse x8 ttfb ms"):
-        d, n, la = (med[f"{p} {measure}"] for p in ("direct", "nginx", "llamad"))
-        print(f"{measure:<44}{d:>10.2f}{n:>10.2f}{la:>10.2f}{n / d:>11.2f}{la / d:>11.2f}")
-    print(f"\nadded p50 at 1 connection: nginx {med['nginx c1 p50 ms'] - med['direct c1 p50 ms']:+.3f} ms, "
-          f"llamad {med['llamad c1 p50 ms'] - med['direct c1 p50 ms']:+.3f} ms")
-    print(f"health /ping while port 8000 is saturated: p50 {med['health /ping under load p50 ms']:.2f} ms, "
-          f"p99 {med['health /ping under load p99 ms']:.2f} ms")
+TITLES = {
+    "c8": "POST /v1/completions req/s, c=8",
+    "c1": "p50 at c=1 (ms; ratio column: added ms)",
+    "sse8": "SSE events/s, synthetic, 8 streams",
+    "llama-sse8": "SSE events/s, llama-server, 8 streams",
+}
+
+
+def report(rows: list[dict], scenarios: list[str], seconds: int, ping: dict[str, float]) -> dict[str, float]:
+    keys = [k for k in rows[0] if k not in ("round", "order")]
+    med = {k: statistics.median(row[k] for row in rows) for k in keys}
+    print(f"\ninterleaved: {len(rows)} rounds of {seconds} s, order rotating, medians of per-round ratios to direct")
+    print(f"{'measure':<42}{'direct':>11}{'nginx':>11}{'llamad':>11}{'nginx/dir':>11}{'llamad/dir':>12}")
+    for sc in scenarios:
+        d, n, la = (med[f"{sc} {p}"] for p in PATHS)
+        rn, rl = med[f"{sc} nginx/direct"], med[f"{sc} llamad/direct"]
+        ratio = "{:>+11.3f}{:>+12.3f}" if sc == "c1" else "{:>11.3f}{:>12.3f}"
+        print(f"{TITLES[sc]:<42}{d:>11.2f}{n:>11.2f}{la:>11.2f}" + ratio.format(rn, rl))
+    for sc, title in (("c8", "CPU per request, c=8 (us)"), ("sse8", "CPU per SSE event, synthetic (us)")):
+        if sc in scenarios:
+            print(f"{title:<42}{'':>11}{med[f'{sc} cpu_us nginx']:>11.1f}{med[f'{sc} cpu_us llamad']:>11.1f}")
+    print(f"\nhealth /ping while llamad's API port is saturated: p50 {ping['health /ping under load p50 ms']:.2f} ms, "
+          f"p99 {ping['health /ping under load p99 ms']:.2f} ms")
+    return {**med, **ping}
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--seconds", type=int, default=5)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--seconds", type=int, default=2)
+    p.add_argument("--no-real-sse", action="store_true", help="skip the llama-server SSE scenario")
+    p.add_argument("--llamad-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="add a TOML key to both llamad configs, e.g. api.fast_path=false (repeatable)")
+    p.add_argument("--json", metavar="PATH", help="write the final medians as JSON")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN") or shutil.which("llama-server"))
     args = p.parse_args()
+    if args.rounds < 1 or args.seconds < 1:
+        raise SystemExit("--rounds and --seconds must be at least 1")
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found: apt-get install wrk nginx-light")
     if not args.llama_server:
         raise SystemExit("llama-server not found: run `make setup` first")
+    extra = parse_sets(args.llamad_set)
+    scenarios = [sc for sc in SCENARIOS if not (sc == "llama-sse8" and args.no_real_sse)]
+    signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="llamad-bench-"))
-    servers = Servers(args.llama_server, work)
     try:
-        runs = []
-        for i in range(args.repeat):
-            runs.append(one_run(servers, args.seconds))
-            print(f"run {i + 1}: " + json.dumps({k: round(v, 3) for k, v in runs[-1].items()}), flush=True)
-        report(runs)
+        servers = Servers(args.llama_server, work, extra)
+        try:
+            rows = []
+            for r in range(args.rounds):
+                rows.append(one_round(servers, r, args.seconds, scenarios))
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
+                      flush=True)
+            ping = ping_under_load(servers, args.seconds)
+            med = report(rows, scenarios, args.seconds, ping)
+            if args.json:
+                Path(args.json).write_text(json.dumps({
+                    "method": "interleaved", "rounds": args.rounds, "seconds": args.seconds,
+                    "llamad_set": args.llamad_set, "medians": med}, indent=2) + "\n")
+        finally:
+            servers.stop()
     finally:
-        servers.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

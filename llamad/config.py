@@ -66,6 +66,7 @@ class ApiConfig:
     max_headers: int = 64  # headers in one request (431 past it)
     max_header_line: int = 8192  # bytes in one header line (431 past it)
     max_request_line: int = 8192  # bytes in the request line (414 past it)
+    fast_path: bool = True  # httptools' parser and llamad's own HTTP/1.1 server; false: twisted.web
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from llamad import config as config_module
 from llamad import runfiles
 from llamad.activity import Activity, IdleWatch
 from llamad.config import Config, ConfigError, ScaleFromZeroConfig
-from llamad.gateway.app import Gateway, api_site
+from llamad.gateway.app import Gateway, api_factory, api_site
 from llamad.gateway.gate import Gate
 from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Proxy
@@ -408,7 +408,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
 
     ListeningService(reactor, "health.listen", config.health.listen, loaded.sources["health.listen"],
                      health_site(status, config.health.ping)).setServiceParent(root)
-    api = api_site(gateway, config.api.max_body_bytes, config.api.header_timeout, config.api.body_timeout,
+    api = (api_factory if config.api.fast_path else api_site)(gateway, config.api.max_body_bytes, config.api.header_timeout, config.api.body_timeout,
                    config.api.max_incomplete_per_client, max_headers=config.api.max_headers,
                    max_header_line=config.api.max_header_line, max_request_line=config.api.max_request_line)
     ListeningService(reactor, "api.listen", config.api.listen, loaded.sources["api.listen"], api).setServiceParent(root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from klein import Klein
 from twisted.internet import defer
@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from llamad.activity import Activity
 from llamad.backends import Target
 from llamad.gateway.errors import ApiError, sse_error_event, write_error
+from llamad.gateway.front import FrontFactory, FrontRequest
 from llamad.gateway.gate import Gate, Lease
 from llamad.gateway.guard import Auth, Cors, GuardResource
 from llamad.gateway.limits import guarded_site
@@ -156,6 +157,7 @@ class Gateway:
         self.models = dict(models)
         self.fleet = directory is not None
         self.directory = directory or ModelDirectory(list(self.models), lenient=True)
+        self._guard: GuardResource | None = None  # the fast path's, built on its first request
 
     def runtime_for(self, request: IRequest, payload: Mapping[str, Any] | None) -> tuple[ModelRuntime, bytes]:
         """The model a request is for, and the path to send its server (``/upstream/<id>`` removed)."""
@@ -172,9 +174,57 @@ class Gateway:
 
     @app.handle_errors(ApiError)
     def api_error(self, request: IRequest, failure: Failure) -> bytes:
-        err = failure.value
+        return self.error_answer(request, failure.value)
+
+    def error_answer(self, request: IRequest, err: ApiError) -> bytes:
         self.count(request, err.status)
         return write_error(request, err)
+
+    # --- the fast path's entry points (llamad.gateway.front) -------------------------------------
+
+    def serve(self, request: FrontRequest) -> None:
+        """One complete request from the fast path: the guard, then an own route or the proxy."""
+        if self._guard is None:
+            self._guard = self.resource()
+        answer = self._guard.answer(request)
+        if answer is not None:
+            request.respond(answer)
+            return
+        handler = OWN_HANDLERS.get(request.path)
+        if handler is None:
+            self.dispatch(request)
+            return
+        try:
+            result = handler(self, request)
+        except ApiError as err:
+            request.respond(self.error_answer(request, err))
+            return
+        if isinstance(result, bytes):
+            request.respond(result)
+            return
+        d = defer.ensureDeferred(result)
+        request.on_lost = d.cancel
+        d.addCallbacks(request.respond, self._own_failed, errbackArgs=(request,))
+
+    def _own_failed(self, failure: Failure, request: FrontRequest) -> None:
+        if request.finished or request._disconnected:
+            return
+        if not failure.check(ApiError):
+            log.failure("error in {path}", failure, path=request.path)
+        err = failure.value if failure.check(ApiError) else ApiError(500, "internal error in llamad")
+        request.respond(self.error_answer(request, err))
+
+    def early_refusal(self, request: FrontRequest) -> ApiError | None:
+        """The guard's answer to a request whose head is in and whose body is not, if the head decides it."""
+        if self._guard is None:
+            self._guard = self.resource()
+        return self._guard.early_refusal(request.method, request.uri, request)
+
+    def dispatch(self, request: FrontRequest) -> None:
+        """Proxy one request from the fast path; the client going away cancels it."""
+        d = defer.ensureDeferred(self._forward(request))
+        request.on_lost = d.cancel
+        d.addErrback(self._forward_failed, request)
 
     @app.route("/ping", methods=["GET", "HEAD"])
     def ping(self, request: IRequest) -> bytes:
@@ -441,6 +491,13 @@ OWN_ROUTES: dict[bytes, frozenset[bytes]] = {
 }
 
 
+# The fast path calls the same route functions itself (no Klein routing on the way).
+OWN_HANDLERS: dict[bytes, Callable[..., Any]] = {
+    b"/ping": Gateway.ping, b"/health": Gateway.health, b"/metrics": Gateway.metrics_route,
+    b"/admin/reload": Gateway.admin_reload, b"/reload": Gateway.admin_reload, b"/admin/restart": Gateway.admin_restart,
+}
+
+
 class LoadingComments:
     """While a streaming request waits for a cold start, keep its connection alive.
 
@@ -494,3 +551,12 @@ def api_site(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: f
                         max_headers=max_headers, max_header_line=max_header_line, max_request_line=max_request_line)
     site.gateway = gateway  # type: ignore[attr-defined]
     return site
+
+
+def api_factory(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10,
+                body_timeout: float = 30, max_incomplete_per_client: int = 64, *, max_headers: int = 64,
+                max_header_line: int = 8192, max_request_line: int = 8192) -> FrontFactory:
+    """Port 8000 on the fast path (``api.fast_path``): the same limits as :func:`api_site`."""
+    return FrontFactory(gateway, gateway.clock, max_body_bytes, header_timeout, body_timeout,
+                        max_incomplete_per_client, max_headers=max_headers, max_header_line=max_header_line,
+                        max_request_line=max_request_line)

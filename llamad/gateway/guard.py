@@ -158,6 +158,16 @@ class GuardResource(Resource):
         self.forward = forward
 
     def render(self, request: IRequest) -> bytes | int:
+        answer = self.answer(request)
+        if answer is not None:
+            return answer
+        if request.path in self.own_routes:
+            return self.inner.render(request)
+        return self.forward(request)
+
+    def answer(self, request: IRequest) -> bytes | None:
+        """CORS headers, then the checks: the body of the answer when they decide it (an error, a
+        preflight), or None when the request goes on to a route or the proxy."""
         if self.cors.enabled:
             self.cors.decorate(request)
         try:
@@ -167,9 +177,7 @@ class GuardResource(Resource):
         except ApiError as err:
             self.on_reject(request, err.status)
             return write_error(request, err)
-        if request.path in self.own_routes:
-            return self.inner.render(request)
-        return self.forward(request)
+        return None
 
     def check(self, request: IRequest) -> None:
         self.check_head(request.method, request.uri, request)

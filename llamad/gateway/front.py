@@ -1,0 +1,620 @@
+"""Port 8000's HTTP/1.1 server: requests parsed in C by httptools (llhttp, as uvicorn uses), no twisted.web.
+
+twisted.web's parser, ``Request`` and its per-request machinery cost more CPU
+than the whole relay; on 2 cores every 100 us spent here is throughput taken
+from the model.  This protocol parses with llhttp, enforces the same limits as
+:mod:`llamad.gateway.limits` (408, 413, 414, 431, 429 for too many requests
+still arriving from one client, 400 for ambiguous framing), and hands each
+complete request to the :class:`~llamad.gateway.app.Gateway` as a
+:class:`FrontRequest`, the small part of twisted.web's ``IRequest`` that the
+guard, the gateway's own routes and the proxy use.
+
+Time-outs (headers, a stalled body, an idle kept-alive connection) are
+deadlines that one sweep every :data:`SWEEP_INTERVAL` seconds checks, so a
+request sets no timer of its own.  Pipelined requests are answered in order,
+one at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import deque
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any, Iterator
+
+import httptools
+from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+
+from llamad.gateway.errors import ApiError, error_body
+from llamad.gateway.limits import (BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS,
+                                   MAX_INCOMPLETE_PER_CLIENT, MAX_LINE, REASONS)
+
+if TYPE_CHECKING:
+    from llamad.gateway.app import Gateway
+
+log = Logger(namespace="llamad.front")
+
+SWEEP_INTERVAL = 0.5  # seconds between checks of every connection's deadline
+MAX_PIPELINED = 16  # complete requests waiting behind the one being answered; more pauses reading
+_CHUNK_END = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# llhttp's framing errors, in the words llamad uses for the same refusals.
+_FRAMING_ERRORS = (
+    ("Duplicate Content-Length", "more than one Content-Length header", "bad_content_length"),
+    ("can't be present with Transfer-Encoding", "both Transfer-Encoding and Content-Length", "bad_framing"),
+    ("Content-Length", "Content-Length must be a non-negative decimal integer", "bad_content_length"),
+    ("Transfer-Encoding", "Transfer-Encoding must be exactly 'chunked'", "bad_framing"),
+)
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback: the request was answered with an error, stop parsing."""
+
+
+class _Date:
+    """The Date header's value, formatted once a second."""
+
+    second = 0
+    value = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second, cls.value = second, formatdate(second, usegmt=True).encode()
+        return cls.value
+
+
+class RequestHeaders:
+    """The request's headers as received, read the way twisted.web's ``Headers`` is."""
+
+    __slots__ = ("raw", "_index")
+
+    def __init__(self) -> None:
+        self.raw: list[tuple[bytes, bytes]] = []
+        self._index: dict[bytes, list[bytes]] | None = None
+
+    def _lookup(self) -> dict[bytes, list[bytes]]:
+        if self._index is None:
+            self._index = {}
+            for name, value in self.raw:
+                self._index.setdefault(name.lower(), []).append(value)
+        return self._index
+
+    def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
+        return self._lookup().get(name.lower(), default)
+
+    def hasHeader(self, name: bytes) -> bool:
+        return name.lower() in self._lookup()
+
+    def getAllRawHeaders(self) -> Iterator[tuple[bytes, list[bytes]]]:
+        for name, value in self.raw:
+            yield name, [value]
+
+
+class ResponseHeaders:
+    """The response's headers: the writes twisted.web's ``Headers`` takes, kept in order."""
+
+    __slots__ = ("items",)
+
+    def __init__(self) -> None:
+        self.items: list[tuple[bytes, bytes]] = []
+
+    def addRawHeader(self, name: bytes, value: bytes) -> None:
+        self.items.append((name, value))
+
+    def setRawHeaders(self, name: bytes, values: list[bytes]) -> None:
+        self.removeHeader(name)
+        self.items.extend((name, value) for value in values)
+
+    def removeHeader(self, name: bytes) -> None:
+        lower = name.lower()
+        self.items = [item for item in self.items if item[0].lower() != lower]
+
+    def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
+        lower = name.lower()
+        values = [value for key, value in self.items if key.lower() == lower]
+        return values or default
+
+    def hasHeader(self, name: bytes) -> bool:
+        lower = name.lower()
+        return any(key.lower() == lower for key, _ in self.items)
+
+
+class FrontRequest:
+    """One request and its response: what the guard, the gateway and the proxy read and write.
+
+    The head is written with the first body write (one ``write`` for a small
+    response); without a Content-Length an HTTP/1.1 response is chunked, an
+    HTTP/1.0 one ends when the connection closes.
+    """
+
+    def __init__(self, channel: FrontProtocol) -> None:
+        self.channel = channel
+        self.method = b""
+        self.uri = b""
+        self.path = b""
+        self.http10 = False
+        self.keep_alive = True
+        self.requestHeaders = RequestHeaders()
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.length: int | None = None  # the request's Content-Length
+        self.chunked_body = False
+        self.expect_continue = False
+        self.code = 200
+        self.code_message: bytes | None = None
+        self.responseHeaders = ResponseHeaders()
+        self.head_sent = False
+        self.chunked = False
+        self.finished = False
+        self._disconnected = False
+        self.sentLength = 0
+        self.on_lost: Any = None  # called once if the client goes away before the response ends
+        self._producer: IPushProducer | None = None
+
+    # --- the request ---------------------------------------------------------------------------
+
+    @property
+    def content(self) -> io.BytesIO:
+        return io.BytesIO(b"".join(self.body))
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[-1] if values else None
+
+    def getClientAddress(self) -> IAddress:
+        return self.channel.transport.getPeer()
+
+    # --- the response ---------------------------------------------------------------------------
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        self.code = code
+        self.code_message = message
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def _head(self) -> bytes:
+        self.head_sent = True
+        code = self.code
+        reason = self.code_message or REASONS.get(code) or RESPONSES.get(code, b"Unknown")
+        lines = [b"HTTP/1.0 %d %s" % (code, reason) if self.http10 else b"HTTP/1.1 %d %s" % (code, reason)]
+        length = False
+        for name, value in self.responseHeaders.items:
+            if len(name) == 14 and name.lower() == b"content-length":
+                length = True
+            lines.append(name + b": " + value)
+        if not length and code not in (204, 304) and code >= 200:
+            if self.method == b"HEAD":
+                pass  # no body either way
+            elif self.http10:
+                self.keep_alive = False  # the body ends at the close
+            else:
+                self.chunked = True
+                lines.append(b"Transfer-Encoding: chunked")
+        if not self.keep_alive:
+            lines.append(b"Connection: close")
+        elif self.http10:
+            lines.append(b"Connection: keep-alive")
+        lines.append(b"Date: " + _Date.now())
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def write(self, data: bytes) -> None:
+        if self.finished or self._disconnected:
+            return
+        out = b"" if self.head_sent else self._head()
+        if data and self.method != b"HEAD":
+            self.sentLength += len(data)
+            out += b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+        if out:
+            self.channel.send(out)
+
+    def write_framed(self, data: bytes) -> None:
+        """Body bytes already in chunked framing (relayed from the child as they came)."""
+        if self.finished or self._disconnected:
+            return
+        out = data if self.head_sent else self._head() + data
+        self.sentLength += len(data)
+        self.channel.send(out)
+
+    @property
+    def passes_chunks(self) -> bool:
+        """Whether the child's chunk framing can go to this client unchanged."""
+        return not self.http10 and self.method != b"HEAD"
+
+    def respond(self, body: bytes) -> None:
+        """A whole response at once (llamad's own answers)."""
+        if not self.head_sent and not self.responseHeaders.hasHeader(b"content-length"):
+            self.responseHeaders.addRawHeader(b"Content-Length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        if self._disconnected:
+            self.finished = True
+            return
+        out = b"" if self.head_sent else self._head_for_empty()
+        if self.chunked:
+            out += _CHUNK_END
+        self.finished = True
+        if out:
+            self.channel.send(out)
+        self.channel.request_done(self)
+
+    def _head_for_empty(self) -> bytes:
+        if self.method != b"HEAD" and not self.responseHeaders.hasHeader(b"content-length") and self.code >= 200 \
+                and self.code not in (204, 304):
+            self.responseHeaders.addRawHeader(b"Content-Length", b"0")
+        return self._head()
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        """The child's connection, paused while this client cannot keep up."""
+        self._producer = producer
+        transport = self.channel.transport
+        if transport is not None and not self._disconnected:
+            transport.registerProducer(producer, True)
+
+    def unregisterProducer(self) -> None:
+        if self._producer is not None:
+            self._producer = None
+            transport = self.channel.transport
+            if transport is not None and transport.producer is not None:
+                transport.unregisterProducer()
+
+    def notifyFinish(self) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[None] = Deferred()
+        previous = self.on_lost
+
+        def lost() -> None:
+            if previous is not None:
+                previous()
+            d.errback(Failure(ConnectionError("client went away")))
+
+        self.on_lost = lost
+        return d
+
+    def lost(self) -> None:
+        """The client's connection closed before this response ended."""
+        if self.finished or self._disconnected:
+            return
+        self._disconnected = True
+        callback, self.on_lost = self.on_lost, None
+        if callback is not None:
+            callback()
+
+
+class FrontProtocol(Protocol):
+    """One client connection: llhttp parses, the gateway answers, one request at a time in order."""
+
+    factory: FrontFactory
+
+    def __init__(self, factory: FrontFactory) -> None:
+        self.factory = factory
+        self.parser = httptools.HttpRequestParser(self)
+        self.incoming: FrontRequest | None = None  # the request whose bytes are arriving
+        self.queue: deque[FrontRequest] = deque()  # complete, waiting for the one being answered
+        self.current: FrontRequest | None = None  # the request being answered
+        self.host: str | None = None
+        self.counted = False  # counted in factory.incomplete (a request of this client is arriving)
+        self.head_bytes = 0  # the request line's and headers' bytes, as parsed
+        self.raw_head = 0  # bytes received while the head is incomplete
+        self.headers = 0
+        self.deadline = 0.0
+        self.deadline_kind = ""
+        self.closing = False  # no more requests on this connection
+        self.refusal: bytes | None = None  # an error answer waiting for the current response to end
+        self.paused = False
+
+    # --- connection --------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        self.host = host if isinstance(host, str) and host else None
+        self.factory.connections.add(self)
+        self._deadline("header", self.factory.header_timeout)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.connections.discard(self)
+        self.closing = True
+        self._uncount()
+        current, self.current = self.current, None
+        self.queue.clear()
+        if current is not None:
+            current.lost()
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def _deadline(self, kind: str, seconds: float) -> None:
+        self.deadline_kind = kind
+        self.deadline = self.factory.clock.seconds() + seconds if seconds > 0 else 0.0
+
+    def expired(self) -> None:
+        """The sweep found this connection past its deadline."""
+        kind, self.deadline = self.deadline_kind, 0.0
+        if kind == "idle":
+            self.transport.loseConnection()
+        elif kind == "header":
+            self.refuse(408, f"request headers not received within {self.factory.header_timeout:g} s",
+                        "request_timeout")
+        elif kind == "body":
+            self.refuse(408, f"request body stalled: no data for {self.factory.body_timeout:g} s", "request_timeout")
+
+    # --- parsing ------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except _Refused:
+            return
+        except httptools.HttpParserUpgrade:
+            self.closing = True  # no protocol switch here: answer what came, then close
+            return
+        except httptools.HttpParserError as e:
+            if self.refusal is None:  # else a callback refused (llhttp wraps what on_headers_complete raises)
+                self._parse_error(e)
+            return
+        request = self.incoming
+        if request is None:
+            return
+        if not request.method:  # the head is still arriving: bound what llhttp holds of it
+            self.raw_head += len(data)
+            if self.raw_head > self.factory.max_head + self.factory.max_header_line:
+                self._too_large_head()
+        elif self.deadline_kind == "body":
+            self._deadline("body", self.factory.body_timeout)  # progress: the stall clock starts over
+
+    def _too_large_head(self) -> None:
+        self.refuse(431, f"request headers over {self.factory.max_head} bytes in all", "header_fields_too_large")
+
+    def _parse_error(self, e: Exception) -> None:
+        text = str(e)
+        if self.incoming is not None and self.incoming.length is None and self.incoming.chunked_body \
+                and self.incoming.method:
+            self.refuse(400, "malformed chunked request body", "bad_request")
+            return
+        for needle, message, code in _FRAMING_ERRORS:
+            if needle in text:
+                self.refuse(400, message, code)
+                return
+        if isinstance(e, httptools.HttpParserInvalidMethodError):
+            self.refuse(400, "malformed HTTP request: invalid method", "bad_request")
+        else:
+            self.refuse(400, f"malformed HTTP request: {text}", "bad_request")
+
+    def on_message_begin(self) -> None:
+        factory = self.factory
+        limit = factory.max_incomplete_per_client
+        if limit and self.host is not None:
+            counts = factory.incomplete
+            if counts.get(self.host, 0) >= limit:
+                self.refuse(429, f"more than {limit} requests from this client are still arriving",
+                            "too_many_incomplete_requests")
+                raise _Refused
+            counts[self.host] = counts.get(self.host, 0) + 1
+            self.counted = True
+        self.incoming = FrontRequest(self)
+        self.head_bytes = 0
+        self.raw_head = 0
+        self.headers = 0
+        if self.deadline_kind != "header" or not self.deadline:
+            self._deadline("header", factory.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        request = self.incoming
+        assert request is not None
+        request.uri += url
+        self.head_bytes += len(url)
+        if len(request.uri) > self.factory.max_request_line:
+            self.refuse(414, f"request line over {self.factory.max_request_line} bytes", "uri_too_long")
+            raise _Refused
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.incoming
+        assert request is not None
+        factory = self.factory
+        self.headers += 1
+        if self.headers > factory.max_headers:
+            self.refuse(431, f"more than {factory.max_headers} headers", "header_fields_too_large")
+            raise _Refused
+        if len(name) + len(value) + 2 > factory.max_header_line:
+            self.refuse(431, f"a header line over {factory.max_header_line} bytes", "header_fields_too_large")
+            raise _Refused
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > factory.max_head:
+            self._too_large_head()
+            raise _Refused
+        request.requestHeaders.raw.append((name, value))
+        if len(name) == 14 or len(name) == 17 or len(name) == 6:
+            lower = name.lower()
+            if lower == b"content-length":
+                if len(value) > 18:
+                    self.refuse(413, f"request body is over the {factory.max_body_bytes}-byte limit",
+                                "payload_too_large")
+                    raise _Refused
+                request.length = int(value)  # llhttp took only digits
+            elif lower == b"transfer-encoding":
+                if request.chunked_body:
+                    self.refuse(400, "more than one Transfer-Encoding header", "bad_framing")
+                    raise _Refused
+                if value.strip(b" \t").lower() != b"chunked":
+                    self.refuse(400, "Transfer-Encoding must be exactly 'chunked'", "bad_framing")
+                    raise _Refused
+                request.chunked_body = True
+            elif lower == b"expect":
+                request.expect_continue = value.strip().lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        request = self.incoming
+        assert request is not None
+        parser = self.parser
+        request.method = parser.get_method()
+        request.http10 = parser.get_http_version() == "1.0"
+        request.keep_alive = parser.should_keep_alive()
+        uri = request.uri
+        if not uri.startswith(b"/"):
+            self.refuse(400, "invalid request target: it must be a path starting with '/'", "invalid_request_target")
+            raise _Refused
+        request.path = uri.split(b"?", 1)[0] if b"?" in uri else uri
+        if request.chunked_body or request.length:  # a body follows: decide what the head alone can first
+            refusal = self.factory.gateway.early_refusal(request)
+            if refusal is not None:
+                self.refuse(refusal.status, refusal.message, refusal.code, refusal.headers, refusal.param)
+                raise _Refused
+            limit = self.factory.max_body_bytes
+            if request.length is not None and request.length > limit:
+                self.refuse(413, f"request body of {request.length} bytes is over the {limit}-byte limit",
+                            "payload_too_large")
+                raise _Refused
+            if request.expect_continue and not request.http10 and self.current is None and not self.queue:
+                self.send(_CONTINUE)
+            self._deadline("body", self.factory.body_timeout)
+        else:
+            self.deadline = 0.0
+
+    def on_body(self, data: bytes) -> None:
+        request = self.incoming
+        assert request is not None
+        request.body.append(data)
+        request.body_bytes += len(data)
+        if request.body_bytes > self.factory.max_body_bytes:
+            self.refuse(413, f"request body over the {self.factory.max_body_bytes}-byte limit", "payload_too_large")
+            raise _Refused
+
+    def on_message_complete(self) -> None:
+        request, self.incoming = self.incoming, None
+        assert request is not None
+        self._uncount()
+        self.deadline = 0.0
+        if not request.keep_alive:
+            self.closing = True  # the client sends nothing after this one
+        self.queue.append(request)
+        if self.current is None:
+            self._next()
+        elif len(self.queue) >= MAX_PIPELINED and not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def _uncount(self) -> None:
+        if not self.counted:
+            return
+        self.counted = False
+        counts = self.factory.incomplete
+        left = counts.get(self.host, 0) - 1  # type: ignore[arg-type]
+        if left > 0:
+            counts[self.host] = left  # type: ignore[index]
+        else:
+            counts.pop(self.host, None)  # type: ignore[arg-type]
+
+    # --- answering ----------------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        while self.current is None and self.queue:
+            request = self.current = self.queue.popleft()
+            if self.paused and len(self.queue) < MAX_PIPELINED:
+                self.paused = False
+                self.transport.resumeProducing()
+            try:
+                self.factory.gateway.serve(request)
+            except Exception:
+                log.failure("error answering {method} {path}", method=request.method, path=request.path)
+                if not request.head_sent and not request.finished:
+                    request.setResponseCode(500)
+                    request.responseHeaders = ResponseHeaders()
+                    request.setHeader(b"content-type", b"application/json")
+                    request.respond(json.dumps(error_body(500, "internal error in llamad")).encode())
+
+    def request_done(self, request: FrontRequest) -> None:
+        if request is not self.current:
+            return
+        self.current = None
+        self.factory.gateway.bytes_sent += request.sentLength
+        if not request.keep_alive:
+            self.closing = True
+            self.transport.loseConnection()
+            return
+        if self.refusal is not None and not self.queue:
+            self.transport.write(self.refusal)
+            self.transport.loseConnection()
+            return
+        if self.queue:
+            self._next()
+        elif self.incoming is None:
+            self._deadline("idle", self.factory.idle_timeout)
+
+    def refuse(self, status: int, message: str, code: str, headers: dict[bytes, bytes] | None = None,
+               param: str | None = None) -> None:
+        """Answer at the HTTP level and close: the request never reaches the gateway."""
+        if self.closing and self.refusal is not None:
+            return
+        self.closing = True
+        self.deadline = 0.0
+        self._uncount()
+        self.incoming = None
+        body = json.dumps(error_body(status, message, code, param)).encode()
+        extra = b"".join(b"%s: %s\r\n" % item for item in (headers or {}).items())
+        reason = REASONS.get(status) or RESPONSES.get(status, b"Error")
+        self.refusal = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s"
+                        b"Connection: close\r\n\r\n%s" % (status, reason, len(body), extra, body))
+        if self.current is None and not self.queue:
+            self.transport.write(self.refusal)
+            self.transport.loseConnection()
+
+
+class FrontFactory(ServerFactory):
+    """Port 8000's connections, their limits, and the sweep that enforces their deadlines."""
+
+    noisy = False
+
+    def __init__(self, gateway: Gateway, clock: IReactorTime, max_body_bytes: int = 10485760,
+                 header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
+                 max_incomplete_per_client: int = MAX_INCOMPLETE_PER_CLIENT, *, max_headers: int = MAX_HEADERS,
+                 max_header_line: int = MAX_LINE, max_request_line: int = MAX_LINE,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.gateway = gateway
+        self.clock = clock
+        self.max_body_bytes = max_body_bytes
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_incomplete_per_client = max_incomplete_per_client
+        self.max_headers = max_headers
+        self.max_header_line = max_header_line
+        self.max_request_line = max_request_line
+        self.max_head = max(MAX_HEAD_BYTES, max_header_line + max_request_line)
+        self.idle_timeout = idle_timeout
+        self.incomplete: dict[str, int] = {}  # client IP -> its connections with a request still arriving
+        self.connections: set[FrontProtocol] = set()
+        self.sweeper = LoopingCall(self.sweep)
+        self.sweeper.clock = clock
+
+    def buildProtocol(self, addr: IAddress) -> FrontProtocol:
+        return FrontProtocol(self)
+
+    def startFactory(self) -> None:
+        if not self.sweeper.running:
+            self.sweeper.start(SWEEP_INTERVAL, now=False)
+
+    def stopFactory(self) -> None:
+        if self.sweeper.running:
+            self.sweeper.stop()
+
+    def sweep(self) -> None:
+        now = self.clock.seconds()
+        for connection in [c for c in self.connections if c.deadline and c.deadline <= now]:
+            connection.expired()
