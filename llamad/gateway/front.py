@@ -33,6 +33,8 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
 from llamad.gateway.errors import ApiError, error_body
+from llamad.gateway.sendnow import write_now
+from llamad.gateway.upstream import dechunk
 from llamad.gateway.limits import (BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS,
                                    MAX_INCOMPLETE_PER_CLIENT, MAX_LINE, REASONS)
 
@@ -217,18 +219,17 @@ class FrontRequest:
         if out:
             self.channel.send(out)
 
-    def write_framed(self, data: bytes) -> None:
-        """Body bytes already in chunked framing (relayed from the child as they came)."""
+    def write_framed(self, framed: bytes) -> None:
+        """Whole chunks from the child: sent as they are when this response is chunked too."""
         if self.finished or self._disconnected:
             return
-        out = data if self.head_sent else self._head() + data
-        self.sentLength += len(data)
-        self.channel.send(out)
-
-    @property
-    def passes_chunks(self) -> bool:
-        """Whether the child's chunk framing can go to this client unchanged."""
-        return not self.http10 and self.method != b"HEAD"
+        head = b"" if self.head_sent else self._head()
+        if not self.chunked:  # HTTP/1.0: the plain bytes (the head is built again, the same)
+            self.head_sent = False
+            self.write(dechunk(framed))
+            return
+        self.sentLength += len(framed)
+        self.channel.send(head + framed if head else framed)
 
     def respond(self, body: bytes) -> None:
         """A whole response at once (llamad's own answers)."""
@@ -337,7 +338,7 @@ class FrontProtocol(Protocol):
             current.lost()
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def _deadline(self, kind: str, seconds: float) -> None:
         self.deadline_kind = kind

@@ -22,7 +22,7 @@ from twisted.web.iweb import IRequest
 from llamad.backends import Target
 from llamad.gateway import headers as header_rules
 from llamad.gateway.errors import ApiError, sse_error_event
-from llamad.gateway.upstream import Exchange, UpstreamPool, fetch
+from llamad.gateway.upstream import Exchange, UpstreamPool, dechunk, fetch
 from llamad.timers import cancel
 
 log = Logger(namespace="llamad.proxy")
@@ -34,6 +34,9 @@ class Tap(typing.Protocol):
     """Sees the body on its way to the client and may hold back or drop bytes."""
 
     def feed(self, data: bytes) -> bytes: ...
+
+    def passes(self, framed: bytes) -> bool:
+        """Whether whole chunks go to the client as they are (then they count as seen), else call ``feed``."""
 
     def finish(self) -> bytes: ...
 
@@ -72,6 +75,9 @@ class _Relay:
         self.producer: IPushProducer | None = None
         self.started = False
         self.exchange: Exchange | None = None
+        # The fast path's request takes the child's chunks as they came: no decoding, no re-framing.
+        self.framed = hasattr(request, "write_framed")
+        self.held: list[bytes] = []  # chunks up to the next chunk boundary
 
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
@@ -122,6 +128,24 @@ class _Relay:
             self.first_byte()
             self.first_byte = None
         self.request.write(data)
+
+    def chunks(self, framed: bytes, whole: bool) -> None:
+        """Pass whole chunks on unchanged, unless the tap must change what they hold (then decode,
+        feed, and write what is left as one chunk of its own)."""
+        if self.done.called:
+            return
+        if not whole or self.held:
+            self.held.append(framed)
+            if not whole:
+                return
+            framed, self.held = b"".join(self.held), []
+        if self.error_body is None and (self.tap is None or self.tap.passes(framed)):
+            if self.first_byte is not None:
+                self.first_byte()
+                self.first_byte = None
+            self.request.write_framed(framed)
+        else:
+            self.body(dechunk(framed))
 
     def finished(self) -> None:
         if self.done.called:

@@ -7,7 +7,10 @@ connection, and the response is parsed with a handful of ``bytes`` calls.
 
 The response is pushed to a :class:`ResponseHandler`; the connection's
 transport is the producer the handler can pause (backpressure) or stop
-(cancellation, which makes llama.cpp free the slot).
+(cancellation, which makes llama.cpp free the slot).  A handler with
+``framed = True`` gets a chunked body as it came, in whole chunks
+(:meth:`ResponseHandler.chunks`): only the chunk sizes are read, nothing is
+copied or decoded, and the handler can pass the chunks on unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTCP
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
+from llamad.gateway.sendnow import write_now
 from llamad.timers import cancel
 
 CONNECT_TIMEOUT = 10
@@ -31,6 +35,11 @@ class ResponseHandler(typing.Protocol):
                          length: int | None, producer: IPushProducer) -> None: ...
 
     def body(self, data: bytes) -> None: ...
+
+    def chunks(self, framed: bytes, whole: bool) -> None:
+        """A chunked body's bytes with their framing, for a handler with ``framed = True``.  The first
+        call starts on a chunk boundary, each later one where the last ended; ``whole``: this one ends
+        on a boundary too.  The last chunk (size 0) and trailers are not passed on."""
 
     def finished(self) -> None: ...
 
@@ -55,7 +64,8 @@ class _Connection(Protocol):
 
     def _reset(self) -> None:
         self.buffer = b""
-        self.state = "head"  # head, length, chunk-size, chunk-data, chunk-crlf, trailer, until-close
+        # head, length, chunk-size, chunk-data, chunk-crlf, trailer, until-close; framed, framed-trailer
+        self.state = "head"
         self.remaining = 0
         self.keep_alive = True
         self.started = False
@@ -71,7 +81,7 @@ class _Connection(Protocol):
         self._reset()
         self.handler = handler
         self.head_request = head_request
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def abort(self) -> None:
         """Drop the exchange: the upstream sees the connection close."""
@@ -128,7 +138,7 @@ class _Connection(Protocol):
         if self.head_request or status in (204, 304) or 100 <= status < 200:
             self.state, length = "done", 0
         elif chunked:
-            self.state, length = "chunk-size", None
+            self.state, length = ("framed" if getattr(self.handler, "framed", False) else "chunk-size"), None
         elif length is not None:
             self.state, self.remaining = "length", length
         else:
@@ -141,8 +151,57 @@ class _Connection(Protocol):
             return False
         return True
 
+    def _framed(self, data: bytes) -> None:
+        """A chunked body for a handler that passes the chunks on: skip from size line to size line."""
+        if self.buffer:  # a partial size line (or trailer) from the last read
+            data, self.buffer = self.buffer + data, b""
+        if self.state == "framed-trailer":
+            self._trailer(data)
+            return
+        n = len(data)
+        pos = self.remaining  # the rest of the chunk the last read ended in (data and CRLF)
+        while pos < n:
+            end = data.find(b"\r\n", pos)
+            if end < 0:
+                if n - pos > 4096:
+                    self._fail("bad chunked encoding from upstream")
+                    return
+                self.buffer, n = data[pos:], pos  # the size line's rest comes in the next read
+                break
+            try:
+                size = int(data[pos:end].split(b";", 1)[0], 16)
+            except ValueError:
+                self._fail("bad chunk size from upstream")
+                return
+            if size == 0:
+                self.remaining = 0
+                self._pass_chunks(data[:pos], True)
+                if self.handler is not None:
+                    self.state = "framed-trailer"
+                    self._trailer(data[end + 2:])
+                return
+            pos = end + size + 4
+        self.remaining = pos - n if pos > n else 0
+        self._pass_chunks(data[:n] if n < len(data) else data, self.remaining == 0)
+
+    def _pass_chunks(self, framed: bytes, whole: bool) -> None:
+        if framed and self.handler is not None:
+            self.handler.chunks(framed, whole)
+
+    def _trailer(self, data: bytes) -> None:
+        """After the last chunk: an empty line, or trailer lines and then one (they are dropped)."""
+        if data.startswith(b"\r\n") or data.find(b"\r\n\r\n") >= 0:
+            self._complete()
+        elif len(data) > 4096:
+            self._fail("upstream trailers too large")
+        else:
+            self.buffer = data
+
     def _body(self, data: bytes) -> None:
         """Decode body framing; everything one read brings goes to the handler in one call."""
+        if self.state == "framed" or self.state == "framed-trailer":
+            self._framed(data)
+            return
         handler = self.handler
         if self.buffer:  # a partial chunk-size line from the last read
             data, self.buffer = self.buffer + data, b""
@@ -258,6 +317,7 @@ class Exchange:
         self.head_request = head_request
         self.connection: _Connection | None = None
         self.cancelled = False
+        self.framed = getattr(handler, "framed", False)
 
     def start(self, allow_reuse: bool = True) -> None:
         connection = self.pool._take() if allow_reuse else None
@@ -291,11 +351,26 @@ class Exchange:
     def body(self, data: bytes) -> None:
         self.handler.body(data)
 
+    def chunks(self, framed: bytes, whole: bool) -> None:
+        self.handler.chunks(framed, whole)
+
     def finished(self) -> None:
         self.handler.finished()
 
     def failed(self, reason: str, started: bool, sent: bool = True) -> None:
         self.handler.failed(reason, started, sent)
+
+
+def dechunk(framed: bytes) -> bytes:
+    """The data of whole chunks (as :meth:`ResponseHandler.chunks` passes them)."""
+    out = []
+    pos, n = 0, len(framed)
+    while pos < n:
+        end = framed.find(b"\r\n", pos)
+        size = int(framed[pos:end].split(b";", 1)[0], 16)
+        out.append(framed[end + 2:end + 2 + size])
+        pos = end + size + 4
+    return b"".join(out)
 
 
 class UpstreamPool:

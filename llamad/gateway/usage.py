@@ -53,6 +53,14 @@ class UsageTap:
         self.tail = b""  # stripped streams: an incomplete event
         self.recent: deque[bytes] = deque(maxlen=RECENT_CHUNKS)  # others: read at finish, no copying
 
+    def passes(self, framed: bytes) -> bool:
+        """Whether whole chunks (one SSE event each, as a model server writes them) can go to the
+        client unchanged: always, unless the usage event is being removed and they may hold it."""
+        if not self.strip:
+            self.recent.append(framed)  # the usage numbers are found in it all the same
+            return True
+        return not self.tail and framed.endswith(b"\n\n\r\n") and b'"usage"' not in framed
+
     def feed(self, data: bytes) -> bytes:
         """The bytes to relay for ``data``."""
         if not self.strip:
