@@ -158,6 +158,8 @@ class Gateway:
         self.fleet = directory is not None
         self.directory = directory or ModelDirectory(list(self.models), lenient=True)
         self._guard: GuardResource | None = None  # the fast path's, built on its first request
+        # Read at scrape time: the requests being proxied are the process-wide activity's.
+        metrics.in_flight.set_function(lambda: self.activity.in_flight)
 
     def runtime_for(self, request: IRequest, payload: Mapping[str, Any] | None) -> tuple[ModelRuntime, bytes]:
         """The model a request is for, and the path to send its server (``/upstream/<id>`` removed)."""
@@ -359,18 +361,21 @@ class Gateway:
                     body = json.dumps(payload).encode()
                 except RecursionError:  # parsed just under the limit, this deeper stack is over it
                     raise ApiError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
-            if payload.get("stream") is True and not gate.ready:
-                loading = LoadingComments(self.clock, request)
-            try:
-                lease = await gate.admit()
-            except ApiError as err:
-                if loading is None or not loading.stop():
-                    raise
-                loading.fail(err)  # the stream has started: the error goes in it
-                self.count(request, err.status, route)
-                return
-            finally:
-                committed = loading is not None and loading.stop()  # also when the client left
+            lease = gate.try_admit()  # a free slot and a ready child: no waiting, nothing to set up
+            committed = False
+            if lease is None:
+                if payload.get("stream") is True and not gate.ready:
+                    loading = LoadingComments(self.clock, request)
+                try:
+                    lease = await gate.admit()
+                except ApiError as err:
+                    if loading is None or not loading.stop():
+                        raise
+                    loading.fail(err)  # the stream has started: the error goes in it
+                    self.count(request, err.status, route)
+                    return
+                finally:
+                    committed = loading is not None and loading.stop()  # also when the client left
             if lease.cold_wait is not None:
                 if committed:
                     request.write(b": cold-start %.3f\n\n" % lease.cold_wait)
@@ -398,7 +403,6 @@ class Gateway:
         def first_byte() -> None:
             self.metrics.by_route(self.metrics.time_to_first_byte, route).observe(self.clock.seconds() - started)
 
-        self.metrics.in_flight.inc()
         activities = (self.activity,) if runtime.activity is self.activity else (self.activity, runtime.activity)
         for activity in activities:
             activity.begin(inference)
@@ -434,7 +438,6 @@ class Gateway:
                 lease.release()
             for activity in activities:
                 activity.end(inference)
-            self.metrics.in_flight.dec()
             self.metrics.by_route(self.metrics.request_duration, route).observe(self.clock.seconds() - started)
             if taps:
                 if taps[0].usage is None:

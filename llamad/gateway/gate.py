@@ -117,6 +117,18 @@ class Gate:
         self.metrics.queue_rejections.labels(reason).inc()
         return err
 
+    def try_admit(self) -> Lease | None:
+        """A slot at once when one is free, nobody waits and the backend is ready (most requests
+        under normal load): no Deferred, no coroutine.  None: :meth:`admit` decides."""
+        backend = self.backend
+        queue = self.queue
+        if (backend is None or backend.state != State.READY or self.status.draining or queue.waiting
+                or queue.in_use >= queue.limit):
+            return None
+        queue.in_use += 1
+        self.metrics.queue_wait.observe(0.0)
+        return Lease(self, backend.target(), self.clock.seconds())
+
     async def admit(self) -> Lease:
         """A slot and a ready child for one inference request, or an :class:`ApiError`."""
         backend = self._refuse_early()

@@ -18,12 +18,11 @@ from __future__ import annotations
 import typing
 
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
 from llamad.gateway.sendnow import write_now
-from llamad.timers import cancel
 
 CONNECT_TIMEOUT = 10
 POOL_IDLE_SECONDS = 3  # shorter than llama.cpp's 5 s keep-alive
@@ -59,7 +58,7 @@ class _Connection(Protocol):
         self.handler: ResponseHandler | None = None
         self.on_connect: typing.Callable[[_Connection], None] | None = None
         self.reused = False
-        self.idle_call: IDelayedCall | None = None
+        self.idle_since = 0.0  # when it went back to the pool
         self._reset()
 
     def _reset(self) -> None:
@@ -391,25 +390,30 @@ class UpstreamPool:
         return exchange
 
     def _take(self) -> _Connection | None:
+        """The most recently used idle connection; those idle too long are closed on the way (no timer
+        per request: the child closes its side after its own keep-alive time anyway)."""
+        stale = self.clock.seconds() - POOL_IDLE_SECONDS
         while self.idle:
             connection = self.idle.pop()
-            connection.idle_call = cancel(connection.idle_call)
-            if connection.transport is not None and connection.connected:
-                connection.reused = True
-                return connection
+            if connection.transport is None or not connection.connected:
+                continue
+            if connection.idle_since < stale:
+                connection.transport.loseConnection()
+                continue
+            connection.reused = True
+            return connection
         return None
 
     def _idle(self, connection: _Connection) -> None:
         if len(self.idle) >= self.max_idle:
             connection.transport.loseConnection()
             return
-        connection.idle_call = self.clock.callLater(POOL_IDLE_SECONDS, connection.transport.loseConnection)
+        connection.idle_since = self.clock.seconds()
         self.idle.append(connection)
 
     def _gone(self, connection: _Connection) -> None:
         if connection in self.idle:
             self.idle.remove(connection)
-        connection.idle_call = cancel(connection.idle_call)
 
     def _retry(self, exchange: ResponseHandler) -> None:
         """A reused connection died before any response byte: once more, on a new one."""
