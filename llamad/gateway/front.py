@@ -50,7 +50,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # llhttp's framing errors, in the words llamad uses for the same refusals.
 _FRAMING_ERRORS = (
     ("Duplicate Content-Length", "more than one Content-Length header", "bad_content_length"),
-    ("can't be present with Transfer-Encoding", "both Transfer-Encoding and Content-Length", "bad_framing"),
+    ("can't be present with", "both Transfer-Encoding and Content-Length", "bad_framing"),
     ("Content-Length", "Content-Length must be a non-negative decimal integer", "bad_content_length"),
     ("Transfer-Encoding", "Transfer-Encoding must be exactly 'chunked'", "bad_framing"),
 )
@@ -219,8 +219,9 @@ class FrontRequest:
         if out:
             self.channel.send(out)
 
-    def write_framed(self, framed: bytes) -> None:
-        """Whole chunks from the child: sent as they are when this response is chunked too."""
+    def write_framed(self, framed: bytes, size: int) -> None:
+        """Whole chunks from the child (``size`` bytes of data): sent as they are when this response
+        is chunked too."""
         if self.finished or self._disconnected:
             return
         head = b"" if self.head_sent else self._head()
@@ -228,7 +229,7 @@ class FrontRequest:
             self.head_sent = False
             self.write(dechunk(framed))
             return
-        self.sentLength += len(framed)
+        self.sentLength += size
         self.channel.send(head + framed if head else framed)
 
     def respond(self, body: bytes) -> None:
@@ -360,26 +361,40 @@ class FrontProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
+        incoming = self.incoming
+        head_before = incoming is not None and not incoming.method  # this read continues a head
         try:
             self.parser.feed_data(data)
         except _Refused:
             return
         except httptools.HttpParserUpgrade:
-            self.closing = True  # no protocol switch here: answer what came, then close
+            self._no_upgrade()
             return
         except httptools.HttpParserError as e:
-            if self.refusal is None:  # else a callback refused (llhttp wraps what on_headers_complete raises)
+            # Else a callback refused (llhttp wraps what on_headers_complete raises), or bytes came
+            # after a request that said Connection: close, which end the connection unread.
+            if self.refusal is None and not self.closing:
                 self._parse_error(e)
             return
         request = self.incoming
         if request is None:
             return
-        if not request.method:  # the head is still arriving: bound what llhttp holds of it
+        if head_before and request is incoming and not request.method:
+            # The head is still arriving: bound what llhttp holds of it.
             self.raw_head += len(data)
             if self.raw_head > self.factory.max_head + self.factory.max_header_line:
                 self._too_large_head()
         elif self.deadline_kind == "body":
             self._deadline("body", self.factory.body_timeout)  # progress: the stall clock starts over
+
+    def _no_upgrade(self) -> None:
+        """No protocol switch here: answer the request that asked, then close."""
+        self.closing = True
+        last = self.queue[-1] if self.queue else self.current
+        if last is None:
+            self.transport.loseConnection()
+        elif not last.head_sent:
+            last.keep_alive = False
 
     def _too_large_head(self) -> None:
         self.refuse(431, f"request headers over {self.factory.max_head} bytes in all", "header_fields_too_large")
@@ -549,13 +564,13 @@ class FrontProtocol(Protocol):
         if not request.keep_alive:
             self.closing = True
             self.transport.loseConnection()
-            return
-        if self.refusal is not None and not self.queue:
+        elif self.queue:
+            self._next()
+        elif self.refusal is not None:
             self.transport.write(self.refusal)
             self.transport.loseConnection()
-            return
-        if self.queue:
-            self._next()
+        elif self.closing:
+            self.transport.loseConnection()
         elif self.incoming is None:
             self._deadline("idle", self.factory.idle_timeout)
 

@@ -78,6 +78,7 @@ class _Relay:
         # The fast path's request takes the child's chunks as they came: no decoding, no re-framing.
         self.framed = hasattr(request, "write_framed")
         self.held: list[bytes] = []  # chunks up to the next chunk boundary
+        self.held_size = 0
 
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
@@ -129,21 +130,22 @@ class _Relay:
             self.first_byte = None
         self.request.write(data)
 
-    def chunks(self, framed: bytes, whole: bool) -> None:
+    def chunks(self, framed: bytes, whole: bool, size: int) -> None:
         """Pass whole chunks on unchanged, unless the tap must change what they hold (then decode,
         feed, and write what is left as one chunk of its own)."""
         if self.done.called:
             return
         if not whole or self.held:
             self.held.append(framed)
+            self.held_size += size
             if not whole:
                 return
-            framed, self.held = b"".join(self.held), []
+            framed, size, self.held, self.held_size = b"".join(self.held), self.held_size, [], 0
         if self.error_body is None and (self.tap is None or self.tap.passes(framed)):
             if self.first_byte is not None:
                 self.first_byte()
                 self.first_byte = None
-            self.request.write_framed(framed)
+            self.request.write_framed(framed, size)
         else:
             self.body(dechunk(framed))
 

@@ -35,10 +35,11 @@ class ResponseHandler(typing.Protocol):
 
     def body(self, data: bytes) -> None: ...
 
-    def chunks(self, framed: bytes, whole: bool) -> None:
+    def chunks(self, framed: bytes, whole: bool, size: int) -> None:
         """A chunked body's bytes with their framing, for a handler with ``framed = True``.  The first
         call starts on a chunk boundary, each later one where the last ended; ``whole``: this one ends
-        on a boundary too.  The last chunk (size 0) and trailers are not passed on."""
+        on a boundary too; ``size``: the data bytes of the chunks that start in it.  The last chunk
+        (size 0) and trailers are not passed on."""
 
     def finished(self) -> None: ...
 
@@ -159,6 +160,7 @@ class _Connection(Protocol):
             return
         n = len(data)
         pos = self.remaining  # the rest of the chunk the last read ended in (data and CRLF)
+        sizes = 0
         while pos < n:
             end = data.find(b"\r\n", pos)
             if end < 0:
@@ -174,18 +176,19 @@ class _Connection(Protocol):
                 return
             if size == 0:
                 self.remaining = 0
-                self._pass_chunks(data[:pos], True)
+                self._pass_chunks(data[:pos], True, sizes)
                 if self.handler is not None:
                     self.state = "framed-trailer"
                     self._trailer(data[end + 2:])
                 return
             pos = end + size + 4
+            sizes += size
         self.remaining = pos - n if pos > n else 0
-        self._pass_chunks(data[:n] if n < len(data) else data, self.remaining == 0)
+        self._pass_chunks(data[:n] if n < len(data) else data, self.remaining == 0, sizes)
 
-    def _pass_chunks(self, framed: bytes, whole: bool) -> None:
+    def _pass_chunks(self, framed: bytes, whole: bool, size: int) -> None:
         if framed and self.handler is not None:
-            self.handler.chunks(framed, whole)
+            self.handler.chunks(framed, whole, size)
 
     def _trailer(self, data: bytes) -> None:
         """After the last chunk: an empty line, or trailer lines and then one (they are dropped)."""
@@ -282,7 +285,10 @@ class _Connection(Protocol):
             return
         if self.state == "until-close":
             handler.finished()
-        elif not self.started and self.reused:
+        elif not self.started and (self.reused or not getattr(handler, "retried", True)):
+            # Closed before any response byte: a kept-alive connection the child had already closed,
+            # or a fresh one it accepted while dying.  Once more on a new connection: a live child
+            # answers it, a dead one refuses it, and that is "not delivered" (safe to send again).
             self.pool._retry(handler)
         else:
             handler.failed(f"upstream closed the connection ({reason.getErrorMessage()})", self.started)
@@ -316,6 +322,7 @@ class Exchange:
         self.head_request = head_request
         self.connection: _Connection | None = None
         self.cancelled = False
+        self.retried = False  # sent once more after a connection closed before any response byte
         self.framed = getattr(handler, "framed", False)
 
     def start(self, allow_reuse: bool = True) -> None:
@@ -350,8 +357,8 @@ class Exchange:
     def body(self, data: bytes) -> None:
         self.handler.body(data)
 
-    def chunks(self, framed: bytes, whole: bool) -> None:
-        self.handler.chunks(framed, whole)
+    def chunks(self, framed: bytes, whole: bool, size: int) -> None:
+        self.handler.chunks(framed, whole, size)
 
     def finished(self) -> None:
         self.handler.finished()
@@ -416,9 +423,10 @@ class UpstreamPool:
             self.idle.remove(connection)
 
     def _retry(self, exchange: ResponseHandler) -> None:
-        """A reused connection died before any response byte: once more, on a new one."""
+        """A connection died before any response byte: once more, on a new one."""
         if isinstance(exchange, Exchange) and not exchange.cancelled:
             exchange.connection = None
+            exchange.retried = True
             exchange.start(allow_reuse=False)
         else:
             exchange.failed("upstream closed a reused connection", False)

@@ -1,0 +1,556 @@
+"""Port 8000's fast path (llamad.gateway.front) and the framed relay behind it, in memory with a fake clock.
+
+The protocol is driven byte by byte on a StringTransport; its deadlines are checked by the factory's sweep,
+which runs on the gateway's Clock, so a time-out happens only when a test advances that clock.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import accumulate
+from typing import NamedTuple
+
+import pytest
+from test_gateway_app import FakeProxy
+from test_gguf_inference_compat import _gateway
+from test_limits import KEY, POST_HEAD, no_tracebacks, refused  # noqa: F401 (autouse: a logged failure fails)
+from test_upstream import TCPTransport
+from test_usage import DONE, EVENTS, USAGE
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from llamad.gateway.app import Gateway, api_factory
+from llamad.gateway.front import FrontFactory, FrontProtocol
+from llamad.gateway.guard import Auth
+from llamad.gateway.proxy import _Relay
+from llamad.gateway.sendnow import write_now
+from llamad.gateway.upstream import UpstreamPool, _Connection, dechunk
+from llamad.gateway.usage import UsageTap
+
+GET_PING = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+GET_MODELS = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+PROXIED = b'{"proxied": true}'  # FakeProxy's answer
+
+
+class Response(NamedTuple):
+    """One response as the client reads it."""
+
+    version: bytes
+    status: int
+    headers: dict[bytes, bytes]  # lower-case names
+    body: bytes  # de-chunked
+
+
+class PendingProxy(FakeProxy):
+    """Holds each forwarded request until the test answers it, and records a cancelled one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[tuple[object, defer.Deferred[None]]] = []
+        self.cancelled: list[object] = []
+
+    def forward(self, request, target, body, first_byte=None, tap_for=None, committed=False, uri=None):
+        self.targets.append(target)
+        d: defer.Deferred[None] = defer.Deferred(lambda _: self.cancelled.append(request))
+        self.pending.append((request, d))
+        return d
+
+    def answer(self) -> None:
+        request, d = self.pending.pop(0)
+        request.setHeader(b"content-type", b"application/json")
+        request.write(PROXIED)
+        d.callback(None)
+
+
+def server(gateway: Gateway | None = None, **limits) -> FrontFactory:
+    """The fast path's factory with a 1000-byte body limit, its sweep started (on the gateway's Clock)."""
+    factory = api_factory(gateway or _gateway(), **{"max_body_bytes": 1000, **limits})
+    factory.doStart()
+    return factory
+
+
+def connect(factory: FrontFactory, port: int = 40000, host: str = "10.0.0.1") -> tuple[FrontProtocol, TCPTransport]:
+    address = IPv4Address("TCP", host, port)
+    protocol = factory.buildProtocol(address)
+    transport = TCPTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def send(raw: bytes, **limits) -> tuple[TCPTransport, FakeProxy]:
+    """``raw`` in one read on a fresh connection: its transport, and the proxy that saw what got through."""
+    factory = server(**limits)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(raw)
+    return transport, factory.gateway.proxy
+
+
+def close(protocol: FrontProtocol) -> None:
+    protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def _dechunked(data: bytes) -> tuple[bytes, bytes]:
+    """A chunked body at the start of ``data`` (llamad sends no trailers): its data, and what follows it."""
+    body = b""
+    while True:
+        line, _, data = data.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            assert data.startswith(b"\r\n")
+            return body, data[2:]
+        assert data[size:size + 2] == b"\r\n"
+        body, data = body + data[:size], data[size + 2:]
+
+
+def parse(data: bytes, head_request: bool = False) -> list[Response]:
+    """Every response in ``data``, in order; a body without a length or chunks runs to the end."""
+    responses = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.split(b"\r\n")
+        version, status = status_line.split(b" ")[:2]
+        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)}
+        if head_request or status == b"100":
+            body = b""
+        elif b"content-length" in headers:
+            length = int(headers[b"content-length"])
+            body, data = data[:length], data[length:]
+        elif headers.get(b"transfer-encoding") == b"chunked":
+            body, data = _dechunked(data)
+        else:
+            body, data = data, b""
+        responses.append(Response(version, int(status), headers, body))
+    return responses
+
+
+def frame(*events: bytes) -> bytes:
+    """Each event as one chunk, as llama-server writes a stream."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)
+
+
+# --- limits: refused at the HTTP level, before the gateway ----------------------------------------
+
+
+def test_a_content_length_over_the_limit_is_413_before_the_body():
+    transport, proxy = send(POST_HEAD + b"Content-Length: 5000\r\n\r\n")
+    error = refused(transport, 413, "payload_too_large")
+    assert error["message"] == "request body of 5000 bytes is over the 1000-byte limit"
+    assert proxy.targets == []
+
+
+def test_a_chunked_body_over_the_limit_is_413():
+    transport, proxy = send(POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + frame(b"x" * 600, b"y" * 600))
+    refused(transport, 413, "payload_too_large")
+    assert proxy.targets == []
+
+
+def test_a_long_request_line_is_414():
+    transport, proxy = send(b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: x\r\n\r\n", max_request_line=200)
+    assert refused(transport, 414, "uri_too_long")["message"] == "request line over 200 bytes"
+
+
+def test_too_many_headers_is_431():
+    headers = b"".join(b"X-H%d: 1\r\n" % i for i in range(5))
+    transport, proxy = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n", max_headers=5)
+    assert refused(transport, 431, "header_fields_too_large")["message"] == "more than 5 headers"
+
+
+def test_a_long_header_line_is_431():
+    transport, proxy = send(b"GET /v1/models HTTP/1.1\r\nX-Long: " + b"a" * 300 + b"\r\n\r\n", max_header_line=300)
+    assert refused(transport, 431, "header_fields_too_large")["message"] == "a header line over 300 bytes"
+
+
+def test_headers_over_16k_in_all_are_431():
+    many = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 4096) for i in range(5))
+    transport, proxy = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    error = refused(transport, 431, "header_fields_too_large")
+    assert error["message"] == "request headers over 16384 bytes in all" and proxy.targets == []
+
+
+@pytest.mark.parametrize("headers, code", [
+    (b"Content-Length: abc\r\n", "bad_content_length"),
+    (b"Content-Length: 2\r\nContent-Length: 2\r\n", "bad_content_length"),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", "bad_framing"),
+    (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", "bad_framing"),
+    (b"Transfer-Encoding: gzip\r\n", "bad_framing"),
+])
+def test_ambiguous_body_framing_is_400(headers, code):
+    transport, proxy = send(POST_HEAD + headers + b"\r\n{}")
+    refused(transport, 400, code)
+    assert proxy.targets == []
+
+
+@pytest.mark.parametrize("target", [b"*", b"http://x/"])
+def test_a_target_that_is_not_a_path_is_400(target):
+    transport, proxy = send(b"OPTIONS " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    refused(transport, 400, "invalid_request_target")
+    assert proxy.targets == []
+
+
+# --- time-outs, checked by the sweep --------------------------------------------------------------
+
+
+def test_headers_not_in_within_the_header_timeout_are_408():
+    factory = server(header_timeout=10)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+    factory.clock.advance(9.6)
+    assert transport.value() == b"" and not transport.disconnecting
+    factory.clock.advance(0.5)
+    error = refused(transport, 408, "request_timeout")
+    assert error["message"] == "request headers not received within 10 s"
+    assert factory.incomplete == {}
+
+
+def test_a_stalled_body_is_408_and_each_byte_restarts_its_clock():
+    factory = server(body_timeout=30)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(POST_HEAD + b"Content-Length: 900\r\n\r\n")
+    for _ in range(5):  # minutes in all, never 30 s without a byte
+        factory.clock.advance(29)
+        protocol.dataReceived(b"x")
+    assert transport.value() == b"" and not transport.disconnecting
+    factory.clock.advance(29.6)
+    assert transport.value() == b""
+    factory.clock.advance(0.5)
+    error = refused(transport, 408, "request_timeout")
+    assert error["message"] == "request body stalled: no data for 30 s"
+    assert factory.gateway.proxy.targets == []
+
+
+def test_an_idle_kept_alive_connection_is_closed_quietly_after_75_s():
+    factory = server()
+    protocol, transport = connect(factory)
+    protocol.dataReceived(GET_PING)
+    answered = transport.value()
+    factory.clock.advance(74.5)
+    assert not transport.disconnecting
+    factory.clock.advance(1)
+    assert transport.disconnecting and transport.value() == answered  # closed, no 408 written
+
+
+def test_no_408_while_a_request_is_being_answered():
+    gateway = _gateway()
+    gateway.proxy = proxy = PendingProxy()
+    factory = server(gateway)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(POST_HEAD + b"Content-Length: 2\r\n\r\n{}")
+    factory.clock.advance(300)  # past every deadline
+    assert transport.value() == b"" and not transport.disconnecting
+    proxy.answer()
+    [response] = parse(transport.value())
+    assert (response.status, response.body) == (200, PROXIED) and not transport.disconnecting
+
+
+# --- requests still arriving, per client ----------------------------------------------------------
+
+
+def test_a_client_with_too_many_requests_arriving_gets_429_and_the_count_drops():
+    factory = server(max_incomplete_per_client=2)
+    first, _ = connect(factory, port=1)
+    second, _ = connect(factory, port=2)
+    first.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
+    second.dataReceived(POST_HEAD + b"Content-Length: 10\r\n\r\n{")
+    third, transport = connect(factory, port=3)
+    third.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
+    error = refused(transport, 429, "too_many_incomplete_requests")
+    assert error["message"] == "more than 2 requests from this client are still arriving"
+    other, transport = connect(factory, host="10.0.0.2")
+    other.dataReceived(GET_MODELS)  # another client is not held to this one's count
+    assert parse(transport.value())[0].status == 200
+    assert factory.incomplete == {"10.0.0.1": 2}
+    first.dataReceived(b"Host: x\r\n\r\n")  # its request is in
+    assert factory.incomplete == {"10.0.0.1": 1}
+    close(second)  # gone with its body half sent
+    assert factory.incomplete == {}
+
+
+# --- the API key, checked before the body ---------------------------------------------------------
+
+
+def test_a_body_without_a_key_is_401_before_it_arrives(tmp_path):
+    keys = tmp_path / "api_keys"
+    keys.write_text(f"alice:{KEY}\n")
+    factory = server(_gateway(auth=Auth(True, str(keys), False, Clock())))
+    protocol, transport = connect(factory)
+    protocol.dataReceived(POST_HEAD + b"Content-Length: 1000\r\n\r\n")  # not one body byte
+    error = refused(transport, 401, "invalid_api_key")
+    assert error["param"] == "authorization"
+    assert parse(transport.value())[0].headers[b"www-authenticate"] == b'Bearer realm="llamad"'
+    assert factory.gateway.proxy.targets == [] and factory.incomplete == {}
+
+
+# --- llamad's own routes --------------------------------------------------------------------------
+
+
+def test_ping_is_an_empty_200():
+    transport, proxy = send(GET_PING)
+    [response] = parse(transport.value())
+    assert (response.status, response.headers[b"content-length"], response.body) == (200, b"0", b"")
+    assert not transport.disconnecting and proxy.targets == []
+
+
+def test_health_is_json():
+    transport, proxy = send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    [response] = parse(transport.value())
+    assert response.status == 200 and response.headers[b"content-type"] == b"application/json"
+    assert json.loads(response.body)["status"] == "ok"
+
+
+def test_head_health_keeps_the_content_length_and_sends_no_body():
+    get, _ = send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _ = send(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    [response] = parse(head.value(), head_request=True)
+    assert head.value().endswith(b"\r\n\r\n")  # the head only
+    length = parse(get.value())[0].headers[b"content-length"]
+    assert response.status == 200 and response.headers[b"content-length"] == length != b"0"
+
+
+def test_delete_health_is_a_json_405_with_allow():
+    transport, proxy = send(b"DELETE /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    [response] = parse(transport.value())
+    assert response.status == 405 and response.headers[b"allow"] == b"GET, HEAD"
+    assert json.loads(response.body)["error"]["code"] == "method_not_allowed"
+
+
+def test_metrics_is_prometheus_text():
+    transport, proxy = send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    [response] = parse(transport.value())
+    assert response.status == 200 and response.headers[b"content-type"].startswith(b"text/plain")
+    assert b'llamad_requests_total{code="200",method="GET",route="/metrics"} 1.0' in response.body
+
+
+# --- keep-alive and pipelining --------------------------------------------------------------------
+
+
+def test_two_pipelined_requests_are_answered_in_order_on_one_connection():
+    transport, proxy = send(GET_MODELS + GET_PING)
+    models, ping = parse(transport.value())
+    assert (models.status, models.body) == (200, PROXIED)
+    assert (ping.status, ping.body) == (200, b"")
+    assert not transport.disconnecting
+
+
+def test_a_pipelined_request_waits_for_the_answer_before_it():
+    gateway = _gateway()
+    gateway.proxy = proxy = PendingProxy()
+    protocol, transport = connect(server(gateway))
+    protocol.dataReceived(GET_MODELS + GET_PING)
+    assert transport.value() == b""  # /ping is answered at once, but only after /v1/models
+    proxy.answer()
+    assert [(r.status, r.body) for r in parse(transport.value())] == [(200, PROXIED), (200, b"")]
+
+
+def test_http_1_0_gets_a_1_0_answer_ended_by_the_close():
+    transport, proxy = send(b"GET /v1/models HTTP/1.0\r\n\r\n")
+    [response] = parse(transport.value())
+    assert (response.version, response.status, response.body) == (b"HTTP/1.0", 200, PROXIED)
+    assert b"transfer-encoding" not in response.headers and response.headers[b"connection"] == b"close"
+    assert transport.disconnecting
+
+
+def test_connection_close_closes_after_the_answer():
+    transport, proxy = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    [response] = parse(transport.value())
+    assert (response.status, response.body, response.headers[b"connection"]) == (200, PROXIED, b"close")
+    assert transport.disconnecting
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent():
+    factory = server()
+    protocol, transport = connect(factory)
+    protocol.dataReceived(POST_HEAD + b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    protocol.dataReceived(b"{}")
+    interim, final = parse(transport.value())
+    assert (interim.status, final.status, final.body) == (100, 200, PROXIED)
+
+
+def test_a_pipelined_head_after_a_large_body_in_the_same_read_is_not_431():
+    body = b"{" + b" " * 29998 + b"}"
+    post = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    transport, proxy = send(post + b"GET /ping HTTP/1.1\r\n", max_body_bytes=100000)
+    assert [r.status for r in parse(transport.value())] == [200] and not transport.disconnecting
+
+
+def test_nothing_is_written_after_a_connection_close_answer():
+    transport, proxy = send(b"GET /ping HTTP/1.1\r\nConnection: close\r\n\r\n" + GET_PING)
+    assert [r.status for r in parse(transport.value())] == [200]
+
+
+def test_an_upgrade_request_is_answered_then_the_connection_closes():
+    transport, proxy = send(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert parse(transport.value())[0].status == 200 and transport.disconnecting
+
+
+# --- the client going away ------------------------------------------------------------------------
+
+
+def test_the_client_going_away_cancels_the_proxied_request():
+    gateway = _gateway()
+    gateway.proxy = proxy = PendingProxy()
+    factory = server(gateway)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(POST_HEAD + b"Content-Length: 2\r\n\r\n{}")
+    [(request, _)] = proxy.pending
+    close(protocol)
+    assert proxy.cancelled == [request] and transport.value() == b""
+    assert b'llamad_requests_total{code="499",method="POST",route="/v1/chat/completions"} 1.0' in \
+        gateway.metrics.exposition()
+
+
+# --- the child's chunks, passed on as they came ---------------------------------------------------
+
+
+class FramedHandler:
+    """A handler that takes a chunked body framed, recording each ``chunks`` call."""
+
+    framed = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bytes, bool]] = []
+        self.sizes: list[int] = []  # data bytes of the chunks starting in each call
+        self.plain: list[bytes] = []
+        self.done = False
+        self.failure: tuple[str, bool] | None = None
+
+    def response_started(self, status, reason, headers, length, producer):
+        self.status = status
+
+    def body(self, data):
+        self.plain.append(data)
+
+    def chunks(self, framed, whole, size):
+        self.calls.append((framed, whole))
+        self.sizes.append(size)
+
+    def finished(self):
+        self.done = True
+
+    def failed(self, reason, started, sent=True):
+        self.failure = (reason, started)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+ONE_BY_ONE = [b"5\r\nhello\r\n", b"6;ext=1\r\n world\r\n", b"1\r\n!\r\n"]
+CHUNKS = b"".join(ONE_BY_ONE)
+CHUNK_ENDS = set(accumulate(map(len, ONE_BY_ONE)))  # offsets in CHUNKS where a chunk ends
+
+
+def exchange(handler, *reads: bytes) -> _Connection:
+    """One exchange with the child on a pooled connection: its response arrives in ``reads``."""
+    connection = _Connection(UpstreamPool(None, Clock(), "127.0.0.1", 1, max_idle=4))
+    connection.makeConnection(TCPTransport())
+    connection.send(b"GET / HTTP/1.1\r\n\r\n", handler, head_request=False)
+    for data in reads:
+        connection.dataReceived(data)
+    return connection
+
+
+def framed_exchange(*reads: bytes) -> tuple[FramedHandler, _Connection]:
+    handler = FramedHandler()
+    return handler, exchange(handler, *reads)
+
+
+@pytest.mark.parametrize("end", [b"0\r\n\r\n", b"0\r\nX-Trailer: 1\r\nX-Other: 2\r\n\r\n"])
+def test_framed_chunks_split_anywhere_come_whole_and_unchanged(end):
+    raw = CHUNKED_HEAD + CHUNKS + end
+    for cut in range(1, len(raw)):
+        handler, connection = framed_exchange(raw[:cut], raw[cut:])
+        assert b"".join(framed for framed, _ in handler.calls) == CHUNKS, cut  # no last chunk, no trailers
+        passed = 0
+        for framed, whole in handler.calls:
+            passed += len(framed)
+            assert whole == (passed in CHUNK_ENDS), (cut, passed)
+        assert sum(handler.sizes) == len(dechunk(CHUNKS)), cut  # each chunk's data counted once
+        assert handler.done and handler.plain == [] and connection.pool.idle == [connection], cut
+
+
+def test_a_bad_chunk_size_fails_the_framed_exchange():
+    handler, connection = framed_exchange(CHUNKED_HEAD + b"5\r\nhello\r\nzz\r\n")
+    assert handler.failure == ("bad chunk size from upstream", True) and not handler.done
+
+
+def test_dechunk_returns_the_data_of_whole_chunks():
+    assert dechunk(CHUNKS) == b"hello world!"
+    assert dechunk(b"") == b""
+
+
+class ChildProxy(FakeProxy):
+    """The real relay and upstream parser, fed the child's response in the given reads instead of a socket."""
+
+    def __init__(self, *reads: bytes) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def forward(self, request, target, body, first_byte=None, tap_for=None, committed=False, uri=None):
+        done: defer.Deferred[None] = defer.Deferred()
+        exchange(_Relay(request, done, first_byte, tap_for, None, committed), *self.reads)
+        return done
+
+
+STREAM_BODY = b'{"stream": true, "messages": []}'  # no include_usage: llamad asks, and hides the answer
+CHILD_STREAM = CHUNKED_HEAD + frame(*EVENTS, USAGE, DONE) + b"0\r\n\r\n"
+
+
+def stream(gateway: Gateway, *reads: bytes) -> bytes:
+    """A streamed chat completion relayed from the child's ``reads``: what the client got after the head."""
+    gateway.proxy = ChildProxy(*reads)
+    protocol, transport = connect(server(gateway))
+    protocol.dataReceived(POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(STREAM_BODY), STREAM_BODY))
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Transfer-Encoding: chunked" in head
+    return body
+
+
+def test_a_relayed_stream_passes_the_childs_chunks_unchanged_but_the_usage_event():
+    gateway = _gateway()
+    body = stream(gateway, CHUNKED_HEAD, *(frame(event) for event in [*EVENTS, USAGE, DONE]), b"0\r\n\r\n")
+    assert body == frame(*EVENTS, DONE) + b"0\r\n\r\n"
+    assert b'llamad_tokens_total{kind="prompt"} 12.0' in gateway.metrics.exposition()
+
+
+def test_bytes_sent_counts_a_relayed_streams_body_bytes_not_its_framing():
+    gateway = _gateway()
+    stream(gateway, CHUNKED_HEAD, frame(*EVENTS), b"0\r\n\r\n")
+    assert gateway.bytes_sent == len(b"".join(EVENTS))
+
+
+def test_a_relayed_stream_split_anywhere_loses_only_the_usage_event():
+    gateway = _gateway()
+    for cut in range(1, len(CHILD_STREAM)):
+        body = stream(gateway, CHILD_STREAM[:cut], CHILD_STREAM[cut:])
+        assert _dechunked(body) == (b"".join(EVENTS) + DONE, b""), cut
+
+
+# --- the usage tap on whole chunks ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sse", [True, False])
+def test_without_stripping_every_chunk_passes_and_the_usage_is_found_at_finish(sse):
+    tap = UsageTap(sse, strip_usage_event=False)
+    assert all(tap.passes(frame(event)) for event in [*EVENTS, USAGE, DONE])
+    tap.finish()
+    assert tap.usage == (12, 3)
+
+
+def test_stripping_refuses_the_usage_chunk_and_data_not_ending_an_event():
+    tap = UsageTap(True, strip_usage_event=True)
+    assert tap.passes(frame(EVENTS[0])) and tap.passes(frame(*EVENTS[1:]))
+    assert not tap.passes(frame(USAGE))
+    assert not tap.passes(frame(EVENTS[0][:20]))  # half an event
+    assert not tap.passes(frame(EVENTS[0], USAGE, DONE))
+
+
+# --- write_now ------------------------------------------------------------------------------------
+
+
+def test_write_now_on_a_transport_other_than_tcp_writes_the_usual_way():
+    transport = StringTransport()
+    write_now(transport, b"hello")
+    write_now(transport, b" world")
+    assert transport.value() == b"hello world"
