@@ -32,7 +32,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
-from llamad.gateway.errors import ApiError, error_body
+from llamad.gateway.errors import error_body
+from llamad.gateway.guard import ALLOWED_METHODS
 from llamad.gateway.sendnow import write_now
 from llamad.gateway.upstream import dechunk
 from llamad.gateway.limits import (BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS,
@@ -374,7 +375,7 @@ class FrontProtocol(Protocol):
             # Else a callback refused (llhttp wraps what on_headers_complete raises), or bytes came
             # after a request that said Connection: close, which end the connection unread.
             if self.refusal is None and not self.closing:
-                self._parse_error(e)
+                self._parse_error(e, data if incoming is None else b"")
             return
         request = self.incoming
         if request is None:
@@ -399,7 +400,8 @@ class FrontProtocol(Protocol):
     def _too_large_head(self) -> None:
         self.refuse(431, f"request headers over {self.factory.max_head} bytes in all", "header_fields_too_large")
 
-    def _parse_error(self, e: Exception) -> None:
+    def _parse_error(self, e: Exception, data: bytes) -> None:
+        """llhttp refused the bytes: the answer twisted.web's server (and the guard behind it) gives."""
         text = str(e)
         if self.incoming is not None and self.incoming.length is None and self.incoming.chunked_body \
                 and self.incoming.method:
@@ -410,7 +412,12 @@ class FrontProtocol(Protocol):
                 self.refuse(400, message, code)
                 return
         if isinstance(e, httptools.HttpParserInvalidMethodError):
-            self.refuse(400, "malformed HTTP request: invalid method", "bad_request")
+            method = data.split(b" ", 1)[0] if b" " in data[:33] else b""
+            if method.isalpha():  # a method llhttp does not know, in a well-formed request line
+                self.refuse(405, f"method {method.decode()} not allowed", "method_not_allowed",
+                            {b"allow": b", ".join(sorted(ALLOWED_METHODS))})
+            else:
+                self.refuse(400, "malformed HTTP request: invalid method", "bad_request")
         else:
             self.refuse(400, f"malformed HTTP request: {text}", "bad_request")
 
