@@ -34,10 +34,10 @@ from twisted.web.http import RESPONSES
 
 from llamad.gateway.errors import error_body
 from llamad.gateway.guard import ALLOWED_METHODS
-from llamad.gateway.sendnow import write_now
-from llamad.gateway.upstream import dechunk
 from llamad.gateway.limits import (BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS,
                                    MAX_INCOMPLETE_PER_CLIENT, MAX_LINE, REASONS)
+from llamad.gateway.sendnow import write_now
+from llamad.gateway.upstream import dechunk
 
 if TYPE_CHECKING:
     from llamad.gateway.app import Gateway
@@ -94,9 +94,6 @@ class RequestHeaders:
     def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
         return self._lookup().get(name.lower(), default)
 
-    def hasHeader(self, name: bytes) -> bool:
-        return name.lower() in self._lookup()
-
     def getAllRawHeaders(self) -> Iterator[tuple[bytes, list[bytes]]]:
         for name, value in self.raw:
             yield name, [value]
@@ -120,11 +117,6 @@ class ResponseHeaders:
     def removeHeader(self, name: bytes) -> None:
         lower = name.lower()
         self.items = [item for item in self.items if item[0].lower() != lower]
-
-    def getRawHeaders(self, name: bytes, default: Any = None) -> Any:
-        lower = name.lower()
-        values = [value for key, value in self.items if key.lower() == lower]
-        return values or default
 
     def hasHeader(self, name: bytes) -> bool:
         lower = name.lower()
@@ -225,13 +217,17 @@ class FrontRequest:
         is chunked too."""
         if self.finished or self._disconnected:
             return
-        head = b"" if self.head_sent else self._head()
-        if not self.chunked:  # HTTP/1.0: the plain bytes (the head is built again, the same)
-            self.head_sent = False
-            self.write(dechunk(framed))
+        out = b"" if self.head_sent else self._head()
+        if self.chunked:
+            self.sentLength += size
+            self.channel.send(out + framed if out else framed)
             return
-        self.sentLength += size
-        self.channel.send(head + framed if head else framed)
+        if self.method != b"HEAD":  # HTTP/1.0: the plain bytes, the connection's end ends them
+            data = dechunk(framed)
+            self.sentLength += len(data)
+            out += data
+        if out:
+            self.channel.send(out)
 
     def respond(self, body: bytes) -> None:
         """A whole response at once (llamad's own answers)."""
@@ -273,20 +269,6 @@ class FrontRequest:
             transport = self.channel.transport
             if transport is not None and transport.producer is not None:
                 transport.unregisterProducer()
-
-    def notifyFinish(self) -> Any:
-        from twisted.internet.defer import Deferred
-
-        d: Deferred[None] = Deferred()
-        previous = self.on_lost
-
-        def lost() -> None:
-            if previous is not None:
-                previous()
-            d.errback(Failure(ConnectionError("client went away")))
-
-        self.on_lost = lost
-        return d
 
     def lost(self) -> None:
         """The client's connection closed before this response ended."""

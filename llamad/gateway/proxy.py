@@ -125,10 +125,13 @@ class _Relay:
             data = self.tap.feed(data)
             if not data:
                 return
+        self._first_byte()
+        self.request.write(data)
+
+    def _first_byte(self) -> None:
         if self.first_byte is not None:
             self.first_byte()
             self.first_byte = None
-        self.request.write(data)
 
     def chunks(self, framed: bytes, whole: bool, size: int) -> None:
         """Pass whole chunks on unchanged, unless the tap must change what they hold (then decode,
@@ -142,9 +145,7 @@ class _Relay:
                 return
             framed, size, self.held, self.held_size = b"".join(self.held), self.held_size, [], 0
         if self.error_body is None and (self.tap is None or self.tap.passes(framed)):
-            if self.first_byte is not None:
-                self.first_byte()
-                self.first_byte = None
+            self._first_byte()
             self.request.write_framed(framed, size)
         else:
             self.body(dechunk(framed))
