@@ -42,7 +42,7 @@ test: setup
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-## bench: llamad against direct llama-server and nginx, in one run (not part of `make test`)
+## bench: llamad against direct llama-server and nginx, in interleaved rounds of one run (not part of `make test`)
 bench: setup
 	@command -v wrk >/dev/null && command -v nginx >/dev/null || \
 		{ command -v apt-get >/dev/null && apt-get install -y -q wrk nginx-light >/dev/null; } || \
