@@ -229,6 +229,11 @@ class FrontRequest:
         if out:
             self.channel.send(out)
 
+    @property
+    def passes_chunks(self) -> bool:
+        """Whether a chunked body from the child can go to this client as it came."""
+        return not self.http10 and self.method != b"HEAD"
+
     def respond(self, body: bytes) -> None:
         """A whole response at once (llamad's own answers)."""
         if not self.head_sent and not self.responseHeaders.hasHeader(b"content-length"):

@@ -28,10 +28,13 @@ from llamad.timers import cancel
 log = Logger(namespace="llamad.proxy")
 
 MAX_POOLS = 4  # the child's port changes on restart; old pools are dropped
+MAX_HELD = 1 << 20  # bytes of chunks held for a whole SSE event; past it the stream is passed on as it came
 
 
 class Tap(typing.Protocol):
     """Sees the body on its way to the client and may hold back or drop bytes."""
+
+    strip: bool  # it may drop bytes: it must see whole events
 
     def feed(self, data: bytes) -> bytes: ...
 
@@ -39,6 +42,9 @@ class Tap(typing.Protocol):
         """Whether whole chunks go to the client as they are (then they count as seen), else call ``feed``."""
 
     def finish(self) -> bytes: ...
+
+    def keep_all(self) -> bytes:
+        """Drop nothing from here on (the stream cannot be cut into events); returns what it held back."""
 
 
 class NotDelivered(ApiError):
@@ -76,9 +82,10 @@ class _Relay:
         self.started = False
         self.exchange: Exchange | None = None
         # The fast path's request takes the child's chunks as they came: no decoding, no re-framing.
-        self.framed = hasattr(request, "write_framed")
-        self.held: list[bytes] = []  # chunks up to the next chunk boundary
-        self.held_size = 0
+        self.framed = getattr(request, "passes_chunks", False)
+        self.held: list[bytes] = []  # chunks up to the next chunk boundary, while whole ones are needed
+        self.held_size = 0  # their data bytes
+        self.held_bytes = 0
 
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
@@ -134,16 +141,24 @@ class _Relay:
             self.first_byte = None
 
     def chunks(self, framed: bytes, whole: bool, size: int) -> None:
-        """Pass whole chunks on unchanged, unless the tap must change what they hold (then decode,
-        feed, and write what is left as one chunk of its own)."""
+        """Pass the child's chunks on unchanged.  Where the tap may drop an event (or a child's error
+        becomes an SSE event) they are held up to a chunk boundary, and chunks the tap must change are
+        decoded, fed, and what is left written as one chunk of its own."""
         if self.done.called:
             return
-        if not whole or self.held:
+        needs_whole = self.error_body is not None or (self.tap is not None and self.tap.strip)
+        if self.held or (needs_whole and not whole):
             self.held.append(framed)
             self.held_size += size
+            self.held_bytes += len(framed)
             if not whole:
-                return
-            framed, size, self.held, self.held_size = b"".join(self.held), self.held_size, [], 0
+                if self.held_bytes <= MAX_HELD or self.error_body is not None:
+                    return
+                rest = self.tap.keep_all() if self.tap is not None else b""  # no event end in sight
+                if rest:
+                    self.request.write(rest)
+            framed, size = b"".join(self.held), self.held_size
+            self.held, self.held_size, self.held_bytes = [], 0, 0
         if self.error_body is None and (self.tap is None or self.tap.passes(framed)):
             self._first_byte()
             self.request.write_framed(framed, size)

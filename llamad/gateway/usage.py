@@ -53,6 +53,13 @@ class UsageTap:
         self.tail = b""  # stripped streams: an incomplete event
         self.recent: deque[bytes] = deque(maxlen=RECENT_CHUNKS)  # others: read at finish, no copying
 
+    def keep_all(self) -> bytes:
+        """Remove no event from here on (the usage is then read from the last bytes at the end);
+        returns what was held back of an event begun earlier."""
+        self.strip = False
+        rest, self.tail = self.tail, b""
+        return rest
+
     def passes(self, framed: bytes) -> bool:
         """Whether whole chunks (one SSE event each, as a model server writes them) can go to the
         client unchanged: always, unless the usage event is being removed and they may hold it."""

@@ -28,6 +28,7 @@ from llamad.gateway.front import FrontFactory, FrontProtocol
 from llamad.gateway.guard import Auth
 from llamad.gateway.proxy import _Relay
 from llamad.gateway.sendnow import write_now
+from llamad.gateway import proxy as proxy_module
 from llamad.gateway.upstream import UpstreamPool, _Connection, dechunk
 from llamad.gateway.usage import UsageTap
 
@@ -525,6 +526,33 @@ def test_a_relayed_stream_split_anywhere_loses_only_the_usage_event():
     for cut in range(1, len(CHILD_STREAM)):
         body = stream(gateway, CHILD_STREAM[:cut], CHILD_STREAM[cut:])
         assert _dechunked(body) == (b"".join(EVENTS) + DONE, b""), cut
+
+
+def test_a_stream_that_never_ends_on_a_chunk_boundary_flows_on_without_a_tap_to_serve():
+    # The client asked for the usage itself: nothing is removed, so no read is held back, however the
+    # child's chunks fall across reads (held ones would never reach the client, and nothing would pause).
+    body = b'{"stream": true, "stream_options": {"include_usage": true}, "messages": []}'
+    gateway = _gateway()
+    big = b"data: " + b"x" * 1000 + b"\n\n"
+    raw = frame(big, big, big)
+    reads = [CHUNKED_HEAD + raw[:700], raw[700:1500], raw[1500:2700]]  # none ends where a chunk does
+    gateway.proxy = ChildProxy(*reads)
+    protocol, transport = connect(server(gateway))
+    protocol.dataReceived(POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert transport.value().partition(b"\r\n\r\n")[2] == raw[:2700]
+
+
+def test_a_stripped_stream_without_event_ends_is_held_only_up_to_a_bound(monkeypatch):
+    monkeypatch.setattr(proxy_module, "MAX_HELD", 1500)
+    gateway = _gateway()
+    big = b"data: " + b"x" * 1000 + b"\n\n"
+    raw = frame(big, big, USAGE, DONE) + b"0\r\n\r\n"
+    cuts = [700, 1500, 2200]  # no read ends on a chunk boundary until the last
+    reads = [CHUNKED_HEAD + raw[:cuts[0]], raw[cuts[0]:cuts[1]], raw[cuts[1]:cuts[2]], raw[cuts[2]:]]
+    body = stream(gateway, *reads)
+    # Past the bound the stream goes on as it came: the usage event included, the tokens still counted.
+    assert _dechunked(body) == (big + big + USAGE + DONE, b"")
+    assert b'llamad_tokens_total{kind="prompt"} 12.0' in gateway.metrics.exposition()
 
 
 # --- the usage tap on whole chunks ----------------------------------------------------------------
