@@ -1,0 +1,151 @@
+"""llamad's own CPU per proxied request, without sockets: the gateway between in-memory transports.
+
+    .venv/bin/python bench/inprocess.py [--requests 20000] [--events 200] [--server fast|twisted.web]
+
+The client's request bytes go into port 8000's protocol, the request llamad
+writes to the child is answered at once with a recorded llama-server response
+on a pooled connection, and llamad's answer is thrown away.  What is timed
+(``time.process_time``) is llamad's Python code alone: no system calls, no
+reactor dispatch, no other process competing for the cores.  That makes it a
+steady measure to compare code changes with, where ``bench/run.py``'s
+figures drift with the machine; it is a floor, not what a real request costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from llamad.activity import Activity
+from llamad.gateway.app import Gateway, api_factory, api_site
+from llamad.gateway.gate import Gate
+from llamad.gateway.proxy import Proxy
+from llamad.gateway.upstream import _Connection
+from llamad.metrics import Metrics
+from llamad.status import Status
+from llamad.supervisor import ExternalBackend
+
+BODY = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
+REQUEST = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+STREAM_BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+STREAM_REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(STREAM_BODY), STREAM_BODY))
+ANSWER = (b'{"choices":[{"text":"AZgy","index":0,"logprobs":null,"finish_reason":"length"}],"created":1795445310,'
+          b'"model":"demo","object":"text_completion","usage":{"completion_tokens":4,"prompt_tokens":4,'
+          b'"total_tokens":8},"id":"chatcmpl-jojJfG9MVIQvoEHS0rGbCnp412SSJ3eO"}')
+RESPONSE = (b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=100\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Server: llama.cpp\r\nContent-Length: %d\r\nAccess-Control-Allow-Origin: \r\n\r\n%s"
+            % (len(ANSWER), ANSWER))
+EVENT = (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"tok"}}],'
+         b'"created":1795341112,"id":"chatcmpl-bench","model":"demo","object":"chat.completion.chunk"}\n\n')
+USAGE = (b'data: {"choices":[],"created":1795341112,"id":"chatcmpl-bench","model":"demo",'
+         b'"object":"chat.completion.chunk","usage":{"completion_tokens":200,"prompt_tokens":4,"total_tokens":204}}\n\n')
+STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nServer: llama.cpp\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+PER_READ = 18  # events per read from the child, as under 8 synthetic streams
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class Client(StringTransport):
+    """A client connection whose bytes are thrown away."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writeSequence(self, seq: list[bytes]) -> None:
+        pass
+
+
+class Child(StringTransport):
+    """The pooled connection to the child: each request written to it waits for its answer."""
+
+    def __init__(self, waiting: list[_Connection]) -> None:
+        super().__init__()
+        self.waiting = waiting
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.waiting.append(self.protocol)
+
+
+def build(server: str) -> tuple[object, list[_Connection], Clock]:
+    clock = Clock()
+    backend = ExternalBackend("http://127.0.0.1:9")
+    status = Status(clock, backend, "demo", lazy=False)
+    metrics = Metrics()
+    proxy = Proxy(None, clock, 600)
+    gateway = Gateway(clock, status, Gate(clock, status, backend, 64, 64, 10, metrics), proxy, metrics,
+                      Activity(clock))
+    waiting: list[_Connection] = []
+    pool = proxy._upstream(backend.target().origin).pool
+    for _ in range(2):  # kept alive, as llamad's pool keeps them
+        connection = _Connection(pool)
+        transport = Child(waiting)
+        connection.makeConnection(transport)
+        transport.protocol = connection
+        pool._idle(connection)
+    factory = api_factory(gateway) if server == "fast" else api_site(gateway)
+    if server != "fast":
+        factory.reactor = clock  # type: ignore[attr-defined]
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(Client())
+    return protocol, waiting, clock
+
+
+def run(server: str, requests: int, events: int) -> tuple[float, float]:
+    """Microseconds of CPU per non-streaming request, and per relayed SSE event."""
+    protocol, waiting, clock = build(server)
+    started = time.process_time()
+    for _ in range(requests):
+        protocol.dataReceived(REQUEST)
+        waiting.pop().dataReceived(RESPONSE)
+        clock.advance(0)
+    per_request = (time.process_time() - started) / requests * 1e6
+
+    body = [chunk(EVENT)] * events + [chunk(USAGE), chunk(b"data: [DONE]\n\n"), b"0\r\n\r\n"]
+    reads = [b"".join(body[i:i + PER_READ]) for i in range(0, len(body), PER_READ)]
+    streams = max(1, requests // events)
+    started = time.process_time()
+    for _ in range(streams):
+        protocol.dataReceived(STREAM_REQUEST)
+        connection = waiting.pop()
+        connection.dataReceived(STREAM_HEAD)
+        for data in reads:
+            connection.dataReceived(data)
+        clock.advance(0)
+    per_event = (time.process_time() - started) / (streams * events) * 1e6
+    return per_request, per_event
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=20000)
+    p.add_argument("--events", type=int, default=200)
+    p.add_argument("--server", choices=("fast", "twisted.web"), default=None,
+                   help="one of port 8000's servers (default: both)")
+    args = p.parse_args()
+    for server in [args.server] if args.server else ["fast", "twisted.web"]:
+        run(server, 500, args.events)  # warm up
+        per_request, per_event = run(server, args.requests, args.events)
+        print(f"{server:<12} {per_request:7.1f} us per request   {per_event:5.2f} us per SSE event")
+
+
+if __name__ == "__main__":
+    main()
