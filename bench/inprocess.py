@@ -6,9 +6,9 @@ The client's request bytes go into port 8000's protocol, the request llamad
 writes to the child is answered at once with a recorded llama-server response
 on a pooled connection, and llamad's answer is thrown away.  What is timed
 (``time.process_time``) is llamad's Python code alone: no system calls, no
-reactor dispatch, no other process competing for the cores.  That makes it a
-steady measure to compare code changes with, where ``bench/run.py``'s
-figures drift with the machine; it is a floor, not what a real request costs.
+reactor dispatch, no other process in the measure.  It is a floor, not what a
+real request costs.  A shared machine's drift still reaches it (up to 30 %
+between runs), so compare two versions of the code in alternating runs.
 """
 
 from __future__ import annotations

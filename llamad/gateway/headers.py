@@ -32,13 +32,17 @@ def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:
 
 def to_backend(headers: Headers, key: str) -> list[bytes]:
     """Header lines for the child: the client's minus hop-by-hop and credentials, plus the child's key."""
-    named = _named_in_connection(headers.getRawHeaders(b"connection", ()))
-    lines = [
-        name + b": " + value
-        for name, values in headers.getAllRawHeaders()
-        if (lower := name.lower()) not in _REQUEST_DROP and lower not in named
-        for value in values
-    ]
+    lines = []
+    named: set[bytes] = set()
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in _REQUEST_DROP:
+            if lower == b"connection":
+                named |= _named_in_connection(values)
+            continue
+        lines.extend(name + b": " + value for value in values)
+    if named:  # rare: a client naming more of its headers hop-by-hop
+        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
     if key:
         lines.append(b"Authorization: Bearer " + key.encode())
     return lines
@@ -46,5 +50,15 @@ def to_backend(headers: Headers, key: str) -> list[bytes]:
 
 def to_client(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The child's response headers minus hop-by-hop (and those named in Connection), CORS, Server, Date."""
-    named = _named_in_connection(v for n, v in headers if n.lower() == b"connection")
-    return [(n, v) for n, v in headers if (lower := n.lower()) not in _RESPONSE_DROP and lower not in named]
+    kept = []
+    named: set[bytes] = set()
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _RESPONSE_DROP:
+            if lower == b"connection":
+                named |= _named_in_connection((value,))
+            continue
+        kept.append((name, value))
+    if named:
+        kept = [(n, v) for n, v in kept if n.lower() not in named]
+    return kept
