@@ -184,11 +184,16 @@ class Gateway:
 
     # --- the fast path's entry points (llamad.gateway.front) -------------------------------------
 
-    def serve(self, request: FrontRequest) -> None:
-        """One complete request from the fast path: the guard, then an own route or the proxy."""
+    @property
+    def guard(self) -> GuardResource:
+        """The fast path's guard, built on its first request (after the tests' and tap's set-up)."""
         if self._guard is None:
             self._guard = self.resource()
-        answer = self._guard.answer(request)
+        return self._guard
+
+    def serve(self, request: FrontRequest) -> None:
+        """One complete request from the fast path: the guard, then an own route or the proxy."""
+        answer = self.guard.answer(request)
         if answer is not None:
             request.respond(answer)
             return
@@ -218,9 +223,7 @@ class Gateway:
 
     def early_refusal(self, request: FrontRequest) -> ApiError | None:
         """The guard's answer to a request whose head is in and whose body is not, if the head decides it."""
-        if self._guard is None:
-            self._guard = self.resource()
-        return self._guard.early_refusal(request.method, request.uri, request)
+        return self.guard.early_refusal(request.method, request.uri, request)
 
     def dispatch(self, request: FrontRequest) -> None:
         """Proxy one request from the fast path; the client going away cancels it."""

@@ -23,7 +23,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from llamad.gateway.app import Gateway, api_factory
+from llamad.gateway.app import OWN_HANDLERS, OWN_ROUTES, Gateway, api_factory
 from llamad.gateway.front import FrontFactory, FrontProtocol
 from llamad.gateway.guard import Auth
 from llamad.gateway.proxy import _Relay
@@ -286,6 +286,10 @@ def test_a_body_without_a_key_is_401_before_it_arrives(tmp_path):
 
 
 # --- llamad's own routes --------------------------------------------------------------------------
+
+
+def test_the_fast_path_serves_every_own_route_klein_serves():
+    assert set(OWN_HANDLERS) == set(OWN_ROUTES)
 
 
 def test_ping_is_an_empty_200():
