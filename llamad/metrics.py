@@ -115,6 +115,7 @@ class Metrics:
         )
         self._request_children: dict[tuple[str, bytes, int], Counter] = {}
         self._route_children: dict[tuple[int, str], Histogram] = {}
+        self._token_children: tuple[Counter, Counter] | None = None
         if not per_model:
             self.set_backend_state(State.STOPPED)
 
@@ -125,6 +126,13 @@ class Metrics:
         if child is None:
             child = self._request_children[key] = self.requests.labels(route, method.decode("latin-1"), str(code))
         child.inc()
+
+    def count_tokens(self, prompt: int, completion: int) -> None:
+        """``llamad_tokens_total`` on the hot path: its two children are kept."""
+        if self._token_children is None:
+            self._token_children = (self.tokens.labels("prompt"), self.tokens.labels("completion"))
+        self._token_children[0].inc(prompt)
+        self._token_children[1].inc(completion)
 
     def by_route(self, family: Histogram, route: str) -> Histogram:
         """A route's child of a per-route histogram, cached."""

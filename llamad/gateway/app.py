@@ -447,8 +447,7 @@ class Gateway:
                     taps[0].finish()  # the client left early (often right after [DONE]): count what was seen
                 if taps[0].usage is not None:
                     prompt, completion = taps[0].usage
-                    self.metrics.tokens.labels("prompt").inc(prompt)
-                    self.metrics.tokens.labels("completion").inc(completion)
+                    self.metrics.count_tokens(prompt, completion)
 
     def models_api(self, request: IRequest, route: str, body: bytes) -> None:
         """llama-server's router API for a fleet: list every model whatever its state (never waking

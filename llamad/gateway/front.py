@@ -305,6 +305,7 @@ class FrontProtocol(Protocol):
         self.deadline_kind = ""
         self.closing = False  # no more requests on this connection
         self.refusal: bytes | None = None  # an error answer waiting for the current response to end
+        self.early_pending: FrontRequest | None = None  # its head is to be checked if its body is not all in
         self.paused = False
 
     # --- connection --------------------------------------------------------------------------------
@@ -367,6 +368,13 @@ class FrontProtocol(Protocol):
         request = self.incoming
         if request is None:
             return
+        if self.early_pending is not None:
+            pending, self.early_pending = self.early_pending, None
+            if pending is request:  # its body is still arriving
+                try:
+                    self._check_early(request)
+                except _Refused:
+                    return
         if head_before and request is incoming and not request.method:
             # The head is still arriving: bound what llhttp holds of it.
             self.raw_head += len(data)
@@ -483,12 +491,15 @@ class FrontProtocol(Protocol):
             raise _Refused
         request.path = uri.split(b"?", 1)[0] if b"?" in uri else uri
         if request.chunked_body or request.length:  # a body follows: decide what the head alone can first
-            refusal = self.factory.gateway.early_refusal(request)
-            if refusal is not None:
-                self.refuse(refusal.status, refusal.message, refusal.code, refusal.headers, refusal.param)
-                raise _Refused
             limit = self.factory.max_body_bytes
-            if request.length is not None and request.length > limit:
+            too_large = request.length is not None and request.length > limit
+            if too_large or request.expect_continue:
+                self._check_early(request)
+            else:
+                # Asked only if the body is still arriving when this read is parsed: a body that came
+                # with its head held no connection open, and the guard checks the whole request anyway.
+                self.early_pending = request
+            if too_large:
                 self.refuse(413, f"request body of {request.length} bytes is over the {limit}-byte limit",
                             "payload_too_large")
                 raise _Refused
@@ -497,6 +508,13 @@ class FrontProtocol(Protocol):
             self._deadline("body", self.factory.body_timeout)
         else:
             self.deadline = 0.0
+
+    def _check_early(self, request: FrontRequest) -> None:
+        """The guard's verdict on the head of a request whose body is not all in (API key first)."""
+        refusal = self.factory.gateway.early_refusal(request)
+        if refusal is not None:
+            self.refuse(refusal.status, refusal.message, refusal.code, refusal.headers, refusal.param)
+            raise _Refused
 
     def on_body(self, data: bytes) -> None:
         request = self.incoming
@@ -510,6 +528,7 @@ class FrontProtocol(Protocol):
     def on_message_complete(self) -> None:
         request, self.incoming = self.incoming, None
         assert request is not None
+        self.early_pending = None
         self._uncount()
         self.deadline = 0.0
         if not request.keep_alive:

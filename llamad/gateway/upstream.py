@@ -27,6 +27,7 @@ from llamad.gateway.sendnow import write_now
 CONNECT_TIMEOUT = 10
 POOL_IDLE_SECONDS = 3  # shorter than llama.cpp's 5 s keep-alive
 MAX_HEAD = 65536
+_FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding"), len(b"connection")})
 
 
 class ResponseHandler(typing.Protocol):
@@ -122,17 +123,16 @@ class _Connection(Protocol):
         chunked = False
         for line in lines[1:]:
             name, _, value = line.partition(b":")
-            name = name.strip()
-            value = value.strip()
-            lower = name.lower()
-            if lower == b"content-length":
-                length = int(value) if value.isdigit() else None
-            elif lower == b"transfer-encoding":
-                chunked = value.lower().endswith(b"chunked")
-            elif lower == b"connection":
-                if b"close" in value.lower():
-                    self.keep_alive = False
+            name, value = name.strip(), value.strip()
             headers.append((name, value))
+            if len(name) in _FRAMING_NAME_LENGTHS:  # most names are none of the three: no lower()
+                lower = name.lower()
+                if lower == b"content-length":
+                    length = int(value) if value.isdigit() else None
+                elif lower == b"transfer-encoding":
+                    chunked = value.lower().endswith(b"chunked")
+                elif lower == b"connection" and b"close" in value.lower():
+                    self.keep_alive = False
         if parts[0] == b"HTTP/1.0":
             self.keep_alive = False
         if self.head_request or status in (204, 304) or 100 <= status < 200:
