@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from bisect import bisect_left
+from typing import Any, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from prometheus_client.exposition import generate_latest
+from prometheus_client.utils import floatToGoString
 
 from llamad.activity import Activity
 from llamad.supervisor import State
@@ -22,6 +24,101 @@ START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 disable_created_metrics()
 
 
+class _Observations:
+    """One series of a :class:`RequestHistogram`: counts per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class _Count:
+    """One series of a :class:`RequestCounter`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class _RequestFamily:
+    """A family on the request path, exposed as prometheus_client exposes its own (same names, labels
+    and samples) without its per-call lock and checks: every observation comes from the one reactor
+    thread, and a few microseconds per request add up at thousands of requests a second."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.children: dict[tuple[str, ...], Any] = {}
+        if not self.labelnames:
+            self.children[()] = self._child()
+        registry.register(self)
+
+    def _child(self) -> Any:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Any:
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = self._child()
+        return child
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+class RequestHistogram(_RequestFamily):
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.bounds = (*(float(b) for b in buckets), float("inf"))
+        self.le = [floatToGoString(b) for b in self.bounds]
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _child(self) -> _Observations:
+        return _Observations(self.bounds)
+
+    def observe(self, amount: float) -> None:
+        self.children[()].observe(amount)
+
+    def collect(self) -> list[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in list(self.children.items()):
+            cumulative, total = [], 0
+            for le, count in zip(self.le, child.counts):
+                total += count
+                cumulative.append((le, total))
+            family.add_metric(list(key), cumulative, child.sum)
+        return [family]
+
+
+class RequestCounter(_RequestFamily):
+    def _child(self) -> _Count:
+        return _Count()
+
+    def inc(self, amount: float = 1) -> None:
+        self.children[()].inc(amount)
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in list(self.children.items()):
+            family.add_metric(list(key), child.value)
+        return [family]
+
+
 class Metrics:
     """The ``llamad_*`` families; one instance per process (or per test)."""
 
@@ -31,15 +128,15 @@ class Metrics:
         self.per_model = per_model
         r = self.registry
         m = ["model"] if per_model else []
-        self.requests = Counter(
+        self.requests = RequestCounter(
             "llamad_requests", "API requests answered, by route, method and status code.",
             ["route", "method", "code"], registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = RequestHistogram(
             "llamad_request_duration_seconds", "Time from request arrival to its last byte.",
             ["route"], buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.time_to_first_byte = Histogram(
+        self.time_to_first_byte = RequestHistogram(
             "llamad_time_to_first_byte_seconds", "Time from request arrival to the first body byte relayed.",
             ["route"], buckets=LATENCY_BUCKETS, registry=r,
         )
@@ -56,7 +153,7 @@ class Metrics:
             m, buckets=START_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge("llamad_queue_depth", "Inference requests waiting for admission.", m, registry=r)
-        self.queue_wait = Histogram(
+        self.queue_wait = RequestHistogram(
             "llamad_queue_wait_seconds", "Time an admitted inference request waited (queue and cold start).",
             m, buckets=LATENCY_BUCKETS, registry=r,
         )
@@ -64,7 +161,7 @@ class Metrics:
             "llamad_queue_rejections", "Inference requests refused by the gate, by reason.", [*m, "reason"],
             registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = RequestCounter(
             "llamad_tokens", "Tokens reported in responses' usage, by kind (prompt, completion).", ["kind"],
             registry=r,
         )
@@ -113,9 +210,9 @@ class Metrics:
             "From the first scrape that saw a variant's queue > 0 to the acknowledged scale PUT.",
             buckets=POLL_BUCKETS, registry=r,
         )
-        self._request_children: dict[tuple[str, bytes, int], Counter] = {}
-        self._route_children: dict[tuple[int, str], Histogram] = {}
-        self._token_children: tuple[Counter, Counter] | None = None
+        self._request_children: dict[tuple[str, bytes, int], _Count] = {}
+        self._route_children: dict[tuple[int, str], _Observations] = {}
+        self._token_children: tuple[_Count, _Count] | None = None
         if not per_model:
             self.set_backend_state(State.STOPPED)
 
@@ -134,7 +231,7 @@ class Metrics:
         self._token_children[0].inc(prompt)
         self._token_children[1].inc(completion)
 
-    def by_route(self, family: Histogram, route: str) -> Histogram:
+    def by_route(self, family: RequestHistogram, route: str) -> _Observations:
         """A route's child of a per-route histogram, cached."""
         key = (id(family), route)
         child = self._route_children.get(key)
