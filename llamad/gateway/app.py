@@ -226,10 +226,22 @@ class Gateway:
         return self.guard.early_refusal(request.method, request.uri, request)
 
     def dispatch(self, request: FrontRequest) -> None:
-        """Proxy one request from the fast path; the client going away cancels it."""
-        d = defer.ensureDeferred(self._forward(request))
-        request.on_lost = d.cancel
-        d.addErrback(self._forward_failed, request)
+        """Proxy one request from the fast path; the client going away cancels it.  A request that
+        need not wait runs on plain callbacks; one that waits for admission takes a coroutine."""
+        try:
+            proxied = self._prepare(request)
+        except Exception:
+            self._forward_failed(Failure(), request)
+            return
+        if proxied is None:
+            return
+        if proxied.inference and proxied.lease is None:
+            d = defer.ensureDeferred(self._wait_then_relay(proxied))
+            request.on_lost = d.cancel
+            d.addErrback(self._forward_failed, request)
+            return
+        request.on_lost = proxied.cancel
+        proxied.start()
 
     @app.route("/ping", methods=["GET", "HEAD"])
     def ping(self, request: IRequest) -> bytes:
@@ -342,112 +354,63 @@ class Gateway:
         request.finish()
 
     async def _forward(self, request: IRequest) -> None:
+        proxied = self._prepare(request)
+        if proxied is not None:
+            await self._wait_then_relay(proxied)
+
+    def _prepare(self, request: IRequest) -> Proxied | None:
+        """Everything before the relay that needs no waiting: route, body checks, routing, and a slot
+        when one is free.  None: answered here (the router API, a model list while the child is down)."""
         started = self.clock.seconds()
         route = route_label(request.path)
         body = request.content.read() if request.content is not None else b""
         inference = route in INFERENCE_ROUTES
-        strip_usage = False
-        loading: LoadingComments | None = None
-        lease: Lease | None = None
         if self.fleet and (request.path in MODELS_API_ROUTES or route in MODEL_LIST_ROUTES):
             self.models_api(request, route, body)
-            return
-        if inference:
-            if request.method != b"POST":
-                raise ApiError(405, f"{route} takes POST", "method_not_allowed", {b"allow": b"POST"})
-            payload = parse_json_object(body) if route in JSON_BODY_ROUTES else {}
-            runtime, uri = self.runtime_for(request, payload if route in JSON_BODY_ROUTES else None)
-            gate = runtime.gate
-            if ask_for_usage(request.path, payload):
-                strip_usage = True
-                try:
-                    body = json.dumps(payload).encode()
-                except RecursionError:  # parsed just under the limit, this deeper stack is over it
-                    raise ApiError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
-            lease = gate.try_admit()  # a free slot and a ready child: no waiting, nothing to set up
-            committed = False
-            if lease is None:
-                if payload.get("stream") is True and not gate.ready:
-                    loading = LoadingComments(self.clock, request)
-                try:
-                    lease = await gate.admit()
-                except ApiError as err:
-                    if loading is None or not loading.stop():
-                        raise
-                    loading.fail(err)  # the stream has started: the error goes in it
-                    self.count(request, err.status, route)
-                    return
-                finally:
-                    committed = loading is not None and loading.stop()  # also when the client left
-            if lease.cold_wait is not None:
-                if committed:
-                    request.write(b": cold-start %.3f\n\n" % lease.cold_wait)
-                else:
-                    request.setHeader(b"x-llamad-cold-start", b"%.3f" % lease.cold_wait)
-            target = lease.target
-        else:
-            committed = False
+            return None
+        if not inference:
             runtime, uri = self.runtime_for(request, None)
-            gate = runtime.gate
-            if route in MODEL_LIST_ROUTES and not gate.ready:
+            if route in MODEL_LIST_ROUTES and not runtime.gate.ready:
                 self.count(request, 200, route)
                 request.setHeader(b"content-type", b"application/json")
                 request.write(json.dumps(self.model_list()).encode())
                 request.finish()
+                return None
+            proxied = Proxied(self, request, route, started, runtime, body, uri, None)
+            proxied.target = runtime.gate.direct()
+            return proxied
+        if request.method != b"POST":
+            raise ApiError(405, f"{route} takes POST", "method_not_allowed", {b"allow": b"POST"})
+        payload = parse_json_object(body) if route in JSON_BODY_ROUTES else {}
+        runtime, uri = self.runtime_for(request, payload if route in JSON_BODY_ROUTES else None)
+        strip_usage = ask_for_usage(request.path, payload)
+        if strip_usage:
+            try:
+                body = json.dumps(payload).encode()
+            except RecursionError:  # parsed just under the limit, this deeper stack is over it
+                raise ApiError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
+        proxied = Proxied(self, request, route, started, runtime, body, uri, payload, strip_usage)
+        proxied.lease = runtime.gate.try_admit()  # a free slot and a ready child: no waiting
+        return proxied
+
+    async def _wait_then_relay(self, proxied: Proxied) -> None:
+        """Admission when it has to wait (a queue, a cold start), then the relay."""
+        if proxied.inference and proxied.lease is None:
+            request, gate = proxied.request, proxied.runtime.gate
+            loading: LoadingComments | None = None
+            if proxied.payload is not None and proxied.payload.get("stream") is True and not gate.ready:
+                loading = LoadingComments(self.clock, request)
+            try:
+                proxied.lease = await gate.admit()
+            except ApiError as err:
+                if loading is None or not loading.stop():
+                    raise
+                loading.fail(err)  # the stream has started: the error goes in it
+                self.count(request, err.status, proxied.route)
                 return
-            target = gate.direct()
-
-        taps: list[UsageTap] = []
-
-        def tap_for(sse: bool) -> UsageTap:
-            taps.append(UsageTap(sse, strip_usage))
-            return taps[-1]
-
-        def first_byte() -> None:
-            self.metrics.by_route(self.metrics.time_to_first_byte, route).observe(self.clock.seconds() - started)
-
-        activities = (self.activity,) if runtime.activity is self.activity else (self.activity, runtime.activity)
-        for activity in activities:
-            activity.begin(inference)
-        try:
-            while True:
-                try:
-                    await self.proxy.forward(request, target, body, first_byte, tap_for if inference else None,
-                                             committed, uri)
-                    break
-                except NotDelivered:
-                    # The child died (or is restarting) and got none of this request: send it to the next one.
-                    if lease is None or not gate.can_redeliver(lease):
-                        raise
-                    log.info("backend unreachable before {route} was sent: waiting for its restart", route=route)
-                    await gate.redeliver(lease)
-                    target = lease.target
-        except defer.CancelledError:
-            self.count(request, CLIENT_CLOSED, route)
-            raise
-        except ApiError as err:
-            if not committed:
-                raise
-            # The SSE response has started: the 502/504 becomes its one error event.
-            request.write(sse_error_event(err.message, err.code or "backend_unavailable"))
-            request.finish()
-            self.count(request, err.status, route)
-        else:
-            self.count(request, request.code, route)
-            if not request.finished and not getattr(request, "_disconnected", False):
-                request.finish()
-        finally:
-            if lease is not None:
-                lease.release()
-            for activity in activities:
-                activity.end(inference)
-            self.metrics.by_route(self.metrics.request_duration, route).observe(self.clock.seconds() - started)
-            if taps:
-                if taps[0].usage is None:
-                    taps[0].finish()  # the client left early (often right after [DONE]): count what was seen
-                if taps[0].usage is not None:
-                    prompt, completion = taps[0].usage
-                    self.metrics.count_tokens(prompt, completion)
+            finally:
+                proxied.committed = loading is not None and loading.stop()  # also when the client left
+        await proxied.relay()
 
     def models_api(self, request: IRequest, route: str, body: bytes) -> None:
         """llama-server's router API for a fleet: list every model whatever its state (never waking
@@ -501,6 +464,127 @@ OWN_HANDLERS: dict[bytes, Callable[..., Any]] = {
     b"/ping": Gateway.ping, b"/health": Gateway.health, b"/metrics": Gateway.metrics_route,
     b"/admin/reload": Gateway.admin_reload, b"/reload": Gateway.admin_reload, b"/admin/restart": Gateway.admin_restart,
 }
+
+
+class Proxied:
+    """One request on its way through a child once admitted: the relay, a redelivery when the child
+    died before getting any of it, and the accounting at the end, on plain callbacks."""
+
+    def __init__(self, gateway: Gateway, request: IRequest, route: str, started: float, runtime: ModelRuntime,
+                 body: bytes, uri: bytes, payload: dict[str, Any] | None, strip_usage: bool = False) -> None:
+        self.gateway = gateway
+        self.request = request
+        self.route = route
+        self.started = started
+        self.runtime = runtime
+        self.body = body
+        self.uri = uri
+        self.payload = payload  # an inference request's parsed body; None for other routes
+        self.inference = payload is not None
+        self.strip_usage = strip_usage
+        self.lease: Lease | None = None
+        self.target: Target | None = None
+        self.committed = False  # llamad started the SSE response itself (cold start)
+        self.tap: UsageTap | None = None
+        self.pending: defer.Deferred[Any] | None = None  # the relay or the wait for a restarted child
+        self.done: defer.Deferred[None] | None = None  # for a coroutine that awaits the end
+
+    def relay(self) -> defer.Deferred[None]:
+        """:meth:`start`, as a Deferred that fires at the end; cancelling it cancels the relay."""
+        self.done = defer.Deferred(lambda _: self.cancel())
+        self.start()
+        return self.done
+
+    def start(self) -> None:
+        lease = self.lease
+        if lease is not None:
+            if lease.cold_wait is not None:
+                if self.committed:
+                    self.request.write(b": cold-start %.3f\n\n" % lease.cold_wait)
+                else:
+                    self.request.setHeader(b"x-llamad-cold-start", b"%.3f" % lease.cold_wait)
+            self.target = lease.target
+        for activity in self._activities():
+            activity.begin(self.inference)
+        self._send()
+
+    def cancel(self) -> None:
+        """The client went away."""
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _activities(self) -> tuple[Activity, ...]:
+        everyone = self.gateway.activity
+        return (everyone,) if self.runtime.activity is everyone else (everyone, self.runtime.activity)
+
+    def _send(self) -> None:
+        assert self.target is not None
+        d = self.pending = self.gateway.proxy.forward(
+            self.request, self.target, self.body, self._first_byte, self._tap_for if self.inference else None,
+            self.committed, self.uri)
+        d.addCallbacks(self._relayed, self._not_relayed)
+
+    def _tap_for(self, sse: bool) -> UsageTap:
+        self.tap = UsageTap(sse, self.strip_usage)
+        return self.tap
+
+    def _first_byte(self) -> None:
+        metrics = self.gateway.metrics
+        metrics.by_route(metrics.time_to_first_byte, self.route).observe(self.gateway.clock.seconds() - self.started)
+
+    def _relayed(self, _: object) -> None:
+        self.pending = None
+        request = self.request
+        self.gateway.count(request, request.code, self.route)
+        if not request.finished and not getattr(request, "_disconnected", False):
+            request.finish()
+        self._end()
+
+    def _not_relayed(self, failure: Failure) -> None:
+        self.pending = None
+        lease = self.lease
+        if failure.check(NotDelivered) and lease is not None and self.runtime.gate.can_redeliver(lease):
+            # The child died (or is restarting) and got none of this request: send it to the next one.
+            log.info("backend unreachable before {route} was sent: waiting for its restart", route=self.route)
+            d = self.pending = defer.ensureDeferred(self.runtime.gate.redeliver(lease))
+            d.addCallbacks(self._redelivered, self._not_relayed)
+            return
+        request = self.request
+        try:
+            if failure.check(defer.CancelledError):
+                self.gateway.count(request, CLIENT_CLOSED, self.route)
+            elif failure.check(ApiError) and self.committed:
+                # The SSE response has started: the 502/504 becomes its one error event.
+                err = failure.value
+                request.write(sse_error_event(err.message, err.code or "backend_unavailable"))
+                request.finish()
+                self.gateway.count(request, err.status, self.route)
+            else:
+                self.gateway._forward_failed(failure, request)
+        finally:
+            self._end()
+
+    def _redelivered(self, _: object) -> None:
+        assert self.lease is not None
+        self.target = self.lease.target
+        self._send()
+
+    def _end(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+        for activity in self._activities():
+            activity.end(self.inference)
+        gateway = self.gateway
+        metrics = gateway.metrics
+        metrics.by_route(metrics.request_duration, self.route).observe(gateway.clock.seconds() - self.started)
+        tap = self.tap
+        if tap is not None:
+            if tap.usage is None:
+                tap.finish()  # the client left early (often right after [DONE]): count what was seen
+            if tap.usage is not None:
+                metrics.count_tokens(*tap.usage)
+        if self.done is not None:
+            self.done.callback(None)
 
 
 class LoadingComments:
