@@ -95,6 +95,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every body (``json.loads`` with an option builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """An inference request body: a strict JSON object in UTF-8, or a 400 that says what is wrong.
 
@@ -110,7 +114,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise ApiError(400, f"request body is not UTF-8 (byte {body[e.start]:#04x} at offset {e.start})",
                        "invalid_json") from None
     try:
-        payload = json.loads(text.removeprefix("\ufeff"), parse_constant=_no_constant)
+        payload = _DECODER.decode(text.removeprefix("\ufeff"))
         if _SURROGATE_ESCAPE.search(body):
             json.dumps(payload, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:

@@ -34,13 +34,17 @@ def to_backend(headers: Headers, key: str) -> list[bytes]:
     """Header lines for the child: the client's minus hop-by-hop and credentials, plus the child's key."""
     lines = []
     named: set[bytes] = set()
-    for name, values in headers.getAllRawHeaders():
+    # The fast path's headers are (name, value) pairs as received; twisted.web's group values by name.
+    pairs = getattr(headers, "raw", None)
+    if pairs is None:
+        pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+    for name, value in pairs:
         lower = name.lower()
         if lower in _REQUEST_DROP:
             if lower == b"connection":
-                named |= _named_in_connection(values)
+                named |= _named_in_connection((value,))
             continue
-        lines.extend(name + b": " + value for value in values)
+        lines.append(name + b": " + value)
     if named:  # rare: a client naming more of its headers hop-by-hop
         lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
     if key:
