@@ -67,10 +67,11 @@ class _Upstream:
 class _Relay:
     """Receives the child's response and writes it to the client request."""
 
-    def __init__(self, request: IRequest, done: defer.Deferred[None], first_byte: Callable[[], None] | None,
+    def __init__(self, request: IRequest, done: defer.Deferred[None] | None, first_byte: Callable[[], None] | None,
                  tap_for: Callable[[bool], Tap] | None, timer: IDelayedCall | None, committed: bool) -> None:
+        """``done``: fired when the response is written (one is made when None is given)."""
         self.request = request
-        self.done = done
+        self.done: defer.Deferred[None] = done if done is not None else defer.Deferred(self._cancelled)
         self.first_byte = first_byte
         self.tap_for = tap_for
         self.tap: Tap | None = None
@@ -191,6 +192,19 @@ class _Relay:
         log.warn("backend stream broke: {why}", why=reason)
         self._break("backend connection lost mid-stream", "stream_interrupted")
 
+    def _cancelled(self, _: defer.Deferred[None]) -> None:
+        """The client went away: close the child's connection (llama.cpp frees the slot)."""
+        if self.exchange is not None:
+            self.exchange.cancel()
+
+    def timed_out(self, seconds: float) -> None:
+        self.timer = None
+        if not self.done.called:
+            if self.exchange is not None:
+                self.exchange.cancel()
+            self.done.errback(ApiError(504, f"backend did not start responding within {seconds:g} s",
+                                       "backend_timeout"))
+
     def cut(self, message: str) -> None:
         """End this exchange now (shutdown after ``api.drain_timeout``)."""
         if self.done.called:
@@ -285,26 +299,13 @@ class Proxy:
             lines.append(b"Connection: close")
         data = b"\r\n".join(lines) + b"\r\n\r\n" + body
 
-        exchange: list[Exchange] = []
-
-        def cancel(_: defer.Deferred[None]) -> None:
-            if exchange:
-                exchange[0].cancel()
-
-        done: defer.Deferred[None] = defer.Deferred(cancel)
-
-        def timed_out() -> None:
-            if not done.called:
-                exchange[0].cancel()
-                done.errback(ApiError(504, f"backend did not start responding within {self.request_timeout:g} s",
-                                      "backend_timeout"))
-
-        timer = self.clock.callLater(self.request_timeout, timed_out) if self.request_timeout > 0 else None
-        relay = _Relay(request, done, first_byte, tap_for, timer, committed)
+        relay = _Relay(request, None, first_byte, tap_for, None, committed)
+        if self.request_timeout > 0:
+            relay.timer = self.clock.callLater(self.request_timeout, relay.timed_out, self.request_timeout)
         self.active.add(relay)
+        done = relay.done
         done.addBoth(self._inactive, relay)
-        exchange.append(upstream.pool.request(data, relay, head_request=method == b"HEAD"))
-        relay.exchange = exchange[0]
+        relay.exchange = upstream.pool.request(data, relay, head_request=method == b"HEAD")
         return done
 
     def _inactive(self, result: object, relay: _Relay) -> object:
