@@ -78,7 +78,9 @@ class IdleWatch(Service):
     The countdown starts at boot and again each time the last inference
     request ends; any inference that begins cancels it.  ``on_idle`` returns
     False when it cannot act yet (the model is still loading): the countdown
-    then starts over.
+    then starts over.  One timer serves many requests: it is not cancelled
+    when a request begins, and when it fires it looks at when inference last
+    ended and waits out the rest (no timer set and cancelled per request).
     """
 
     name = "idle"
@@ -101,9 +103,7 @@ class IdleWatch(Service):
         self._disarm()
 
     def _changed(self) -> None:
-        if self.activity.inference_in_flight:
-            self._disarm()
-        else:
+        if self.timer is None and not self.activity.inference_in_flight:
             self._arm()
 
     def _arm(self) -> None:
@@ -116,5 +116,10 @@ class IdleWatch(Service):
 
     def _fire(self) -> None:
         self.timer = None
-        if self.activity.inference_in_flight == 0 and not self.on_idle():
+        if self.activity.inference_in_flight:
+            return  # the end of the last request starts the countdown again
+        remaining = self.activity.last_activity + self.timeout - self.clock.seconds()
+        if remaining > 0:  # inference ran meanwhile: the countdown runs from its end
+            self.timer = self.clock.callLater(remaining, self._fire)
+        elif not self.on_idle():
             self._arm()

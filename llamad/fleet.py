@@ -103,7 +103,7 @@ class Fleet(MultiService):
             self.preload.append(model_id)
         if runtime.backend is not None:
             runtime.backend.add_listener(lambda before, after: self._changed(model_id, after))
-        runtime.activity.on_change(self.place)
+        runtime.activity.on_change(self._activity_changed)
 
     def startService(self) -> None:
         super().startService()
@@ -191,6 +191,13 @@ class Fleet(MultiService):
     @staticmethod
     def _idle(runtime: ModelRuntime) -> bool:
         return runtime.activity.inference_in_flight == 0 and runtime.gate.waiting == 0
+
+    def _activity_changed(self) -> None:
+        """A request began or ended.  That changes a plan only while a model waits for room (a busy
+        model cannot be evicted, an idle one can) or an unload waits for its model to be idle; the
+        rest of the time placement is not run twice per request."""
+        if self.waiting_since or self.unload_when_idle:
+            self.place()
 
     def _changed(self, model_id: str, after: State) -> None:
         if after in (State.STARTING, State.READY, State.FAILED):

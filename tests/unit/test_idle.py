@@ -62,6 +62,22 @@ def test_overlapping_requests_keep_it_busy_until_the_last_ends():
     assert fired == [30]
 
 
+def test_one_timer_serves_a_stream_of_requests():
+    clock, activity, idle, fired = watch()
+    for _ in range(50):  # a request every 0.1 s for 5 s: the countdown is never set and cancelled per request
+        activity.begin(True)
+        assert len(clock.getDelayedCalls()) == 1
+        clock.advance(0.05)
+        activity.end(True)
+        assert len(clock.getDelayedCalls()) == 1
+        clock.advance(0.05)
+    last_end = clock.seconds() - 0.05
+    clock.advance(last_end + 10 - clock.seconds() - 0.01)
+    assert fired == []
+    clock.advance(0.01)
+    assert fired == [last_end + 10]  # still exactly timeout after the last request ended
+
+
 def test_monitoring_requests_never_touch_the_timer():
     clock, activity, idle, fired = watch()
     clock.advance(6)
