@@ -311,7 +311,9 @@ class FrontProtocol(Protocol):
     # --- connection --------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)  # not on a UNIX socket
+        if no_delay is not None:
+            no_delay(True)
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
         self.host = host if isinstance(host, str) and host else None

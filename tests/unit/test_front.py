@@ -17,7 +17,7 @@ from test_limits import KEY, POST_HEAD, no_tracebacks, refused  # noqa: F401 (au
 from test_upstream import TCPTransport
 from test_usage import DONE, EVENTS, USAGE
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -268,6 +268,15 @@ def test_a_client_with_too_many_requests_arriving_gets_429_and_the_count_drops()
     assert factory.incomplete == {"10.0.0.1": 1}
     close(second)  # gone with its body half sent
     assert factory.incomplete == {}
+
+
+def test_a_unix_socket_is_served_and_not_counted_per_client():
+    factory = server()
+    protocol = factory.buildProtocol(UNIXAddress(b"/run/llamad.sock"))
+    transport = StringTransport(peerAddress=UNIXAddress(None))  # no setTcpNoDelay, no host
+    protocol.makeConnection(transport)
+    protocol.dataReceived(GET_PING)
+    assert parse(transport.value())[0].status == 200 and factory.incomplete == {}
 
 
 # --- the API key, checked before the body ---------------------------------------------------------
