@@ -570,6 +570,8 @@ class FrontProtocol(Protocol):
                     request.responseHeaders = ResponseHeaders()
                     request.setHeader(b"content-type", b"application/json")
                     request.respond(json.dumps(error_body(500, "internal error in llamad")).encode())
+                elif not request.finished:
+                    self.transport.abortConnection()  # a started answer cannot say so: cut it
 
     def request_done(self, request: FrontRequest) -> None:
         if request is not self.current:

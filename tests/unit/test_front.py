@@ -28,6 +28,7 @@ from llamad.gateway.front import FrontFactory, FrontProtocol
 from llamad.gateway.guard import Auth
 from llamad.gateway.proxy import _Relay
 from llamad.gateway.sendnow import write_now
+from llamad.gateway import front as front_module
 from llamad.gateway import proxy as proxy_module
 from llamad.gateway.upstream import UpstreamPool, _Connection, dechunk
 from llamad.gateway.usage import UsageTap
@@ -268,6 +269,37 @@ def test_a_client_with_too_many_requests_arriving_gets_429_and_the_count_drops()
     assert factory.incomplete == {"10.0.0.1": 1}
     close(second)  # gone with its body half sent
     assert factory.incomplete == {}
+
+
+class Failures:
+    """Stands in for a module's logger: keeps what it was told to log as a failure."""
+
+    def __init__(self) -> None:
+        self.logged: list[str] = []
+
+    def failure(self, format: str, *args: object, **kw: object) -> None:
+        self.logged.append(format)
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_a_bug_while_answering_is_a_500_or_a_cut_never_a_stuck_connection(monkeypatch, started):
+    gateway = _gateway()
+    logged = Failures()
+    monkeypatch.setattr(front_module, "log", logged)
+
+    def broken(request):
+        if started:
+            request.write(b"partial")
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gateway, "serve", broken)
+    transport, proxy = send(GET_PING, gateway=gateway)
+    assert logged.logged == ["error answering {method} {path}"]
+    if started:
+        assert transport.disconnecting  # cut: the client sees an incomplete answer
+    else:
+        response = parse(transport.value())[0]
+        assert response.status == 500 and json.loads(response.body)["error"]["code"] == "internal_error"
 
 
 def test_a_unix_socket_is_served_and_not_counted_per_client():
