@@ -86,9 +86,11 @@ def is_loopback(host: str) -> bool:
     return (mapped or address).is_loopback
 
 
+_ROUTE_LABELS = {route.encode(): route for route in KNOWN_ROUTES}
+
+
 def route_label(path: bytes) -> str:
-    text = path.decode("latin-1")
-    return text if text in KNOWN_ROUTES else "other"
+    return _ROUTE_LABELS.get(path, "other")
 
 
 def _no_constant(name: str) -> Any:
@@ -106,7 +108,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     Infinity, no lone surrogate escape, no UTF-16.  The surrogate check costs
     a re-encode, so it runs only on bodies that hold such an escape.
     """
-    if not body.strip():
+    if not body or body.isspace():
         raise ApiError(400, "request body is empty: expected a JSON object", "invalid_json")
     try:
         text = body.decode("utf-8")
@@ -367,7 +369,8 @@ class Gateway:
         when one is free.  None: answered here (the router API, a model list while the child is down)."""
         started = self.clock.seconds()
         route = route_label(request.path)
-        body = request.content.read() if request.content is not None else b""
+        content = request.content
+        body = content.read() if content is not None else b""
         inference = route in INFERENCE_ROUTES
         if self.fleet and (request.path in MODELS_API_ROUTES or route in MODEL_LIST_ROUTES):
             self.models_api(request, route, body)

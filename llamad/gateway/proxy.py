@@ -119,7 +119,7 @@ class _Relay:
             self.tap = self.tap_for(self.sse)
             keep_length = not self.sse
         if length is not None and keep_length:
-            request.setHeader(b"content-length", b"%d" % length)
+            request.responseHeaders.addRawHeader(b"content-length", b"%d" % length)  # the child's was not copied
         self.producer = producer
         request.registerProducer(producer, True)
 
