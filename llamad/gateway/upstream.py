@@ -170,7 +170,7 @@ class _Connection(Protocol):
                 self.buffer, n = data[pos:], pos  # the size line's rest comes in the next read
                 break
             try:
-                size = int(data[pos:end].split(b";", 1)[0], 16)
+                size = _chunk_size(data[pos:end])
             except ValueError:
                 self._fail("bad chunk size from upstream")
                 return
@@ -247,7 +247,7 @@ class _Connection(Protocol):
                         return
                     continue
                 try:
-                    size = int(line.split(b";", 1)[0], 16)
+                    size = _chunk_size(line)
                 except ValueError:
                     self._fail("bad chunk size from upstream")
                     return
@@ -367,13 +367,21 @@ class Exchange:
         self.handler.failed(reason, started, sent)
 
 
+def _chunk_size(line: bytes) -> int:
+    """A chunk-size line's size; most have no extension, and one ``int`` reads them."""
+    try:
+        return int(line, 16)
+    except ValueError:
+        return int(line.split(b";", 1)[0], 16)
+
+
 def dechunk(framed: bytes) -> bytes:
     """The data of whole chunks (as :meth:`ResponseHandler.chunks` passes them)."""
     out = []
     pos, n = 0, len(framed)
     while pos < n:
         end = framed.find(b"\r\n", pos)
-        size = int(framed[pos:end].split(b";", 1)[0], 16)
+        size = _chunk_size(framed[pos:end])
         out.append(framed[end + 2:end + 2 + size])
         pos = end + size + 4
     return b"".join(out)
