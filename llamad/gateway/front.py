@@ -236,7 +236,8 @@ class FrontRequest:
 
     def respond(self, body: bytes) -> None:
         """A whole response at once (llamad's own answers)."""
-        if not self.head_sent and not self.responseHeaders.hasHeader(b"content-length"):
+        if (not self.head_sent and self.code >= 200 and self.code not in (204, 304)
+                and not self.responseHeaders.hasHeader(b"content-length")):
             self.responseHeaders.addRawHeader(b"Content-Length", b"%d" % len(body))
         self.write(body)
         self.finish()

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from llamad.gateway.app import OWN_HANDLERS, OWN_ROUTES, Gateway, api_factory
 from llamad.gateway.front import FrontFactory, FrontProtocol
-from llamad.gateway.guard import Auth
+from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import _Relay
 from llamad.gateway.sendnow import write_now
 from llamad.gateway import front as front_module
@@ -300,6 +300,20 @@ def test_a_bug_while_answering_is_a_500_or_a_cut_never_a_stuck_connection(monkey
     else:
         response = parse(transport.value())[0]
         assert response.status == 500 and json.loads(response.body)["error"]["code"] == "internal_error"
+
+
+def test_a_cors_preflight_is_204_without_a_body_length_and_answers_carry_cors_headers():
+    gateway = _gateway(cors=Cors(("https://app.example",)))
+    preflight = (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n"
+                 b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type\r\n\r\n")
+    transport, proxy = send(preflight + GET_MODELS.replace(b"Host: x", b"Host: x\r\nOrigin: https://app.example"),
+                            gateway=gateway)
+    head, _, rest = transport.value().partition(b"\r\n\r\n")  # a 204 has no body, whatever its headers say
+    assert head.startswith(b"HTTP/1.1 204 ") and b"content-length" not in head.lower()
+    assert len(proxy.targets) == 1  # the GET; the preflight never reached the proxy
+    assert b"access-control-allow-origin: https://app.example" in head
+    (second,) = parse(rest)
+    assert second.status == 200 and second.headers[b"access-control-allow-origin"] == b"https://app.example"
 
 
 def test_a_unix_socket_is_served_and_not_counted_per_client():
