@@ -8,9 +8,10 @@ connection, and the response is parsed with a handful of ``bytes`` calls.
 The response is pushed to a :class:`ResponseHandler`; the connection's
 transport is the producer the handler can pause (backpressure) or stop
 (cancellation, which makes llama.cpp free the slot).  A handler with
-``framed = True`` gets a chunked body as it came, in whole chunks
-(:meth:`ResponseHandler.chunks`): only the chunk sizes are read, nothing is
-copied or decoded, and the handler can pass the chunks on unchanged.
+``framed = True`` gets a chunked body as it came, each call marked when it
+ends on a chunk boundary (:meth:`ResponseHandler.chunks`): only the chunk
+sizes are read, nothing is decoded, and the handler can pass the chunks on
+unchanged.
 """
 
 from __future__ import annotations
