@@ -33,7 +33,7 @@ from llamad.timers import cancel
 
 log = Logger(namespace="llamad.supervisor")
 
-PROBE_INTERVAL = 0.02  # seconds between readiness polls (<= 50 ms, see DESIGN.md)
+PROBE_INTERVAL = 0.02  # seconds between readiness polls: short, so a cold start adds little to the first byte
 RECENT_LINES = 40  # child output kept to explain an exit
 PROBE_TIMEOUT = 1.0  # seconds for one readiness poll
 HURRY_STOP_TIMEOUT = 3.0  # SIGTERM-to-SIGKILL once shutdown has been asked for twice

@@ -145,7 +145,9 @@ class Options(usage.Options):
 
 
 class LlamadService(service.MultiService):
-    """Starts sites then backend; stops in the order DESIGN.md's shutdown gives."""
+    """Starts sites then backend.  Stops by refusing new inference (readiness 503), draining the
+    requests in flight for ``api.drain_timeout`` (a second signal ends it at once), cutting the rest, then
+    stopping the children."""
 
     def __init__(self, config: Config, status: Status, activity: Activity, clock: Any) -> None:
         super().__init__()

@@ -33,9 +33,15 @@ class AdmissionQueue(Generic[T]):
         self.in_use = 0
         self.waiting: deque[T] = deque()
 
-    def arrive(self, ticket: T) -> Literal["admitted", "queued", "full"]:
+    def take(self) -> bool:
+        """A slot now, if one is free and nobody waits for one."""
         if self.in_use < self.limit and not self.waiting:
             self.in_use += 1
+            return True
+        return False
+
+    def arrive(self, ticket: T) -> Literal["admitted", "queued", "full"]:
+        if self.take():
             return "admitted"
         if len(self.waiting) >= self.max_queue:
             return "full"
@@ -121,11 +127,8 @@ class Gate:
         """A slot at once when one is free, nobody waits and the backend is ready (most requests
         under normal load): no Deferred, no coroutine.  None: :meth:`admit` decides."""
         backend = self.backend
-        queue = self.queue
-        if (backend is None or backend.state != State.READY or self.status.draining or queue.waiting
-                or queue.in_use >= queue.limit):
+        if backend is None or backend.state != State.READY or self.status.draining or not self.queue.take():
             return None
-        queue.in_use += 1
         self.metrics.queue_wait.observe(0.0)
         return Lease(self, backend.target(), self.clock.seconds())
 

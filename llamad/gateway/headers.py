@@ -30,23 +30,29 @@ def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:
     return tokens
 
 
+def _crossing(pairs: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """``pairs`` minus the names in ``drop`` and those a Connection header names; one pass."""
+    kept = []
+    named: set[bytes] = set()
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in drop:
+            if lower == b"connection":
+                named |= _named_in_connection((value,))
+            continue
+        kept.append((name, value))
+    if named:  # rare: more headers named hop-by-hop
+        kept = [(n, v) for n, v in kept if n.lower() not in named]
+    return kept
+
+
 def to_backend(headers: Headers, key: str) -> list[bytes]:
     """Header lines for the child: the client's minus hop-by-hop and credentials, plus the child's key."""
-    lines = []
-    named: set[bytes] = set()
     # The fast path's headers are (name, value) pairs as received; twisted.web's group values by name.
     pairs = getattr(headers, "raw", None)
     if pairs is None:
         pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
-    for name, value in pairs:
-        lower = name.lower()
-        if lower in _REQUEST_DROP:
-            if lower == b"connection":
-                named |= _named_in_connection((value,))
-            continue
-        lines.append(name + b": " + value)
-    if named:  # rare: a client naming more of its headers hop-by-hop
-        lines = [line for line in lines if line.split(b":", 1)[0].lower() not in named]
+    lines = [name + b": " + value for name, value in _crossing(pairs, _REQUEST_DROP)]
     if key:
         lines.append(b"Authorization: Bearer " + key.encode())
     return lines
@@ -54,15 +60,4 @@ def to_backend(headers: Headers, key: str) -> list[bytes]:
 
 def to_client(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The child's response headers minus hop-by-hop (and those named in Connection), CORS, Server, Date."""
-    kept = []
-    named: set[bytes] = set()
-    for name, value in headers:
-        lower = name.lower()
-        if lower in _RESPONSE_DROP:
-            if lower == b"connection":
-                named |= _named_in_connection((value,))
-            continue
-        kept.append((name, value))
-    if named:
-        kept = [(n, v) for n, v in kept if n.lower() not in named]
-    return kept
+    return _crossing(headers, _RESPONSE_DROP)

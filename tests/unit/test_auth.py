@@ -1,4 +1,4 @@
-"""The keys file (the seed's format), key checks, rate limits and the atomic writer."""
+"""The keys file (llama-gguf-inference's ``key_id:api_key`` format), key checks, rate limits and the atomic writer."""
 
 from __future__ import annotations
 

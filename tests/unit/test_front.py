@@ -235,12 +235,18 @@ def test_an_idle_kept_alive_connection_is_closed_quietly_after_75_s():
     assert transport.disconnecting and transport.value() == answered  # closed, no 408 written
 
 
-def test_no_408_while_a_request_is_being_answered():
+def pending_post() -> tuple[FrontFactory, FrontProtocol, TCPTransport, PendingProxy]:
+    """A POST on a fresh connection, held by the proxy until the test answers it."""
     gateway = _gateway()
     gateway.proxy = proxy = PendingProxy()
     factory = server(gateway)
     protocol, transport = connect(factory)
     protocol.dataReceived(POST_HEAD + b"Content-Length: 2\r\n\r\n{}")
+    return factory, protocol, transport, proxy
+
+
+def test_no_408_while_a_request_is_being_answered():
+    factory, protocol, transport, proxy = pending_post()
     factory.clock.advance(300)  # past every deadline
     assert transport.value() == b"" and not transport.disconnecting
     proxy.answer()
@@ -451,16 +457,12 @@ def test_an_upgrade_request_is_answered_then_the_connection_closes():
 
 
 def test_the_client_going_away_cancels_the_proxied_request():
-    gateway = _gateway()
-    gateway.proxy = proxy = PendingProxy()
-    factory = server(gateway)
-    protocol, transport = connect(factory)
-    protocol.dataReceived(POST_HEAD + b"Content-Length: 2\r\n\r\n{}")
+    factory, protocol, transport, proxy = pending_post()
     [(request, _)] = proxy.pending
     close(protocol)
     assert proxy.cancelled == [request] and transport.value() == b""
     assert b'llamad_requests_total{code="499",method="POST",route="/v1/chat/completions"} 1.0' in \
-        gateway.metrics.exposition()
+        factory.gateway.metrics.exposition()
 
 
 # --- the child's chunks, passed on as they came ---------------------------------------------------
