@@ -144,12 +144,17 @@ def test_health_port_answers_during_load_and_while_the_child_is_down(start_llama
 def test_health_requests_never_reach_the_child(start_llamad):
     daemon = start_llamad()
     child_log = daemon.data_dir / "logs/llama/latest.txt"
+    # The child's output reaches the log through llamad's pipe, after readiness: wait for its last start-up line.
+    wait_for(lambda: "listening on" in child_log.read_text(), 30, "the child's start-up lines")
     before = child_log.read_text()
     for _ in range(50):
         for path in ("/ping", "/", "/livez", "/readyz"):
             assert daemon.request("GET", path, port="health")[0] == 200
     time.sleep(0.2)
     assert child_log.read_text() == before
+    # The control: a request that does reach the child shows in its log.
+    assert daemon.request("POST", "/v1/completions", body={"prompt": "x", "max_tokens": 2})[0] == 200
+    wait_for(lambda: child_log.read_text() != before, 30, "the child to log the completion")
 
 
 class RecordingBackend:
