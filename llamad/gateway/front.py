@@ -149,6 +149,7 @@ class FrontRequest:
         self.responseHeaders = ResponseHeaders()
         self.head_sent = False
         self.chunked = False
+        self.last_chunk_sent = False  # the child's own, passed on
         self.finished = False
         self._disconnected = False
         self.sentLength = 0
@@ -212,14 +213,15 @@ class FrontRequest:
         if out:
             self.channel.send(out)
 
-    def write_framed(self, framed: bytes, size: int) -> None:
-        """Whole chunks from the child (``size`` bytes of data): sent as they are when this response
-        is chunked too."""
+    def write_framed(self, framed: bytes, size: int, last: bool = False) -> None:
+        """Chunks from the child (``size`` bytes of data): sent as they are when this response is
+        chunked too.  ``last``: they end with the child's last chunk, so :meth:`finish` adds none."""
         if self.finished or self._disconnected:
             return
         out = b"" if self.head_sent else self._head()
         if self.chunked:
             self.sentLength += size
+            self.last_chunk_sent = last
             self.channel.send(out + framed if out else framed)
             return
         if self.method != b"HEAD":  # HTTP/1.0: the plain bytes, the connection's end ends them
@@ -249,7 +251,7 @@ class FrontRequest:
             self.finished = True
             return
         out = b"" if self.head_sent else self._head_for_empty()
-        if self.chunked:
+        if self.chunked and not self.last_chunk_sent:
             out += _CHUNK_END
         self.finished = True
         if out:

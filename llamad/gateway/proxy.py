@@ -141,18 +141,18 @@ class _Relay:
             self.first_byte()
             self.first_byte = None
 
-    def chunks(self, framed: bytes, whole: bool, size: int) -> None:
+    def chunks(self, framed: bytes, whole: bool, size: int, last: bool = False) -> None:
         """Pass the child's chunks on unchanged.  Where the tap may drop an event (or a child's error
         becomes an SSE event) they are held up to a chunk boundary, and chunks the tap must change are
         decoded, fed, and what is left written as one chunk of its own."""
         if self.done.called:
             return
         needs_whole = self.error_body is not None or (self.tap is not None and self.tap.strip)
-        if self.held or (needs_whole and not whole):
+        if self.held or (needs_whole and not whole and not last):
             self.held.append(framed)
             self.held_size += size
             self.held_bytes += len(framed)
-            if not whole:
+            if not whole and not last:
                 if self.held_bytes <= MAX_HELD or self.error_body is not None:
                     return
                 rest = self.tap.keep_all() if self.tap is not None else b""  # no event end in sight
@@ -162,7 +162,7 @@ class _Relay:
             self.held, self.held_size, self.held_bytes = [], 0, 0
         if self.error_body is None and (self.tap is None or self.tap.passes(framed)):
             self._first_byte()
-            self.request.write_framed(framed, size)
+            self.request.write_framed(framed, size, last)
         else:
             self.body(dechunk(framed))
 

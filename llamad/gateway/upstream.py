@@ -8,16 +8,17 @@ connection, and the response is parsed with a handful of ``bytes`` calls.
 The response is pushed to a :class:`ResponseHandler`; the connection's
 transport is the producer the handler can pause (backpressure) or stop
 (cancellation, which makes llama.cpp free the slot).  A handler with
-``framed = True`` gets a chunked body as it came, each call marked when it
-ends on a chunk boundary (:meth:`ResponseHandler.chunks`): only the chunk
-sizes are read, nothing is decoded, and the handler can pass the chunks on
-unchanged.
+``framed = True`` gets a chunked body as it came (:meth:`ResponseHandler.chunks`),
+nothing decoded, to pass the chunks on unchanged: llhttp walks the chunks in
+C, one ``feed_data`` per read, and says only where a read ends (on a chunk
+boundary or not), how many data bytes it held, and where the body ends.
 """
 
 from __future__ import annotations
 
 import typing
 
+import httptools
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -37,11 +38,11 @@ class ResponseHandler(typing.Protocol):
 
     def body(self, data: bytes) -> None: ...
 
-    def chunks(self, framed: bytes, whole: bool, size: int) -> None:
+    def chunks(self, framed: bytes, whole: bool, size: int, last: bool = False) -> None:
         """A chunked body's bytes with their framing, for a handler with ``framed = True``.  The first
         call starts on a chunk boundary, each later one where the last ended; ``whole``: this one ends
-        on a boundary too; ``size``: the data bytes of the chunks that start in it.  The last chunk
-        (size 0) and trailers are not passed on."""
+        on a boundary too; ``size``: the data bytes in it; ``last``: it ends with the child's last chunk
+        (size 0) and trailers, the end of the body."""
 
     def finished(self) -> None: ...
 
@@ -51,6 +52,32 @@ class ResponseHandler(typing.Protocol):
 
 class UpstreamError(Exception):
     """The upstream could not be reached or broke before answering."""
+
+
+_CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class _ChunkWalk:
+    """llhttp's callbacks while it walks a chunked body: the data's size, the boundaries, the end."""
+
+    __slots__ = ("size", "between", "done")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.between = True  # no chunk begun since the last one ended (bytes of a size line may follow)
+        self.done = False
+
+    def on_chunk_header(self) -> None:
+        self.between = False
+
+    def on_body(self, data: bytes) -> None:
+        self.size += len(data)
+
+    def on_chunk_complete(self) -> None:
+        self.between = True
+
+    def on_message_complete(self) -> None:
+        self.done = True
 
 
 class _Connection(Protocol):
@@ -66,12 +93,14 @@ class _Connection(Protocol):
 
     def _reset(self) -> None:
         self.buffer = b""
-        # head, length, chunk-size, chunk-data, chunk-crlf, trailer, until-close; framed, framed-trailer
+        # head, length, chunk-size, chunk-data, chunk-crlf, trailer, until-close; framed
         self.state = "head"
         self.remaining = 0
         self.keep_alive = True
         self.started = False
         self.head_request = False
+        self.walk: _ChunkWalk | None = None
+        self.walker: httptools.HttpResponseParser | None = None
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -139,7 +168,13 @@ class _Connection(Protocol):
         if self.head_request or status in (204, 304) or 100 <= status < 200:
             self.state, length = "done", 0
         elif chunked:
-            self.state, length = ("framed" if getattr(self.handler, "framed", False) else "chunk-size"), None
+            length = None
+            if getattr(self.handler, "framed", False):
+                self.state, self.walk = "framed", _ChunkWalk()
+                self.walker = httptools.HttpResponseParser(self.walk)
+                self.walker.feed_data(_CHUNKED_HEAD)
+            else:
+                self.state = "chunk-size"
         elif length is not None:
             self.state, self.remaining = "length", length
         else:
@@ -153,56 +188,23 @@ class _Connection(Protocol):
         return True
 
     def _framed(self, data: bytes) -> None:
-        """A chunked body for a handler that passes the chunks on: skip from size line to size line."""
-        if self.buffer:  # a partial size line (or trailer) from the last read
-            data, self.buffer = self.buffer + data, b""
-        if self.state == "framed-trailer":
-            self._trailer(data)
+        """A chunked body passed on as it came, llhttp finding where chunks and the body end."""
+        walk, walker, handler = self.walk, self.walker, self.handler
+        assert walk is not None and walker is not None and handler is not None
+        before = walk.size
+        try:
+            walker.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail("bad chunked encoding from upstream")
             return
-        n = len(data)
-        pos = self.remaining  # the rest of the chunk the last read ended in (data and CRLF)
-        sizes = 0
-        while pos < n:
-            end = data.find(b"\r\n", pos)
-            if end < 0:
-                if n - pos > 4096:
-                    self._fail("bad chunked encoding from upstream")
-                    return
-                self.buffer, n = data[pos:], pos  # the size line's rest comes in the next read
-                break
-            try:
-                size = _chunk_size(data[pos:end])
-            except ValueError:
-                self._fail("bad chunk size from upstream")
-                return
-            if size == 0:
-                self.remaining = 0
-                self._pass_chunks(data[:pos], True, sizes)
-                if self.handler is not None:
-                    self.state = "framed-trailer"
-                    self._trailer(data[end + 2:])
-                return
-            pos = end + size + 4
-            sizes += size
-        self.remaining = pos - n if pos > n else 0
-        self._pass_chunks(data[:n] if n < len(data) else data, self.remaining == 0, sizes)
-
-    def _pass_chunks(self, framed: bytes, whole: bool, size: int) -> None:
-        if framed and self.handler is not None:
-            self.handler.chunks(framed, whole, size)
-
-    def _trailer(self, data: bytes) -> None:
-        """After the last chunk: an empty line, or trailer lines and then one (they are dropped)."""
-        if data.startswith(b"\r\n") or data.find(b"\r\n\r\n") >= 0:
+        # A read that ends past a chunk's CRLF and before any size line ends on a boundary.
+        handler.chunks(data, walk.between and data.endswith(b"\r\n"), walk.size - before, walk.done)
+        if walk.done and handler is self.handler:
             self._complete()
-        elif len(data) > 4096:
-            self._fail("upstream trailers too large")
-        else:
-            self.buffer = data
 
     def _body(self, data: bytes) -> None:
         """Decode body framing; everything one read brings goes to the handler in one call."""
-        if self.state == "framed" or self.state == "framed-trailer":
+        if self.state == "framed":
             self._framed(data)
             return
         handler = self.handler
@@ -358,8 +360,8 @@ class Exchange:
     def body(self, data: bytes) -> None:
         self.handler.body(data)
 
-    def chunks(self, framed: bytes, whole: bool, size: int) -> None:
-        self.handler.chunks(framed, whole, size)
+    def chunks(self, framed: bytes, whole: bool, size: int, last: bool = False) -> None:
+        self.handler.chunks(framed, whole, size, last)
 
     def finished(self) -> None:
         self.handler.finished()
@@ -377,12 +379,14 @@ def _chunk_size(line: bytes) -> int:
 
 
 def dechunk(framed: bytes) -> bytes:
-    """The data of whole chunks (as :meth:`ResponseHandler.chunks` passes them)."""
+    """The data of whole chunks (as :meth:`ResponseHandler.chunks` passes them), up to a last chunk."""
     out = []
     pos, n = 0, len(framed)
     while pos < n:
         end = framed.find(b"\r\n", pos)
         size = _chunk_size(framed[pos:end])
+        if size == 0:
+            break
         out.append(framed[end + 2:end + 2 + size])
         pos = end + size + 4
     return b"".join(out)

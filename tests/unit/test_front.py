@@ -474,6 +474,7 @@ class FramedHandler:
     framed = True
 
     def __init__(self) -> None:
+        self.lasts: list[bool] = []
         self.calls: list[tuple[bytes, bool]] = []
         self.sizes: list[int] = []  # data bytes of the chunks starting in each call
         self.plain: list[bytes] = []
@@ -486,9 +487,10 @@ class FramedHandler:
     def body(self, data):
         self.plain.append(data)
 
-    def chunks(self, framed, whole, size):
+    def chunks(self, framed, whole, size, last=False):
         self.calls.append((framed, whole))
         self.sizes.append(size)
+        self.lasts.append(last)
 
     def finished(self):
         self.done = True
@@ -519,26 +521,36 @@ def framed_exchange(*reads: bytes) -> tuple[FramedHandler, _Connection]:
 
 
 @pytest.mark.parametrize("end", [b"0\r\n\r\n", b"0\r\nX-Trailer: 1\r\nX-Other: 2\r\n\r\n"])
-def test_framed_chunks_split_anywhere_come_whole_and_unchanged(end):
+def test_framed_chunks_split_anywhere_pass_unchanged_marked_at_boundaries_and_the_end(end):
     raw = CHUNKED_HEAD + CHUNKS + end
+    ends = CHUNK_ENDS | {len(CHUNKS)}
     for cut in range(1, len(raw)):
         handler, connection = framed_exchange(raw[:cut], raw[cut:])
-        assert b"".join(framed for framed, _ in handler.calls) == CHUNKS, cut  # no last chunk, no trailers
+        assert b"".join(framed for framed, _ in handler.calls) == CHUNKS + end, cut  # the child's end too
+        assert handler.lasts[-1] and not any(handler.lasts[:-1]), cut
         passed = 0
-        for framed, whole in handler.calls:
+        for (framed, whole), last in zip(handler.calls, handler.lasts):
             passed += len(framed)
-            assert whole == (passed in CHUNK_ENDS), (cut, passed)
+            if not last:
+                assert whole == (passed in ends), (cut, passed)
         assert sum(handler.sizes) == len(dechunk(CHUNKS)), cut  # each chunk's data counted once
         assert handler.done and handler.plain == [] and connection.pool.idle == [connection], cut
 
 
+def test_a_framed_body_still_open_is_not_done():
+    handler, connection = framed_exchange(CHUNKED_HEAD + CHUNKS)
+    assert not handler.done and handler.calls == [(CHUNKS, True)] and handler.lasts == [False]
+    assert connection.pool.idle == []
+
+
 def test_a_bad_chunk_size_fails_the_framed_exchange():
     handler, connection = framed_exchange(CHUNKED_HEAD + b"5\r\nhello\r\nzz\r\n")
-    assert handler.failure == ("bad chunk size from upstream", True) and not handler.done
+    assert handler.failure == ("bad chunked encoding from upstream", True) and not handler.done
 
 
 def test_dechunk_returns_the_data_of_whole_chunks():
     assert dechunk(CHUNKS) == b"hello world!"
+    assert dechunk(CHUNKS + b"0\r\nX-Trailer: 1\r\n\r\n") == b"hello world!"
     assert dechunk(b"") == b""
 
 
