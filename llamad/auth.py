@@ -1,12 +1,15 @@
-"""API keys: llama-gguf-inference's keys file, constant-time checks, per-key rate limits.
+"""API keys: the keys files, constant-time checks, per-key rate limits.
 
-File format, one key per line (``#`` starts a comment)::
+llama-gguf-inference's format, one key per line (``#`` starts a comment)::
 
     key_id:api_key[:rate_limit_per_min][:expiry_iso]
 
 ``key_id`` is ``[A-Za-z0-9_-]+``; ``api_key`` is 16-128 characters of the same
 set.  Invalid lines (one that is not UTF-8 included) are skipped with a warning
-naming the line number.
+naming the line number.  Such a key may use every model and every route.
+
+A keys file whose name ends in ``.toml`` holds one table per key, with its
+policy (:mod:`llamad.keysfile`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ import tempfile
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from fnmatch import fnmatchcase
+from typing import Mapping
 
 KEY_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 API_KEY = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 WINDOW = 60.0  # seconds of the sliding rate-limit window
+
+
+ROLES = ("inference", "admin")
+EVERY_ROLE = frozenset(ROLES)
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,21 @@ class ApiKey:
     digest: bytes
     rate_limit: int | None = None  # requests per minute
     expires: datetime | None = None  # aware, UTC
+    models: tuple[str, ...] = ()  # ids or globs; empty: every model
+    roles: frozenset[str] = EVERY_ROLE
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    max_concurrent: int | None = None
+    priority: str = ""  # a class of [auth.priorities]; empty: level 0
+
+    def may_use(self, model_id: str) -> bool:
+        return not self.models or any(fnmatchcase(model_id, pattern) for pattern in self.models)
+
+    @property
+    def has_policy(self) -> bool:
+        """Whether it says more than the line format can hold."""
+        return bool(self.models or self.roles != EVERY_ROLE or self.tokens_per_minute is not None
+                    or self.tokens_per_day is not None or self.max_concurrent is not None or self.priority)
 
 
 @dataclass(frozen=True)
@@ -150,9 +174,11 @@ class KeyStore:
     line sets no rate of their own, as MAX_REQUESTS_PER_MINUTE did.
     """
 
-    def __init__(self, default_rate: int = 0) -> None:
+    def __init__(self, default_rate: int = 0, priorities: Mapping[str, int] | None = None) -> None:
         self.default_rate = default_rate
+        self.priorities = dict(priorities or {})  # the classes a TOML key may name
         self.by_digest: dict[bytes, ApiKey] = {}
+        self.by_id: dict[str, ApiKey] = {}
         self.windows: dict[str, deque[float]] = {}
         self.error = ""  # why the last load could not read the file
 
@@ -167,16 +193,24 @@ class KeyStore:
         ``error`` says why the file could not be read, or is empty.
         """
         try:
-            lines, warnings = read_key_file(path)
+            if path.endswith(".toml"):
+                from llamad.keysfile import read_toml_keys
+
+                entries, warnings = read_toml_keys(path, self.priorities)
+                found = [entry.key for entry in entries]
+            else:
+                lines, warnings = read_key_file(path)
+                found = [line.key for line in lines if line.key is not None]
             self.error = ""
         except FileNotFoundError:
-            lines, warnings = [], [f"{path}: not found"]
+            found, warnings = [], [f"{path}: not found"]
             self.error = ""
         except (OSError, ValueError) as e:
             self.error = f"{path}: cannot read: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
-            lines, warnings = [], [self.error]
-        keys = {line.key.digest: line.key for line in lines if line.key is not None}
+            found, warnings = [], [self.error]
+        keys = {key.digest: key for key in found}
         self.by_digest = keys
+        self.by_id = {key.key_id: key for key in found}
         live = {key.key_id for key in keys.values()}
         self.windows = {k: v for k, v in self.windows.items() if k in live}
         return warnings

@@ -86,12 +86,32 @@ def keys(args: argparse.Namespace) -> int:
     """Manage the API keys file (atomic rewrites, mode 0600), or ask a daemon to reload it."""
     from llamad import auth
 
+    from llamad import keytool
+
     if args.action == "reload":
         return _reload(args)
     try:
+        if args.action == "usage":
+            return keytool.usage(args, tool_config(args).logs.dir)
         path = _keys_file(args)
     except ConfigError as e:
         print(f"llamad: config error: {e}", file=sys.stderr)
+        return 2
+    if args.action == "convert":
+        return keytool.convert(args, path)
+    expires: str | None = None
+    if getattr(args, "expires", None):
+        try:
+            expires = expiry(args.expires)
+        except ValueError as e:
+            print(f"llamad keys: {e}", file=sys.stderr)
+            return 2
+    if path.endswith(".toml"):
+        return keytool.toml_keys(args, path, expires)
+    policy = keytool.policy_options(args)
+    if policy:
+        print(f"llamad keys: {', '.join(policy)} need a .toml keys file, which holds a policy per key "
+              f"(`llamad keys convert` writes one from {path})", file=sys.stderr)
         return 2
     try:
         lines, warnings = auth.read_key_file(path)
@@ -122,7 +142,6 @@ def keys(args: argparse.Namespace) -> int:
             return 1
         secret = auth.new_secret()
         try:
-            expires = expiry(args.expires) if args.expires else None
             if args.action == "generate":
                 entry = _entry(args.id, secret, args.rate or None, expires)
                 new_lines = [line.text for line in lines] + [entry]
@@ -451,12 +470,31 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("id", help="key id: letters, digits, '_' and '-'")
     g.add_argument("--rate", type=int, default=0, help="requests per minute (default: unlimited)")
     g.add_argument("--expires", help=EXPIRES_HELP)
+    policy = g.add_argument_group("policy (a .toml keys file only)")
+    policy.add_argument("--models", help="comma-separated model ids or globs the key may use (default: all)")
+    policy.add_argument("--role", help="inference (the default), admin, or inference,admin")
+    policy.add_argument("--tokens-per-minute", type=int, help="prompt + completion tokens per minute")
+    policy.add_argument("--tokens-per-day", type=int, help="prompt + completion tokens per day")
+    policy.add_argument("--max-concurrent", type=int, help="requests at once; more wait, then 429")
+    policy.add_argument("--priority", help="a class of [auth.priorities] in llamad's config")
+    policy.add_argument("--hash-only", action="store_true",
+                        help="store only the key's SHA-256 (key_sha256): it is shown once, here")
     ro = actions.add_parser("rotate", help="give an existing key a new secret (rate and expiry kept) and print it")
     ro.add_argument("id")
     ro.add_argument("--expires", help=EXPIRES_HELP + " (default: keep the key's expiry)")
     actions.add_parser("list", help="list key ids, rate limits and expiries")
     r = actions.add_parser("revoke", help="remove a key")
     r.add_argument("id")
+    cv = actions.add_parser("convert", help="write the keys file in the other format (lines <-> TOML)",
+                            description="Write api_keys.txt as api_keys.toml (or back) next to it, or at --out; "
+                                        "the original is kept. A key with a policy the line format cannot hold "
+                                        "is refused, naming it.")
+    cv.add_argument("--out", "-o", help="where to write (default: the same name with .toml or .txt)")
+    cv.add_argument("--force", action="store_true", help="replace --out if it exists")
+    us = actions.add_parser("usage", help="requests and tokens per key and model, from the access log",
+                            description="Sum logs/access (latest.txt and its rotated archives) per key and model.")
+    us.add_argument("--since", help="ISO 8601 (a naive time is UTC) or a time ago: 30m, 24h, 7d, 2w")
+    us.add_argument("--json", action="store_true", help="print JSON")
     rl = actions.add_parser("reload", help="make a running daemon re-read the keys file",
                             description="Send SIGHUP to the llamad serving the config's data dir "
                                         "(--config, DATA_DIR), found by the PID file it keeps; or use --pid or --url.")

@@ -132,6 +132,8 @@ class AuthConfig:
     keys_file: str = ""
     protect_metrics: bool = False
     default_rate: int = 0  # requests per minute for a key whose line sets none; 0 = no limit
+    priorities: Mapping[str, int] = field(default_factory=dict)  # class name -> level (higher first)
+    priority_ageing: float = 30.0  # seconds of waiting that count as one level
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class LogsConfig:
     dir: str = ""
     max_bytes: int = 52428800
     keep: int = 10
+    access: bool = True  # logs/access/latest.txt: one JSON line per API request
 
 
 @dataclass(frozen=True)
@@ -348,7 +351,7 @@ MINIMUM: dict[str, float] = {
     "scale_from_zero.max_concurrency": 1,
 }
 POSITIVE = {"api.header_timeout", "api.body_timeout", "scale_from_zero.interval", "scale_from_zero.scrape_timeout",
-            "backend.ready_timeout", "supervisor.stop_timeout", "supervisor.health_timeout", "fleet.memory_budget"}
+            "auth.priority_ageing", "backend.ready_timeout", "supervisor.stop_timeout", "supervisor.health_timeout", "fleet.memory_budget"}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -445,7 +448,7 @@ def _type_name(hint: Any) -> str:
     if origin is tuple:
         return "a list of strings"
     if origin in (abc.Mapping, dict):
-        return "a table of strings"
+        return "a table of integers" if typing.get_args(hint)[1] is int else "a table of strings"
     if hint is Bytes:
         return 'a size in bytes (an integer, or a string like "8GiB")'
     if hint == MemorySize:
@@ -473,9 +476,10 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     elif origin is tuple:
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
-    else:  # Mapping[str, str]
+    else:  # Mapping[str, str] or Mapping[str, int]
+        kind = typing.get_args(hint)[1]
         ok = isinstance(value, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool) for k, v in value.items()
         )
         value = dict(value) if ok else value
     if not ok:

@@ -12,6 +12,7 @@ in that model's gate, bounded by ``queue_timeout``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from twisted.application.service import MultiService
@@ -130,12 +131,15 @@ class Fleet(MultiService):
         self._measure_call = cancel(self._measure_call)
         return super().stopService()
 
-    def want(self, model_id: str) -> None:
-        """A request needs ``model_id`` up: it waits (from now, unless it already did) until it fits."""
+    def want(self, model_id: str, since: float | None = None) -> None:
+        """A request needs ``model_id`` up: it waits until it fits.  Models get room in the order of
+        their most urgent request: the earliest ``since`` (default now; a priority class moves it earlier)."""
         backend = self.models[model_id].backend
         if backend is None or backend.state in (State.STARTING, State.READY, State.BACKOFF):
             return  # up, or on its way up: its memory is already held
-        self.waiting_since.setdefault(model_id, self.clock.seconds())
+        since = self.clock.seconds() if since is None else since
+        if since < self.waiting_since.get(model_id, math.inf):
+            self.waiting_since[model_id] = since
         self.place()
 
     def _measure_loaded(self) -> None:
@@ -337,8 +341,8 @@ class Placed:
     def target(self) -> Target:
         return self.backend.target()
 
-    def request_start(self) -> None:
-        self.fleet.want(self.model_id)
+    def request_start(self, since: float | None = None) -> None:
+        self.fleet.want(self.model_id, since)
 
     def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]:
         return self.backend.wait_ready(newer_than)

@@ -28,8 +28,10 @@ class Backend(Protocol):
     def target(self) -> Target:
         """Where it answers now, and with which key."""
 
-    def request_start(self) -> None:
-        """Someone wants it up (a request at cold start): start it if it is stopped."""
+    def request_start(self, since: float | None = None) -> None:
+        """Someone wants it up (a request at cold start): start it if it is stopped.  ``since``: when
+        that request counts as arrived (its priority's head start taken off), for the order in which
+        a fleet makes room."""
 
     def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]:
         """Fires when it is ready (a later start than ``newer_than``, if given)."""

@@ -4,6 +4,8 @@
   per line.  At ``logs.max_bytes`` it is renamed to
   ``llama/<UTC ts>_server_<instance>.log`` and a new ``latest.txt`` begins, so
   ``tail -F llama/latest.txt`` follows it; ``logs.keep`` archives are kept.
+- ``access/latest.txt``: one JSON line per API request (:mod:`llamad.access`),
+  rotated and kept as the child's log, archives ``<UTC ts>_access_<instance>.log``.
 - ``_boot/<UTC ts>_boot_<instance>.log``: llamad's own log for this boot;
   ``_boot/latest.txt`` holds its path; ``logs.keep`` boot logs are kept.
 
@@ -105,8 +107,10 @@ class RotatingFile(WatchedFile):
     """``latest.txt`` plus timestamped archives.  Used from the writer thread only."""
 
     def __init__(self, directory: str, max_bytes: int, keep: int, instance: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, kind: str = "server") -> None:
+        """``kind``: the archives' middle name, ``<UTC ts>_<kind>_<instance>.log``."""
         super().__init__(os.path.join(directory, "latest.txt"), clock)
+        self.kind = kind
         self.directory = directory
         self.max_bytes = max_bytes
         self.keep = keep
@@ -127,10 +131,10 @@ class RotatingFile(WatchedFile):
     def rotate(self) -> None:
         """Archive ``latest.txt`` and start a new one; the name never disappears."""
         self.close()
-        archive = f"{utc_stamp()}_server_{self.instance}.log"
+        archive = f"{utc_stamp()}_{self.kind}_{self.instance}.log"
         n = 1
         while os.path.exists(os.path.join(self.directory, archive)):  # two rotations in one second
-            archive = f"{utc_stamp()}_server_{self.instance}.{n}.log"
+            archive = f"{utc_stamp()}_{self.kind}_{self.instance}.{n}.log"
             n += 1
         os.link(self.path, os.path.join(self.directory, archive))
         fresh = self.path + ".new"
@@ -282,6 +286,22 @@ def open_logs(logs_dir: str, max_bytes: int, keep: int, on_error: Callable[[], N
         writer._failed(f"cannot prepare the log directory {logs_dir}: {e}")
     writer.start()
     return writer, boot_path
+
+
+def access_log(writer: LogWriter, logs_dir: str, max_bytes: int, keep: int) -> Callable[[bytes], None]:
+    """``access/latest.txt`` (rotated like the child's log); returns what takes one line."""
+    directory = os.path.join(logs_dir, "access")
+    writer.add("access", RotatingFile(directory, max_bytes, keep, instance_name(), kind="access"))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        open(os.path.join(directory, "latest.txt"), "ab").close()  # `tail -F` can start at once
+    except OSError as e:
+        writer._failed(f"cannot prepare the access log directory {directory}: {e}")
+
+    def put(line: bytes) -> None:
+        writer.put("access", line)
+
+    return put
 
 
 def boot_observer(writer: LogWriter) -> ILogObserver:

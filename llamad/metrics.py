@@ -122,15 +122,21 @@ class RequestCounter(_RequestFamily):
 class Metrics:
     """The ``llamad_*`` families; one instance per process (or per test)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, per_model: bool = False) -> None:
-        """``per_model``: several models are served; the families about one model get a ``model`` label."""
+    def __init__(self, registry: CollectorRegistry | None = None, per_model: bool = False,
+                 per_key: bool = False) -> None:
+        """``per_model``: several models are served; the families about one model get a ``model`` label.
+        ``per_key``: API keys are checked; requests and tokens get a ``key_id`` label (one series per key
+        at most; empty for the routes that take no key)."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.per_model = per_model
+        self.per_key = per_key
         r = self.registry
         m = ["model"] if per_model else []
+        k = ["key_id"] if per_key else []
         self.requests = RequestCounter(
-            "llamad_requests", "API requests answered, by route, method and status code.",
-            ["route", "method", "code"], registry=r,
+            "llamad_requests", "API requests answered, by route, method and status code" + (
+                " and API key." if per_key else "."),
+            ["route", "method", "code", *k], registry=r,
         )
         self.request_duration = RequestHistogram(
             "llamad_request_duration_seconds", "Time from request arrival to its last byte.",
@@ -162,7 +168,8 @@ class Metrics:
             registry=r,
         )
         self.tokens = RequestCounter(
-            "llamad_tokens", "Tokens reported in responses' usage, by kind (prompt, completion).", ["kind"],
+            "llamad_tokens", "Tokens reported in responses' usage, by kind (prompt, completion)" + (
+                " and API key." if per_key else "."), ["kind", *k],
             registry=r,
         )
         self.cold_starts = Counter(
@@ -210,26 +217,30 @@ class Metrics:
             "From the first scrape that saw a variant's queue > 0 to the acknowledged scale PUT.",
             buckets=POLL_BUCKETS, registry=r,
         )
-        self._request_children: dict[tuple[str, bytes, int], _Count] = {}
+        self._request_children: dict[tuple[str, bytes, int, str], _Count] = {}
         self._route_children: dict[tuple[int, str], _Observations] = {}
-        self._token_children: tuple[_Count, _Count] | None = None
+        self._token_children: dict[str, tuple[_Count, _Count]] = {}
         if not per_model:
             self.set_backend_state(State.STOPPED)
 
-    def count_request(self, route: str, method: bytes, code: int) -> None:
+    def count_request(self, route: str, method: bytes, code: int, key_id: str = "") -> None:
         """``llamad_requests_total`` on the hot path: labelled children are cached."""
-        key = (route, method, code)
+        key = (route, method, code, key_id)
         child = self._request_children.get(key)
         if child is None:
-            child = self._request_children[key] = self.requests.labels(route, method.decode("latin-1"), str(code))
+            labels = (route, method.decode("latin-1"), str(code), *((key_id,) if self.per_key else ()))
+            child = self._request_children[key] = self.requests.labels(*labels)
         child.inc()
 
-    def count_tokens(self, prompt: int, completion: int) -> None:
-        """``llamad_tokens_total`` on the hot path: its two children are kept."""
-        if self._token_children is None:
-            self._token_children = (self.tokens.labels("prompt"), self.tokens.labels("completion"))
-        self._token_children[0].inc(prompt)
-        self._token_children[1].inc(completion)
+    def count_tokens(self, prompt: int, completion: int, key_id: str = "") -> None:
+        """``llamad_tokens_total`` on the hot path: the children are kept."""
+        children = self._token_children.get(key_id)
+        if children is None:
+            extra = (key_id,) if self.per_key else ()
+            children = self._token_children[key_id] = (self.tokens.labels("prompt", *extra),
+                                                       self.tokens.labels("completion", *extra))
+        children[0].inc(prompt)
+        children[1].inc(completion)
 
     def by_route(self, family: RequestHistogram, route: str) -> _Observations:
         """A route's child of a per-route histogram, cached."""

@@ -382,7 +382,7 @@ class Supervisor(Service):
         """Call ``listener(old, new)`` on every state change."""
         self._listeners.append(listener)
 
-    def request_start(self) -> None:
+    def request_start(self, since: float | None = None) -> None:
         self._run(self.machine.start)
 
     def unload(self) -> None:
@@ -786,7 +786,7 @@ class ExternalBackend:
     def target(self) -> Target:
         return Target(self.url.encode(), "")
 
-    def request_start(self) -> None:
+    def request_start(self, since: float | None = None) -> None:
         pass
 
     def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]:

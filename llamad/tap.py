@@ -30,7 +30,7 @@ from llamad.health import health_site
 from llamad.k8s import connect
 from llamad.k8s.client import KubeClient
 from llamad.k8s.poller import ScaleFromZero
-from llamad.logs import ChildLog, model_log, boot_observer, gpu_inventory, open_logs
+from llamad.logs import ChildLog, access_log, model_log, boot_observer, gpu_inventory, open_logs
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.status import Status
@@ -358,7 +358,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
         except Exception as e:
             fail(f"{key}: bad endpoint {endpoint!r}: {e}")
 
-    metrics = Metrics(per_model=not config.single_model)
+    metrics = Metrics(per_model=not config.single_model, per_key=config.auth.enabled)
     writer, boot_path = open_logs(config.logs.dir, config.logs.max_bytes, config.logs.keep,
                                   metrics.log_write_errors.inc)
     observer = boot_observer(writer)
@@ -401,9 +401,12 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)
     root.proxy, root.gate = proxy, gate
     auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor,
-                default_rate=config.auth.default_rate)
+                default_rate=config.auth.default_rate, priorities=config.auth.priorities,
+                priority_ageing=config.auth.priority_ageing)
+    access = (access_log(writer, config.logs.dir, config.logs.max_bytes, config.logs.keep)
+              if config.logs.access else None)
     gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
-                      models, directory)
+                      models, directory, access)
     root.reloaders.append(auth.reload)
     for supervisor in root.supervisors:
         root.reloaders.append(supervisor.retry)

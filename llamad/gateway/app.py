@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 from typing import Any, Callable, Mapping
 
 from klein import Klein
@@ -19,7 +20,9 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Site
 
+from llamad.access import access_line
 from llamad.activity import Activity
+from llamad.auth import ApiKey
 from llamad.backends import Target
 from llamad.gateway.errors import ApiError, sse_error_event, write_error
 from llamad.gateway.front import FrontFactory, FrontRequest
@@ -146,6 +149,8 @@ class Gateway:
         cors: Cors | None = None,
         models: Mapping[str, ModelRuntime] | None = None,
         directory: ModelDirectory | None = None,
+        access: Callable[[bytes], None] | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         """``gate`` and ``activity``: the one model's, or with ``models`` (a fleet) the process-wide
         activity (the drain counts every request) and the first model's gate."""
@@ -156,7 +161,10 @@ class Gateway:
         self.metrics = metrics
         self.activity = activity
         self.auth = auth or Auth(False, "", False, clock)
+        self.policy = self.auth.policy
         self.cors = cors or Cors(())
+        self.access = access  # takes one access-log line per request (None: no access log)
+        self.wall = wall
         self.bytes_sent = 0  # body bytes of finished responses, added once per response by ApiSite
         if models is None:
             models = {status.model_id: ModelRuntime(status.model_id, gate.backend, gate, activity)}
@@ -167,14 +175,24 @@ class Gateway:
         # Read at scrape time: the requests being proxied are the process-wide activity's.
         metrics.in_flight.set_function(lambda: self.activity.in_flight)
 
-    def runtime_for(self, request: IRequest, payload: Mapping[str, Any] | None) -> tuple[ModelRuntime, bytes]:
-        """The model a request is for, and the path to send its server (``/upstream/<id>`` removed)."""
-        routed = self.directory.route(request.method, request.uri, payload)
+    def runtime_for(self, request: IRequest, payload: Mapping[str, Any] | None,
+                    allowed: Callable[[str], bool] | None = None) -> tuple[ModelRuntime, bytes]:
+        """The model a request is for, and the path to send its server (``/upstream/<id>`` removed).
+        ``allowed``: the models the caller's key may use; others answer as models that do not exist."""
+        routed = self.directory.route(request.method, request.uri, payload, allowed)
         return self.models[routed.model], routed.uri
 
-    def count(self, request: IRequest, code: int, route: str | None = None) -> None:
+    def count(self, request: IRequest, code: int, route: str | None = None, done: Proxied | None = None) -> None:
+        """One answered request: its metric, and its access-log line (``done``: how a proxied one went)."""
         label = route if route is not None else route_label(request.path)
-        self.metrics.count_request(label, request.method, code)
+        key: ApiKey | None = getattr(request, "api_key", None)
+        key_id = key.key_id if key is not None else None
+        self.metrics.count_request(label, request.method, code, key_id or "")
+        if self.access is not None:
+            if done is None:
+                self.access(access_line(self.wall(), key_id, None, label, code, 0, 0, None, None, None, None))
+            else:
+                self.access(done.access_line(key_id, label, code))
 
     def resource(self) -> GuardResource:
         """The whole API: the guard, then llamad's own routes (Klein) or the proxy."""
@@ -244,7 +262,7 @@ class Gateway:
         if proxied.inference and proxied.lease is None:
             d = defer.ensureDeferred(self._wait_then_relay(proxied))
             request.on_lost = d.cancel
-            d.addErrback(self._forward_failed, request)
+            d.addErrback(self._forward_failed, request, proxied)
             return
         request.on_lost = proxied.cancel
         proxied.start()
@@ -347,22 +365,28 @@ class Gateway:
         d.addErrback(self._forward_failed, request)
         return NOT_DONE_YET
 
-    def _forward_failed(self, failure: Failure, request: IRequest) -> None:
+    def _forward_failed(self, failure: Failure, request: IRequest, done: Proxied | None = None) -> None:
+        """Answer a request whose proxying failed before its response began, and count it."""
         if failure.check(defer.CancelledError) or request.finished or getattr(request, "_disconnected", False):
+            if done is not None:
+                self.count(request, CLIENT_CLOSED, done.route, done)
             return
         if failure.check(ApiError):
             err = failure.value
         else:
             log.failure("proxy failure", failure)
             err = ApiError(500, "internal error in llamad")
-        self.count(request, err.status)
+        self.count(request, err.status, done.route if done is not None else None, done)
         request.write(write_error(request, err))
         request.finish()
 
     async def _forward(self, request: IRequest) -> None:
         proxied = self._prepare(request)
         if proxied is not None:
-            await self._wait_then_relay(proxied)
+            try:
+                await self._wait_then_relay(proxied)
+            except Exception:
+                self._forward_failed(Failure(), request, proxied)
 
     def _prepare(self, request: IRequest) -> Proxied | None:
         """Everything before the relay that needs no waiting: route, body checks, routing, and a slot
@@ -372,16 +396,18 @@ class Gateway:
         content = request.content
         body = content.read() if content is not None else b""
         inference = route in INFERENCE_ROUTES
+        key: ApiKey | None = getattr(request, "api_key", None)
+        allowed = key.may_use if key is not None and key.models else None
         if self.fleet and (request.path in MODELS_API_ROUTES or route in MODEL_LIST_ROUTES):
-            self.models_api(request, route, body)
+            self.models_api(request, route, body, allowed)
             return None
         if not inference:
-            runtime, uri = self.runtime_for(request, None)
+            if route in MODEL_LIST_ROUTES and allowed is not None and not allowed(self.status.model_id):
+                self._answer_json(request, route, {"object": "list", "data": []})  # none of this key's
+                return None
+            runtime, uri = self.runtime_for(request, None, allowed)
             if route in MODEL_LIST_ROUTES and not runtime.gate.ready:
-                self.count(request, 200, route)
-                request.setHeader(b"content-type", b"application/json")
-                request.write(json.dumps(self.model_list()).encode())
-                request.finish()
+                self._answer_json(request, route, self.model_list())
                 return None
             proxied = Proxied(self, request, route, started, runtime, body, uri, None)
             proxied.target = runtime.gate.direct()
@@ -389,7 +415,11 @@ class Gateway:
         if request.method != b"POST":
             raise ApiError(405, f"{route} takes POST", "method_not_allowed", {b"allow": b"POST"})
         payload = parse_json_object(body) if route in JSON_BODY_ROUTES else {}
-        runtime, uri = self.runtime_for(request, payload if route in JSON_BODY_ROUTES else None)
+        runtime, uri = self.runtime_for(request, payload if route in JSON_BODY_ROUTES else None, allowed)
+        if key is not None and (key.tokens_per_minute is not None or key.tokens_per_day is not None):
+            refusal = self.policy.quota_refusal(key)
+            if refusal is not None:
+                raise refusal
         strip_usage = ask_for_usage(request.path, payload)
         if strip_usage:
             try:
@@ -397,33 +427,72 @@ class Gateway:
             except RecursionError:  # parsed just under the limit, this deeper stack is over it
                 raise ApiError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
         proxied = Proxied(self, request, route, started, runtime, body, uri, payload, strip_usage)
+        if key is not None and key.max_concurrent is not None:
+            proxied.key = key
+            if not self.policy.enter(key):
+                return proxied  # waits for one of the key's places first
+            proxied.key_place = True
         proxied.lease = runtime.gate.try_admit()  # a free slot and a ready child: no waiting
         return proxied
 
     async def _wait_then_relay(self, proxied: Proxied) -> None:
-        """Admission when it has to wait (a queue, a cold start), then the relay."""
+        """Admission when it has to wait (the key's places, a queue, a cold start), then the relay."""
         if proxied.inference and proxied.lease is None:
-            request, gate = proxied.request, proxied.runtime.gate
-            loading: LoadingComments | None = None
-            if proxied.payload is not None and proxied.payload.get("stream") is True and not gate.ready:
-                loading = LoadingComments(self.clock, request)
             try:
-                proxied.lease = await gate.admit()
-            except ApiError as err:
-                if loading is None or not loading.stop():
-                    raise
-                loading.fail(err)  # the stream has started: the error goes in it
-                self.count(request, err.status, proxied.route)
-                return
-            finally:
-                proxied.committed = loading is not None and loading.stop()  # also when the client left
+                await self._admit(proxied)
+            except BaseException:
+                proxied.leave_key()
+                raise
+            if proxied.lease is None:
+                return  # refused inside a stream that had started
         await proxied.relay()
 
-    def models_api(self, request: IRequest, route: str, body: bytes) -> None:
+    async def _admit(self, proxied: Proxied) -> None:
+        request, gate = proxied.request, proxied.runtime.gate
+        if proxied.key is not None and not proxied.key_place:
+            await self._key_place(proxied, proxied.key)
+        loading: LoadingComments | None = None
+        if proxied.payload is not None and proxied.payload.get("stream") is True and not gate.ready:
+            loading = LoadingComments(self.clock, request)
+        key: ApiKey | None = getattr(request, "api_key", None)
+        try:
+            proxied.lease = await gate.admit(self.policy.head_start(key), proxied.started)
+        except ApiError as err:
+            if loading is None or not loading.stop():
+                raise
+            loading.fail(err)  # the stream has started: the error goes in it
+            proxied.leave_key()
+            self.count(request, err.status, proxied.route, proxied)
+        finally:
+            proxied.committed = loading is not None and loading.stop()  # also when the client left
+
+    async def _key_place(self, proxied: Proxied, key: ApiKey) -> None:
+        """Wait for one of the key's ``max_concurrent`` places, within the model's queue_timeout."""
+        d = self.policy.wait(key)
+        timeout = proxied.runtime.gate.queue_timeout
+        if timeout > 0:
+            d.addTimeout(max(0.0, proxied.started + timeout - self.clock.seconds()), self.clock)
+        try:
+            await d
+        except defer.TimeoutError:
+            raise ApiError(429, f"key {key.key_id} already has {key.max_concurrent} requests running "
+                           f"(its max_concurrent), and this one waited {timeout:g} s", "concurrency_limit_exceeded",
+                           {b"retry-after": b"1"}) from None
+        proxied.key_place = True
+
+    def _answer_json(self, request: IRequest, route: str, answer: Any, status: int = 200) -> None:
+        self.count(request, status, route)
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.write(json.dumps(answer).encode())
+        request.finish()
+
+    def models_api(self, request: IRequest, route: str, body: bytes,
+                   allowed: Callable[[str], bool] | None = None) -> None:
         """llama-server's router API for a fleet: list every model whatever its state (never waking
         one), and load or unload one (an unload waits for the model's requests; ``"force": true`` cuts them)."""
         fleet = self.status.fleet
-        snapshots = fleet.model_snapshots(int(self.status.booted_wall))
+        snapshots = [s for s in fleet.model_snapshots(int(self.status.booted_wall)) if allowed is None or allowed(s.id)]
         if request.path in MODEL_LIST_PATHS:
             if request.method not in (b"GET", b"HEAD"):
                 raise ApiError(405, f"{route} takes GET", "method_not_allowed", {b"allow": b"GET, HEAD"})
@@ -437,7 +506,7 @@ class Gateway:
                 status, answer = e.answer()
             else:
                 model = self.directory.names.get(name)
-                snapshot = next((s for s in snapshots if s.id == model), None)
+                snapshot = next((s for s in snapshots if s.id == model), None)  # another key's: not found
                 if request.path == b"/models/load":
                     status, answer = models_api.load_answer(snapshot)
                     if status == 200 and model is not None:
@@ -446,11 +515,7 @@ class Gateway:
                     status, answer = models_api.unload_answer(snapshot)
                     if status == 200 and model is not None:
                         fleet.unload(model, force=json.loads(body).get("force") is True)
-        self.count(request, status, route)
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        request.write(json.dumps(answer).encode())
-        request.finish()
+        self._answer_json(request, route, answer, status)
 
     def model_list(self) -> dict[str, Any]:
         """``/v1/models`` from the config, so listing models never wakes the child."""
@@ -495,6 +560,9 @@ class Proxied:
         self.tap: UsageTap | None = None
         self.pending: defer.Deferred[Any] | None = None  # the relay or the wait for a restarted child
         self.done: defer.Deferred[None] | None = None  # for a coroutine that awaits the end
+        self.key: ApiKey | None = None  # set when the key limits its concurrent requests
+        self.key_place = False  # holds one of them
+        self.first_byte_at: float | None = None
 
     def relay(self) -> defer.Deferred[None]:
         """:meth:`start`, as a Deferred that fires at the end; cancelling it cancels the relay."""
@@ -537,15 +605,32 @@ class Proxied:
 
     def _first_byte(self) -> None:
         metrics = self.gateway.metrics
-        metrics.by_route(metrics.time_to_first_byte, self.route).observe(self.gateway.clock.seconds() - self.started)
+        self.first_byte_at = self.gateway.clock.seconds()
+        metrics.by_route(metrics.time_to_first_byte, self.route).observe(self.first_byte_at - self.started)
+
+    def leave_key(self) -> None:
+        """Give back the key's place, once."""
+        if self.key_place:
+            self.key_place = False
+            assert self.key is not None
+            self.gateway.policy.leave(self.key)
+
+    def access_line(self, key_id: str | None, route: str, code: int) -> bytes:
+        gateway = self.gateway
+        now = gateway.clock.seconds()
+        tap, lease = self.tap, self.lease
+        prompt, completion = tap.usage if tap is not None and tap.usage is not None else (0, 0)
+        return access_line(gateway.wall(), key_id, self.runtime.id, route, code, prompt, completion,
+                           now - self.started,
+                           None if self.first_byte_at is None else self.first_byte_at - self.started,
+                           None if lease is None else lease.queue_wait, None if lease is None else lease.cold_wait)
 
     def _relayed(self, _: object) -> None:
         self.pending = None
         request = self.request
-        self.gateway.count(request, request.code, self.route)
         if not request.finished and not getattr(request, "_disconnected", False):
             request.finish()
-        self._end()
+        self._end(request.code)
 
     def _not_relayed(self, failure: Failure) -> None:
         self.pending = None
@@ -557,28 +642,40 @@ class Proxied:
             d.addCallbacks(self._redelivered, self._not_relayed)
             return
         request = self.request
-        try:
-            if failure.check(defer.CancelledError):
-                self.gateway.count(request, CLIENT_CLOSED, self.route)
-            elif failure.check(ApiError) and self.committed:
-                # The SSE response has started: the 502/504 becomes its one error event.
-                err = failure.value
+        if failure.check(defer.CancelledError):
+            self._end(CLIENT_CLOSED)
+        elif failure.check(ApiError) and self.committed:
+            # The SSE response has started: the 502/504 becomes its one error event.
+            err = failure.value
+            try:
                 request.write(sse_error_event(err.message, err.code or "backend_unavailable"))
                 request.finish()
-                self.gateway.count(request, err.status, self.route)
-            else:
-                self.gateway._forward_failed(failure, request)
-        finally:
-            self._end()
+            finally:
+                self._end(err.status)
+        else:
+            self._finish_accounting()
+            try:
+                self.gateway._forward_failed(failure, request, self)
+            finally:
+                if self.done is not None:
+                    self.done.callback(None)
 
     def _redelivered(self, _: object) -> None:
         assert self.lease is not None
         self.target = self.lease.target
         self._send()
 
-    def _end(self) -> None:
+    def _end(self, code: int) -> None:
+        self._finish_accounting()
+        self.gateway.count(self.request, code, self.route, self)
+        if self.done is not None:
+            self.done.callback(None)
+
+    def _finish_accounting(self) -> None:
+        """The slot, the key's place, activity, duration and tokens: everything but the count."""
         if self.lease is not None:
             self.lease.release()
+        self.leave_key()
         for activity in self._activities():
             activity.end(self.inference)
         gateway = self.gateway
@@ -589,9 +686,10 @@ class Proxied:
             if tap.usage is None:
                 tap.finish()  # the client left early (often right after [DONE]): count what was seen
             if tap.usage is not None:
-                metrics.count_tokens(*tap.usage)
-        if self.done is not None:
-            self.done.callback(None)
+                key: ApiKey | None = getattr(self.request, "api_key", None)
+                metrics.count_tokens(*tap.usage, key.key_id if key is not None else "")
+                if key is not None:
+                    gateway.policy.record(key.key_id, tap.usage[0] + tap.usage[1])
 
 
 class LoadingComments:

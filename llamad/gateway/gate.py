@@ -1,6 +1,10 @@
-"""Admission: at most ``max_concurrent`` inference requests reach the child; the rest wait FIFO.
+"""Admission: at most ``max_concurrent`` inference requests reach the child; the rest wait in line.
 
-:class:`AdmissionQueue` is the pure part (slots and a FIFO of tickets).  :class:`Gate`
+The line is FIFO, except that a key's priority class gives its requests a head
+start (:mod:`llamad.policy`): they queue as if they had arrived that much
+earlier, so higher classes go first and nobody waits behind them forever.
+
+:class:`AdmissionQueue` is the pure part (slots and the ordered tickets).  :class:`Gate`
 adds the Deferreds, the timeout and the wait for a ready (or starting) child.
 Nothing waits forever: a full queue answers 503 at once, and every wait ends at
 ``queue_timeout``.
@@ -8,7 +12,8 @@ Nothing waits forever: a full queue answers 503 at once, and every wait ends at
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import insort
+from itertools import count
 from typing import Callable, Generic, Hashable, Literal, TypeVar
 
 from twisted.internet import defer
@@ -25,39 +30,58 @@ T = TypeVar("T", bound=Hashable)
 
 
 class AdmissionQueue(Generic[T]):
-    """Slots in use and the tickets waiting for one, with no I/O."""
+    """Slots in use and the tickets waiting for one, in order of rank, with no I/O."""
 
     def __init__(self, limit: int, max_queue: int) -> None:
         self.limit = limit
         self.max_queue = max_queue
         self.in_use = 0
-        self.waiting: deque[T] = deque()
+        self._line: list[tuple[float, int, T]] = []  # (rank, arrival number, ticket), first served first
+        self._numbers = count()
+
+    @property
+    def waiting(self) -> list[T]:
+        return [ticket for _, _, ticket in self._line]
+
+    @property
+    def depth(self) -> int:
+        return len(self._line)
 
     def take(self) -> bool:
         """A slot now, if one is free and nobody waits for one."""
-        if self.in_use < self.limit and not self.waiting:
+        if self.in_use < self.limit and not self._line:
             self.in_use += 1
             return True
         return False
 
-    def arrive(self, ticket: T) -> Literal["admitted", "queued", "full"]:
+    def arrive(self, ticket: T, rank: float = 0.0) -> Literal["admitted", "queued", "full"]:
+        """``rank``: the time it counts as arrived (its arrival minus its class's head start); equal
+        ranks keep the order of arrival."""
         if self.take():
             return "admitted"
-        if len(self.waiting) >= self.max_queue:
+        if len(self._line) >= self.max_queue:
             return "full"
-        self.waiting.append(ticket)
+        insort(self._line, (rank, next(self._numbers), ticket), key=lambda entry: entry[:2])
         return "queued"
 
     def leave(self, ticket: T) -> None:
         """A waiter gives up (timeout or client gone)."""
-        self.waiting.remove(ticket)
+        for i, entry in enumerate(self._line):
+            if entry[2] == ticket:
+                del self._line[i]
+                return
+        raise ValueError("not waiting")
 
     def release(self) -> T | None:
         """Free a slot; the next waiter, if any, takes it and is returned."""
-        if self.waiting:
-            return self.waiting.popleft()
+        if self._line:
+            return self._line.pop(0)[2]
         self.in_use -= 1
         return None
+
+    def pop_all(self) -> list[T]:
+        line, self._line = self._line, []
+        return [ticket for _, _, ticket in line]
 
 
 class Lease:
@@ -67,6 +91,7 @@ class Lease:
         self.gate = gate
         self.target = target
         self.started = started  # arrival: queue_timeout counts from here, redeliveries included
+        self.queue_wait = 0.0  # seconds from arrival to admission (cold start included)
         self.cold_wait: float | None = None  # seconds waited for the child to start, if it had to
 
     def release(self) -> None:
@@ -89,7 +114,7 @@ class Gate:
     @property
     def waiting(self) -> int:
         """Requests that wait for this gate: queued for a slot, or holding one until the backend is ready."""
-        return len(self.queue.waiting) + self.starting_waiters
+        return self.queue.depth + self.starting_waiters
 
     @property
     def ready(self) -> bool:
@@ -132,13 +157,17 @@ class Gate:
         self.metrics.queue_wait.observe(0.0)
         return Lease(self, backend.target(), self.clock.seconds())
 
-    async def admit(self) -> Lease:
-        """A slot and a ready child for one inference request, or an :class:`ApiError`."""
+    async def admit(self, head_start: float = 0.0, started: float | None = None) -> Lease:
+        """A slot and a ready child for one inference request, or an :class:`ApiError`.
+
+        ``head_start``: seconds its priority class puts it ahead in line; ``started``: its arrival
+        (queue_timeout counts from there; default now)."""
         backend = self._refuse_early()
-        started = self.clock.seconds()
+        started = self.clock.seconds() if started is None else started
+        rank = started - head_start
         cold = backend.state != State.READY
         ticket: defer.Deferred[None] = defer.Deferred(self.queue.leave)
-        outcome = self.queue.arrive(ticket)
+        outcome = self.queue.arrive(ticket, rank)
         if outcome == "full":
             raise self._reject("queue_full", ApiError(
                 503, f"server busy: {self.queue.max_queue} requests already waiting", "queue_full",
@@ -146,24 +175,25 @@ class Gate:
         lease = Lease(None, Target(b"", ""), started)  # holds the slot once admitted
         try:
             if outcome == "queued":
-                self.metrics.queue_depth.set(len(self.queue.waiting))
+                self.metrics.queue_depth.set(self.queue.depth)
                 try:
                     await self._bounded(ticket, started)
                 finally:
-                    self.metrics.queue_depth.set(len(self.queue.waiting))
+                    self.metrics.queue_depth.set(self.queue.depth)
             lease.gate = self
             self._refuse_early()  # things may have changed while it waited
             if backend.state != State.READY:
                 waiting = backend.wait_ready()
                 if backend.state == State.STOPPED:
                     self.metrics.cold_starts.inc()  # this request starts the child
-                await self._wait_for_start(waiting, started, backend.request_start)
+                await self._wait_for_start(waiting, started, lambda: backend.request_start(rank))
             if cold:
                 # From arrival to the child's readiness, whether it waited in the queue or for the start.
                 ready_at = backend.ready_at or self.clock.seconds()
                 lease.cold_wait = max(0.0, ready_at - started)
                 self.metrics.cold_start_wait.observe(lease.cold_wait)
-            self.metrics.queue_wait.observe(self.clock.seconds() - started)
+            lease.queue_wait = self.clock.seconds() - started
+            self.metrics.queue_wait.observe(lease.queue_wait)
             lease.target = backend.target()
             return lease
         except StartFailed as e:
@@ -225,9 +255,8 @@ class Gate:
 
     def refuse_waiting(self) -> None:
         """Shutdown: everyone still queued gets 503 now instead of a slot later."""
-        while self.queue.waiting:
-            self.queue.waiting.popleft().errback(
-                ApiError(503, "llamad is shutting down", "shutting_down", {b"retry-after": b"5"}))
+        for ticket in self.queue.pop_all():
+            ticket.errback(ApiError(503, "llamad is shutting down", "shutting_down", {b"retry-after": b"5"}))
         self.metrics.queue_depth.set(0)
 
     def _release(self) -> None:

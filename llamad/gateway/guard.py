@@ -17,12 +17,17 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from llamad.auth import ApiKey, Denied, KeyStore, presented_key
+from llamad.auth import EVERY_ROLE, ApiKey, Denied, KeyStore, presented_key
 from llamad.gateway.errors import ApiError, write_error
+from llamad.policy import Policy
 
 log = Logger(namespace="llamad.guard")
 
 PUBLIC_PATHS = frozenset({b"/ping", b"/health"})
+# Routes that change the daemon: a key needs the admin role.  Model lists and /metrics take any valid
+# key; every other route (inference, llama.cpp's own) needs the inference role.
+ADMIN_PATHS = frozenset({b"/admin/reload", b"/reload", b"/admin/restart", b"/models/load", b"/models/unload"})
+ANY_ROLE_PATHS = frozenset({b"/metrics", b"/v1/models", b"/models"})
 # Dot segments, empty segments, backslashes, and any percent-escape: no OpenAI or
 # llama.cpp route needs one, and the child would decode it into another route.
 _TRICKY_PATH = re.compile(rb"//|/\.\.?(?:/|$)|\\|%")
@@ -91,13 +96,15 @@ class Auth:
     """The ``[auth]`` policy over a :class:`KeyStore` that SIGHUP can reload."""
 
     def __init__(self, enabled: bool, keys_file: str, protect_metrics: bool, clock: IReactorTime,
-                 wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc), *, default_rate: int = 0) -> None:
+                 wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc), *, default_rate: int = 0,
+                 priorities: Mapping[str, int] | None = None, priority_ageing: float = 30.0) -> None:
         self.enabled = enabled
         self.keys_file = keys_file
         self.protect_metrics = protect_metrics
         self.clock = clock
         self.wall = wall
-        self.store = KeyStore(default_rate)
+        self.store = KeyStore(default_rate, priorities)
+        self.policy = Policy(clock, priorities, priority_ageing)  # what each key used survives reloads
         # Requests let in by a key, and refused by the key check (401 or 429): the JSON /metrics view.
         self.authenticated = 0
         self.unauthorized = 0
@@ -107,6 +114,7 @@ class Auth:
     def reload(self) -> int:
         """Re-read the keys file; a request in flight keeps its verdict."""
         warnings = self.store.load(self.keys_file)
+        self.policy.reloaded(self.store.by_id)
         for warning in warnings:
             log.warn("api keys: {warning}", warning=warning)
         if self.enabled and not len(self.store):
@@ -193,7 +201,11 @@ class GuardResource(Resource):
         if self._preflight(method, request):
             return  # preflights carry no credentials
         if self.auth.needs_key(path):
-            self.auth.check(request, count)
+            key = request.api_key = self.auth.check(request, count)
+            if key.roles is not EVERY_ROLE and path not in ANY_ROLE_PATHS:
+                role = "admin" if path in ADMIN_PATHS else "inference"
+                if role not in key.roles:
+                    raise ApiError(403, f"key {key.key_id} does not have the {role} role", "insufficient_role")
         allowed = self.own_routes.get(path)
         if allowed is not None and method not in allowed:
             # Klein's own 405 is an HTML page; clients of this port expect the JSON error.

@@ -10,7 +10,7 @@ named is fine when there is one model or a default; otherwise the answer is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import parse_qs
 
 from llamad.gateway.errors import ApiError
@@ -41,34 +41,37 @@ class ModelDirectory:
         self.default: str | None = (self.names.get(default) if default
                                     else self.ids[0] if len(self.ids) == 1 else None)
 
-    def resolve(self, name: str | None) -> str:
-        """The id ``name`` stands for (an id or an alias); the default for no name."""
+    def resolve(self, name: str | None, allowed: Callable[[str], bool] | None = None) -> str:
+        """The id ``name`` stands for (an id or an alias); the default for no name.  ``allowed``: the
+        models the caller's key may use; any other answers as a model that does not exist."""
         if not name:
-            if self.default is not None:
+            if self.default is not None and (allowed is None or allowed(self.default)):
                 return self.default
-            raise ApiError(400, f"this server has several models: name one in \"model\" (one of: {self.listing()})",
-                           "model_required", param="model")
+            raise ApiError(400, "this server has several models: name one in \"model\" "
+                           f"(one of: {self.listing(allowed)})", "model_required", param="model")
         model = self.ids[0] if self.lenient else self.names.get(name)
-        if model is None:
-            raise ApiError(404, f"The model '{name}' does not exist (models here: {self.listing()})",
+        if model is None or (allowed is not None and not allowed(model)):
+            raise ApiError(404, f"The model '{name}' does not exist (models here: {self.listing(allowed)})",
                            "model_not_found", param="model")
         return model
 
-    def listing(self) -> str:
-        return ", ".join(sorted(self.names))
+    def listing(self, allowed: Callable[[str], bool] | None = None) -> str:
+        names = sorted(name for name, model in self.names.items() if allowed is None or allowed(model))
+        return ", ".join(names) or "none for this key"
 
-    def route(self, method: bytes, uri: bytes, payload: Mapping[str, Any] | None) -> Routed:
+    def route(self, method: bytes, uri: bytes, payload: Mapping[str, Any] | None,
+              allowed: Callable[[str], bool] | None = None) -> Routed:
         """The model for one request.  ``payload``: the parsed JSON body of a POST, if any."""
         if uri.startswith(UPSTREAM_PREFIX):
             name, _, rest = uri[len(UPSTREAM_PREFIX):].partition(b"/")
-            model = self.resolve(name.decode("utf-8", "replace") or None)
+            model = self.resolve(name.decode("utf-8", "replace") or None, allowed)
             return Routed(model, b"/" + rest)
         if payload is not None and method == b"POST":
             named = payload.get("model")
             if named is not None and not isinstance(named, str):
                 raise ApiError(400, f"\"model\" must be a string, not {type(named).__name__}", "invalid_model",
                                param="model")
-            return Routed(self.resolve(named), uri)
+            return Routed(self.resolve(named, allowed), uri)
         _, _, query = uri.partition(b"?")
         values = parse_qs(query.decode("latin-1")).get("model") if query else None
-        return Routed(self.resolve(values[0] if values else None), uri)
+        return Routed(self.resolve(values[0] if values else None, allowed), uri)

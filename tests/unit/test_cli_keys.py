@@ -3,6 +3,7 @@ expiry), and ``keys reload`` finding the daemon of a data dir by the PID file it
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -274,3 +275,88 @@ def test_forget_daemon_keeps_the_record_of_another_process(environment: Path) ->
     runfiles.record_daemon(str(environment))
     runfiles.forget_daemon(str(environment))
     assert not os.path.exists(runfiles.daemon_record_path(str(environment)))
+
+
+# --- a TOML keys file, conversion, and usage from the access log ------------------------------------
+
+
+def test_toml_keys_are_generated_with_a_policy_rotated_and_revoked(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from llamad import keysfile
+
+    path = tmp_path / "keys.toml"
+    path.write_text("# team keys\n")
+    code, out, err = run(["keys", "-f", str(path), "generate", "team-a", "--models", "qwen-*,llama",
+                          "--tokens-per-minute", "1000", "--max-concurrent", "2", "--rate", "60"], capsys)
+    assert code == 0 and err == ""
+    secret = out.strip()
+    code, out, err = run(["keys", "-f", str(path), "generate", "ops", "--role", "admin", "--hash-only"], capsys)
+    assert code == 0 and "shown" in err
+    assert path.read_text().startswith("# team keys\n") and oct(path.stat().st_mode & 0o777) == "0o600"
+    entries, warnings = keysfile.read_toml_keys(str(path))
+    a, ops = (e.key for e in entries)
+    assert warnings == [] and entries[0].secret == secret and entries[1].secret == ""
+    assert (a.models, a.tokens_per_minute, a.max_concurrent, a.rate_limit) == (("qwen-*", "llama"), 1000, 2, 60)
+    assert ops.roles == {"admin"} and ops.digest == auth._digest(out.strip())
+    code, out, _ = run(["keys", "-f", str(path), "rotate", "team-a", "--expires", "2030-01-01T00:00:00Z"], capsys)
+    entries, _ = keysfile.read_toml_keys(str(path))
+    assert code == 0 and entries[0].secret == out.strip() != secret
+    assert entries[0].key.max_concurrent == 2 and entries[0].key.expires.year == 2030
+    code, out, _ = run(["keys", "-f", str(path), "list"], capsys)
+    assert code == 0 and "team-a" in out and "models qwen-*,llama" in out and "sha256" in out
+    code, out, _ = run(["keys", "-f", str(path), "revoke", "team-a"], capsys)
+    assert code == 0 and [e.key.key_id for e in keysfile.read_toml_keys(str(path))[0]] == ["ops"]
+    assert path.read_text().startswith("# team keys\n")
+
+
+def test_a_policy_option_on_a_line_file_names_the_way_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "api_keys.txt"
+    code, out, err = run(["keys", "-f", str(path), "generate", "a", "--models", "qwen"], capsys)
+    assert code == 2 and "--models need a .toml keys file" in err and "llamad keys convert" in err
+    assert not path.exists()
+
+
+def test_convert_writes_the_other_format_and_refuses_what_lines_cannot_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    lines_path = tmp_path / "api_keys.txt"
+    lines_path.write_text("alice:" + "a" * 20 + ":60\nbob:" + "b" * 20 + "\n")
+    code, out, err = run(["keys", "-f", str(lines_path), "convert"], capsys)
+    assert code == 0 and "api_keys.toml" in out
+    toml_path = tmp_path / "api_keys.toml"
+    store = auth.KeyStore()
+    assert store.load(str(toml_path)) == [] and sorted(store.by_id) == ["alice", "bob"]
+    assert store.by_id["alice"].rate_limit == 60
+    code, out, err = run(["keys", "-f", str(lines_path), "convert"], capsys)
+    assert code == 1 and "exists" in err
+    back = tmp_path / "back.txt"
+    code, out, err = run(["keys", "-f", str(toml_path), "convert", "--out", str(back)], capsys)
+    assert code == 0 and back.read_text() == lines_path.read_text()
+    code, out, err = run(["keys", "-f", str(toml_path), "generate", "carol", "--max-concurrent", "1"], capsys)
+    code, out, err = run(["keys", "-f", str(toml_path), "convert", "--out", str(back), "--force"], capsys)
+    assert code == 1 and "key carol has a policy" in err and back.read_text() == lines_path.read_text()
+
+
+def test_usage_sums_the_access_log_per_key_and_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llamad.access import access_line
+
+    logs = tmp_path / "logs" / "access"  # DATA_DIR is tmp_path
+    logs.mkdir(parents=True)
+    old = access_line(1795000000.0, "a", "qwen", "/v1/chat/completions", 200, 10, 5, 1.0, 0.1, 0.0, None)
+    (logs / "20261118T110000Z_access_host.log").write_bytes(old)
+    lines = [access_line(1795100000.0, "a", "qwen", "/v1/chat/completions", 200, 3, 4, 1.0, 0.1, 0.0, None),
+             access_line(1795100001.0, "b", "llama", "/v1/completions", 429, 0, 0, 0.0, None, None, None),
+             b"not json\n"]
+    (logs / "latest.txt").write_bytes(b"".join(lines))
+    code, out, err = run(["keys", "usage", "--json"], capsys)
+    rows = {(r["key_id"], r["model"]): r for r in json.loads(out)["usage"]}
+    assert code == 0 and "not a JSON line" in err
+    assert (rows[("a", "qwen")]["requests"], rows[("a", "qwen")]["total_tokens"]) == (2, 22)
+    assert (rows[("b", "llama")]["errors"], rows[("b", "llama")]["total_tokens"]) == (1, 0)
+    code, out, err = run(["keys", "usage", "--since", "2026-11-19T00:00:00Z", "--json"], capsys)
+    assert [r["prompt_tokens"] for r in json.loads(out)["usage"] if r["key_id"] == "a"] == [3]
+    code, out, err = run(["keys", "usage"], capsys)
+    assert code == 0 and out.splitlines()[0].split() == ["KEY", "MODEL", "REQUESTS", "ERRORS", "PROMPT",
+                                                          "COMPLETION", "TOTAL"]
+    code, out, err = run(["keys", "usage", "--since", "yesterday"], capsys)
+    assert code == 2 and "bad --since" in err

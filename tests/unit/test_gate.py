@@ -69,7 +69,7 @@ class Backend:
     def target(self) -> Target:
         return Target(b"http://127.0.0.1:1", "k")
 
-    def request_start(self) -> None:
+    def request_start(self, since=None) -> None:
         self.start_requests += 1
         if self.state == State.STOPPED:
             self.state = State.STARTING

@@ -36,7 +36,7 @@ class FakeBackend:
     def target(self) -> Target:
         return Target(b"http://127.0.0.1:1", "k")
 
-    def request_start(self) -> None:
+    def request_start(self, since=None) -> None:
         self.starts += 1
 
     def wait_ready(self) -> defer.Deferred[None]:

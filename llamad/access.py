@@ -1,0 +1,119 @@
+"""Who used what: the access log, one JSON object per line, and its sums per key and model.
+
+``logs/access/latest.txt`` is rotated and kept as the child's log is (archives
+``<UTC ts>_access_<instance>.log``), and written by the same background
+thread.  One line per request answered on the API port::
+
+    {"time": "2026-11-23T17:30:05.123Z", "key_id": "team-a", "model": "qwen", "route": "/v1/chat/completions",
+     "status": 200, "prompt_tokens": 12, "completion_tokens": 85, "duration": 1.2345, "ttfb": 0.0812,
+     "queue_wait": 0.0, "cold_start": null}
+
+``key_id`` is null when auth is off, ``model`` when the request named none
+(llamad's own routes, a refusal before routing).  Seconds are floats; the
+tokens come from the response's ``usage``.  Key ids, model ids and route
+labels are checked names with no character that JSON escapes, so a line is
+formatted without an encoder on the request path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+LATEST = "latest.txt"
+ARCHIVE_SUFFIX = ".log"
+
+
+class _Stamp:
+    """The time as ISO 8601 UTC with milliseconds; the part up to the second formatted once a second."""
+
+    second = -1
+    prefix = b""
+
+    @classmethod
+    def of(cls, wall: float) -> bytes:
+        second = int(wall)
+        if second != cls.second:
+            cls.second, cls.prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+        return b"%s.%03dZ" % (cls.prefix, int((wall - second) * 1000))
+
+
+def _name(value: str | None) -> bytes:
+    return b"null" if value is None else b'"%s"' % value.encode()
+
+
+def _seconds(value: float | None) -> bytes:
+    return b"null" if value is None else b"%.4f" % value
+
+
+def access_line(wall: float, key_id: str | None, model: str | None, route: str, status: int, prompt: int,
+                completion: int, duration: float, ttfb: float | None, queue_wait: float | None,
+                cold_start: float | None) -> bytes:
+    return (b'{"time": "%s", "key_id": %s, "model": %s, "route": "%s", "status": %d, "prompt_tokens": %d, '
+            b'"completion_tokens": %d, "duration": %s, "ttfb": %s, "queue_wait": %s, "cold_start": %s}\n' % (
+                _Stamp.of(wall), _name(key_id), _name(model), route.encode(), status, prompt, completion,
+                _seconds(duration), _seconds(ttfb), _seconds(queue_wait), _seconds(cold_start)))
+
+
+@dataclass
+class Usage:
+    """One key's use of one model."""
+
+    requests: int = 0
+    errors: int = 0  # status 400 and up
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+def log_files(directory: str) -> list[str]:
+    """The access log's files, oldest first: the archives (their names sort by time), then latest.txt."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    archives = sorted(n for n in names if n.endswith(ARCHIVE_SUFFIX) and "_access_" in n)
+    return [os.path.join(directory, n) for n in archives] + (
+        [os.path.join(directory, LATEST)] if LATEST in names else [])
+
+
+def entries(directory: str, warnings: list[str]) -> Iterator[dict]:
+    """Every line of the access log as a dict; a line that is not a JSON object (a write cut by a
+    full disk) is skipped and counted in ``warnings``."""
+    for path in log_files(directory):
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            continue  # rotated away between the listing and here
+        with f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    warnings.append(f"{path}:{number}: skipped: not a JSON line")
+                    continue
+                if isinstance(entry, dict):
+                    yield entry
+
+
+def usage(directory: str, since: str = "", warnings: list[str] | None = None) -> dict[tuple[str, str], Usage]:
+    """Requests and tokens per (key_id, model) from ``since`` (an ISO 8601 UTC time, compared as the
+    log writes it; empty: everything kept).  Requests without a key count under "-", without a model under "-"."""
+    sums: dict[tuple[str, str], Usage] = {}
+    for entry in entries(directory, warnings if warnings is not None else []):
+        if since and str(entry.get("time", "")) < since:
+            continue
+        key = (entry.get("key_id") or "-", entry.get("model") or "-")
+        u = sums.get(key)
+        if u is None:
+            u = sums[key] = Usage()
+        status = int(entry.get("status") or 0)
+        u.requests += 1
+        u.errors += status >= 400
+        u.statuses[status] = u.statuses.get(status, 0) + 1
+        u.prompt_tokens += int(entry.get("prompt_tokens") or 0)
+        u.completion_tokens += int(entry.get("completion_tokens") or 0)
+    return sums
