@@ -1,6 +1,6 @@
 """llamad's own CPU per proxied request, without sockets: the gateway between in-memory transports.
 
-    .venv/bin/python bench/inprocess.py [--requests 20000] [--events 200] [--server fast|twisted.web]
+    .venv/bin/python bench/inprocess.py [--requests 20000] [--events 200] [--server fast|twisted.web] [--policy]
 
 The client's request bytes go into port 8000's protocol, the request llamad
 writes to the child is answered at once with a recorded llama-server response
@@ -9,21 +9,31 @@ on a pooled connection, and llamad's answer is thrown away.  What is timed
 reactor dispatch, no other process in the measure.  It is a floor, not what a
 real request costs.  A shared machine's drift still reaches it (up to 30 %
 between runs), so compare two versions of the code in alternating runs.
+
+``--policy`` measures the fast path three ways, alternating: as above; with
+auth on and a key of the line format; and with a TOML key that carries every
+policy field (a model glob, both token quotas, a rate, max_concurrent, a
+priority class), and the access log (its lines gathered as llamad gathers
+them; the log thread's writes are not in the measure).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from llamad.access import AccessLog
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway, api_factory, api_site
 from llamad.gateway.gate import Gate
+from llamad.gateway.guard import Auth
 from llamad.gateway.proxy import Proxy
 from llamad.gateway.upstream import _Connection
 from llamad.metrics import Metrics
@@ -49,6 +59,23 @@ USAGE = (b'data: {"choices":[],"created":1795341112,"id":"chatcmpl-bench","model
 STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nServer: llama.cpp\r\n"
                b"Transfer-Encoding: chunked\r\n\r\n")
 PER_READ = 18  # events per read from the child, as under 8 synthetic streams
+
+
+KEY = "bench-key-0123456789abcdef"
+POLICY_KEYS = f"""[keys.bench]
+key = "{KEY}"
+models = ["de*"]
+rate = 1000000000
+tokens_per_minute = 1000000000
+tokens_per_day = 1000000000000
+max_concurrent = 64
+priority = "interactive"
+"""
+
+
+def with_key(request: bytes) -> bytes:
+    return request.replace(b"Host: 127.0.0.1:8000\r\n", b"Host: 127.0.0.1:8000\r\nAuthorization: Bearer %s\r\n"
+                           % KEY.encode())
 
 
 def chunk(data: bytes) -> bytes:
@@ -85,14 +112,25 @@ class Child(StringTransport):
         self.waiting.append(self.protocol)
 
 
-def build(server: str) -> tuple[object, list[_Connection], Clock]:
+def build(server: str, policy: str = "", keys: str = "") -> tuple[object, list[_Connection], Clock]:
+    """``policy``: a folder for the keys file (auth on); ``keys``: its text (a TOML key with a policy, and
+    the access log; or a key of the line format)."""
     clock = Clock()
     backend = ExternalBackend("http://127.0.0.1:9")
     status = Status(clock, backend, "demo", lazy=False)
-    metrics = Metrics()
+    metrics = Metrics(per_key=bool(policy))
     proxy = Proxy(None, clock, 600)
+    auth = access = None
+    if policy:
+        toml = keys.startswith("[")
+        path = os.path.join(policy, "keys.toml" if toml else "api_keys.txt")
+        with open(path, "w") as f:
+            f.write(keys)
+        auth = Auth(True, path, False, clock, priorities={"interactive": 1})
+        if toml:
+            access = AccessLog(clock, lambda data: None)
     gateway = Gateway(clock, status, Gate(clock, status, backend, 64, 64, 10, metrics), proxy, metrics,
-                      Activity(clock))
+                      Activity(clock), auth, access=access)
     waiting: list[_Connection] = []
     pool = proxy._upstream(backend.target().origin).pool
     for _ in range(2):  # kept alive, as llamad's pool keeps them
@@ -109,14 +147,15 @@ def build(server: str) -> tuple[object, list[_Connection], Clock]:
     return protocol, waiting, clock
 
 
-def run(server: str, requests: int, events: int) -> tuple[float, float]:
+def run(server: str, requests: int, events: int, policy: str = "", keys: str = "") -> tuple[float, float]:
     """Microseconds of CPU per non-streaming request, and per relayed SSE event."""
-    protocol, waiting, clock = build(server)
+    protocol, waiting, clock = build(server, policy, keys)
+    request, stream_request = (with_key(REQUEST), with_key(STREAM_REQUEST)) if policy else (REQUEST, STREAM_REQUEST)
     started = time.process_time()
     for _ in range(requests):
-        protocol.dataReceived(REQUEST)
+        protocol.dataReceived(request)
         waiting.pop().dataReceived(RESPONSE)
-        clock.advance(0)
+        clock.advance(1)  # the access log's batches are handed over
     per_request = (time.process_time() - started) / requests * 1e6
 
     body = [chunk(EVENT)] * events + [chunk(USAGE), chunk(b"data: [DONE]\n\n"), b"0\r\n\r\n"]
@@ -124,12 +163,12 @@ def run(server: str, requests: int, events: int) -> tuple[float, float]:
     streams = max(1, requests // events)
     started = time.process_time()
     for _ in range(streams):
-        protocol.dataReceived(STREAM_REQUEST)
+        protocol.dataReceived(stream_request)
         connection = waiting.pop()
         connection.dataReceived(STREAM_HEAD)
         for data in reads:
             connection.dataReceived(data)
-        clock.advance(0)
+        clock.advance(1)
     per_event = (time.process_time() - started) / (streams * events) * 1e6
     return per_request, per_event
 
@@ -140,7 +179,18 @@ def main() -> None:
     p.add_argument("--events", type=int, default=200)
     p.add_argument("--server", choices=("fast", "twisted.web"), default=None,
                    help="one of port 8000's servers (default: both)")
+    p.add_argument("--policy", action="store_true", help="the fast path without and with a key's whole policy")
     args = p.parse_args()
+    if args.policy:
+        ways = (("no keys", ""), ("line key", f"bench:{KEY}\n"), ("policy", POLICY_KEYS.lstrip()))
+        with tempfile.TemporaryDirectory() as folder:
+            for _, keys in ways:
+                run("fast", 500, args.events, folder if keys else "", keys)  # warm up
+            for _ in range(3):
+                for name, keys in ways:
+                    per_request, per_event = run("fast", args.requests, args.events, folder if keys else "", keys)
+                    print(f"{name:<12} {per_request:7.1f} us per request   {per_event:5.2f} us per SSE event")
+        return
     for server in [args.server] if args.server else ["fast", "twisted.web"]:
         run(server, 500, args.events)  # warm up
         per_request, per_event = run(server, args.requests, args.events)

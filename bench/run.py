@@ -61,6 +61,18 @@ from llamad.supervisor import free_port
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 PATHS = ("direct", "nginx", "llamad")
+KEY = "bench-policy-key-0123456789"
+POLICY_KEYS = f"""# --policy: one key with every policy field; nothing it sets is reached in a run
+[keys.bench]
+key = "{KEY}"
+models = ["*"]  # the external backend's model id is its URL
+rate = 1000000000
+tokens_per_minute = 1000000000
+tokens_per_day = 1000000000000
+max_concurrent = 128
+priority = "interactive"
+"""
+HEADERS: dict[str, str] = {}  # sent on every request to every path (--policy: the key)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -142,8 +154,9 @@ def wrk(port: int, path: str, connections: int, seconds: int, script: str | None
 async def _one_stream(port: int, path: str, body: bytes) -> tuple[int, float]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.perf_counter()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items()).encode()
     writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                 b"Connection: close\r\n\r\n%s" % (path.encode(), len(body), body))
+                 b"%sConnection: close\r\n\r\n%s" % (path.encode(), len(body), extra, body))
     received = b""
     first = 0.0
     while True:
@@ -317,9 +330,12 @@ SCENARIOS = {
 }
 
 
+LUA = [str(HERE / "completions.lua")]  # --policy: a copy that sends the key
+
+
 def measure(scenario: str, port: int, seconds: int) -> tuple[float, float]:
     """(the value, the number of requests or events it took)."""
-    lua = str(HERE / "completions.lua")
+    lua = LUA[0]
     if scenario == "c8":
         out = wrk(port, "/v1/completions", 8, seconds, lua)
         return out["rps"], out["requests"]
@@ -353,7 +369,7 @@ def one_round(s: Servers, r: int, seconds: int, scenarios: list[str]) -> dict:
 
 def ping_under_load(s: Servers, seconds: int) -> dict[str, float]:
     """/ping on the health port while the API port is saturated."""
-    load = subprocess.Popen(["wrk", "-t", "2", "-c", "8", "-d", f"{seconds + 2}s", "-s", str(HERE / "completions.lua"),
+    load = subprocess.Popen(["wrk", "-t", "2", "-c", "8", "-d", f"{seconds + 2}s", "-s", LUA[0],
                              f"http://127.0.0.1:{s.port['llamad_llama']}/v1/completions"],
                             stdout=subprocess.DEVNULL)
     try:
@@ -405,6 +421,9 @@ def main() -> None:
     p.add_argument("--llamad-set", action="append", default=[], metavar="KEY=VALUE",
                    help="add a TOML key to both llamad configs, e.g. api.fast_path=false (repeatable)")
     p.add_argument("--json", metavar="PATH", help="write the final medians as JSON")
+    p.add_argument("--policy", action="store_true",
+                   help="every request carries an API key with a whole policy (a model glob, token quotas, a rate, "
+                        "max_concurrent, a priority class) that llamad checks; llamad writes its access log")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN") or shutil.which("llama-server"))
     args = p.parse_args()
     if args.rounds < 1 or args.seconds < 1:
@@ -418,6 +437,15 @@ def main() -> None:
     scenarios = [sc for sc in SCENARIOS if not (sc == "llama-sse8" and args.no_real_sse)]
     signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="llamad-bench-"))
+    if args.policy:
+        (work / "keys.toml").write_text(POLICY_KEYS)
+        auth = extra.setdefault("auth", {})
+        auth.update({"enabled": "true", "keys_file": json.dumps(str(work / "keys.toml")),
+                     "priorities": "{interactive = 1}"})
+        HEADERS["Authorization"] = f"Bearer {KEY}"
+        LUA[0] = str(work / "completions-key.lua")
+        Path(LUA[0]).write_text((HERE / "completions.lua").read_text()
+                                + f'wrk.headers["Authorization"] = "Bearer {KEY}"\n')
     try:
         servers = Servers(args.llama_server, work, extra)
         try:

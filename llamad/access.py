@@ -21,10 +21,39 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 LATEST = "latest.txt"
 ARCHIVE_SUFFIX = ".log"
+BATCH_SECONDS = 0.2
+
+
+class AccessLog:
+    """Lines gathered on the reactor and handed to the log thread together, at most ``delay`` seconds
+    after the first: one queue hand-over and one write per batch, not per request."""
+
+    def __init__(self, clock: IReactorTime, put: Callable[[bytes], None], delay: float = BATCH_SECONDS) -> None:
+        self.clock = clock
+        self.put = put
+        self.delay = delay
+        self.lines: list[bytes] = []
+        self.call: IDelayedCall | None = None
+
+    def __call__(self, line: bytes) -> None:
+        self.lines.append(line)
+        if self.call is None:
+            self.call = self.clock.callLater(self.delay, self.flush)
+
+    def flush(self) -> None:
+        """Hand over what is gathered (at once at shutdown, before the log thread stops)."""
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+        if self.lines:
+            lines, self.lines = self.lines, []
+            self.put(b"".join(lines))
 
 
 class _Stamp:

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
-from typing import Mapping
+from typing import Callable, Mapping
 
 KEY_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 API_KEY = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
@@ -215,8 +215,10 @@ class KeyStore:
         self.windows = {k: v for k, v in self.windows.items() if k in live}
         return warnings
 
-    def check(self, presented: str | None, now: float, wall: datetime, count: bool = True) -> ApiKey | Denied:
-        """The key for ``presented``, or why not.  ``now`` is monotonic for rate limits.
+    def check(self, presented: str | None, now: float, wall: datetime | Callable[[], datetime],
+              count: bool = True) -> ApiKey | Denied:
+        """The key for ``presented``, or why not.  ``now`` is monotonic for rate limits; ``wall`` (or
+        what gives it, asked only for a key that expires) is the time for expiry.
 
         ``count=False`` only looks at the rate-limit window: a check made before
         the body arrives must not cost the request a second slot.
@@ -228,7 +230,7 @@ class KeyStore:
         # Compare digests in constant time; the lookup above only reveals hash prefixes.
         if key is None or not hmac.compare_digest(key.digest, digest):
             return Denied(401, "Invalid API key", "invalid_api_key")
-        if key.expires is not None and wall >= key.expires:
+        if key.expires is not None and (wall() if callable(wall) else wall) >= key.expires:
             return Denied(401, "API key has expired", "expired_api_key")
         rate = key.rate_limit if key.rate_limit is not None else self.default_rate
         if rate:
@@ -248,6 +250,8 @@ def presented_key(authorization: bytes | None, x_api_key: bytes | None) -> str |
     """The key a client sent: ``Authorization: Bearer <key>``, a bare ``Authorization: <key>``
     (llama-gguf-inference took one, so its clients may send it), or ``x-api-key``."""
     if authorization:
+        if authorization.startswith(b"Bearer ") and b"\t" not in authorization:  # nearly every client
+            return authorization[7:].strip().decode("latin-1") or None
         scheme, _, value = authorization.decode("latin-1").strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()

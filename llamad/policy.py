@@ -37,12 +37,12 @@ class TokenWindow:
     def add(self, now: float, tokens: int) -> None:
         if tokens <= 0:
             return
-        start = math.floor(now / self.step) * self.step
-        if self.buckets and self.buckets[-1][0] == start:
-            self.buckets[-1][1] += tokens
-        else:
-            self.buckets.append([start, tokens])
         self.total += tokens
+        buckets = self.buckets
+        if buckets and now < buckets[-1][0] + self.step:
+            buckets[-1][1] += tokens  # the newest bucket: most adds
+        else:
+            buckets.append([math.floor(now / self.step) * self.step, tokens])
 
     def used(self, now: float) -> int:
         """Tokens counted in the window that ends now (a bucket leaves once all of it is older than ``span``)."""

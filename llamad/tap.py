@@ -30,6 +30,7 @@ from llamad.health import health_site
 from llamad.k8s import connect
 from llamad.k8s.client import KubeClient
 from llamad.k8s.poller import ScaleFromZero
+from llamad.access import AccessLog
 from llamad.logs import ChildLog, access_log, model_log, boot_observer, gpu_inventory, open_logs
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
@@ -403,7 +404,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor,
                 default_rate=config.auth.default_rate, priorities=config.auth.priorities,
                 priority_ageing=config.auth.priority_ageing)
-    access = (access_log(writer, config.logs.dir, config.logs.max_bytes, config.logs.keep)
+    access = (AccessLog(reactor, access_log(writer, config.logs.dir, config.logs.max_bytes, config.logs.keep))
               if config.logs.access else None)
     gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
                       models, directory, access)
@@ -426,6 +427,8 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
 
     def close() -> None:
         globalLogPublisher.removeObserver(observer)
+        if access is not None:
+            access.flush()
         writer.stop()
 
     root.closers.append(close)

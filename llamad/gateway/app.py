@@ -688,7 +688,7 @@ class Proxied:
             if tap.usage is not None:
                 key: ApiKey | None = getattr(self.request, "api_key", None)
                 metrics.count_tokens(*tap.usage, key.key_id if key is not None else "")
-                if key is not None:
+                if key is not None and (key.tokens_per_minute is not None or key.tokens_per_day is not None):
                     gateway.policy.record(key.key_id, tap.usage[0] + tap.usage[1])
 
 

@@ -139,6 +139,8 @@ class FrontRequest:
         self.http10 = False
         self.keep_alive = True
         self.requestHeaders = RequestHeaders()
+        self.credentials: dict[bytes, bytes] = {}  # the last Authorization and x-api-key, as received
+        self.api_key: Any = None  # the key the guard let in
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.length: int | None = None  # the request's Content-Length
@@ -163,6 +165,8 @@ class FrontRequest:
         return io.BytesIO(b"".join(self.body))
 
     def getHeader(self, name: bytes) -> bytes | None:
+        if name == b"authorization" or name == b"x-api-key":
+            return self.credentials.get(name)
         values = self.requestHeaders.getRawHeaders(name)
         return values[-1] if values else None
 
@@ -464,7 +468,8 @@ class FrontProtocol(Protocol):
             self._too_large_head()
             raise _Refused
         request.requestHeaders.raw.append((name, value))
-        if len(name) == 14 or len(name) == 17 or len(name) == 6:
+        size = len(name)
+        if size == 14 or size == 17 or size == 6 or size == 13 or size == 9:
             lower = name.lower()
             if lower == b"content-length":
                 if len(value) > 18:
@@ -482,6 +487,8 @@ class FrontProtocol(Protocol):
                 request.chunked_body = True
             elif lower == b"expect":
                 request.expect_continue = value.strip().lower() == b"100-continue"
+            elif lower == b"authorization" or lower == b"x-api-key":
+                request.credentials[lower] = value  # read on every request when auth is on
 
     def on_headers_complete(self) -> None:
         request = self.incoming

@@ -136,7 +136,7 @@ class Auth:
         """
         verdict = self.store.check(
             presented_key(request.getHeader(b"authorization"), request.getHeader(b"x-api-key")),
-            self.clock.seconds(), self.wall(), count,
+            self.clock.seconds(), self.wall, count,
         )
         if isinstance(verdict, Denied):
             self.unauthorized += 1  # a refusal ends the request, whichever check made it
