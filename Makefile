@@ -48,7 +48,9 @@ bench: setup
 		{ command -v apt-get >/dev/null && apt-get install -y -q wrk nginx-light >/dev/null; } || \
 		{ echo "make bench needs wrk and nginx (Debian: apt-get install wrk nginx-light)"; exit 1; }
 	PATH="$(abspath $(BIN)):$$PATH:/usr/sbin" $(BIN)/python bench/run.py --rounds $${ROUNDS:-8}
+	PATH="$(abspath $(BIN)):$$PATH:/usr/sbin" $(BIN)/python bench/run.py --rounds $${ROUNDS:-8} --no-real-sse --policy
 	$(BIN)/python bench/inprocess.py
+	$(BIN)/python bench/inprocess.py --policy --requests 10000
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/ttfb.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/coldstart.py --runs 10
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/swap.py --rounds 5

@@ -1,6 +1,6 @@
 """llamad against direct llama-server and nginx, measured in interleaved rounds.
 
-    .venv/bin/python bench/run.py [--rounds 8] [--seconds 2] [--no-real-sse]
+    .venv/bin/python bench/run.py [--rounds 8] [--seconds 2] [--no-real-sse] [--policy]
                                   [--llamad-set api.KEY=VALUE ...] [--json PATH]
 
 Three paths to the same servers: direct, nginx (keep-alive reverse proxy,
@@ -29,6 +29,11 @@ wrk completed ("N requests in") or by the SSE events relayed.  Reported as
 the median over rounds, in microseconds; the 10 ms tick is fine against runs
 of a couple of seconds.  Once at the end, /ping on llamad's health port is
 measured while its API port is saturated.
+
+``--policy``: every request on every path carries an API key, and llamad
+checks it against a TOML keys file whose one key has every policy field (a
+model glob, both token quotas, a rate, max_concurrent, a priority class),
+with the key_id labels and the access log on.
 
 ``--llamad-set KEY=VALUE`` (repeatable) adds a key to both llamad configs:
 ``api.fast_path=false`` puts ``fast_path = false`` in the ``[api]`` table;

@@ -265,3 +265,27 @@ def test_a_request_that_arrives_while_its_model_is_being_evicted_waits_and_is_se
     w.settle()
     w.settle()
     assert isinstance(a[0], Lease) and w.states() == {"a": "ready", "b": "stopped"}
+
+
+def test_a_higher_class_gets_room_first_across_models():
+    """Room for one model at a time: b waits from t=0 (level 0), c from t=5 with a 30 s head start:
+    when a's request ends, c starts first; b later, after c's request."""
+    w = World(budget=5 * GiB, queue_timeout=600)
+    for model_id in "abc":
+        w.add(model_id, 5 * GiB)
+    w.start()
+    a = w.admit("a")
+    w.settle()
+    lease = w.use("a", a)
+    b = w.admit("b")
+    w.reactor.advance(5)
+    c: list = []
+    defer.ensureDeferred(w.fleet.models["c"].gate.admit(head_start=30.0)).addBoth(c.append)
+    w.settle()
+    assert w.states()["a"] == "ready" and b == [] and c == []  # a is busy: nobody gets room
+    w.done("a", lease)
+    w.settle()
+    assert w.states() == {"a": "stopped", "b": "stopped", "c": "ready"} and isinstance(c[0], Lease)
+    w.done("c", w.use("c", c))
+    w.settle()
+    assert w.states()["b"] == "ready" and isinstance(b[0], Lease)
