@@ -22,7 +22,7 @@ import re
 import secrets
 import tempfile
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
 from typing import Callable, Mapping
@@ -48,9 +48,13 @@ class ApiKey:
     tokens_per_day: int | None = None
     max_concurrent: int | None = None
     priority: str = ""  # a class of [auth.priorities]; empty: level 0
+    _scope: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)  # model id -> may use
 
     def may_use(self, model_id: str) -> bool:
-        return not self.models or any(fnmatchcase(model_id, pattern) for pattern in self.models)
+        allowed = self._scope.get(model_id)
+        if allowed is None:  # once per model id: ids come from the config, never from a request
+            allowed = self._scope[model_id] = not self.models or any(fnmatchcase(model_id, p) for p in self.models)
+        return allowed
 
     @property
     def has_policy(self) -> bool:
