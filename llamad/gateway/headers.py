@@ -30,19 +30,20 @@ def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:
     return tokens
 
 
-def _crossing(pairs: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
-    """``pairs`` minus the names in ``drop`` and those a Connection header names; one pass."""
+def _crossing(pairs: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes, bytes]]:
+    """``pairs`` minus the names in ``drop`` and those a Connection header names, in one pass; each kept
+    one as (lower-case name, name, value)."""
     kept = []
-    named: set[bytes] = set()
+    named: set[bytes] | None = None
     for name, value in pairs:
         lower = name.lower()
         if lower in drop:
             if lower == b"connection":
-                named |= _named_in_connection((value,))
+                named = _named_in_connection((value,)) | (named or set())
             continue
-        kept.append((name, value))
+        kept.append((lower, name, value))
     if named:  # rare: more headers named hop-by-hop
-        kept = [(n, v) for n, v in kept if n.lower() not in named]
+        kept = [header for header in kept if header[0] not in named]
     return kept
 
 
@@ -52,12 +53,13 @@ def to_backend(headers: Headers, key: str) -> list[bytes]:
     pairs = getattr(headers, "raw", None)
     if pairs is None:
         pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
-    lines = [name + b": " + value for name, value in _crossing(pairs, _REQUEST_DROP)]
+    lines = [name + b": " + value for _, name, value in _crossing(pairs, _REQUEST_DROP)]
     if key:
         lines.append(b"Authorization: Bearer " + key.encode())
     return lines
 
 
-def to_client(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The child's response headers minus hop-by-hop (and those named in Connection), CORS, Server, Date."""
+def to_client(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
+    """The child's response headers minus hop-by-hop (and those named in Connection), CORS, Server, Date,
+    as (lower-case name, name, value): the relay need not lower them again."""
     return _crossing(headers, _RESPONSE_DROP)

@@ -107,13 +107,13 @@ class _Relay:
         request.setResponseCode(status, reason or None)
         content_type = b""
         keep_length = True
-        for name, value in header_rules.to_client(headers):
-            lower = name.lower()
+        add = request.responseHeaders.addRawHeader
+        for lower, name, value in header_rules.to_client(headers):
             if lower == b"content-type":
                 content_type = value
             elif lower == b"content-length":
                 continue  # set below, unless a tap may change the body
-            request.responseHeaders.addRawHeader(name, value)
+            add(name, value)
         self.sse = content_type.startswith(b"text/event-stream")
         if self.tap_for is not None:
             self.tap = self.tap_for(self.sse)

@@ -86,6 +86,7 @@ class _Connection(Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.handler: ResponseHandler | None = None
+        self.exchange: Exchange | None = None  # what sent the request: it may send it once more
         self.on_connect: typing.Callable[[_Connection], None] | None = None
         self.reused = False
         self.idle_since = 0.0  # when it went back to the pool
@@ -108,9 +109,10 @@ class _Connection(Protocol):
         if callback is not None:
             callback(self)
 
-    def send(self, data: bytes, handler: ResponseHandler, head_request: bool) -> None:
+    def send(self, data: bytes, handler: ResponseHandler, head_request: bool, exchange: Exchange | None = None) -> None:
         self._reset()
         self.handler = handler
+        self.exchange = exchange
         self.head_request = head_request
         write_now(self.transport, data)
 
@@ -288,11 +290,11 @@ class _Connection(Protocol):
             return
         if self.state == "until-close":
             handler.finished()
-        elif not self.started and (self.reused or not getattr(handler, "retried", True)):
+        elif not self.started and (self.reused or (self.exchange is not None and not self.exchange.retried)):
             # Closed before any response byte: a kept-alive connection the child had already closed,
             # or a fresh one it accepted while dying.  Once more on a new connection: a live child
             # answers it, a dead one refuses it, and that is "not delivered" (safe to send again).
-            self.pool._retry(handler)
+            self.pool._retry(self.exchange, handler)
         else:
             handler.failed(f"upstream closed the connection ({reason.getErrorMessage()})", self.started)
 
@@ -316,7 +318,8 @@ class _Factory(ClientFactory):
 
 
 class Exchange:
-    """One request in flight; :meth:`cancel` closes its connection."""
+    """One request in flight; :meth:`cancel` closes its connection.  The connection reports to the
+    handler itself; the exchange is what can send the request again."""
 
     def __init__(self, pool: UpstreamPool, data: bytes, handler: ResponseHandler, head_request: bool) -> None:
         self.pool = pool
@@ -326,7 +329,6 @@ class Exchange:
         self.connection: _Connection | None = None
         self.cancelled = False
         self.retried = False  # sent once more after a connection closed before any response byte
-        self.framed = getattr(handler, "framed", False)
 
     def start(self, allow_reuse: bool = True) -> None:
         connection = self.pool._take() if allow_reuse else None
@@ -341,7 +343,7 @@ class Exchange:
             connection.transport.loseConnection()
             return
         self.connection = connection
-        connection.send(self.data, self, self.head_request)
+        connection.send(self.data, self.handler, self.head_request, self)
 
     def _unreachable(self, reason: str) -> None:
         if not self.cancelled:
@@ -351,23 +353,6 @@ class Exchange:
         self.cancelled = True
         if self.connection is not None:
             self.connection.abort()
-
-    # ResponseHandler, forwarding to the real handler
-    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                         length: int | None, producer: IPushProducer) -> None:
-        self.handler.response_started(status, reason, headers, length, producer)
-
-    def body(self, data: bytes) -> None:
-        self.handler.body(data)
-
-    def chunks(self, framed: bytes, whole: bool, size: int, last: bool = False) -> None:
-        self.handler.chunks(framed, whole, size, last)
-
-    def finished(self) -> None:
-        self.handler.finished()
-
-    def failed(self, reason: str, started: bool, sent: bool = True) -> None:
-        self.handler.failed(reason, started, sent)
 
 
 def _chunk_size(line: bytes) -> int:
@@ -435,14 +420,14 @@ class UpstreamPool:
         if connection in self.idle:
             self.idle.remove(connection)
 
-    def _retry(self, exchange: ResponseHandler) -> None:
+    def _retry(self, exchange: Exchange | None, handler: ResponseHandler) -> None:
         """A connection died before any response byte: once more, on a new one."""
-        if isinstance(exchange, Exchange) and not exchange.cancelled:
+        if exchange is not None and not exchange.cancelled:
             exchange.connection = None
             exchange.retried = True
             exchange.start(allow_reuse=False)
         else:
-            exchange.failed("upstream closed a reused connection", False)
+            handler.failed("upstream closed a reused connection", False)
 
     def close(self) -> None:
         for connection in list(self.idle):

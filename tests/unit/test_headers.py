@@ -29,7 +29,7 @@ def to_client(headers: Headers) -> Headers:
     """The child's headers, as the (name, value) pairs the upstream parser gives, filtered."""
     pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
     out = Headers()
-    for name, value in rules.to_client(pairs):
+    for _, name, value in rules.to_client(pairs):
         out.addRawHeader(name, value)
     return out
 
