@@ -56,35 +56,27 @@ class AccessLog:
             self.put(b"".join(lines))
 
 
-class _Stamp:
-    """The time as ISO 8601 UTC with milliseconds; the part up to the second formatted once a second."""
-
-    second = -1
-    prefix = b""
-
-    @classmethod
-    def of(cls, wall: float) -> bytes:
-        second = int(wall)
-        if second != cls.second:
-            cls.second, cls.prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-        return b"%s.%03dZ" % (cls.prefix, int((wall - second) * 1000))
-
-
-def _name(value: str | None) -> bytes:
-    return b"null" if value is None else b'"%s"' % value.encode()
-
-
-def _seconds(value: float | None) -> bytes:
-    return b"null" if value is None else b"%.4f" % value
+_STAMP: list = [-1, b""]  # the second last formatted, and its text
+_LINE = (b'{"time": "%s.%03dZ", "key_id": %s, "model": %s, "route": "%s", "status": %d, "prompt_tokens": %d, '
+         b'"completion_tokens": %d, "duration": %s, "ttfb": %s, "queue_wait": %s, "cold_start": %s}\n')
 
 
 def access_line(wall: float, key_id: str | None, model: str | None, route: str, status: int, prompt: int,
-                completion: int, duration: float, ttfb: float | None, queue_wait: float | None,
+                completion: int, duration: float | None, ttfb: float | None, queue_wait: float | None,
                 cold_start: float | None) -> bytes:
-    return (b'{"time": "%s", "key_id": %s, "model": %s, "route": "%s", "status": %d, "prompt_tokens": %d, '
-            b'"completion_tokens": %d, "duration": %s, "ttfb": %s, "queue_wait": %s, "cold_start": %s}\n' % (
-                _Stamp.of(wall), _name(key_id), _name(model), route.encode(), status, prompt, completion,
-                _seconds(duration), _seconds(ttfb), _seconds(queue_wait), _seconds(cold_start)))
+    """One line; the time's text up to the second is formatted once a second."""
+    second = int(wall)
+    if second != _STAMP[0]:
+        _STAMP[0], _STAMP[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+    return _LINE % (
+        _STAMP[1], int((wall - second) * 1000),
+        b"null" if key_id is None else b'"%s"' % key_id.encode(),
+        b"null" if model is None else b'"%s"' % model.encode(),
+        route.encode(), status, prompt, completion,
+        b"null" if duration is None else b"%.4f" % duration,
+        b"null" if ttfb is None else b"%.4f" % ttfb,
+        b"null" if queue_wait is None else b"%.4f" % queue_wait,
+        b"null" if cold_start is None else b"%.4f" % cold_start)
 
 
 @dataclass

@@ -64,7 +64,10 @@ def toml_keys(args: argparse.Namespace, path: str, expires: str | None) -> int:
         print(f"no key with id {args.id!r} in {path}", file=sys.stderr)
         return 1
     if args.action == "revoke":
-        if not _write_text(path, keysfile.remove_table(text, args.id) or text):
+        remaining = keysfile.remove_table(text, args.id)
+        if remaining is None:
+            return _not_a_table(path, args.id)
+        if not _write_text(path, remaining):
             return 1
         print(f"revoked {args.id}; send SIGHUP or run `llamad keys reload` to apply it to a running daemon")
         return 0
@@ -87,7 +90,10 @@ def toml_keys(args: argparse.Namespace, path: str, expires: str | None) -> int:
         new_text = keysfile.append_table(text, keysfile.toml_table(entry, hash_only=args.hash_only))
     else:
         hashed = not next(e for e in entries if e.key.key_id == args.id).secret
-        new_text = keysfile.replace_secret(text, args.id, secret, hashed, expires) or text
+        rotated = keysfile.replace_secret(text, args.id, secret, hashed, expires)
+        if rotated is None:
+            return _not_a_table(path, args.id)
+        new_text = rotated
     if not _write_text(path, new_text):
         return 1
     print(secret)
@@ -97,6 +103,12 @@ def toml_keys(args: argparse.Namespace, path: str, expires: str | None) -> int:
         print(f"rotated {args.id}: the old key works until the daemon reloads (`llamad keys reload`)",
               file=sys.stderr)
     return 0
+
+
+def _not_a_table(path: str, key_id: str) -> int:
+    print(f"llamad keys: {path} holds {key_id} but not as its own [keys.{key_id}] table (an inline table?); "
+          "edit it by hand", file=sys.stderr)
+    return 1
 
 
 def describe(entry: keysfile.KeyEntry) -> str:

@@ -360,3 +360,15 @@ def test_usage_sums_the_access_log_per_key_and_model(tmp_path: Path, capsys: pyt
                                                           "COMPLETION", "TOTAL"]
     code, out, err = run(["keys", "usage", "--since", "yesterday"], capsys)
     assert code == 2 and "bad --since" in err
+
+
+def test_revoking_the_last_toml_key_empties_the_file_and_an_inline_table_is_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[keys.only]\nkey = "' + "o" * 20 + '"\n')
+    code, out, err = run(["keys", "-f", str(path), "revoke", "only"], capsys)
+    assert code == 0 and auth.KeyStore().load(str(path)) == [] and "only" not in path.read_text()
+    path.write_text('keys = {inline = {key = "' + "i" * 20 + '"}}\n')
+    code, out, err = run(["keys", "-f", str(path), "revoke", "inline"], capsys)
+    assert code == 1 and "edit it by hand" in err and "inline" in path.read_text()
