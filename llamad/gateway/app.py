@@ -29,7 +29,7 @@ from llamad.gateway.front import FrontFactory, FrontRequest
 from llamad.gateway.gate import Gate, Lease
 from llamad.gateway.guard import Auth, Cors, GuardResource
 from llamad.gateway.limits import guarded_site
-from llamad.gateway.proxy import NotDelivered, Proxy
+from llamad.gateway.proxy import NotDelivered, Proxy, Relay
 from llamad.gateway import models_api
 from llamad.gateway.routing import ModelDirectory
 from llamad.gateway.usage import UsageTap, ask_for_usage
@@ -558,7 +558,7 @@ class Proxied:
         self.target: Target | None = None
         self.committed = False  # llamad started the SSE response itself (cold start)
         self.tap: UsageTap | None = None
-        self.pending: defer.Deferred[Any] | None = None  # the relay or the wait for a restarted child
+        self.pending: Relay | defer.Deferred[Any] | None = None  # the relay or the wait for a restarted child
         self.done: defer.Deferred[None] | None = None  # for a coroutine that awaits the end
         self.key: ApiKey | None = None  # set when the key limits its concurrent requests
         self.key_place = False  # holds one of them
@@ -594,10 +594,9 @@ class Proxied:
 
     def _send(self) -> None:
         assert self.target is not None
-        d = self.pending = self.gateway.proxy.forward(
-            self.request, self.target, self.body, self._first_byte, self._tap_for if self.inference else None,
+        self.pending = self.gateway.proxy.relay(
+            self.request, self.target, self.body, self, self._first_byte, self._tap_for if self.inference else None,
             self.committed, self.uri)
-        d.addCallbacks(self._relayed, self._not_relayed)
 
     def _tap_for(self, sse: bool) -> UsageTap:
         self.tap = UsageTap(sse, self.strip_usage)
@@ -625,21 +624,21 @@ class Proxied:
                            None if self.first_byte_at is None else self.first_byte_at - self.started,
                            None if lease is None else lease.queue_wait, None if lease is None else lease.cold_wait)
 
-    def _relayed(self, _: object) -> None:
+    def relayed(self) -> None:
         self.pending = None
         request = self.request
         if not request.finished and not getattr(request, "_disconnected", False):
             request.finish()
         self._end(request.code)
 
-    def _not_relayed(self, failure: Failure) -> None:
+    def not_relayed(self, failure: Failure) -> None:
         self.pending = None
         lease = self.lease
         if failure.check(NotDelivered) and lease is not None and self.runtime.gate.can_redeliver(lease):
             # The child died (or is restarting) and got none of this request: send it to the next one.
             log.info("backend unreachable before {route} was sent: waiting for its restart", route=self.route)
             d = self.pending = defer.ensureDeferred(self.runtime.gate.redeliver(lease))
-            d.addCallbacks(self._redelivered, self._not_relayed)
+            d.addCallbacks(self._redelivered, self.not_relayed)
             return
         request = self.request
         if failure.check(defer.CancelledError):

@@ -2,9 +2,10 @@
 
 Each chunk from the child is written to the client as it arrives.  The child
 connection's transport is registered as the request's streaming producer, so a
-slow client pauses the read from the child.  Cancelling the Deferred that
-:meth:`Proxy.forward` returns (the client went away) closes the child
-connection, which makes llama.cpp free the slot.
+slow client pauses the read from the child.  Cancelling the relay that
+:meth:`Proxy.relay` returns (the client went away) closes the child
+connection, which makes llama.cpp free the slot.  The relay tells its
+:class:`RelayOwner` how it ended with plain calls: no Deferred per request.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTCP, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from llamad.backends import Target
@@ -47,6 +49,17 @@ class Tap(typing.Protocol):
         """Drop nothing from here on (the stream cannot be cut into events); returns what it held back."""
 
 
+class RelayOwner(typing.Protocol):
+    """Told once how a relay ended."""
+
+    def relayed(self) -> None:
+        """The response is written (or, once started, ended as well as its kind allows)."""
+
+    def not_relayed(self, failure: Failure) -> None:
+        """No response was started: an :class:`ApiError` (502, 504, 503), :class:`NotDelivered`, or
+        ``CancelledError`` when the client went away."""
+
+
 class NotDelivered(ApiError):
     """The backend could not be reached: not one byte of the request got to it, so it may be sent again."""
 
@@ -64,14 +77,17 @@ class _Upstream:
         self.pool = UpstreamPool(reactor, clock, url.hostname, port, max_idle)
 
 
-class _Relay:
+class Relay:
     """Receives the child's response and writes it to the client request."""
 
-    def __init__(self, request: IRequest, done: defer.Deferred[None] | None, first_byte: Callable[[], None] | None,
-                 tap_for: Callable[[bool], Tap] | None, timer: IDelayedCall | None, committed: bool) -> None:
-        """``done``: fired when the response is written (one is made when None is given)."""
+    def __init__(self, request: IRequest, owner: RelayOwner, first_byte: Callable[[], None] | None,
+                 tap_for: Callable[[bool], Tap] | None, timer: IDelayedCall | None, committed: bool,
+                 active: set[Relay] | None = None) -> None:
+        """``active``: the proxy's relays in flight, which this one leaves at its end."""
         self.request = request
-        self.done: defer.Deferred[None] = done if done is not None else defer.Deferred(self._cancelled)
+        self.owner = owner
+        self.ended = False
+        self.active = active
         self.first_byte = first_byte
         self.tap_for = tap_for
         self.tap: Tap | None = None
@@ -91,7 +107,7 @@ class _Relay:
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
         self.timer = cancel(self.timer)
-        if self.done.called:
+        if self.ended:
             return
         self.started = True
         request = self.request
@@ -124,7 +140,7 @@ class _Relay:
         request.registerProducer(producer, True)
 
     def body(self, data: bytes) -> None:
-        if self.done.called:
+        if self.ended:
             return
         if self.error_body is not None:
             self.error_body.append(data)
@@ -145,7 +161,7 @@ class _Relay:
         """Pass the child's chunks on unchanged.  Where the tap may drop an event (or a child's error
         becomes an SSE event) they are held up to a chunk boundary, and chunks the tap must change are
         decoded, fed, and what is left written as one chunk of its own."""
-        if self.done.called:
+        if self.ended:
             return
         needs_whole = self.error_body is not None or (self.tap is not None and self.tap.strip)
         if self.held or (needs_whole and not whole and not last):
@@ -167,13 +183,24 @@ class _Relay:
             self.body(dechunk(framed))
 
     def finished(self) -> None:
-        if self.done.called:
+        if self.ended:
             return
         if self.error_body is not None:
             self.request.write(sse_error_event(_error_message(b"".join(self.error_body)), "backend_error"))
         self._flush_tap()
         self.request.unregisterProducer()
-        self.done.callback(None)
+        self._settle(None)
+
+    def _settle(self, failure: Failure | None) -> None:
+        """The end, told to the owner once."""
+        self.ended = True
+        self.timer = cancel(self.timer)
+        if self.active is not None:
+            self.active.discard(self)
+        if failure is None:
+            self.owner.relayed()
+        else:
+            self.owner.not_relayed(failure)
 
     def _flush_tap(self) -> None:
         if self.tap is not None:
@@ -183,37 +210,41 @@ class _Relay:
 
     def failed(self, reason: str, started: bool, sent: bool = True) -> None:
         self.timer = cancel(self.timer)
-        if self.done.called:
+        if self.ended:
             return
         if not started:
             error = ApiError if sent else NotDelivered
-            self.done.errback(error(502, f"backend unreachable: {reason}", "backend_unreachable"))
+            self._settle(Failure(error(502, f"backend unreachable: {reason}", "backend_unreachable")))
             return
         log.warn("backend stream broke: {why}", why=reason)
         self._break("backend connection lost mid-stream", "stream_interrupted")
 
-    def _cancelled(self, _: defer.Deferred[None]) -> None:
+    def cancel(self) -> None:
         """The client went away: close the child's connection (llama.cpp frees the slot)."""
+        if self.ended:
+            return
         if self.exchange is not None:
             self.exchange.cancel()
+        self._settle(Failure(defer.CancelledError()))
 
     def timed_out(self, seconds: float) -> None:
         self.timer = None
-        if not self.done.called:
-            if self.exchange is not None:
-                self.exchange.cancel()
-            self.done.errback(ApiError(504, f"backend did not start responding within {seconds:g} s",
-                                       "backend_timeout"))
+        if self.ended:
+            return
+        if self.exchange is not None:
+            self.exchange.cancel()
+        self._settle(Failure(ApiError(504, f"backend did not start responding within {seconds:g} s",
+                                      "backend_timeout")))
 
     def cut(self, message: str) -> None:
         """End this exchange now (shutdown after ``api.drain_timeout``)."""
-        if self.done.called:
+        if self.ended:
             return
         self.timer = cancel(self.timer)
         if self.exchange is not None:
             self.exchange.cancel()
         if not self.started:
-            self.done.errback(ApiError(503, message, "shutting_down", {b"retry-after": b"5"}))
+            self._settle(Failure(ApiError(503, message, "shutting_down", {b"retry-after": b"5"})))
         else:
             self._break(message, "shutting_down")
 
@@ -233,7 +264,7 @@ class _Relay:
             # No way to say "failed" inside a started plain body: cut the
             # connection so the client sees an incomplete response.
             transport.abortConnection()
-        self.done.callback(None)
+        self._settle(None)
 
 
 def _error_message(body: bytes) -> str:
@@ -254,7 +285,7 @@ class Proxy:
         self.request_timeout = request_timeout
         self.max_idle = max_idle
         self.upstreams: dict[bytes, _Upstream] = {}
-        self.active: set[_Relay] = set()
+        self.active: set[Relay] = set()
 
     def _upstream(self, origin: bytes) -> _Upstream:
         upstream = self.upstreams.get(origin)
@@ -269,19 +300,21 @@ class Proxy:
         """A small GET on the backend, e.g. its /metrics: (status, body)."""
         return fetch(self._upstream(target.origin).pool, path, target.key, timeout)
 
-    def forward(
+    def relay(
         self,
         request: IRequest,
         target: Target,
         body: bytes,
+        owner: RelayOwner,
         first_byte: Callable[[], None] | None = None,
         tap_for: Callable[[bool], Tap] | None = None,
         committed: bool = False,
         uri: bytes | None = None,
-    ) -> defer.Deferred[None]:
-        """Relay ``request`` to ``target``; fires when the response is written.
+    ) -> Relay:
+        """Relay ``request`` to ``target``; ``owner`` is told how it ended.  Cancel the returned relay
+        when the client goes away.
 
-        Failures before the response starts raise :class:`ApiError` (502, 504).
+        Failures before the response starts are :class:`ApiError` (502, 504).
         ``committed``: llamad already sent an SSE response's head (cold start).  ``uri``: the path to
         send, when it is not the client's (``/upstream/<id>/...``).
         """
@@ -299,18 +332,12 @@ class Proxy:
             lines.append(b"Connection: close")
         data = b"\r\n".join(lines) + b"\r\n\r\n" + body
 
-        relay = _Relay(request, None, first_byte, tap_for, None, committed)
+        relay = Relay(request, owner, first_byte, tap_for, None, committed, self.active)
         if self.request_timeout > 0:
             relay.timer = self.clock.callLater(self.request_timeout, relay.timed_out, self.request_timeout)
         self.active.add(relay)
-        done = relay.done
-        done.addBoth(self._inactive, relay)
         relay.exchange = upstream.pool.request(data, relay, head_request=method == b"HEAD")
-        return done
-
-    def _inactive(self, result: object, relay: _Relay) -> object:
-        self.active.discard(relay)
-        return result
+        return relay
 
     def cut_all(self, message: str) -> int:
         """End every exchange in flight; returns how many there were."""

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from llamad.gateway.app import OWN_HANDLERS, OWN_ROUTES, Gateway, api_factory
 from llamad.gateway.front import FrontFactory, FrontProtocol
 from llamad.gateway.guard import Auth, Cors
-from llamad.gateway.proxy import _Relay
+from llamad.gateway.proxy import Relay
 from llamad.gateway.sendnow import write_now
 from llamad.gateway import front as front_module
 from llamad.gateway import proxy as proxy_module
@@ -52,20 +52,31 @@ class PendingProxy(FakeProxy):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pending: list[tuple[object, defer.Deferred[None]]] = []
+        self.pending: list[tuple[object, Held]] = []
         self.cancelled: list[object] = []
 
-    def forward(self, request, target, body, first_byte=None, tap_for=None, committed=False, uri=None):
+    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
         self.targets.append(target)
-        d: defer.Deferred[None] = defer.Deferred(lambda _: self.cancelled.append(request))
-        self.pending.append((request, d))
-        return d
+        held = Held(self, request, owner)
+        self.pending.append((request, held))
+        return held
 
     def answer(self) -> None:
-        request, d = self.pending.pop(0)
+        request, held = self.pending.pop(0)
         request.setHeader(b"content-type", b"application/json")
         request.write(PROXIED)
-        d.callback(None)
+        held.owner.relayed()
+
+
+class Held:
+    """A relay the test has not answered yet; cancelling it records the request."""
+
+    def __init__(self, proxy: PendingProxy, request: object, owner) -> None:
+        self.proxy, self.request, self.owner = proxy, request, owner
+
+    def cancel(self) -> None:
+        self.proxy.cancelled.append(self.request)
+        self.owner.not_relayed(Failure(defer.CancelledError()))
 
 
 def server(gateway: Gateway | None = None, **limits) -> FrontFactory:
@@ -561,10 +572,10 @@ class ChildProxy(FakeProxy):
         super().__init__()
         self.reads = reads
 
-    def forward(self, request, target, body, first_byte=None, tap_for=None, committed=False, uri=None):
-        done: defer.Deferred[None] = defer.Deferred()
-        exchange(_Relay(request, done, first_byte, tap_for, None, committed), *self.reads)
-        return done
+    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
+        relay = Relay(request, owner, first_byte, tap_for, None, committed)
+        exchange(relay, *self.reads)
+        return relay
 
 
 STREAM_BODY = b'{"stream": true, "messages": []}'  # no include_usage: llamad asks, and hides the answer

@@ -48,18 +48,26 @@ class FakeBackend:
         return {"state": self.state.value}
 
 
+class Relayed:
+    """What a fake proxy's ``relay`` returns: a relay already over, which cancelling leaves alone."""
+
+    def cancel(self) -> None:
+        pass
+
+
 class FakeProxy:
-    """Answers every forwarded request with a fixed body, recording the target."""
+    """Answers every relayed request with a fixed body, recording the target."""
 
     def __init__(self) -> None:
         self.targets: list[Target] = []
 
-    def forward(self, request, target, body, first_byte=None, tap_for=None, committed=False, uri=None):
+    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
         self.targets.append(target)
         request.setHeader(b"content-type", b"application/json")
         first_byte()
         request.write(b'{"proxied": true}')
-        return defer.succeed(None)
+        owner.relayed()
+        return Relayed()
 
 
 def build(state: State = State.READY, lazy: bool = False, wait: float = 10, max_concurrent: int = 4,

@@ -7,9 +7,8 @@ import json
 
 from prometheus_client.parser import text_string_to_metric_families
 from test_front import PendingProxy, connect, parse, server
-from test_gateway_app import FakeBackend, FakeProxy
+from test_gateway_app import FakeBackend, FakeProxy, Relayed
 from test_limits import no_tracebacks  # noqa: F401 (autouse: a logged failure fails)
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from llamad.activity import Activity
@@ -58,13 +57,14 @@ class UsageProxy(FakeProxy):
 
     BODY = b'{"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}}'
 
-    def forward(self, request, target, body, first_byte=None, tap_for=None, committed=False, uri=None):
+    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
         self.targets.append(target)
         request.setHeader(b"content-type", b"application/json")
         data = tap_for(False).feed(self.BODY) if tap_for is not None else self.BODY
         first_byte()
         request.write(data)
-        return defer.succeed(None)
+        owner.relayed()
+        return Relayed()
 
 
 def build(tmp_path, proxy=None, max_concurrent: int = 4, queue_timeout: float = 10):
