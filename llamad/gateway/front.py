@@ -131,32 +131,34 @@ class FrontRequest:
     HTTP/1.0 one ends when the connection closes.
     """
 
+    # Defaults kept on the class: a request sets only what differs (one is made per request).
+    method = b""
+    path = b""
+    http10 = False
+    keep_alive = True
+    credentials: dict[bytes, bytes] | None = None  # the last Authorization and x-api-key, as received
+    api_key: Any = None  # the key the guard let in
+    body_bytes = 0
+    length: int | None = None  # the request's Content-Length
+    chunked_body = False
+    expect_continue = False
+    code = 200
+    code_message: bytes | None = None
+    head_sent = False
+    chunked = False
+    last_chunk_sent = False  # the child's own, passed on
+    finished = False
+    _disconnected = False
+    sentLength = 0
+    on_lost: Any = None  # called once if the client goes away before the response ends
+    _producer: IPushProducer | None = None
+
     def __init__(self, channel: FrontProtocol) -> None:
         self.channel = channel
-        self.method = b""
         self.uri = b""
-        self.path = b""
-        self.http10 = False
-        self.keep_alive = True
         self.requestHeaders = RequestHeaders()
-        self.credentials: dict[bytes, bytes] = {}  # the last Authorization and x-api-key, as received
-        self.api_key: Any = None  # the key the guard let in
         self.body: list[bytes] = []
-        self.body_bytes = 0
-        self.length: int | None = None  # the request's Content-Length
-        self.chunked_body = False
-        self.expect_continue = False
-        self.code = 200
-        self.code_message: bytes | None = None
         self.responseHeaders = ResponseHeaders()
-        self.head_sent = False
-        self.chunked = False
-        self.last_chunk_sent = False  # the child's own, passed on
-        self.finished = False
-        self._disconnected = False
-        self.sentLength = 0
-        self.on_lost: Any = None  # called once if the client goes away before the response ends
-        self._producer: IPushProducer | None = None
 
     # --- the request ---------------------------------------------------------------------------
 
@@ -166,7 +168,7 @@ class FrontRequest:
 
     def getHeader(self, name: bytes) -> bytes | None:
         if name == b"authorization" or name == b"x-api-key":
-            return self.credentials.get(name)
+            return self.credentials.get(name) if self.credentials is not None else None
         values = self.requestHeaders.getRawHeaders(name)
         return values[-1] if values else None
 
@@ -488,6 +490,8 @@ class FrontProtocol(Protocol):
             elif lower == b"expect":
                 request.expect_continue = value.strip().lower() == b"100-continue"
             elif lower == b"authorization" or lower == b"x-api-key":
+                if request.credentials is None:
+                    request.credentials = {}
                 request.credentials[lower] = value  # read on every request when auth is on
 
     def on_headers_complete(self) -> None:

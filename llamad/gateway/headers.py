@@ -59,7 +59,9 @@ def to_backend(headers: Headers, key: str) -> list[bytes]:
     return lines
 
 
-def to_client(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
-    """The child's response headers minus hop-by-hop (and those named in Connection), CORS, Server, Date,
-    as (lower-case name, name, value): the relay need not lower them again."""
-    return _crossing(headers, _RESPONSE_DROP)
+def to_client(headers: list[tuple[bytes, bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
+    """The child's response headers, as (lower-case name, name, value), minus hop-by-hop (and those named
+    in Connection), CORS, Server, Date."""
+    kept = [header for header in headers if header[0] not in _RESPONSE_DROP]
+    named = _named_in_connection(value for lower, _, value in headers if lower == b"connection")
+    return [header for header in kept if header[0] not in named] if named else kept

@@ -104,7 +104,7 @@ class Relay:
         self.held_size = 0  # their data bytes
         self.held_bytes = 0
 
-    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
         self.timer = cancel(self.timer)
         if self.ended:

@@ -29,12 +29,13 @@ from llamad.gateway.sendnow import write_now
 CONNECT_TIMEOUT = 10
 POOL_IDLE_SECONDS = 3  # shorter than llama.cpp's 5 s keep-alive
 MAX_HEAD = 65536
-_FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding"), len(b"connection")})
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 
 class ResponseHandler(typing.Protocol):
-    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                         length: int | None, producer: IPushProducer) -> None: ...
+    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]],
+                         length: int | None, producer: IPushProducer) -> None:
+        """``headers``: (lower-case name, name as sent, value), in order."""
 
     def body(self, data: bytes) -> None: ...
 
@@ -156,14 +157,14 @@ class _Connection(Protocol):
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name, value = name.strip(), value.strip()
-            headers.append((name, value))
-            if len(name) in _FRAMING_NAME_LENGTHS:  # most names are none of the three: no lower()
-                lower = name.lower()
+            lower = name.lower()
+            headers.append((lower, name, value))
+            if lower in _FRAMING_NAMES:
                 if lower == b"content-length":
                     length = int(value) if value.isdigit() else None
                 elif lower == b"transfer-encoding":
                     chunked = value.lower().endswith(b"chunked")
-                elif lower == b"connection" and b"close" in value.lower():
+                elif b"close" in value.lower():
                     self.keep_alive = False
         if parts[0] == b"HTTP/1.0":
             self.keep_alive = False
@@ -443,7 +444,7 @@ class _Collect:
         self.status = 0
         self.parts: list[bytes] = []
 
-    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+    def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
         self.status = status
 

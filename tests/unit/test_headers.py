@@ -26,8 +26,8 @@ def to_backend(headers: Headers, key: str) -> Headers:
 
 
 def to_client(headers: Headers) -> Headers:
-    """The child's headers, as the (name, value) pairs the upstream parser gives, filtered."""
-    pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+    """The child's headers, as the (lower, name, value) triples the upstream parser gives, filtered."""
+    pairs = [(name.lower(), name, value) for name, values in headers.getAllRawHeaders() for value in values]
     out = Headers()
     for _, name, value in rules.to_client(pairs):
         out.addRawHeader(name, value)
