@@ -253,6 +253,7 @@ class FrontRequest:
     def finish(self) -> None:
         if self.finished:
             return
+        self.on_lost = None  # it points back at what answers this request: no cycle left behind
         if self._disconnected:
             self.finished = True
             return

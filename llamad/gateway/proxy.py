@@ -192,8 +192,10 @@ class Relay:
         self._settle(None)
 
     def _settle(self, failure: Failure | None) -> None:
-        """The end, told to the owner once."""
+        """The end, told to the owner once.  The exchange, which points back here, is let go: no
+        reference cycle is left for the garbage collector per request."""
         self.ended = True
+        self.exchange = None
         self.timer = cancel(self.timer)
         if self.active is not None:
             self.active.discard(self)

@@ -269,6 +269,7 @@ class _Connection(Protocol):
 
     def _complete(self) -> None:
         handler, self.handler = self.handler, None
+        self.exchange = None
         self.state = "done"
         if self.keep_alive:
             self.pool._idle(self)
