@@ -32,9 +32,11 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def _write_text(path: str, text: str) -> bool:
+def _write_text(path: str, text: str, toml: bool = True) -> bool:
+    """Replace the keys file with ``text`` (a TOML one only if it reads back as TOML)."""
     try:
-        keysfile.check_text(text)
+        if toml:
+            keysfile.check_text(text)
         auth.write_key_file(path, text.rstrip("\n").split("\n") if text.strip() else [])
     except ValueError as e:
         print(f"llamad keys: {e}", file=sys.stderr)
@@ -151,20 +153,10 @@ def convert(args: argparse.Namespace, path: str) -> int:
         return 1
     for warning in warnings:
         print(f"warning: {warning} (not converted)", file=sys.stderr)
-    written = _write_text(out, text) if to_toml else _write_lines(out, text)
-    if not written:
+    if not _write_text(out, text, toml=to_toml):
         return 1
     print(f"wrote {out}; set auth.keys_file (AUTH_KEYS_FILE) to it and reload (`llamad keys reload`)")
     return 0
-
-
-def _write_lines(path: str, text: str) -> bool:
-    try:
-        auth.write_key_file(path, text.rstrip("\n").split("\n") if text.strip() else [])
-    except OSError as e:
-        print(f"llamad keys: cannot write {path}: {e.strerror or e}", file=sys.stderr)
-        return False
-    return True
 
 
 def since_time(text: str, now: datetime | None = None) -> str:
