@@ -84,9 +84,7 @@ def _keys_file(args: argparse.Namespace) -> str:
 
 def keys(args: argparse.Namespace) -> int:
     """Manage the API keys file (atomic rewrites, mode 0600), or ask a daemon to reload it."""
-    from llamad import auth
-
-    from llamad import keytool
+    from llamad import auth, keytool
 
     if args.action == "reload":
         return _reload(args)

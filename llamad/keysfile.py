@@ -186,9 +186,9 @@ def key_line(entry: KeyEntry) -> str:
     """The line-format line of one key; ValueError when that format cannot hold it."""
     key = entry.key
     if key.has_policy:
-        return _refuse(key.key_id, "has a policy (models, role, token quotas, max_concurrent or priority)")
+        raise _unholdable(key.key_id, "has a policy (models, role, token quotas, max_concurrent or priority)")
     if not entry.secret:
-        return _refuse(key.key_id, "is stored as key_sha256 only")
+        raise _unholdable(key.key_id, "is stored as key_sha256 only")
     fields = [key.key_id, entry.secret]
     if key.rate_limit or key.expires:
         fields.append(str(key.rate_limit or ""))
@@ -197,8 +197,8 @@ def key_line(entry: KeyEntry) -> str:
     return ":".join(fields)
 
 
-def _refuse(key_id: str, why: str) -> str:
-    raise ValueError(f"key {key_id} {why}, which the line format cannot hold")
+def _unholdable(key_id: str, why: str) -> ValueError:
+    return ValueError(f"key {key_id} {why}, which the line format cannot hold")
 
 
 def lines_to_toml(lines: list[KeyLine]) -> str:

@@ -19,6 +19,7 @@ second of writing, and ``_boot/latest.txt`` with it.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import queue
@@ -297,11 +298,7 @@ def access_log(writer: LogWriter, logs_dir: str, max_bytes: int, keep: int) -> C
         open(os.path.join(directory, "latest.txt"), "ab").close()  # `tail -F` can start at once
     except OSError as e:
         writer._failed(f"cannot prepare the access log directory {directory}: {e}")
-
-    def put(line: bytes) -> None:
-        writer.put("access", line)
-
-    return put
+    return functools.partial(writer.put, "access")
 
 
 def boot_observer(writer: LogWriter) -> ILogObserver:

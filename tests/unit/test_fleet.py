@@ -68,6 +68,12 @@ class World:
     def states(self) -> dict[str, str]:
         return {model_id: sup.state.value for model_id, sup in self.sups.items()}
 
+    def running(self, model_id: str) -> tuple[list, Lease]:
+        """A request for ``model_id`` that got its slot once the fleet started the model, now running."""
+        outcome = self.admit(model_id)
+        self.settle()
+        return outcome, self.use(model_id, outcome)
+
     def use(self, model_id: str, outcome: list) -> Lease:
         """A request that got its slot runs, then ends."""
         lease = outcome[0]
@@ -99,9 +105,7 @@ def test_a_model_that_does_not_fit_evicts_the_least_recently_used_idle_one():
         w.add(model_id, 4 * GiB)
     w.start()
     for model_id in "ab":
-        outcome = w.admit(model_id)
-        w.settle()
-        lease = w.use(model_id, outcome)
+        outcome, lease = w.running(model_id)
         w.reactor.advance(1)
         w.done(model_id, lease)
     c = w.admit("c")
@@ -115,9 +119,7 @@ def test_a_busy_model_is_never_evicted_and_the_request_waits_for_room():
     for model_id in "ab":
         w.add(model_id, 5 * GiB)
     w.start()
-    a = w.admit("a")
-    w.settle()
-    lease = w.use("a", a)  # a request in flight on a
+    a, lease = w.running("a")  # a request in flight on a
     b = w.admit("b")
     w.settle()
     assert w.states() == {"a": "ready", "b": "stopped"} and b == []
@@ -134,9 +136,7 @@ def test_a_request_that_waits_past_queue_timeout_gets_503_and_nothing_is_started
     for model_id in "ab":
         w.add(model_id, 5 * GiB)
     w.start()
-    a = w.admit("a")
-    w.settle()
-    lease = w.use("a", a)
+    a, lease = w.running("a")
     b = w.admit("b")
     w.reactor.advance(30)
     assert b and b[0].value.code == "queue_timeout"
@@ -175,9 +175,7 @@ def test_min_resident_keeps_a_fresh_model_against_a_younger_request_then_lets_it
     w.add("a", 5 * GiB)
     w.add("b", 5 * GiB)
     w.start()
-    a = w.admit("a")
-    w.settle()
-    lease = w.use("a", a)
+    a, lease = w.running("a")
     w.done("a", lease)
     b = w.admit("b")  # arrives after a was loaded: a stays its 30 s
     w.settle()
@@ -274,9 +272,7 @@ def test_a_higher_class_gets_room_first_across_models():
     for model_id in "abc":
         w.add(model_id, 5 * GiB)
     w.start()
-    a = w.admit("a")
-    w.settle()
-    lease = w.use("a", a)
+    a, lease = w.running("a")
     b = w.admit("b")
     w.reactor.advance(5)
     c: list = []
