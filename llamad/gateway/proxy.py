@@ -25,11 +25,11 @@ from llamad.backends import Target
 from llamad.gateway import headers as header_rules
 from llamad.gateway.errors import ApiError, sse_error_event
 from llamad.gateway.upstream import Exchange, UpstreamPool, dechunk, fetch
-from llamad.timers import cancel
 
 log = Logger(namespace="llamad.proxy")
 
 MAX_POOLS = 4  # the child's port changes on restart; old pools are dropped
+SWEEP_INTERVAL = 0.5  # seconds between checks of the relays still waiting for the child's answer
 MAX_HELD = 1 << 20  # bytes of chunks held for a whole SSE event; past it the stream is passed on as it came
 
 
@@ -80,9 +80,11 @@ class _Upstream:
 class Relay:
     """Receives the child's response and writes it to the client request."""
 
+    # When the child must have started answering (0: no limit); the proxy's sweep looks.
+    deadline = 0.0
+
     def __init__(self, request: IRequest, owner: RelayOwner, first_byte: Callable[[], None] | None,
-                 tap_for: Callable[[bool], Tap] | None, timer: IDelayedCall | None, committed: bool,
-                 active: set[Relay] | None = None) -> None:
+                 tap_for: Callable[[bool], Tap] | None, committed: bool, active: set[Relay] | None = None) -> None:
         """``active``: the proxy's relays in flight, which this one leaves at its end."""
         self.request = request
         self.owner = owner
@@ -91,7 +93,6 @@ class Relay:
         self.first_byte = first_byte
         self.tap_for = tap_for
         self.tap: Tap | None = None
-        self.timer = timer
         self.committed = committed  # an SSE response llamad already started (cold start)
         self.sse = committed
         self.error_body: list[bytes] | None = None
@@ -106,7 +107,6 @@ class Relay:
 
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
-        self.timer = cancel(self.timer)
         if self.ended:
             return
         self.started = True
@@ -196,7 +196,6 @@ class Relay:
         reference cycle is left for the garbage collector per request."""
         self.ended = True
         self.exchange = None
-        self.timer = cancel(self.timer)
         if self.active is not None:
             self.active.discard(self)
         if failure is None:
@@ -211,7 +210,6 @@ class Relay:
                 self.request.write(rest)
 
     def failed(self, reason: str, started: bool, sent: bool = True) -> None:
-        self.timer = cancel(self.timer)
         if self.ended:
             return
         if not started:
@@ -230,8 +228,7 @@ class Relay:
         self._settle(Failure(defer.CancelledError()))
 
     def timed_out(self, seconds: float) -> None:
-        self.timer = None
-        if self.ended:
+        if self.ended or self.started:
             return
         if self.exchange is not None:
             self.exchange.cancel()
@@ -242,7 +239,6 @@ class Relay:
         """End this exchange now (shutdown after ``api.drain_timeout``)."""
         if self.ended:
             return
-        self.timer = cancel(self.timer)
         if self.exchange is not None:
             self.exchange.cancel()
         if not self.started:
@@ -288,6 +284,21 @@ class Proxy:
         self.max_idle = max_idle
         self.upstreams: dict[bytes, _Upstream] = {}
         self.active: set[Relay] = set()
+        self.sweeper: IDelayedCall | None = None
+
+    def _sweep(self) -> None:
+        """504 for each relay whose child has not started answering by its deadline.  One timer for
+        every request in flight, while any waits for its answer: none is set and cancelled per request."""
+        self.sweeper = None
+        now = self.clock.seconds()
+        waiting = False
+        for relay in [relay for relay in self.active if not relay.started and relay.deadline]:
+            if relay.deadline <= now:
+                relay.timed_out(self.request_timeout)
+            else:
+                waiting = True
+        if waiting:
+            self.sweeper = self.clock.callLater(SWEEP_INTERVAL, self._sweep)
 
     def _upstream(self, origin: bytes) -> _Upstream:
         upstream = self.upstreams.get(origin)
@@ -334,9 +345,11 @@ class Proxy:
             lines.append(b"Connection: close")
         data = b"\r\n".join(lines) + b"\r\n\r\n" + body
 
-        relay = Relay(request, owner, first_byte, tap_for, None, committed, self.active)
+        relay = Relay(request, owner, first_byte, tap_for, committed, self.active)
         if self.request_timeout > 0:
-            relay.timer = self.clock.callLater(self.request_timeout, relay.timed_out, self.request_timeout)
+            relay.deadline = self.clock.seconds() + self.request_timeout
+            if self.sweeper is None:
+                self.sweeper = self.clock.callLater(SWEEP_INTERVAL, self._sweep)
         self.active.add(relay)
         relay.exchange = upstream.pool.request(data, relay, head_request=method == b"HEAD")
         return relay

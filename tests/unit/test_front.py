@@ -573,7 +573,7 @@ class ChildProxy(FakeProxy):
         self.reads = reads
 
     def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
-        relay = Relay(request, owner, first_byte, tap_for, None, committed)
+        relay = Relay(request, owner, first_byte, tap_for, committed)
         exchange(relay, *self.reads)
         return relay
 
@@ -720,3 +720,58 @@ def test_a_proxied_request_leaves_no_reference_cycle(answer):
         if enabled:
             gc.enable()
     assert [r.status for r in parse(transport.value())] == [200] * 21
+
+
+# --- the child's time to answer -------------------------------------------------------------------------
+
+
+class SilentChild(TCPTransport):
+    """A pooled connection to a child that takes each request and never answers."""
+
+    def __init__(self, clock: Clock, answer_after: float | None = None) -> None:
+        super().__init__()
+        self.clock = clock
+        self.answer_after = answer_after
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.answer_after is not None:
+            answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+            self.clock.callLater(self.answer_after, self.protocol.dataReceived, answer)
+
+
+def proxied_through(child_for, timeout: float) -> tuple[Gateway, FrontProtocol, TCPTransport, TCPTransport]:
+    from llamad.gateway.proxy import Proxy
+
+    gateway = _gateway()
+    gateway.proxy = proxy = Proxy(None, gateway.clock, timeout)
+    pool = proxy._upstream(gateway.gate.backend.target().origin).pool
+    connection = _Connection(pool)
+    child = child_for(gateway.clock)
+    connection.makeConnection(child)
+    child.protocol = connection
+    pool._idle(connection)
+    protocol, transport = connect(server(gateway))
+    protocol.dataReceived(POST_HEAD + b"Content-Length: 2\r\n\r\n{}")
+    assert child.value().startswith(b"POST /v1/chat/completions ")  # the child has the request
+    return gateway, protocol, transport, child
+
+
+def test_a_child_that_does_not_start_answering_in_request_timeout_gets_a_504_and_its_connection_closed():
+    gateway, _, transport, child = proxied_through(SilentChild, 5)
+    gateway.clock.advance(4.9)
+    assert transport.value() == b""
+    gateway.clock.advance(0.6)  # the sweep finds it at most half a second late
+    [response] = parse(transport.value())
+    assert response.status == 504 and json.loads(response.body)["error"]["code"] == "backend_timeout"
+    assert child.disconnecting  # llama.cpp sees the close and frees the slot
+    assert gateway.proxy.sweeper is None and not gateway.proxy.active  # nothing left to watch
+
+
+def test_a_child_that_answers_in_time_is_not_cut_and_the_sweep_stops():
+    gateway, _, transport, child = proxied_through(lambda clock: SilentChild(clock, answer_after=3), 5)
+    gateway.clock.advance(3)
+    assert [r.status for r in parse(transport.value())] == [200]
+    gateway.clock.advance(10)
+    assert [r.status for r in parse(transport.value())] == [200] and not child.disconnecting
+    assert gateway.proxy.sweeper is None  # no timer left once nothing waits for an answer
