@@ -128,13 +128,14 @@ class _Connection(Protocol):
             self.transport.loseConnection()  # bytes nobody asked for
             return
         if self.state == "head":
-            self.buffer += data
-            end = self.buffer.find(b"\r\n\r\n")
+            buffered = self.buffer + data if self.buffer else data  # a head most often comes in one read
+            end = buffered.find(b"\r\n\r\n")
             if end < 0:
-                if len(self.buffer) > MAX_HEAD:
+                self.buffer = buffered
+                if len(buffered) > MAX_HEAD:
                     self._fail("upstream response head too large")
                 return
-            head, data = self.buffer[:end], self.buffer[end + 4:]
+            head, data = buffered[:end], buffered[end + 4:]
             self.buffer = b""
             if head.startswith(b"HTTP/1.1 100 ") or head == b"HTTP/1.1 100":
                 if data:
