@@ -62,6 +62,21 @@ class TokenWindow:
                 return max(0.0, leaves - now)
         return 0.0
 
+    def kept(self, now: float) -> list[list[float]]:
+        """The buckets still in the window, as [start, tokens] (what a restart must not forget)."""
+        self.used(now)
+        return [list(bucket) for bucket in self.buckets]
+
+    def restore(self, buckets: list[list[float]], now: float) -> None:
+        """Add saved buckets that are still in the window (a restart picks up where the last boot was)."""
+        merged: dict[float, int] = {}
+        for start, tokens in [*self.buckets, *buckets]:
+            start = math.floor(start / self.step) * self.step
+            if start + self.step > now - self.span and start <= now and tokens > 0:
+                merged[start] = merged.get(start, 0) + int(tokens)
+        self.buckets = deque([start, tokens] for start, tokens in sorted(merged.items()))
+        self.total = sum(merged.values())
+
 
 class KeyUse:
     """One key's counters."""
@@ -130,6 +145,21 @@ class Policy:
             return 0, 0
         now = self.clock.seconds()
         return use.minute.used(now), use.day.used(now)
+
+    def token_state(self) -> dict[str, dict[str, list[list[float]]]]:
+        """Each key's token windows, for a state file that outlives this process."""
+        now = self.clock.seconds()
+        state = {key_id: {"minute": use.minute.kept(now), "day": use.day.kept(now)}
+                 for key_id, use in self.uses.items()}
+        return {key_id: windows for key_id, windows in state.items() if windows["day"]}
+
+    def restore_tokens(self, state: Mapping[str, Mapping[str, list[list[float]]]]) -> None:
+        """Counts from :meth:`token_state` of an earlier boot, added to what this one counted."""
+        now = self.clock.seconds()
+        for key_id, windows in state.items():
+            use = self.use(key_id)
+            use.minute.restore(windows.get("minute", []), now)
+            use.day.restore(windows.get("day", []), now)
 
     # --- concurrency --------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from llamad.k8s import connect
 from llamad.k8s.client import KubeClient
 from llamad.k8s.poller import ScaleFromZero
 from llamad.access import AccessLog
+from llamad.tokenfile import FILE_NAME as TOKEN_FILE, TokenFile
 from llamad.logs import ChildLog, access_log, model_log, boot_observer, gpu_inventory, open_logs
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
@@ -409,6 +410,8 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
                       models, directory, access)
     root.reloaders.append(auth.reload)
+    if config.auth.enabled:
+        TokenFile(auth.policy, os.path.join(config.data_dir, TOKEN_FILE), reactor).setServiceParent(root)
     for supervisor in root.supervisors:
         root.reloaders.append(supervisor.retry)
 

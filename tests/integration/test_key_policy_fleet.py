@@ -47,7 +47,8 @@ role = ["admin"]
 """
 
 
-def start(start_llamad, tmp_path: Path, demo_model: str, llama_server_bin: str, extra: str = ""):
+def start(start_llamad, tmp_path: Path, demo_model: str, llama_server_bin: str, extra: str = "",
+          data_dir: Path | None = None):
     keys = tmp_path / "keys.toml"
     keys.write_text(keys_toml())
     slow = tmp_path / "slow-llama-server"  # model one takes a few seconds to start: requests queue meanwhile
@@ -58,7 +59,7 @@ def start(start_llamad, tmp_path: Path, demo_model: str, llama_server_bin: str, 
             f'[fleet]\nmemory_budget = "8GiB"\nmin_resident = 0\n{extra}\n'
             f'[models.one]\nmodel = "{demo_model}"\nmemory = "1GiB"\nparallel = 1\ncommand = "{slow}"\n'
             f'[models.two]\nmodel = "{demo_model}"\nmemory = "1GiB"\n')
-    return start_llamad(toml=toml, wait="listening"), keys
+    return start_llamad(toml=toml, wait="listening", data_dir=data_dir), keys
 
 
 def call(daemon, key: str, path: str, body=None, method: str = "POST"):
@@ -96,6 +97,13 @@ def test_scopes_roles_quota_and_reload(start_llamad, tmp_path, demo_model, llama
     status, body, headers = completion(daemon, Q, "two")
     assert status == 429 and body["error"]["code"] == "token_quota_exceeded"
     assert 1 <= int(headers["retry-after"]) <= 61
+    # A restart on the same volume does not hand out a fresh quota.
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(60) == 0
+    daemon, keys = start(start_llamad, tmp_path, demo_model, llama_server_bin, data_dir=daemon.data_dir)
+    assert "token use: restored the windows of 1 key(s)" in daemon.log()
+    status, body, _ = completion(daemon, Q, "two")
+    assert status == 429 and body["error"]["code"] == "token_quota_exceeded"
     # Reload: what the key used survives; a larger quota applies at once.
     loads = daemon.log().count("api keys: 5 loaded")
     keys.write_text(keys_toml(quota=40) + "\n[keys.new]\nkey = \"new-key-0123456789abc\"\n")

@@ -85,6 +85,36 @@ def test_counters_survive_a_reload_and_follow_the_new_limits():
     assert policy.tokens_used("k") == (500, 500)
 
 
+def test_token_windows_outlive_the_process_through_their_state():
+    clock = Clock()
+    clock.advance(1_000_000)
+    before = Policy(clock)
+    day = key(tokens_per_day=1000)
+    for _ in range(4):
+        before.record("k", 300)
+        clock.advance(120)
+    before.record("other", 5)
+    state = before.token_state()
+    assert set(state) == {"k", "other"} and [tokens for _, tokens in state["k"]["day"]] == [300] * 4
+    clock.advance(30)  # the restart
+    after = Policy(clock)
+    after.restore_tokens(state)
+    assert after.tokens_used("k") == before.tokens_used("k") == (0, 1200)
+    assert after.quota_refusal(day) is not None
+    assert after.quota_refusal(day).headers == before.quota_refusal(day).headers  # the same Retry-After
+    clock.advance(DAY)
+    assert after.tokens_used("k") == (0, 0) and after.token_state() == {}
+
+
+def test_restored_buckets_merge_with_counts_already_made_and_old_ones_are_dropped():
+    w = TokenWindow(60, 1)
+    w.add(100.5, 10)
+    w.restore([[39.0, 7], [99.0, 3], [100.0, 4], [500.0, 9]], 100.5)  # too old; in; same bucket; future
+    assert list(w.buckets) == [[99.0, 3], [100.0, 14]] and w.used(100.5) == 17
+    w.add(100.7, 1)  # the newest bucket still takes the next adds
+    assert w.used(100.7) == 18 and len(w.buckets) == 2
+
+
 # --- concurrency ----------------------------------------------------------------------------------
 
 
