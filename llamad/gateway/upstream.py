@@ -10,8 +10,9 @@ transport is the producer the handler can pause (backpressure) or stop
 (cancellation, which makes llama.cpp free the slot).  A handler with
 ``framed = True`` gets a chunked body as it came (:meth:`ResponseHandler.chunks`),
 nothing decoded, to pass the chunks on unchanged: llhttp walks the chunks in
-C, one ``feed_data`` per read, and says only where a read ends (on a chunk
-boundary or not), how many data bytes it held, and where the body ends.
+C, one ``feed_data`` per read and one small callback per chunk, and says only
+how many data bytes a read held, whether it ends right after a chunk that ends
+an SSE event, and where the body ends.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class ResponseHandler(typing.Protocol):
     def chunks(self, framed: bytes, whole: bool, size: int, last: bool = False) -> None:
         """A chunked body's bytes with their framing, for a handler with ``framed = True``.  The first
         call starts on a chunk boundary, each later one where the last ended; ``whole``: this one ends
-        on a boundary too; ``size``: the data bytes in it; ``last``: it ends with the child's last chunk
-        (size 0) and trailers, the end of the body."""
+        on a boundary too, right after a chunk whose data ends an SSE event (a read that ends on another
+        boundary may say False); ``size``: the data bytes in it; ``last``: it ends with the child's last
+        chunk (size 0) and trailers, the end of the body."""
 
     def finished(self) -> None: ...
 
@@ -59,23 +61,19 @@ _CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 class _ChunkWalk:
-    """llhttp's callbacks while it walks a chunked body: the data's size, the boundaries, the end."""
+    """llhttp's callbacks while it walks a chunked body: the data's size, the last data, the end.
+    One Python call per chunk (``on_body``); where the chunks begin and end is not reported."""
 
-    __slots__ = ("size", "between", "done")
+    __slots__ = ("size", "last", "done")
 
     def __init__(self) -> None:
         self.size = 0
-        self.between = True  # no chunk begun since the last one ended (bytes of a size line may follow)
+        self.last = b""  # the last data of the current read
         self.done = False
-
-    def on_chunk_header(self) -> None:
-        self.between = False
 
     def on_body(self, data: bytes) -> None:
         self.size += len(data)
-
-    def on_chunk_complete(self) -> None:
-        self.between = True
+        self.last = data
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -196,13 +194,18 @@ class _Connection(Protocol):
         walk, walker, handler = self.walk, self.walker, self.handler
         assert walk is not None and walker is not None and handler is not None
         before = walk.size
+        walk.last = b""
         try:
             walker.feed_data(data)
         except httptools.HttpParserError:
             self._fail("bad chunked encoding from upstream")
             return
-        # A read that ends past a chunk's CRLF and before any size line ends on a boundary.
-        handler.chunks(data, walk.between and data.endswith(b"\r\n"), walk.size - before, walk.done)
+        # The read ends on a boundary after a whole SSE event when its last data ends the event and
+        # only that data's CRLF follows: had the chunk gone on, llhttp would have taken those bytes
+        # as data, and no size line ends in LF.  Other boundaries count as not whole, which is safe.
+        last = walk.last
+        whole = last.endswith(b"\n\n") and data.endswith(b"\r\n") and data.endswith(last, 0, len(data) - 2)
+        handler.chunks(data, whole, walk.size - before, walk.done)
         if walk.done and handler is self.handler:
             self._complete()
 

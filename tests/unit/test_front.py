@@ -513,7 +513,10 @@ class FramedHandler:
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 ONE_BY_ONE = [b"5\r\nhello\r\n", b"6;ext=1\r\n world\r\n", b"1\r\n!\r\n"]
 CHUNKS = b"".join(ONE_BY_ONE)
-CHUNK_ENDS = set(accumulate(map(len, ONE_BY_ONE)))  # offsets in CHUNKS where a chunk ends
+# One SSE event per chunk, as a model server writes them (one with a chunk extension).
+EVENT_BY_EVENT = [b"9\r\ndata: 1\n\n\r\n", b"a;ext=1\r\ndata: 22\n\n\r\n", b"b\r\ndata: 333\n\n\r\n"]
+EVENT_CHUNKS = b"".join(EVENT_BY_EVENT)
+EVENT_ENDS = set(accumulate(map(len, EVENT_BY_EVENT)))  # offsets in EVENT_CHUNKS where a chunk ends
 
 
 def exchange(handler, *reads: bytes) -> _Connection:
@@ -533,24 +536,39 @@ def framed_exchange(*reads: bytes) -> tuple[FramedHandler, _Connection]:
 
 @pytest.mark.parametrize("end", [b"0\r\n\r\n", b"0\r\nX-Trailer: 1\r\nX-Other: 2\r\n\r\n"])
 def test_framed_chunks_split_anywhere_pass_unchanged_marked_at_boundaries_and_the_end(end):
-    raw = CHUNKED_HEAD + CHUNKS + end
-    ends = CHUNK_ENDS | {len(CHUNKS)}
+    raw = CHUNKED_HEAD + EVENT_CHUNKS + end
+    ends = EVENT_ENDS | {len(EVENT_CHUNKS)}
     for cut in range(1, len(raw)):
         handler, connection = framed_exchange(raw[:cut], raw[cut:])
-        assert b"".join(framed for framed, _ in handler.calls) == CHUNKS + end, cut  # the child's end too
+        assert b"".join(framed for framed, _ in handler.calls) == EVENT_CHUNKS + end, cut  # the child's end too
         assert handler.lasts[-1] and not any(handler.lasts[:-1]), cut
         passed = 0
         for (framed, whole), last in zip(handler.calls, handler.lasts):
             passed += len(framed)
             if not last:
                 assert whole == (passed in ends), (cut, passed)
-        assert sum(handler.sizes) == len(dechunk(CHUNKS)), cut  # each chunk's data counted once
+        assert sum(handler.sizes) == len(dechunk(EVENT_CHUNKS)), cut  # each chunk's data counted once
         assert handler.done and handler.plain == [] and connection.pool.idle == [connection], cut
 
 
+def test_a_boundary_after_data_that_does_not_end_an_event_is_not_called_whole():
+    """Safe either way: a relay that needs whole events holds such a read until one ends."""
+    for cut in range(1, len(CHUNKS)):
+        handler, _ = framed_exchange(CHUNKED_HEAD + CHUNKS[:cut], CHUNKS[cut:])
+        assert [whole for _, whole in handler.calls] == [False, False], cut
+        assert sum(handler.sizes) == len(dechunk(CHUNKS)), cut
+
+
+def test_data_that_looks_like_the_next_size_line_is_not_mistaken_for_a_boundary():
+    # The first chunk's data ends in CRLF and "b"; the read ends after the next chunk's size line "b".
+    tricky = b"c\r\ndata: x\n\n\r\nb\r\n" + b"b\r\n"
+    handler, _ = framed_exchange(CHUNKED_HEAD + tricky, b"data: 333\n\n\r\n")
+    assert [whole for _, whole in handler.calls] == [False, True]
+
+
 def test_a_framed_body_still_open_is_not_done():
-    handler, connection = framed_exchange(CHUNKED_HEAD + CHUNKS)
-    assert not handler.done and handler.calls == [(CHUNKS, True)] and handler.lasts == [False]
+    handler, connection = framed_exchange(CHUNKED_HEAD + EVENT_CHUNKS)
+    assert not handler.done and handler.calls == [(EVENT_CHUNKS, True)] and handler.lasts == [False]
     assert connection.pool.idle == []
 
 
