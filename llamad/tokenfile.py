@@ -82,7 +82,6 @@ class TokenFile(Service):
         self.loop = LoopingCall(self.save)
         self.loop.clock = clock
         self.saved: dict[str, Any] | None = None  # the last state written (nothing new: no write)
-        self.writing: Deferred[Any] | None = None
         self._lock = threading.Lock()
         self._taken = 0  # states taken to write, numbered
         self._written = 0  # the newest one written: an older one landing later is not written
@@ -115,12 +114,13 @@ class TokenFile(Service):
                 log.warn("token use: cannot write {path}: {e}", path=self.path, e=e)
 
     def save(self) -> Deferred[Any] | None:
-        """Write the windows if they changed, in a thread; one write at a time."""
+        """Write the windows if they changed, in a thread (the loop waits for one write to end before
+        it starts the next interval)."""
         state = self.policy.token_state()
-        if state == self.saved or self.writing is not None:
+        if state == self.saved:
             return None
         self._taken += 1
-        d = self.writing = self.in_thread(self._write, self._taken, state)
+        d = self.in_thread(self._write, self._taken, state)
 
         def written(_: object) -> None:
             self.saved = state
@@ -128,10 +128,4 @@ class TokenFile(Service):
         def failed(failure: Any) -> None:
             log.warn("token use: cannot write {path}: {e}", path=self.path, e=failure.getErrorMessage())
 
-        def done(result: object) -> object:
-            self.writing = None
-            return result
-
-        d.addCallbacks(written, failed)
-        d.addBoth(done)
-        return d
+        return d.addCallbacks(written, failed)
