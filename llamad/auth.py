@@ -160,7 +160,12 @@ def write_key_file(path: str, lines: list[str]) -> None:
 
 
 def new_secret() -> str:
-    return secrets.token_urlsafe(32)
+    """A new API key: 256 random bits, URL-safe, never starting with '-' (one in 64 would, and
+    ``llamad keys reload --key KEY`` would take it for an option)."""
+    while True:
+        secret = secrets.token_urlsafe(32)
+        if not secret.startswith("-"):
+            return secret
 
 
 @dataclass(frozen=True)

@@ -432,7 +432,8 @@ def _models_options(p: argparse.ArgumentParser, here: bool) -> None:
     p.add_argument("--config", "-c", help="config whose api.listen to reach (read as twistd llamad reads it, "
                                           "environment included; no model needed)", **default)
     p.add_argument("--url", help="the daemon's API instead, e.g. http://127.0.0.1:8000", **default)
-    p.add_argument("--key", help="an API key (default: $LLAMAD_API_KEY)", **default)
+    p.add_argument("--key", help="an API key (default: $LLAMAD_API_KEY; one starting with '-': --key=KEY)",
+                   **default)
     p.add_argument("--timeout", type=float, help=f"seconds to wait for an answer (default: {MODELS_TIMEOUT:g})",
                    **(default or {"default": MODELS_TIMEOUT}))
 
@@ -498,7 +499,8 @@ def parser() -> argparse.ArgumentParser:
                                         "(--config, DATA_DIR), found by the PID file it keeps; or use --pid or --url.")
     rl.add_argument("--pid", type=int, help="send SIGHUP to this twistd PID instead")
     rl.add_argument("--url", help="POST /admin/reload here instead, e.g. http://127.0.0.1:8000")
-    rl.add_argument("--key", help="a valid API key for --url (default: $LLAMAD_API_KEY)")
+    rl.add_argument("--key", help="a valid API key for --url (default: $LLAMAD_API_KEY; one starting with '-': "
+                                  "--key=KEY)")
     k.set_defaults(func=keys)
 
     m = sub.add_parser("models", help="list a running llamad's models, or load or unload one",

@@ -266,3 +266,13 @@ def test_an_unreadable_keys_file_fails_closed_without_raising(tmp_path):
     write_key_file(str(path), [f"alice:{SECRET}"])
     assert store.load(str(path)) == [] and store.error == ""
     assert store.check(SECRET, 0, NOW).key_id == "alice"
+
+
+def test_a_new_secret_never_starts_like_an_option(monkeypatch):
+    """One token in 64 starts with '-': ``llamad keys reload --key KEY`` would read it as an option."""
+    from llamad import auth
+
+    drawn = iter(["-looks-like-an-option-0123456789abcdef", "-again-0123456789abcdefghijklmnop",
+                  "fine-0123456789abcdefghijklmnopqrst"])
+    monkeypatch.setattr(auth.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert auth.new_secret() == "fine-0123456789abcdefghijklmnopqrst"

@@ -372,3 +372,11 @@ def test_revoking_the_last_toml_key_empties_the_file_and_an_inline_table_is_left
     path.write_text('keys = {inline = {key = "' + "i" * 20 + '"}}\n')
     code, out, err = run(["keys", "-f", str(path), "revoke", "inline"], capsys)
     assert code == 1 and "edit it by hand" in err and "inline" in path.read_text()
+
+
+def test_a_key_starting_with_a_dash_is_given_as_key_equals() -> None:
+    """Keys of other origins may start with '-'; ``--key=KEY`` passes them, as the option's help says."""
+    from llamad.cli import parser
+
+    args = parser().parse_args(["keys", "reload", "--url", "http://127.0.0.1:8000", "--key=-starts-with-a-dash"])
+    assert args.key == "-starts-with-a-dash"
