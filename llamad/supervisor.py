@@ -347,6 +347,8 @@ class Supervisor(Service):
         self.port = 0
         self.pid: int | None = None
         self.generation = 0  # one per spawn: a target from an earlier child is never mistaken for this one's
+        self._target: Target | None = None  # the last target() and the port it was made for
+        self._target_port = 0
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.last_start_seconds: float | None = None
@@ -416,7 +418,13 @@ class Supervisor(Service):
         return self.when_stopped()
 
     def target(self) -> Target:
-        return Target(f"http://127.0.0.1:{self.port}".encode(), self.key, self.generation)
+        """The running child's address (one object per child: every request asks)."""
+        target, port = self._target, self.port
+        if target is None or port != self._target_port or target.generation != self.generation \
+                or target.key != self.key:
+            target = self._target = Target(f"http://127.0.0.1:{port}".encode(), self.key, self.generation)
+            self._target_port = port
+        return target
 
     def wait_ready(self, newer_than: int | None = None) -> defer.Deferred[None]:
         """Fires when a child is ready; fails with :class:`StartFailed` if its start fails.
@@ -782,9 +790,10 @@ class ExternalBackend:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
+        self._target = Target(self.url.encode(), "")
 
     def target(self) -> Target:
-        return Target(self.url.encode(), "")
+        return self._target
 
     def request_start(self, since: float | None = None) -> None:
         pass
