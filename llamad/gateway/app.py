@@ -542,6 +542,17 @@ class Proxied:
     """One request on its way through a child once admitted: the relay, a redelivery when the child
     died before getting any of it, and the accounting at the end, on plain callbacks."""
 
+    # Defaults kept on the class: a request sets only what differs (one is made per request).
+    lease: Lease | None = None
+    target: Target | None = None
+    committed = False  # llamad started the SSE response itself (cold start)
+    tap: UsageTap | None = None
+    pending: Relay | defer.Deferred[Any] | None = None  # the relay or the wait for a restarted child
+    done: defer.Deferred[None] | None = None  # for a coroutine that awaits the end
+    key: ApiKey | None = None  # set when the key limits its concurrent requests
+    key_place = False  # holds one of them
+    first_byte_at: float | None = None
+
     def __init__(self, gateway: Gateway, request: IRequest, route: str, started: float, runtime: ModelRuntime,
                  body: bytes, uri: bytes, payload: dict[str, Any] | None, strip_usage: bool = False) -> None:
         self.gateway = gateway
@@ -554,15 +565,6 @@ class Proxied:
         self.payload = payload  # an inference request's parsed body; None for other routes
         self.inference = payload is not None
         self.strip_usage = strip_usage
-        self.lease: Lease | None = None
-        self.target: Target | None = None
-        self.committed = False  # llamad started the SSE response itself (cold start)
-        self.tap: UsageTap | None = None
-        self.pending: Relay | defer.Deferred[Any] | None = None  # the relay or the wait for a restarted child
-        self.done: defer.Deferred[None] | None = None  # for a coroutine that awaits the end
-        self.key: ApiKey | None = None  # set when the key limits its concurrent requests
-        self.key_place = False  # holds one of them
-        self.first_byte_at: float | None = None
 
     def relay(self) -> defer.Deferred[None]:
         """:meth:`start`, as a Deferred that fires at the end; cancelling it cancels the relay."""

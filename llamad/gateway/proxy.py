@@ -80,30 +80,30 @@ class _Upstream:
 class Relay:
     """Receives the child's response and writes it to the client request."""
 
-    # When the child must have started answering (0: no limit); the proxy's sweep looks.
-    deadline = 0.0
+    # Defaults kept on the class: a relay sets only what differs (one is made per request).
+    deadline = 0.0  # when the child must have started answering (0: no limit); the proxy's sweep looks
+    ended = False
+    started = False
+    tap: Tap | None = None
+    error_body: list[bytes] | None = None
+    producer: IPushProducer | None = None
+    exchange: Exchange | None = None
+    held: list[bytes] | None = None  # chunks up to the next chunk boundary, while whole ones are needed
+    held_size = 0  # their data bytes
+    held_bytes = 0
 
     def __init__(self, request: IRequest, owner: RelayOwner, first_byte: Callable[[], None] | None,
                  tap_for: Callable[[bool], Tap] | None, committed: bool, active: set[Relay] | None = None) -> None:
         """``active``: the proxy's relays in flight, which this one leaves at its end."""
         self.request = request
         self.owner = owner
-        self.ended = False
         self.active = active
         self.first_byte = first_byte
         self.tap_for = tap_for
-        self.tap: Tap | None = None
         self.committed = committed  # an SSE response llamad already started (cold start)
         self.sse = committed
-        self.error_body: list[bytes] | None = None
-        self.producer: IPushProducer | None = None
-        self.started = False
-        self.exchange: Exchange | None = None
         # The fast path's request takes the child's chunks as they came: no decoding, no re-framing.
         self.framed = getattr(request, "passes_chunks", False)
-        self.held: list[bytes] = []  # chunks up to the next chunk boundary, while whole ones are needed
-        self.held_size = 0  # their data bytes
-        self.held_bytes = 0
 
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]],
                          length: int | None, producer: IPushProducer) -> None:
@@ -165,6 +165,8 @@ class Relay:
             return
         needs_whole = self.error_body is not None or (self.tap is not None and self.tap.strip)
         if self.held or (needs_whole and not whole and not last):
+            if self.held is None:
+                self.held = []
             self.held.append(framed)
             self.held_size += size
             self.held_bytes += len(framed)
@@ -175,7 +177,7 @@ class Relay:
                 if rest:
                     self.request.write(rest)
             framed, size = b"".join(self.held), self.held_size
-            self.held, self.held_size, self.held_bytes = [], 0, 0
+            self.held, self.held_size, self.held_bytes = None, 0, 0
         if self.error_body is None and (self.tap is None or self.tap.passes(framed)):
             self._first_byte()
             self.request.write_framed(framed, size, last)
