@@ -65,8 +65,10 @@ def test_idle_unload_then_ten_requests_share_one_cold_start(start_llamad, llama_
             results = list(pool.map(lambda _: api.chat.completions.with_raw_response.create(
                 model="demo", messages=MESSAGES, max_tokens=2), range(10)))
         assert all(r.http_response.status_code == 200 for r in results)
+        # Each one waited for the start (a request that came once the child was ready would carry no header;
+        # how long each waited depends on when the pool's thread sent it, on a loaded machine too).
         waited = [r.headers.get("x-llamad-cold-start") for r in results]
-        assert all(w is not None and float(w) > 0.9 for w in waited), waited
+        assert all(w is not None and float(w) > 0 for w in waited), waited
         children = daemon.children()
         assert len(children) == 1 and children[0] != first
         metrics = daemon.request("GET", "/metrics")[1].decode()
