@@ -30,30 +30,23 @@ def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:
     return tokens
 
 
-def _crossing(pairs: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes, bytes]]:
-    """``pairs`` minus the names in ``drop`` and those a Connection header names, in one pass; each kept
-    one as (lower-case name, name, value)."""
-    kept = []
-    named: set[bytes] | None = None
-    for name, value in pairs:
-        lower = name.lower()
-        if lower in drop:
-            if lower == b"connection":
-                named = _named_in_connection((value,)) | (named or set())
-            continue
-        kept.append((lower, name, value))
-    if named:  # rare: more headers named hop-by-hop
-        kept = [header for header in kept if header[0] not in named]
-    return kept
-
-
 def to_backend(headers: Headers, key: str) -> list[bytes]:
     """Header lines for the child: the client's minus hop-by-hop and credentials, plus the child's key."""
     # The fast path's headers are (name, value) pairs as received; twisted.web's group values by name.
     pairs = getattr(headers, "raw", None)
     if pairs is None:
         pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
-    lines = [name + b": " + value for _, name, value in _crossing(pairs, _REQUEST_DROP)]
+    lines = []
+    named: set[bytes] | None = None
+    for name, value in pairs:
+        lower = name.lower()
+        if lower in _REQUEST_DROP:
+            if lower == b"connection":
+                named = _named_in_connection((value,)) | (named or set())
+            continue
+        lines.append(name + b": " + value)
+    if named:  # rare: more headers named hop-by-hop
+        lines = [line for line in lines if line.partition(b":")[0].lower() not in named]
     if key:
         lines.append(b"Authorization: Bearer " + key.encode())
     return lines
@@ -62,6 +55,13 @@ def to_backend(headers: Headers, key: str) -> list[bytes]:
 def to_client(headers: list[tuple[bytes, bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
     """The child's response headers, as (lower-case name, name, value), minus hop-by-hop (and those named
     in Connection), CORS, Server, Date."""
-    kept = [header for header in headers if header[0] not in _RESPONSE_DROP]
-    named = _named_in_connection(value for lower, _, value in headers if lower == b"connection")
+    kept = []
+    named: set[bytes] | None = None
+    for header in headers:
+        lower = header[0]
+        if lower in _RESPONSE_DROP:
+            if lower == b"connection":
+                named = _named_in_connection((header[2],)) | (named or set())
+            continue
+        kept.append(header)
     return [header for header in kept if header[0] not in named] if named else kept
