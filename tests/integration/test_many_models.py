@@ -67,8 +67,10 @@ def test_three_models_in_room_for_two_every_request_completes(start_llamad, demo
 
 
 def test_kill_9_of_one_child_leaves_the_other_models_streaming(start_llamad, demo_model):
-    # The victim's stream is far longer than the set-up, so that it is surely running at the kill.
-    tables = "".join(model_table(m, demo_model, "context = 32768\n" if m == "c" else "") for m in "abc")
+    # The victim's stream is far longer than the set-up, so that it is surely running at the kill: its one
+    # slot has the whole context (with the default slots, each would stop at a slot's share of it).
+    tables = "".join(model_table(m, demo_model, "context = 32768\nparallel = 1\n" if m == "c" else "")
+                     for m in "abc")
     daemon = start_llamad(toml=fleet_toml(tables, budget="8GiB"), wait="listening")
     long = {"prompt": "Tell a long story.", "max_tokens": 1500, "stream": True, "ignore_eos": True}
     others = [Stream(daemon.api_port, {**long, "model": m}).start() for m in "ab"]
