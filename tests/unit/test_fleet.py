@@ -49,6 +49,12 @@ class World:
         sup.setServiceParent(self.fleet)
         self.sups[model_id] = sup
 
+    def start_with(self, ids: str, need: int) -> None:
+        """Models ``ids``, each needing ``need`` bytes, then the fleet started."""
+        for model_id in ids:
+            self.add(model_id, need)
+        self.start()
+
     def start(self) -> None:
         self.fleet.startService()
 
@@ -89,9 +95,7 @@ class World:
 
 def test_models_start_on_demand_while_they_fit():
     w = World(budget=10 * GiB)
-    for model_id in "ab":
-        w.add(model_id, 4 * GiB)
-    w.start()
+    w.start_with("ab", 4 * GiB)
     assert w.states() == {"a": "stopped", "b": "stopped"}  # lazy: nothing at boot
     first, second = w.admit("a"), w.admit("b")
     w.settle()
@@ -101,9 +105,7 @@ def test_models_start_on_demand_while_they_fit():
 
 def test_a_model_that_does_not_fit_evicts_the_least_recently_used_idle_one():
     w = World(budget=10 * GiB)
-    for model_id in "abc":
-        w.add(model_id, 4 * GiB)
-    w.start()
+    w.start_with("abc", 4 * GiB)
     for model_id in "ab":
         outcome, lease = w.running(model_id)
         w.reactor.advance(1)
@@ -116,9 +118,7 @@ def test_a_model_that_does_not_fit_evicts_the_least_recently_used_idle_one():
 
 def test_a_busy_model_is_never_evicted_and_the_request_waits_for_room():
     w = World(budget=8 * GiB, queue_timeout=100)
-    for model_id in "ab":
-        w.add(model_id, 5 * GiB)
-    w.start()
+    w.start_with("ab", 5 * GiB)
     a, lease = w.running("a")  # a request in flight on a
     b = w.admit("b")
     w.settle()
@@ -133,9 +133,7 @@ def test_a_busy_model_is_never_evicted_and_the_request_waits_for_room():
 
 def test_a_request_that_waits_past_queue_timeout_gets_503_and_nothing_is_started_for_nobody():
     w = World(budget=8 * GiB, queue_timeout=30)
-    for model_id in "ab":
-        w.add(model_id, 5 * GiB)
-    w.start()
+    w.start_with("ab", 5 * GiB)
     a, lease = w.running("a")
     b = w.admit("b")
     w.reactor.advance(30)
@@ -269,9 +267,7 @@ def test_a_higher_class_gets_room_first_across_models():
     """Room for one model at a time: b waits from t=0 (level 0), c from t=5 with a 30 s head start:
     when a's request ends, c starts first; b later, after c's request."""
     w = World(budget=5 * GiB, queue_timeout=600)
-    for model_id in "abc":
-        w.add(model_id, 5 * GiB)
-    w.start()
+    w.start_with("abc", 5 * GiB)
     a, lease = w.running("a")
     b = w.admit("b")
     w.reactor.advance(5)
