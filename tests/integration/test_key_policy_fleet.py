@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import BIN, wait_for
 
+from llamad.access import log_files
+
 pytestmark = pytest.mark.integration
 
 A, B, C, Q, OPS = ("scoped-key-0123456789", "high-key-012345678901", "plain-key-01234567890",
@@ -209,5 +211,7 @@ def test_the_access_log_follows_rotation_and_usage_matches_the_metrics(start_lla
 
 
 def _lines(directory: Path):
-    for path in sorted(directory.iterdir()):
-        yield from path.read_bytes().splitlines()
+    """The access log's lines, archives first: the files ``llamad keys usage`` reads (not the short-lived
+    ``latest.txt.new`` of a rotation)."""
+    for path in log_files(str(directory)):
+        yield from Path(path).read_bytes().splitlines()
