@@ -4,10 +4,11 @@
 A model's gate never starts its child itself: it asks the fleet (through
 :class:`Placed`), which records how long the model has been waited for and
 runs :func:`llamad.placement.place` over every model.  The fleet performs the
-plan: it unloads idle models to make room, starts the ones that fit, and
-looks again whenever a child changes state, a request begins or ends, or a
-``min_resident`` window closes.  Requests for a model that does not fit wait
-in that model's gate, bounded by ``queue_timeout``.
+plan: it unloads idle models to make room, drains a model whose turn is over
+(its gate admits nothing more until it is stopped, then its queued requests ask
+for its next turn), starts the ones that fit, and looks again whenever a child
+changes state, a request begins or ends, or a turn runs out.  Requests for a
+model that does not fit wait in that model's gate, bounded by ``queue_timeout``.
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ PLACEMENT_STATE: dict[State, placement.State] = {
 class Fleet(MultiService):
     """Runs :func:`placement.place` over the models and performs its plan.
 
-    :param clock: timers (``min_resident`` windows); a ``Clock`` in tests.
+    :param clock: timers (turns running out); a ``Clock`` in tests.
     :param budget: bytes all loaded models may take together; None: no memory limit.
     :param max_loaded: models loaded at once; 0: no limit.
-    :param min_resident: seconds a just-loaded model stays, unless an older request needs its memory.
+    :param min_resident: seconds a loaded model with requests keeps its memory at least (an idle one
+        gives way at once).
+    :param swap_quantum: seconds a model with requests keeps its memory after another model began to
+        wait for room; then it is drained and stopped.
     :param on_swap: called with (unloaded model, the model it made room for) for each eviction.
     :param measure: ``measure(pids)`` fires with the bytes each process uses (GPU memory from
         ``nvidia-smi``, or RSS); every ``MEASURE_INTERVAL`` the loaded models are measured, and an
@@ -60,7 +64,8 @@ class Fleet(MultiService):
     name = "fleet"
 
     def __init__(self, clock: IReactorTime, budget: int | None, max_loaded: int = 0, min_resident: float = 0.0,
-                 on_swap: Callable[[str, str], None] | None = None, measure: Measure | None = None) -> None:
+                 on_swap: Callable[[str, str], None] | None = None, measure: Measure | None = None,
+                 swap_quantum: float = math.inf) -> None:
         super().__init__()
         self.measure = measure
         self.estimates: dict[str, int] = {}  # needs that came from an estimate: a measurement corrects them
@@ -70,6 +75,7 @@ class Fleet(MultiService):
         self.budget = budget
         self.max_loaded = max_loaded
         self.min_resident = min_resident
+        self.swap_quantum = swap_quantum
         self.on_swap = on_swap
         self.models: dict[str, ModelRuntime] = {}
         self.needs: dict[str, int] = {}
@@ -79,6 +85,7 @@ class Fleet(MultiService):
         self.pinned: set[str] = set()
         self.preload: list[str] = []
         self.waiting_since: dict[str, float] = {}
+        self.turn_ended: dict[str, float] = {}  # drained models: their queued requests wait from then
         self.blocked: dict[str, str] = {}  # model id -> why it waits, from the last plan
         self.swaps = 0
         self._wake: IDelayedCall | None = None
@@ -138,6 +145,8 @@ class Fleet(MultiService):
         if backend is None or backend.state in (State.STARTING, State.READY, State.BACKOFF):
             return  # up, or on its way up: its memory is already held
         since = self.clock.seconds() if since is None else since
+        # Requests left queued by a drain wait from the drain's end, behind the model it made room for.
+        since = max(since, self.turn_ended.get(model_id, -math.inf))
         if since < self.waiting_since.get(model_id, math.inf):
             self.waiting_since[model_id] = since
         self.place()
@@ -208,6 +217,12 @@ class Fleet(MultiService):
             self.waiting_since.pop(model_id, None)  # started (or given up on): no longer waiting for room
             self.blocked.pop(model_id, None)
             self.asked.discard(model_id)
+        if after == State.STARTING:
+            self.turn_ended.pop(model_id, None)
+        gate = self.models[model_id].gate
+        if after in (State.STOPPED, State.FAILED) and gate.paused:
+            self.turn_ended[model_id] = self.clock.seconds()
+            gate.resume()  # drained and stopped: what queued meanwhile asks for its next turn
         self.place()
 
     def views(self) -> list[placement.ModelView]:
@@ -259,7 +274,8 @@ class Fleet(MultiService):
             if not self._booting and model_id not in self.asked and runtime.gate.waiting == 0:
                 del self.waiting_since[model_id]  # everyone who waited for it gave up
         now = self.clock.seconds()
-        plan = placement.place(self.views(), self.budget, self.max_loaded, self.min_resident, now)
+        plan = placement.place(self.views(), self.budget, self.max_loaded, self.min_resident, now,
+                               swap_quantum=self.swap_quantum)
         for model_id, reason in plan.blocked.items():
             if self.blocked.get(model_id) != reason:
                 log.info("model {model} waits: {reason}", model=model_id, reason=reason)
@@ -270,9 +286,21 @@ class Fleet(MultiService):
             self.swaps += 1
             if self.on_swap is not None:
                 self.on_swap(model_id, for_model)
-            backend = self.models[model_id].backend
-            assert backend is not None
-            backend.unload()
+            runtime = self.models[model_id]
+            assert runtime.backend is not None
+            if runtime.gate.waiting:
+                runtime.gate.pause()  # its turn is over: what it has queued waits for the next one
+            runtime.backend.unload()
+        for model_id in plan.drain:
+            if not self.models[model_id].gate.paused:
+                log.info("draining model {model} to make room for {other}: its turn is over",
+                         model=model_id, other=plan.evicted_for.get(model_id, "?"))
+                self.models[model_id].gate.pause()
+        for model_id, runtime in self.models.items():
+            backend = runtime.backend
+            if (runtime.gate.paused and model_id not in plan.drain and backend is not None
+                    and backend.state == State.READY):
+                runtime.gate.resume()  # the model it was drained for no longer waits
         for model_id in plan.start:
             backend = self.models[model_id].backend
             assert backend is not None

@@ -2,20 +2,27 @@
 
 The fleet calls :func:`place` whenever something changes (a request arrives or
 ends, a child finishes loading or stopping, the clock passes ``Plan.wake``) and
-carries out the plan.  Placement never cuts a request: only idle, unpinned,
-loaded models are stopped, and only to make room for a model that has requests
-(or a preload) waiting.
+carries out the plan.  Placement never cuts a request.
+
+Placement is work-conserving: a loaded model with nothing in flight or queued
+never keeps memory from a model whose requests wait.  Idle models are stopped
+at once (least recently used first) to make room.  A model that still has work
+keeps its memory while its requests run, up to ``swap_quantum`` seconds after
+another model started waiting and at least ``min_resident`` seconds after it
+loaded; then it is drained (it takes no new request, its queued requests wait
+for its next turn) and stopped once its running requests are done.  Models that
+wait for room get it in arrival order, so no model waits forever.
 
 Memory is counted from the moment a child starts loading until it has stopped,
 so a plan never starts a model into memory that a stopping child still holds:
 the model it makes room for waits for the next call, after the stop completes.
 
 Waiting models are served in arrival order: the oldest waiter first claims the
-memory it needs (from stopping children first, then free memory, then idle
-models, least recently used first).  A waiter that cannot fit even after every
-idle model went is blocked and nothing is stopped for it; younger waiters may
-still start in free memory, but may not stop anything for themselves, since
-the blocked one has first claim on whatever becomes evictable.
+memory it needs (from stopping and draining children first, then free memory,
+then idle models, then models whose turn is over).  A waiter that cannot fit
+even after all those went is blocked and nothing is stopped for it; younger
+waiters may still start in free memory, but may not stop anything for
+themselves, since the blocked one has first claim on whatever becomes free.
 """
 
 from __future__ import annotations
@@ -65,12 +72,14 @@ class ModelView:
 class Plan:
     """What to do now.
 
-    ``stop`` and ``start`` can be carried out at once and in any order.  Every
+    ``stop``, ``drain`` and ``start`` can be carried out at once and in any
+    order.  A drained model takes no new request (its queued requests stay
+    queued) and is stopped by a later plan once nothing of it runs.  Every
     waiting model is either in ``start`` or in ``blocked`` (with the reason it
-    waits, numbers included); ``evicted_for`` names, for each stop, the waiting
-    model it makes room for.  ``wake`` is the earliest clock time at which the
-    plan may change with nothing else happening (a just-loaded model's
-    ``min_resident`` running out), so the fleet can place again then.
+    waits, numbers included); ``evicted_for`` names, for each stop and drain,
+    the waiting model it makes room for.  ``wake`` is the earliest clock time
+    at which the plan may change with nothing else happening (a model's turn
+    running out), so the fleet can place again then.
     """
 
     stop: tuple[str, ...] = ()
@@ -78,6 +87,7 @@ class Plan:
     blocked: Mapping[str, str] = field(default_factory=dict)
     evicted_for: Mapping[str, str] = field(default_factory=dict)
     wake: float | None = None
+    drain: tuple[str, ...] = ()
 
 
 def format_bytes(n: float) -> str:
@@ -122,31 +132,31 @@ def _arrival_key(m: ModelView) -> tuple[float, str]:
 
 
 def _idle(m: ModelView) -> bool:
-    """Loaded, unpinned and without requests: the only kind placement may stop."""
+    """Loaded, unpinned and without requests: stopped at once when a waiter needs its room."""
     return m.state == "loaded" and not m.pinned and not m.busy
 
 
-def _protected(m: ModelView, min_resident: float, now: float) -> bool:
-    """Still inside its minimum residency (so only an older waiter may take its place)."""
-    return m.loaded_at is not None and now - m.loaded_at < min_resident
+def _turn_ends(m: ModelView, c: ModelView, min_resident: float, swap_quantum: float) -> float:
+    """When busy ``m`` must give way to waiter ``c``: ``swap_quantum`` after ``c`` began to wait,
+    and never before ``m`` ran ``min_resident`` (so a model loaded for waiting requests runs them)."""
+    assert c.waiting_since is not None
+    loaded_at = -math.inf if m.loaded_at is None else m.loaded_at
+    return max(c.waiting_since + swap_quantum, loaded_at + min_resident)
 
 
-def _may_evict(m: ModelView, candidate: ModelView, min_resident: float, now: float) -> bool:
-    """Idle, and either resident long enough or in the way of a request older than its load."""
-    if not _idle(m):
-        return False
-    if not _protected(m, min_resident, now):
-        return True
-    assert m.loaded_at is not None and candidate.waiting_since is not None
-    return candidate.waiting_since < m.loaded_at
+def _preemptible(m: ModelView, c: ModelView, min_resident: float, swap_quantum: float, now: float) -> bool:
+    """Busy, unpinned, and its turn against ``c`` is over."""
+    return (m.state == "loaded" and not m.pinned and m.busy
+            and now >= _turn_ends(m, c, min_resident, swap_quantum))
 
 
 def _choose(pool: Sequence[ModelView], mem_short: float, slot_short: float) -> list[ModelView] | None:
-    """The fewest LRU-first stops covering both shortfalls, or None when even all of ``pool`` would not.
+    """The fewest stops, in ``pool``'s order of preference, covering both shortfalls; None when even
+    all of ``pool`` would not.
 
-    The least recently used are taken until enough is freed; any of them a
-    later, larger one made unnecessary is then kept (most recently used kept
-    first), so no stop is wasted.
+    Models are taken in order until enough is freed; any of them a later,
+    larger one made unnecessary is then kept (the least preferred kept first),
+    so no stop is wasted.
     """
     chosen: list[ModelView] = []
     freed = 0
@@ -157,7 +167,7 @@ def _choose(pool: Sequence[ModelView], mem_short: float, slot_short: float) -> l
         freed += m.need
     if freed < mem_short or len(chosen) < slot_short:
         return None
-    for m in sorted(chosen[:-1], key=_lru_key, reverse=True):
+    for m in reversed(chosen[:-1]):
         if freed - m.need >= mem_short and len(chosen) - 1 >= slot_short:
             chosen.remove(m)
             freed -= m.need
@@ -184,8 +194,10 @@ def place(
     max_loaded: int,
     min_resident: float,
     now: float,
+    *,
+    swap_quantum: float,
 ) -> Plan:
-    """Decide which idle models to stop and which waiting models to start.
+    """Decide which models to stop or drain and which waiting models to start.
 
     ``budget`` is bytes (None: no memory limit); ``max_loaded`` is a count of
     children (0: no limit).  Pure and deterministic: the input's order does
@@ -203,9 +215,13 @@ def place(
     slots_free: float = math.inf if max_loaded <= 0 else max_loaded - len(holding)
     releasing = [_Release(m.id, m.need) for m in stopping]
 
-    lru = sorted((m for m in holding if _idle(m)), key=_lru_key)
+    idle = sorted((m for m in holding if _idle(m)), key=_lru_key)
+    # Busy models, the longest loaded first: the first to give way once their turn is over.
+    busy = sorted((m for m in holding if m.state == "loaded" and not m.pinned and m.busy),
+                  key=lambda m: (-math.inf if m.loaded_at is None else m.loaded_at, m.id))
     gone: set[str] = set()
     stop: list[str] = []
+    drain: list[str] = []
     start: list[ModelView] = []
     blocked: dict[str, str] = {}
     evicted_for: dict[str, str] = {}
@@ -221,26 +237,25 @@ def place(
             mem_free -= c.need
             slots_free -= 1
             continue
-        pool = [] if first_blocked else [m for m in lru if m.id not in gone and _may_evict(m, c, min_resident, now)]
+        pool = [] if first_blocked else (
+            [m for m in idle if m.id not in gone]
+            + [m for m in busy if m.id not in gone and _preemptible(m, c, min_resident, swap_quantum, now)])
         chosen = _choose(
             pool,
             c.need - (mem_free + sum(r.mem for r in releasing)),
             1 - (slots_free + sum(r.slot for r in releasing)),
         )
         if chosen is None:
-            blocked[c.id] = _reason(
-                c, budget, max_loaded, mem_free, slots_free, holding, gone, start, pool, first_blocked,
-                min_resident, now,
-            )
+            blocked[c.id] = _reason(c, budget, max_loaded, mem_free, slots_free, holding, gone, start, first_blocked)
+            if first_blocked is None:
+                for m in busy:
+                    if m.id not in gone and m not in pool:
+                        until = _turn_ends(m, c, min_resident, swap_quantum)
+                        wake = until if wake is None else min(wake, until)
             first_blocked = first_blocked or c
-            for m in lru:
-                if m.id not in gone and m not in pool and _protected(m, min_resident, now):
-                    assert m.loaded_at is not None
-                    until = m.loaded_at + min_resident
-                    wake = until if wake is None else min(wake, until)
             continue
         for m in chosen:
-            stop.append(m.id)
+            (drain if m.in_flight else stop).append(m.id)
             gone.add(m.id)
             evicted_for[m.id] = c.id
             releasing.append(_Release(m.id, m.need))
@@ -266,6 +281,7 @@ def place(
         blocked=blocked,
         evicted_for=evicted_for,
         wake=wake,
+        drain=tuple(drain),
     )
 
 
@@ -278,10 +294,7 @@ def _reason(
     holding: Sequence[ModelView],
     gone: set[str],
     started: Sequence[ModelView],
-    pool: Sequence[ModelView],
     first_blocked: ModelView | None,
-    min_resident: float,
-    now: float,
 ) -> str:
     """Why ``c`` waits, with the numbers and what holds the memory."""
     head = []
@@ -289,14 +302,13 @@ def _reason(
         head.append(f"needs {format_bytes(c.need)}, {format_bytes(max(mem_free, 0))} free of {format_bytes(budget)}")
     if max_loaded > 0 and slots_free < 1:
         head.append(f"{max_loaded - int(slots_free)} of {max_loaded} models loaded")
-    stays = [m for m in holding if m.id not in gone and _idle(m) and m not in pool and _protected(m, min_resident, now)]
     groups = [
-        _items([m for m in holding if m.state == "loaded" and m.busy and not m.pinned], "busy", _busy_detail),
+        _items([m for m in holding if m.state == "loaded" and m.busy and not m.pinned and m.id not in gone],
+               "busy", _busy_detail),
         _items([m for m in holding if m.pinned and m.state == "loaded"], "pinned"),
         _items([m for m in holding if m.state == "loading"] + list(started), "loading"),
         _items([m for m in holding if m.state == "stopping" or m.id in gone], "stopping"),
-        _items(stays, "just loaded", lambda m: f"stays {(m.loaded_at or 0.0) + min_resident - now:.0f}s more"),
-        _items([m for m in holding if m.id not in gone and _idle(m) and m not in stays], "idle"),
+        _items([m for m in holding if m.id not in gone and _idle(m)], "idle"),
         f"after: {first_blocked.id} (waiting longer)" if first_blocked else None,
     ]
     return "; ".join(head + [g for g in groups if g])

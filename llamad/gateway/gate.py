@@ -38,6 +38,7 @@ class AdmissionQueue(Generic[T]):
         self.in_use = 0
         self._line: list[tuple[float, int, T]] = []  # (rank, arrival number, ticket), first served first
         self._numbers = count()
+        self.paused = False  # slots are not handed out: everyone queues until :meth:`resume`
 
     @property
     def waiting(self) -> list[T]:
@@ -48,8 +49,8 @@ class AdmissionQueue(Generic[T]):
         return len(self._line)
 
     def take(self) -> bool:
-        """A slot now, if one is free and nobody waits for one."""
-        if self.in_use < self.limit and not self._line:
+        """A slot now, if one is free, nobody waits for one and the queue is not paused."""
+        if self.in_use < self.limit and not self._line and not self.paused:
             self.in_use += 1
             return True
         return False
@@ -74,10 +75,22 @@ class AdmissionQueue(Generic[T]):
 
     def release(self) -> T | None:
         """Free a slot; the next waiter, if any, takes it and is returned."""
-        if self._line:
+        if self._line and not self.paused:
             return self._line.pop(0)[2]
         self.in_use -= 1
         return None
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> list[T]:
+        """Hand out the slots freed while paused; the waiters that took one are returned, in order."""
+        self.paused = False
+        admitted = []
+        while self._line and self.in_use < self.limit:
+            self.in_use += 1
+            admitted.append(self._line.pop(0)[2])
+        return admitted
 
     def pop_all(self) -> list[T]:
         line, self._line = self._line, []
@@ -252,6 +265,22 @@ class Gate:
                 message += f": {self.backend.reason}"  # e.g. a fleet's "needs 6.0 GiB, 2.5 GiB free ..."
             raise self._reject("queue_timeout", ApiError(503, message, "queue_timeout",
                                                          {b"retry-after": b"5"})) from None
+
+    @property
+    def paused(self) -> bool:
+        return self.queue.paused
+
+    def pause(self) -> None:
+        """Admit nothing more (the fleet drains this model to give its memory to another): new and
+        queued requests wait for the model's next turn; requests already admitted run to their end."""
+        self.queue.pause()
+
+    def resume(self) -> None:
+        """Admit again: the requests that waited meanwhile take the free slots (a stopped child is
+        started again for them)."""
+        for ticket in self.queue.resume():
+            ticket.callback(None)
+        self.metrics.queue_depth.set(self.queue.depth)
 
     def refuse_waiting(self) -> None:
         """Shutdown: everyone still queued gets 503 now instead of a slot later."""

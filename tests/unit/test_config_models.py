@@ -97,7 +97,8 @@ def test_single_model_render_has_no_model_tables() -> None:
     assert not any(line.startswith("[models") for line in text.splitlines())
     assert '# one model, from [backend]: id "q4"' in text
     assert tomllib.loads(text)["fleet"] == {"models_dir": "", "default": "", "memory_budget": "auto",
-                                            "memory_reserve": GIB, "max_loaded": 0, "min_resident": 30.0}
+                                            "memory_reserve": GIB, "max_loaded": 0, "min_resident": 5.0,
+                                            "swap_quantum": 10.0}
 
 
 def test_set_of_a_model_key_without_a_fleet_is_an_error() -> None:
@@ -492,7 +493,7 @@ def test_an_alias_may_repeat_its_own_id(tmp_path: Path) -> None:
 
 def test_fleet_defaults() -> None:
     fleet = load(env={"MODEL_PATH": "/m/a.gguf"}).config.fleet
-    assert fleet == config.FleetConfig("", "", AUTO, GIB, 0, 30.0)
+    assert fleet == config.FleetConfig("", "", AUTO, GIB, 0, 5.0, 10.0)
     assert fleet.budget(lambda reserve: (10 * GIB - reserve, "measured")) == (9 * GIB, "measured")
 
 

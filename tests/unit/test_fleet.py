@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import signal
 
 from fakes import FakeProbe, FakeProcessReactor
@@ -23,13 +25,14 @@ class World:
     """A fleet of demo models on one fake reactor; every child answers its probe at once."""
 
     def __init__(self, budget: int | None = 10 * GiB, max_loaded: int = 0, min_resident: float = 0.0,
-                 queue_timeout: float = 60) -> None:
+                 queue_timeout: float = 60, swap_quantum: float = math.inf) -> None:
         self.reactor = FakeProcessReactor()
         self.probe = FakeProbe()
         self.probe.status = 200
         self.swaps: list[tuple[str, str]] = []
         self.fleet = Fleet(self.reactor, budget, max_loaded, min_resident,
-                           on_swap=lambda gone, made_room_for: self.swaps.append((gone, made_room_for)))
+                           on_swap=lambda gone, made_room_for: self.swaps.append((gone, made_room_for)),
+                           swap_quantum=swap_quantum)
         self.queue_timeout = queue_timeout
         self.sups: dict[str, Supervisor] = {}
 
@@ -168,21 +171,68 @@ def test_a_pinned_model_is_never_evicted():
     assert "pinned: a" in w.fleet.snapshot()["waiting"].get("b", w.fleet.blocked.get("b", "pinned: a"))
 
 
-def test_min_resident_keeps_a_fresh_model_against_a_younger_request_then_lets_it_go():
+def test_an_idle_model_gives_way_at_once_whatever_min_resident_says():
     w = World(budget=6 * GiB, min_resident=30, queue_timeout=100)
     w.add("a", 5 * GiB)
     w.add("b", 5 * GiB)
     w.start()
     a, lease = w.running("a")
     w.done("a", lease)
-    b = w.admit("b")  # arrives after a was loaded: a stays its 30 s
-    w.settle()
-    assert w.states() == {"a": "ready", "b": "stopped"} and b == []
-    w.reactor.advance(30)
+    b = w.admit("b")  # a was loaded a moment ago, but has nothing to do: b gets its memory now
     w.settle()
     w.settle()
     assert w.states() == {"a": "stopped", "b": "ready"} and isinstance(b[0], Lease)
     assert w.swaps == [("a", "b")]
+
+
+def test_a_busy_model_is_drained_after_its_turn_and_its_queue_waits_for_the_next():
+    w = World(budget=6 * GiB, min_resident=5, swap_quantum=10, queue_timeout=100)
+    w.add("a", 5 * GiB, parallel=1)
+    w.add("b", 5 * GiB)
+    w.start()
+    a1, lease = w.running("a")
+    a2 = w.admit("a")  # queued behind a1
+    b = w.admit("b")
+    w.settle()
+    assert w.states() == {"a": "ready", "b": "stopped"} and a2 == [] and b == []
+    w.reactor.advance(10)  # b's quantum is over: a is drained (takes nothing more), not cut
+    assert w.fleet.models["a"].gate.paused and w.states()["a"] == "ready"
+    a3 = w.admit("a")
+    w.done("a", lease)  # a1 ends: a2 does not get the slot, a stops
+    assert a2 == [] and a3 == []
+    w.settle()
+    w.settle()
+    assert w.states() == {"a": "stopped", "b": "ready"} and isinstance(b[0], Lease)
+    assert w.swaps == [("a", "b")]
+    # a's queued requests now wait for a's next turn, which comes after b's.
+    assert not w.fleet.models["a"].gate.paused and "a" in w.fleet.waiting_since
+    w.use("b", b)
+    w.reactor.advance(10)
+    assert w.fleet.models["b"].gate.paused
+    w.done("b", b[0])
+    w.settle()
+    w.settle()
+    assert w.states() == {"a": "ready", "b": "stopped"} and isinstance(a2[0], Lease)
+    assert w.swaps == [("a", "b"), ("b", "a")]
+
+
+def test_a_drain_is_called_off_when_the_waiter_gives_up():
+    w = World(budget=6 * GiB, swap_quantum=10, queue_timeout=12)
+    w.add("a", 5 * GiB, parallel=1)
+    w.add("b", 5 * GiB)
+    w.start()
+    a1, lease = w.running("a")
+    b = w.admit("b")
+    w.settle()
+    w.reactor.advance(10)
+    assert w.fleet.models["a"].gate.paused
+    a2 = w.admit("a")
+    w.reactor.advance(2)  # b's request times out: nobody waits for a's memory any more
+    assert b[0].value.code == "queue_timeout"
+    w.done("a", lease)
+    w.settle()
+    assert w.states() == {"a": "ready", "b": "stopped"}
+    assert not w.fleet.models["a"].gate.paused and isinstance(a2[0], Lease)
 
 
 def test_a_crashed_model_restarts_in_its_reserved_memory():

@@ -28,8 +28,11 @@ def waiting(id: str, need: float, since: float, state: str = "unloaded") -> Mode
     return ModelView(id, gib(need), state, waiting_since=since)  # type: ignore[arg-type]
 
 
-def plan(models, budget: float | None = 16, max_loaded: int = 0, min_resident: float = 0.0, now: float = NOW) -> Plan:
-    return place(models, None if budget is None else gib(budget), max_loaded, min_resident, now)
+def plan(models, budget: float | None = 16, max_loaded: int = 0, min_resident: float = 0.0, now: float = NOW,
+         swap_quantum: float = 1000.0) -> Plan:
+    """By default a busy model's turn never ends within these tests' times: turns are tested on their own."""
+    return place(models, None if budget is None else gib(budget), max_loaded, min_resident, now,
+                 swap_quantum=swap_quantum)
 
 
 # --- fitting and evicting ---------------------------------------------------------------------
@@ -192,51 +195,86 @@ def test_a_waiter_reserves_free_memory_it_will_need() -> None:
     assert p.blocked["young"].startswith("needs 4.0 GiB, 0 B free of 16.0 GiB")
 
 
-# --- minimum residency --------------------------------------------------------------------------
+# --- idle models give way, busy ones after their turn -------------------------------------------
 
 
-def test_min_resident_protects_a_just_loaded_model_from_a_younger_waiter() -> None:
-    models = [loaded("a", 10, loaded_at=0.0, last_used=0.5), waiting("b", 10, since=1.0)]
-    p = plan(models, min_resident=30, now=1.0)
-    assert p.stop == ()
-    assert p.blocked == {"b": "needs 10.0 GiB, 6.0 GiB free of 16.0 GiB; just loaded: a (stays 29s more)"}
-    assert p.wake == 30.0
-    later = plan(models, min_resident=30, now=31.0)
-    assert later.stop == ("a",)
-    assert later.wake is None
+def test_an_idle_model_gives_way_at_once_however_recently_loaded() -> None:
+    """Work-conserving: min_resident protects a model with requests, never an idle one."""
+    models = [loaded("a", 10, loaded_at=99.0, last_used=99.5), waiting("b", 10, since=99.8)]
+    p = plan(models, min_resident=30, now=100.0)
+    assert p.stop == ("a",)
+    assert p.evicted_for == {"a": "b"}
 
 
-def test_min_resident_yields_to_an_older_waiter() -> None:
-    """b waited since before a finished loading: a's residency does not outrank b."""
-    models = [loaded("a", 10, loaded_at=10.0, last_used=11.0), waiting("b", 10, since=5.0)]
-    assert plan(models, min_resident=30, now=12.0).stop == ("a",)
+def test_a_busy_model_keeps_its_memory_until_its_turn_is_over() -> None:
+    models = [loaded("a", 10, loaded_at=0.0, in_flight=2, queued=1), waiting("b", 10, since=95.0)]
+    p = plan(models, min_resident=5, swap_quantum=10, now=100.0)
+    assert p.stop == () and p.drain == ()
+    assert p.blocked == {"b": "needs 10.0 GiB, 6.0 GiB free of 16.0 GiB; busy: a (2 in flight, 1 queued)"}
+    assert p.wake == 105.0  # b's quantum ends
 
 
-def test_min_resident_is_measured_from_loaded_at() -> None:
-    models = [loaded("a", 10, loaded_at=0.0), waiting("b", 10, since=1.0)]
-    assert plan(models, min_resident=30, now=29.9).stop == ()
-    assert plan(models, min_resident=30, now=30.0).stop == ("a",)
+def test_a_busy_model_is_drained_when_its_turn_is_over() -> None:
+    models = [loaded("a", 10, loaded_at=0.0, in_flight=2, queued=1), waiting("b", 10, since=95.0)]
+    p = plan(models, min_resident=5, swap_quantum=10, now=105.0)
+    assert p.drain == ("a",) and p.stop == ()
+    assert p.evicted_for == {"a": "b"}
+    assert p.blocked == {"b": "waiting for a to stop (needs 10.0 GiB)"}
+    assert p.wake is None
 
 
-def test_two_models_alternating_do_not_thrash() -> None:
-    """a and b take turns asking; each swap waits out min_resident, so swaps are at most one per window."""
-    models = {"a": loaded("a", 10, loaded_at=0.0, last_used=0.5), "b": ModelView("b", gib(10), "unloaded")}
-    swaps = []
+def test_a_drained_model_with_nothing_running_is_stopped_though_requests_queue() -> None:
+    models = [loaded("a", 10, loaded_at=0.0, queued=3), waiting("b", 10, since=95.0)]
+    p = plan(models, min_resident=5, swap_quantum=10, now=105.0)
+    assert p.stop == ("a",) and p.drain == ()
+
+
+def test_min_resident_lets_a_model_loaded_for_old_requests_run_them() -> None:
+    """b waited long, but a was just loaded for requests older still: a runs them first."""
+    models = [loaded("a", 10, loaded_at=100.0, in_flight=2), waiting("b", 10, since=50.0)]
+    p = plan(models, min_resident=5, swap_quantum=10, now=101.0)
+    assert p.drain == () and p.stop == ()
+    assert p.wake == 105.0
+    assert plan(models, min_resident=5, swap_quantum=10, now=105.0).drain == ("a",)
+
+
+def test_idle_models_go_before_busy_ones() -> None:
+    models = [loaded("busy", 6, loaded_at=0.0, in_flight=1), loaded("idle", 6, last_used=90.0),
+              waiting("w", 8, since=50.0)]
+    p = plan(models, swap_quantum=10, now=100.0)  # both may go; the idle one is enough
+    assert p.stop == ("idle",) and p.drain == ()
+
+
+def test_pinned_models_are_never_drained() -> None:
+    models = [loaded("a", 10, loaded_at=0.0, in_flight=1, pinned=True), waiting("b", 10, since=0.0)]
+    p = plan(models, swap_quantum=0, now=100.0)
+    assert p.drain == () and p.stop == ()
+    assert p.wake is None
+
+
+def test_two_models_with_steady_work_take_turns() -> None:
+    """a and b both always have requests: each runs at least min_resident per turn, neither starves."""
+    models = {"a": loaded("a", 10, loaded_at=0.0, in_flight=2), "b": ModelView("b", gib(10), "unloaded")}
+    loads: list[tuple[float, str]] = [(0.0, "a")]
     t = 0.0
     while t < 300:
         t += 1.0
-        # Whichever is not loaded wants to be, from the moment the other was loaded.
         for id, m in list(models.items()):
             if m.state == "unloaded" and m.waiting_since is None:
                 models[id] = dataclasses.replace(m, waiting_since=t)
-        p = place(list(models.values()), gib(16), 0, 30.0, t)
+        p = place(list(models.values()), gib(16), 0, 20.0, t, swap_quantum=10.0)
+        for id in p.drain:  # its requests end within the second
+            models[id] = dataclasses.replace(models[id], in_flight=0, queued=2)
         for id in p.stop:
-            models[id] = dataclasses.replace(models[id], state="unloaded", loaded_at=None, waiting_since=None)
-            swaps.append(t)
+            models[id] = dataclasses.replace(models[id], state="unloaded", loaded_at=None, waiting_since=None,
+                                             in_flight=0, queued=0)
         for id in p.start:
-            models[id] = dataclasses.replace(models[id], state="loaded", loaded_at=t, last_used=t, waiting_since=None)
-    assert len(swaps) >= 2
-    assert all(b - a >= 30 for a, b in itertools.pairwise(swaps))
+            models[id] = dataclasses.replace(models[id], state="loaded", loaded_at=t, last_used=t, waiting_since=None,
+                                             in_flight=2)
+            loads.append((t, id))
+    assert [id for _, id in loads[:4]] == ["a", "b", "a", "b"]
+    assert all(b - a >= 20 for (a, _), (b, _) in itertools.pairwise(loads))
+    assert all(b - a <= 25 for (a, _), (b, _) in itertools.pairwise(loads))
 
 
 # --- counts and limits --------------------------------------------------------------------------
@@ -375,24 +413,29 @@ def fleets(draw):
     count = held_count(models)
     max_loaded = draw(st.one_of(st.just(0), st.integers(max(count, 1), count + 4)))
     min_resident = draw(st.sampled_from([0.0, 10.0, 30.0]))
-    return models, budget, max_loaded, min_resident
+    swap_quantum = draw(st.sampled_from([0.0, 10.0, 1000.0]))
+    return models, budget, max_loaded, min_resident, swap_quantum
 
 
 @settings(max_examples=400, deadline=None)
 @given(fleets(), st.randoms(use_true_random=False))
 def test_plans_are_safe(fleet, rnd) -> None:
-    models, budget, max_loaded, min_resident = fleet
+    models, budget, max_loaded, min_resident, swap_quantum = fleet
     now = 100.0
-    p = place(models, budget, max_loaded, min_resident, now)
+    p = place(models, budget, max_loaded, min_resident, now, swap_quantum=swap_quantum)
     by_id = {m.id: m for m in models}
 
-    for id in p.stop:
+    # Nothing running is cut: a stop has nothing in flight, a model with requests running is drained.
+    for id in p.stop + p.drain:
         m = by_id[id]
-        assert m.state == "loaded" and not m.pinned and m.in_flight == 0 and m.queued == 0
-        w = by_id[p.evicted_for[id]]
-        assert m.loaded_at is None or now - m.loaded_at >= min_resident or w.waiting_since < m.loaded_at
-    assert set(p.evicted_for) == set(p.stop)
-    assert len(set(p.stop)) == len(p.stop)
+        assert m.state == "loaded" and not m.pinned
+        assert (m.in_flight == 0) == (id in p.stop)
+        if m.busy:  # only once its turn against the waiter it goes for is over
+            w = by_id[p.evicted_for[id]]
+            assert now >= w.waiting_since + swap_quantum
+            assert m.loaded_at is None or now >= m.loaded_at + min_resident
+    assert set(p.evicted_for) == set(p.stop) | set(p.drain)
+    assert len(set(p.stop + p.drain)) == len(p.stop) + len(p.drain)
 
     wanting = {m.id for m in models if m.state in ("unloaded", "failed") and m.waiting_since is not None}
     assert set(p.start) <= wanting
@@ -401,7 +444,7 @@ def test_plans_are_safe(fleet, rnd) -> None:
     # Stops are for waiters that wait for them, and never for one that cannot fit.
     for w in p.evicted_for.values():
         assert p.blocked[w].startswith("waiting for")
-    going = set(p.stop) | {m.id for m in models if m.state == "stopping"}
+    going = set(p.stop) | set(p.drain) | {m.id for m in models if m.state == "stopping"}
     for reason in p.blocked.values():
         if reason.startswith("waiting for "):
             names = reason.removeprefix("waiting for ").split(" to stop")[0].split(", ")
@@ -417,7 +460,7 @@ def test_plans_are_safe(fleet, rnd) -> None:
 
     shuffled = list(models)
     rnd.shuffle(shuffled)
-    assert place(shuffled, budget, max_loaded, min_resident, now) == p
+    assert place(shuffled, budget, max_loaded, min_resident, now, swap_quantum=swap_quantum) == p
 
 
 @settings(max_examples=200, deadline=None)
@@ -433,7 +476,7 @@ def test_every_waiter_that_fits_is_served_when_nothing_is_busy(specs, budget_gib
     served: list[str] = []
     t = 100.0
     for _ in range(2 * len(models) + 2):
-        p = place(list(models.values()), budget, max_loaded, 0.0, t)
+        p = place(list(models.values()), budget, max_loaded, 0.0, t, swap_quantum=0.0)
         for id in p.stop:
             models[id] = dataclasses.replace(models[id], state="unloaded", loaded_at=None)
         for id in p.start:
@@ -443,3 +486,148 @@ def test_every_waiter_that_fits_is_served_when_nothing_is_busy(specs, budget_gib
     assert set(served) == pending
     if pending:
         assert served[0] == min(pending, key=lambda id: (specs[int(id[1:])][2], id))
+
+
+# --- a fleet simulated on a Clock: random arrivals, plans carried out ------------------------------
+
+LOAD_S, STOP_S, PARALLEL = 2.0, 1.0, 2
+
+
+class SimulatedFleet:
+    """Models, their queues and children on a Clock, driven by :func:`place` as the fleet drives it:
+    every arrival, end, load and stop places again, and so does the plan's ``wake``."""
+
+    def __init__(self, needs: dict[str, int], budget: int | None, max_loaded: int, min_resident: float,
+                 swap_quantum: float) -> None:
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.budget, self.max_loaded = budget, max_loaded
+        self.min_resident, self.swap_quantum = min_resident, swap_quantum
+        self.views = {id: ModelView(id, need, "unloaded") for id, need in needs.items()}
+        self.queues: dict[str, list[tuple[float, float]]] = {id: [] for id in needs}  # (arrival, duration)
+        self.drained: set[str] = set()
+        self.turn_ended: dict[str, float] = {}  # a drained model's queued requests wait from its stop
+        self.waits: dict[str, list[float]] = {id: [] for id in needs}  # per request: arrival to admission
+        self.done = 0
+        self.wake = None
+        self.violations: list[str] = []
+
+    def arrive(self, model: str, duration: float) -> None:
+        self.queues[model].append((self.clock.seconds(), duration))
+        self._dispatch(model)
+        self.place()
+
+    def _update(self, id: str) -> None:
+        m = self.views[id]
+        queue = self.queues[id]
+        since = (max(min(a for a, _ in queue), self.turn_ended.get(id, -1.0))
+                 if queue and m.state == "unloaded" else None)
+        self.views[id] = dataclasses.replace(m, queued=len(queue), waiting_since=since)
+
+    def _dispatch(self, id: str) -> None:
+        m = self.views[id]
+        now = self.clock.seconds()
+        while m.state == "loaded" and id not in self.drained and self.queues[id] and m.in_flight < PARALLEL:
+            arrival, duration = self.queues[id].pop(0)
+            self.waits[id].append(now - arrival)
+            m = self.views[id] = dataclasses.replace(m, in_flight=m.in_flight + 1, last_used=now)
+            self.clock.callLater(duration, self._end, id)
+        self._update(id)
+
+    def _end(self, id: str) -> None:
+        m = self.views[id]
+        self.views[id] = dataclasses.replace(m, in_flight=m.in_flight - 1, last_used=self.clock.seconds())
+        self.done += 1
+        self._dispatch(id)
+        self.place()
+
+    def _loaded(self, id: str) -> None:
+        self.views[id] = dataclasses.replace(self.views[id], state="loaded", loaded_at=self.clock.seconds())
+        self._dispatch(id)
+        self.place()
+
+    def _stopped(self, id: str) -> None:
+        self.views[id] = dataclasses.replace(self.views[id], state="unloaded", loaded_at=None)
+        self.drained.discard(id)
+        self.turn_ended[id] = self.clock.seconds()
+        self._update(id)
+        self.place()
+
+    def place(self) -> None:
+        now = self.clock.seconds()
+        views = list(self.views.values())
+        p = place(views, self.budget, self.max_loaded, self.min_resident, now, swap_quantum=self.swap_quantum)
+        self._check_work_conserving(views, p)
+        for id in p.stop:
+            self.views[id] = dataclasses.replace(self.views[id], state="stopping")
+            self.drained.add(id)
+            self.clock.callLater(STOP_S, self._stopped, id)
+        for id in p.drain:
+            self.drained.add(id)
+        for id, m in self.views.items():
+            if id in self.drained and m.state == "loaded" and id not in p.drain:
+                self.drained.discard(id)
+                self._dispatch(id)
+        for id in p.start:
+            self.views[id] = dataclasses.replace(self.views[id], state="loading", waiting_since=None)
+            self.turn_ended.pop(id, None)
+            self.clock.callLater(LOAD_S, self._loaded, id)
+        if self.wake is not None and self.wake.active():
+            self.wake.cancel()
+        self.wake = self.clock.callLater(p.wake - now, self.place) if p.wake is not None else None
+
+    def _check_work_conserving(self, views: list[ModelView], p: Plan) -> None:
+        """The oldest waiter, if the only models in its way have no work, is given their room now."""
+        waiters = sorted((m for m in views if m.waiting), key=lambda m: (m.waiting_since, m.id))
+        if not waiters or any(m.state == "stopping" for m in views):
+            return
+        c = waiters[0]
+        others = [m for m in views if m.state in ("loading", "loaded") and m.id != c.id]
+        if any(m.state == "loading" or m.busy or m.pinned for m in others):
+            return
+        if c.id not in p.start and not p.stop:
+            self.violations.append(f"t={self.clock.seconds()}: {c.id} waits behind idle models "
+                                   f"{[m.id for m in others]}: {p.blocked.get(c.id)}")
+
+
+@st.composite
+def workloads(draw):
+    n = draw(st.integers(2, 4))
+    needs = {f"m{i}": draw(st.integers(2, 8)) * GiB for i in range(n)}
+    budget = draw(st.one_of(st.none(), st.integers(max(needs.values()), sum(needs.values())).map(int)))
+    max_loaded = draw(st.integers(0 if budget is not None else 1, n - 1))
+    arrivals = draw(st.lists(
+        st.tuples(st.integers(0, 600).map(lambda t: t / 4), st.sampled_from(sorted(needs)),
+                  st.integers(1, 12).map(lambda d: d / 2)),
+        min_size=1, max_size=60))
+    # A stream that alone keeps one model busy for 150 s (one request every 2 s, each running 3 s, at
+    # most 2 at once): without turns, every other model would wait that long.
+    flood = draw(st.sampled_from([None, *sorted(needs)]))
+    if flood is not None:
+        arrivals += [(2.0 * i, flood, 3.0) for i in range(75)]
+    min_resident = draw(st.sampled_from([0.0, 5.0, 30.0]))
+    swap_quantum = draw(st.sampled_from([0.0, 5.0, 10.0]))
+    return needs, budget, max_loaded, min_resident, swap_quantum, arrivals
+
+
+@settings(max_examples=100, deadline=None)
+@given(workloads())
+def test_simulated_fleet_conserves_work_and_bounds_every_wait(workload) -> None:
+    """Every request is admitted; none waits for its model longer than every other model's turn, and
+    placement never leaves the oldest waiter behind models that have no work."""
+    needs, budget, max_loaded, min_resident, swap_quantum, arrivals = workload
+    sim = SimulatedFleet(needs, budget, max_loaded, min_resident, swap_quantum)
+    for t, model, duration in arrivals:
+        sim.clock.callLater(t, sim.arrive, model, duration)
+    sim.clock.pump([0.25] * 4 * 1000)
+    assert sim.violations == []
+    assert sim.done == len(arrivals)
+    # A model waits at most for every other model's turn: its quantum (or min_resident), the
+    # longest request, a stop and a load; then its requests run, up to PARALLEL at a time.
+    turn = max(min_resident, swap_quantum) + 6.0 + STOP_S + LOAD_S
+    for model, waits in sim.waits.items():
+        if not waits:
+            continue
+        own = sum(1 for _, m, _ in arrivals if m == model) * 6.0 / PARALLEL
+        assert max(waits) <= len(needs) * turn + own, model
