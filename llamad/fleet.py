@@ -223,6 +223,10 @@ class Fleet(MultiService):
         if after in (State.STOPPED, State.FAILED) and gate.paused:
             self.turn_ended[model_id] = self.clock.seconds()
             gate.resume()  # drained and stopped: what queued meanwhile asks for its next turn
+        if after == State.STOPPED and gate.starting_waiters and model_id not in self.waiting_since:
+            # Stopped while requests waited for its start (an unload during the load): they still wait.
+            self.want(model_id)
+            return
         self.place()
 
     def views(self) -> list[placement.ModelView]:

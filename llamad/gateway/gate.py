@@ -28,6 +28,8 @@ from llamad.supervisor import StartFailed, State
 
 T = TypeVar("T", bound=Hashable)
 
+LOSS_GRACE = 2.0  # seconds for a child that closed a connection unanswered to be seen exiting
+
 
 class AdmissionQueue(Generic[T]):
     """Slots in use and the tickets waiting for one, in order of rank, with no I/O."""
@@ -237,6 +239,36 @@ class Gate:
             await self._wait_for_start(waiting, lease.started)
         except StartFailed as e:
             raise self._start_failed(e) from None
+        self._refuse_early()
+        lease.target = backend.target()
+
+    async def redeliver_unanswered(self, lease: Lease, unanswered: ApiError, grace: float = LOSS_GRACE) -> None:
+        """The child took the request and closed the connection without answering.
+
+        A child does that while it dies (its listening socket still accepts
+        until the process is gone).  If its exit is seen within ``grace``, the
+        request goes, holding its slot, to the next child as :meth:`redeliver`
+        does; if the same child still serves then, the close was its answer and
+        ``unanswered`` is raised.
+        """
+        backend = self._refuse_early()
+        generation = lease.target.generation
+        waiting = backend.wait_ready(newer_than=generation)
+
+        def still_serving() -> None:
+            if backend.state == State.READY and backend.target().generation == generation:
+                waiting.cancel()
+
+        check = self.clock.callLater(grace, still_serving)
+        try:
+            await self._wait_for_start(waiting, lease.started)
+        except defer.CancelledError:
+            raise unanswered from None
+        except StartFailed as e:
+            raise self._start_failed(e) from None
+        finally:
+            if check.active():
+                check.cancel()
         self._refuse_early()
         lease.target = backend.target()
 

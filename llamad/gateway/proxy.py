@@ -64,6 +64,11 @@ class NotDelivered(ApiError):
     """The backend could not be reached: not one byte of the request got to it, so it may be sent again."""
 
 
+class Unanswered(ApiError):
+    """The backend took the request and closed the connection before any response byte: a child
+    that was dying (an inference request has no effect a client sees until it is answered)."""
+
+
 class _Upstream:
     """A parsed backend origin and its connection pool."""
 
@@ -211,11 +216,11 @@ class Relay:
             if rest:
                 self.request.write(rest)
 
-    def failed(self, reason: str, started: bool, sent: bool = True) -> None:
+    def failed(self, reason: str, started: bool, sent: bool = True, unanswered: bool = False) -> None:
         if self.ended:
             return
         if not started:
-            error = ApiError if sent else NotDelivered
+            error = Unanswered if unanswered else NotDelivered if not sent else ApiError
             self._settle(Failure(error(502, f"backend unreachable: {reason}", "backend_unreachable")))
             return
         log.warn("backend stream broke: {why}", why=reason)

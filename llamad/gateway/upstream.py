@@ -49,8 +49,9 @@ class ResponseHandler(typing.Protocol):
 
     def finished(self) -> None: ...
 
-    def failed(self, reason: str, started: bool, sent: bool = True) -> None:
-        """The exchange broke; ``sent`` False: not one byte reached the upstream (safe to send again)."""
+    def failed(self, reason: str, started: bool, sent: bool = True, unanswered: bool = False) -> None:
+        """The exchange broke; ``sent`` False: not one byte reached the upstream (safe to send again);
+        ``unanswered``: it was sent, and the upstream closed the connection before any response byte."""
 
 
 class UpstreamError(Exception):
@@ -300,9 +301,12 @@ class _Connection(Protocol):
             # Closed before any response byte: a kept-alive connection the child had already closed,
             # or a fresh one it accepted while dying.  Once more on a new connection: a live child
             # answers it, a dead one refuses it, and that is "not delivered" (safe to send again).
+            if self.exchange is not None and not self.reused:
+                self.exchange.taken = True  # a fresh connection: the child had taken the request
             self.pool._retry(self.exchange, handler)
         else:
-            handler.failed(f"upstream closed the connection ({reason.getErrorMessage()})", self.started)
+            handler.failed(f"upstream closed the connection ({reason.getErrorMessage()})", self.started,
+                           unanswered=not self.started)
 
 
 class _Factory(ClientFactory):
@@ -335,6 +339,7 @@ class Exchange:
         self.connection: _Connection | None = None
         self.cancelled = False
         self.retried = False  # sent once more after a connection closed before any response byte
+        self.taken = False  # that connection was a fresh one: the child took the request, then closed
 
     def start(self, allow_reuse: bool = True) -> None:
         connection = self.pool._take() if allow_reuse else None
@@ -353,7 +358,8 @@ class Exchange:
 
     def _unreachable(self, reason: str) -> None:
         if not self.cancelled:
-            self.handler.failed(reason, False, False)
+            # Refused on the second try, after the child closed the first unanswered: it got the request.
+            self.handler.failed(reason, False, sent=self.taken, unanswered=self.taken)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -460,7 +466,7 @@ class _Collect:
         if not self.done.called:
             self.done.callback((self.status, b"".join(self.parts)))
 
-    def failed(self, reason: str, started: bool, sent: bool = True) -> None:
+    def failed(self, reason: str, started: bool, sent: bool = True, unanswered: bool = False) -> None:
         if not self.done.called:
             self.done.errback(UpstreamError(reason))
 

@@ -331,3 +331,17 @@ def test_a_higher_class_gets_room_first_across_models():
     w.done("c", w.use("c", c))
     w.settle()
     assert w.states()["b"] == "ready" and isinstance(b[0], Lease)
+
+
+def test_a_forced_unload_during_the_start_leaves_its_waiting_requests_waiting_for_the_next_start():
+    w = World(budget=6 * GiB)
+    w.add("a", 5 * GiB, parallel=2)
+    w.start()
+    first, second = w.admit("a"), w.admit("a")
+    assert w.states() == {"a": "starting"}
+    w.fleet.unload("a", force=True)
+    assert w.states() == {"a": "stopping"} and first == [] and second == []
+    w.settle()
+    w.settle()
+    assert w.states() == {"a": "ready"} and w.sups["a"].generation == 2
+    assert isinstance(first[0], Lease) and isinstance(second[0], Lease)

@@ -345,3 +345,53 @@ def test_redelivery_ends_at_queue_timeout_counted_from_arrival():
     assert outcome[0].value.code == "queue_timeout"
     external = Lease(gate, Target(b"http://127.0.0.1:9", ""))
     assert not gate.can_redeliver(external)  # nobody restarts an external backend
+
+
+def _serving_supervisor():
+    from fakes import FakeProbe, FakeProcessReactor
+    from llamad.config import BackendConfig, SupervisorConfig
+    from llamad.supervisor import PROBE_INTERVAL, Supervisor
+
+    reactor = FakeProcessReactor()
+    probe = FakeProbe()
+    probe.status = 200
+    sup = Supervisor(reactor, reactor, BackendConfig(model="/m/demo.gguf"), SupervisorConfig(), probe=probe,
+                     key="k", new_session=False, random=lambda: 1.0, base_env={})
+    sup.startService()
+    reactor.advance(PROBE_INTERVAL)
+    gate = Gate(reactor, Status(reactor, sup, "m", lazy=False), sup, 1, 4, 30, Metrics())
+    return reactor, sup, gate
+
+
+def test_a_request_closed_unanswered_by_a_child_that_then_exits_goes_to_the_next_child():
+    import signal
+
+    from llamad.gateway.gate import LOSS_GRACE
+    from llamad.supervisor import PROBE_INTERVAL
+
+    reactor, sup, gate = _serving_supervisor()
+    first = Admission(gate)
+    old = first.lease.target.generation
+    unanswered = ApiError(502, "backend unreachable: upstream closed the connection", "backend_unreachable")
+    outcome: list = []
+    defer.ensureDeferred(gate.redeliver_unanswered(first.lease, unanswered)).addBoth(outcome.append)
+    reactor.advance(LOSS_GRACE / 2)
+    reactor.last.exit(None, signal.SIGKILL)  # its exit is seen within the grace
+    reactor.advance(1.0)
+    reactor.advance(PROBE_INTERVAL)
+    assert outcome == [None] and first.lease.target.generation == old + 1
+
+
+def test_a_request_closed_unanswered_by_a_child_that_lives_on_fails_after_the_grace():
+    from llamad.gateway.gate import LOSS_GRACE
+
+    reactor, sup, gate = _serving_supervisor()
+    first = Admission(gate)
+    unanswered = ApiError(502, "backend unreachable: upstream closed the connection", "backend_unreachable")
+    outcome: list = []
+    defer.ensureDeferred(gate.redeliver_unanswered(first.lease, unanswered)).addBoth(outcome.append)
+    reactor.advance(LOSS_GRACE - 0.1)
+    assert outcome == []
+    reactor.advance(0.2)
+    assert outcome[0].value is unanswered
+    assert gate.starting_waiters == 0

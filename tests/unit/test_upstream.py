@@ -26,8 +26,9 @@ class Handler:
     def finished(self):
         self.done = True
 
-    def failed(self, reason, started):
+    def failed(self, reason, started, sent=True, unanswered=False):
         self.failure = (reason, started)
+        self.unanswered = unanswered
 
 
 class TCPTransport(StringTransport):
