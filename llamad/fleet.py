@@ -110,7 +110,7 @@ class Fleet(MultiService):
         if preload:
             self.preload.append(model_id)
         if runtime.backend is not None:
-            runtime.backend.add_listener(lambda before, after: self._changed(model_id, after))
+            runtime.backend.add_listener(lambda before, after: self._changed(model_id, before, after))
         runtime.activity.on_change(self._activity_changed)
 
     def startService(self) -> None:
@@ -212,22 +212,34 @@ class Fleet(MultiService):
         if self.waiting_since or self.unload_when_idle:
             self.place()
 
-    def _changed(self, model_id: str, after: State) -> None:
+    def _changed(self, model_id: str, before: State, after: State) -> None:
         if after in (State.STARTING, State.READY, State.FAILED):
             self.waiting_since.pop(model_id, None)  # started (or given up on): no longer waiting for room
             self.blocked.pop(model_id, None)
             self.asked.discard(model_id)
         if after == State.STARTING:
             self.turn_ended.pop(model_id, None)
+        if before == State.STARTING and after == State.BACKOFF:
+            # A start that failed (its waiting requests are told why): it holds no room while it would
+            # back off.  The next request starts it again, and crash_loop_limit failures make it failed.
+            log.warn("model {model} failed to start: {reason}; it gives its room back until asked again",
+                     model=model_id, reason=self.models[model_id].backend.reason)
+            self.clock.callLater(0, self._give_up_start, model_id)
         gate = self.models[model_id].gate
         if after in (State.STOPPED, State.FAILED) and gate.paused:
             self.turn_ended[model_id] = self.clock.seconds()
             gate.resume()  # drained and stopped: what queued meanwhile asks for its next turn
-        if after == State.STOPPED and gate.starting_waiters and model_id not in self.waiting_since:
+        if (after == State.STOPPED and before == State.STOPPING and gate.starting_waiters
+                and model_id not in self.waiting_since):
             # Stopped while requests waited for its start (an unload during the load): they still wait.
             self.want(model_id)
             return
         self.place()
+
+    def _give_up_start(self, model_id: str) -> None:
+        backend = self.models[model_id].backend
+        if backend is not None and backend.state == State.BACKOFF:
+            backend.unload()
 
     def views(self) -> list[placement.ModelView]:
         """Every model as placement sees it, from memory only."""

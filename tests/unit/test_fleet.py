@@ -345,3 +345,34 @@ def test_a_forced_unload_during_the_start_leaves_its_waiting_requests_waiting_fo
     w.settle()
     assert w.states() == {"a": "ready"} and w.sups["a"].generation == 2
     assert isinstance(first[0], Lease) and isinstance(second[0], Lease)
+
+
+def test_a_model_that_fails_to_start_gives_its_room_back_while_it_would_back_off():
+    w = World(budget=None, max_loaded=1)
+    w.add("bad", GiB)
+    w.add("good", GiB)
+    w.start()
+    bad = w.admit("bad")
+    assert w.states() == {"bad": "starting", "good": "stopped"}
+    good = w.admit("good")  # no room: one model at a time
+    w.sups["bad"].process.exit(1, None)  # not a GGUF: the child exits before it is ready
+    assert bad[0].value.code == "backend_unavailable" and "exit" in bad[0].value.message
+    w.reactor.advance(0)
+    w.settle()
+    assert w.states() == {"bad": "stopped", "good": "ready"} and isinstance(good[0], Lease)
+    assert w.sups["bad"].process is None or w.sups["bad"].generation == 1  # not respawned on its own
+
+
+def test_a_model_that_keeps_failing_to_start_becomes_failed_and_is_refused_at_once():
+    w = World(budget=None, max_loaded=1)
+    w.add("bad", GiB)
+    w.start()
+    limit = w.sups["bad"].config.crash_loop_limit
+    for attempt in range(limit):
+        outcome = w.admit("bad")
+        w.sups["bad"].process.exit(1, None)
+        w.reactor.advance(0)
+        assert outcome[0].value.status == 503
+    assert w.states() == {"bad": "failed"}
+    refused = w.admit("bad")
+    assert refused[0].value.code == "backend_failed"
