@@ -190,10 +190,13 @@ class Fleet(MultiService):
         self.want(model_id)
 
     def unload(self, model_id: str, force: bool = False) -> None:
-        """``POST /models/unload``: stop it once its requests are done (``force``: now, cutting them)."""
+        """``POST /models/unload``: stop it once its requests are done (``force``: now, cutting them).
+        A load waiting for room is called off, unless requests wait for it (they keep their place)."""
         runtime = self.models[model_id]
         self.asked.discard(model_id)
-        self.waiting_since.pop(model_id, None)
+        if runtime.gate.waiting == 0:
+            self.waiting_since.pop(model_id, None)  # a load asked for and waiting for room: called off
+            self.blocked.pop(model_id, None)
         if force or self._idle(runtime):
             self.unload_when_idle.discard(model_id)
             if runtime.backend is not None:
@@ -340,6 +343,7 @@ class Fleet(MultiService):
                 last_used=round(runtime.activity.last_activity, 3), in_flight=runtime.activity.inference_in_flight,
                 queued=runtime.gate.waiting,
                 source="models_dir" if scanned else "preset",
+                waiting_for_room=model_id in self.waiting_since,
             ))
         return snapshots
 

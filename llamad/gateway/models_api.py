@@ -92,6 +92,7 @@ class ModelSnapshot:
     meta: Mapping[str, Any] | None = None
     source: Literal["models_dir", "preset"] = "preset"
     input_modalities: tuple[str, ...] = ("text",)
+    waiting_for_room: bool = False  # a load (asked, or for requests) waits for memory
 
     @property
     def router_status(self) -> RouterStatus:
@@ -204,6 +205,20 @@ def requested_model(body: bytes | str) -> str:
     return name if isinstance(name, str) else ""
 
 
+_JSON_KINDS: Mapping[type, str] = {str: "a string", int: "a number", float: "a number", list: "an array",
+                                   dict: "an object", type(None): "null"}
+
+
+def requested_force(body: bytes | str) -> bool:
+    """An unload body's ``force`` (a body :func:`requested_model` accepted): absent is false; anything
+    but a JSON boolean is a 400 (``"yes"`` or ``1`` could mean either, and a guess that cuts running
+    requests is not llamad's to make)."""
+    force = json.loads(body).get("force", False)
+    if not isinstance(force, bool):
+        raise ModelsApiError(400, f"\"force\" must be a boolean (true or false), not {_JSON_KINDS[type(force)]}")
+    return force
+
+
 def load_answer(snapshot: ModelSnapshot | None) -> Answer:
     """``POST /models/load``: 200 means the caller should start the model now.
 
@@ -221,11 +236,12 @@ def unload_answer(snapshot: ModelSnapshot | None) -> Answer:
     """``POST /models/unload``: 200 means the caller should stop the model now.
 
     Unknown: 400 (not 404: the router's unload says invalid_request_error); not
-    loading or loaded (stopped, failed): 400 "model is not running".
+    loading or loaded (stopped, failed) and no load waiting for room: 400 "model
+    is not running".  A load that waits for room is called off.
     """
     if snapshot is None:
         return error_answer(400, "model is not found")
-    if not snapshot.running:
+    if not snapshot.running and not snapshot.waiting_for_room:
         return error_answer(400, "model is not running")
     return success_answer()
 

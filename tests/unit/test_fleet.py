@@ -376,3 +376,20 @@ def test_a_model_that_keeps_failing_to_start_becomes_failed_and_is_refused_at_on
     assert w.states() == {"bad": "failed"}
     refused = w.admit("bad")
     assert refused[0].value.code == "backend_failed"
+
+
+def test_unloading_a_model_whose_asked_load_waits_for_room_calls_the_load_off():
+    from llamad.gateway import models_api
+
+    w = World(budget=None, max_loaded=1)
+    w.add("a", GiB)
+    w.add("b", GiB)
+    w.start()
+    a, lease = w.running("a")
+    w.fleet.load("b")  # no room while a runs
+    snapshot = next(s for s in w.fleet.model_snapshots(0) if s.id == "b")
+    assert snapshot.waiting_for_room and models_api.unload_answer(snapshot)[0] == 200
+    w.fleet.unload("b")
+    w.done("a", lease)
+    w.settle()
+    assert w.states() == {"a": "ready", "b": "stopped"} and "b" not in w.fleet.waiting_since

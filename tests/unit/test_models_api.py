@@ -17,8 +17,8 @@ from shapes import shape_diff
 
 from llamad.gateway import models_api
 from llamad.gateway.models_api import (
-    ModelSnapshot, ModelsApiError, child_meta, find_model, load_answer, models_list, requested_model,
-    unload_answer,
+    ModelSnapshot, ModelsApiError, child_meta, find_model, load_answer, models_list, requested_force,
+    requested_model, unload_answer,
 )
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "router_shapes.json"
@@ -191,6 +191,18 @@ def test_requested_model_and_lookup():
     assert find_model(models, "") is None
     # An id wins over another model's alias of the same name.
     assert find_model([snapshot("stopped", id="x", aliases=("b",)), *models], "b").id == "b"
+
+
+def test_force_is_a_boolean_or_absent():
+    assert requested_force(b'{"model": "b"}') is False
+    assert requested_force(b'{"model": "b", "force": true}') is True
+    assert requested_force(b'{"model": "b", "force": false}') is False
+    for force, kind in (('"yes"', "a string"), ("1", "a number"), ("null", "null"), ("[true]", "an array")):
+        with pytest.raises(ModelsApiError) as caught:
+            requested_force(b'{"model": "b", "force": %s}' % force.encode())
+        status, answer = caught.value.answer()
+        assert status == 400 and answer["error"]["message"] == f'"force" must be a boolean (true or false), not {kind}'
+        assert_same_shape(answer, CASES["load_bad_json"]["body"])
 
 
 @pytest.mark.parametrize("body", [b"not json", b"", b"[1]", b'"a"', b"\xff"])
