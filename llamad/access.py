@@ -11,14 +11,17 @@ thread.  One line per request answered on the API port::
 ``key_id`` is null when auth is off, ``model`` when the request named none
 (llamad's own routes, a refusal before routing).  Seconds are floats; the
 tokens come from the response's ``usage``.  Key ids, model ids and route
-labels are checked names with no character that JSON escapes, so a line is
-formatted without an encoder on the request path.
+labels are checked names, so a line is formatted without an encoder on the
+request path; a name that holds a quote, a backslash or a control character
+(a model file's name can) is encoded, every control character escaped, so a
+line is always one JSON object on one line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -56,8 +59,20 @@ class AccessLog:
             self.put(b"".join(lines))
 
 
+_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f-\x9f\ud800-\udfff]*')  # what a JSON string holds as it is
+_C1 = re.compile(r"[\x7f-\x9f]")  # DEL and C1: valid in JSON, raw, and a terminal acts on some
+
+
+def _string(text: str) -> bytes:
+    """``text`` as a JSON string."""
+    if _PLAIN.fullmatch(text):
+        return b'"%s"' % text.encode()
+    text = _C1.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False))
+    return text.encode("utf-8", "backslashreplace")  # a lone surrogate (an undecodable file name): \udcxx
+
+
 _STAMP: list = [-1, b""]  # the second last formatted, and its text
-_LINE = (b'{"time": "%s.%03dZ", "key_id": %s, "model": %s, "route": "%s", "status": %d, "prompt_tokens": %d, '
+_LINE = (b'{"time": "%s.%03dZ", "key_id": %s, "model": %s, "route": %s, "status": %d, "prompt_tokens": %d, '
          b'"completion_tokens": %d, "duration": %s, "ttfb": %s, "queue_wait": %s, "cold_start": %s}\n')
 
 
@@ -70,9 +85,9 @@ def access_line(wall: float, key_id: str | None, model: str | None, route: str, 
         _STAMP[0], _STAMP[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
     return _LINE % (
         _STAMP[1], int((wall - second) * 1000),
-        b"null" if key_id is None else b'"%s"' % key_id.encode(),
-        b"null" if model is None else b'"%s"' % model.encode(),
-        route.encode(), status, prompt, completion,
+        b"null" if key_id is None else _string(key_id),
+        b"null" if model is None else _string(model),
+        _string(route), status, prompt, completion,
         b"null" if duration is None else b"%.4f" % duration,
         b"null" if ttfb is None else b"%.4f" % ttfb,
         b"null" if queue_wait is None else b"%.4f" % queue_wait,

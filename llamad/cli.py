@@ -24,6 +24,14 @@ _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 EXPIRES_HELP = "ISO 8601 (e.g. 2027-01-01T00:00:00Z, a naive time is UTC) or from now: 30d, 24h, 60m, 2w"
 
 
+def config_error(e: ConfigError) -> int:
+    """One line on stderr (a control character in a path or value shown escaped) and exit status 2."""
+    from llamad.logs import escape  # only now: the log module brings Twisted's logging
+
+    print(f"llamad: config error: {escape(str(e))}", file=sys.stderr)
+    return 2
+
+
 def check_config(args: argparse.Namespace) -> int:
     """Print the effective config; one that names no model is printed too, with a note (it may be a template)."""
     try:
@@ -31,8 +39,7 @@ def check_config(args: argparse.Namespace) -> int:
         loaded = config_module.load(args.config, os.environ, overrides, check_files=not args.no_file_checks,
                                     require_model=False)
     except ConfigError as e:
-        print(f"llamad: config error: {e}", file=sys.stderr)
-        return 2
+        return config_error(e)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     sys.stdout.write(config_module.render(loaded))
@@ -93,8 +100,7 @@ def keys(args: argparse.Namespace) -> int:
             return keytool.usage(args, tool_config(args).logs.dir)
         path = _keys_file(args)
     except ConfigError as e:
-        print(f"llamad: config error: {e}", file=sys.stderr)
-        return 2
+        return config_error(e)
     if args.action == "convert":
         return keytool.convert(args, path)
     expires: str | None = None
@@ -219,8 +225,7 @@ def _reload(args: argparse.Namespace) -> int:
     try:
         data_dir = os.path.abspath(tool_config(args).data_dir)
     except ConfigError as e:
-        print(f"llamad: config error: {e}", file=sys.stderr)
-        return 2
+        return config_error(e)
     # The record holds the daemon's start time: a PID that was recycled is never signalled.
     record = runfiles.running_daemon(data_dir)
     if record is None:
@@ -529,8 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as e:  # a config problem is one line, never a traceback
-        print(f"llamad: config error: {e}", file=sys.stderr)
-        return 2
+        return config_error(e)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,8 @@ class FleetConfig:
     memory_budget: MemorySize = AUTO  # bytes the loaded models may take; "auto": GPU (else system) memory - reserve
     memory_reserve: Bytes = Bytes(GIB)  # bytes "auto" leaves free
     max_loaded: int = 0  # models loaded at once; 0 = no limit
-    min_resident: float = 30  # seconds a just-loaded model stays unless an older request needs its memory
+    min_resident: float = 5  # seconds a loaded model with requests keeps its memory at least; an idle one gives way
+    swap_quantum: float = 10  # seconds a model with requests keeps its memory once another waits for room
 
     def budget(self, auto_budget: Callable[[int], tuple[int, str]]) -> tuple[int, str]:
         """The budget in bytes and how it was found; "auto" asks ``auto_budget(memory_reserve)``
@@ -523,8 +524,8 @@ def _parse_text(key: str, text: str, source: str) -> Any:
 def _parse_toml_value(key: str, text: str, source: str) -> Any:
     """A list or table written as TOML (``["*"]``, ``{A = "1"}``) in a variable or ``--set``."""
     try:
-        return tomllib.loads(f"value = {text.strip()}")["value"]
-    except tomllib.TOMLDecodeError as e:
+        return loads_toml(f"value = {text.strip()}")["value"]
+    except ValueError as e:
         raise ConfigError(key, f"not a valid TOML value: {text!r} ({e})", source) from None
 
 
@@ -590,14 +591,43 @@ def read_toml(path: str) -> dict[str, Any]:
     """
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            data = f.read()
     except FileNotFoundError:
         raise ConfigError("config", f"file not found: {path}") from None
     except OSError as e:
         raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    try:
+        doc = parse_toml(data)
+    except ValueError as e:
         raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
     return _flatten_toml(doc, path)
+
+
+def parse_toml(data: bytes) -> dict[str, Any]:
+    """A TOML document from a file's bytes; every way it can be bad is a ValueError saying where.
+
+    ``tomllib`` leaves two failures to the caller: a byte that is not UTF-8
+    (UnicodeDecodeError, with no line) and a value nested deeper than the
+    interpreter's stack (RecursionError).
+    """
+    return loads_toml(decode_utf8(data))
+
+
+def decode_utf8(data: bytes) -> str:
+    """``data`` as text; a byte that is not UTF-8 is a ValueError naming it, its line and offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"not UTF-8 (byte {data[e.start]:#04x} at line {line}, offset {e.start})") from None
+
+
+def loads_toml(text: str) -> dict[str, Any]:
+    """``tomllib.loads``, with a value nested too deeply for the stack a ValueError rather than a RecursionError."""
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise ValueError("a value is nested too deeply") from None
 
 
 def _endpoint_args(rest: str) -> list[str]:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from typing import Any, Mapping
 
 from llamad.auth import API_KEY, KEY_ID, ROLES, ApiKey, KeyLine, _digest, parse_expiry
+from llamad.config import decode_utf8, loads_toml
 
 FIELDS = ("key", "key_sha256", "models", "role", "rate", "tokens_per_minute", "tokens_per_day", "max_concurrent",
           "priority", "expires")
@@ -52,8 +52,8 @@ def parse_toml_keys(text: str, path: str, priorities: Mapping[str, int] | None =
     """The valid keys and one warning per skipped table.  ``priorities``: the classes a key may name
     (None: any).  Raises ValueError when the text is not TOML."""
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        doc = loads_toml(text)
+    except ValueError as e:
         raise ValueError(f"not valid TOML: {e}") from None
     warnings = [f"{path}: ignored: {name!r} (each key is a [keys.<id>] table)" for name in doc if name != "keys"]
     tables = doc.get("keys", {})
@@ -65,7 +65,7 @@ def parse_toml_keys(text: str, path: str, priorities: Mapping[str, int] | None =
         try:
             entry = _entry(key_id, table, priorities)
         except ValueError as e:
-            warnings.append(f"{path}: [keys.{key_id}] skipped: {e}")
+            warnings.append(f"{path}: [keys.{_table_key(key_id)}] skipped: {e}")
             continue
         if entry.key.digest in seen:
             warnings.append(f"{path}: [keys.{key_id}] skipped: the same key as [keys.{seen[entry.key.digest]}]")
@@ -75,15 +75,17 @@ def parse_toml_keys(text: str, path: str, priorities: Mapping[str, int] | None =
     return entries, warnings
 
 
+def _table_key(key_id: str) -> str:
+    """``key_id`` as a table name in TOML: bare when it is a valid id, else a quoted string with every
+    control character escaped (a warning then shows what the file holds, not raw bytes)."""
+    return key_id if KEY_ID.match(key_id) else json.dumps(key_id).replace("\x7f", "\\u007f")
+
+
 def read_toml_keys(path: str, priorities: Mapping[str, int] | None = None) -> tuple[list[KeyEntry], list[str]]:
     """Raises OSError when the file cannot be read, ValueError when it is not TOML."""
     with open(path, "rb") as f:
         data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
-    return parse_toml_keys(text, path, priorities)
+    return parse_toml_keys(decode_utf8(data), path, priorities)
 
 
 def _entry(key_id: str, table: Any, priorities: Mapping[str, int] | None) -> KeyEntry:
@@ -277,6 +279,6 @@ def replace_secret(text: str, key_id: str, secret: str, hash_only: bool, expires
 def check_text(text: str) -> None:
     """Refuse to write what would not read back as TOML."""
     try:
-        tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        loads_toml(text)
+    except ValueError as e:
         raise ValueError(f"the edit would leave the keys file invalid TOML ({e}); it was not written") from None

@@ -9,6 +9,15 @@
 - ``_boot/<UTC ts>_boot_<instance>.log``: llamad's own log for this boot;
   ``_boot/latest.txt`` holds its path; ``logs.keep`` boot logs are kept.
 
+Text from files and clients (a key id, a path, a request's model name, an
+exception's message) can hold control characters: a newline that forges a log
+line, an escape sequence that rewrites the terminal of whoever reads the log.
+Every log event is escaped where it is written (:func:`escaping`): the boot
+log here, and twistd's own log (stdout under ``twistd -n``) through
+:func:`twistd_observer`; so is each line of the child's output.  C0 and C1
+controls and DEL in an event's values show as ``\\n``, ``\\x1b`` and so on;
+only the format strings (llamad's own text) and tracebacks break lines.
+
 Every write happens in one background thread fed by a bounded queue: a slow,
 full or vanished volume never stalls the reactor (the health port keeps
 answering).  A failed write is counted and reported on stderr at most once a
@@ -29,9 +38,12 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from twisted.logger import FileLogObserver, ILogObserver, formatEventAsClassicLogText
+from twisted.logger import (
+    FileLogObserver, ILogObserver, LegacyLogObserverWrapper, LogEvent, formatEventAsClassicLogText,
+)
+from zope.interface import implementer
 
 QUEUE_LINES = 10000
 WARN_EVERY = 60.0  # seconds between stderr reports of failed writes
@@ -241,7 +253,7 @@ class ChildLog:
 
     def child_line(self, line: bytes) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()).encode()
-        self.writer.put(self.name, stamp + b"Z " + line + b"\n")
+        self.writer.put(self.name, stamp + b"Z " + escape_bytes(line) + b"\n")
 
 
 def model_log(writer: LogWriter, logs_dir: str, model_id: str, max_bytes: int, keep: int) -> ChildLog:
@@ -302,8 +314,155 @@ def access_log(writer: LogWriter, logs_dir: str, max_bytes: int, keep: int) -> C
 
 
 def boot_observer(writer: LogWriter) -> ILogObserver:
-    """llamad's own log events, formatted as twistd does, into this boot's log."""
-    return FileLogObserver(_QueuedText(writer, "boot"), formatEventAsClassicLogText)
+    """llamad's own log events, formatted as twistd does and escaped, into this boot's log."""
+    return escaping(FileLogObserver(_QueuedText(writer, "boot"), formatEventAsClassicLogText))
+
+
+# --- escaping what comes from outside -------------------------------------------------------------
+
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROLS_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # newline and tab kept
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    c = match.group()
+    return _NAMED.get(c) or f"\\x{ord(c):02x}"
+
+
+def escape(text: str, lines: bool = False) -> str:
+    """``text`` with every C0 and C1 control character and DEL written as Python writes it in a string
+    literal (``\\n``, ``\\x1b``, ``\\x85``); ``lines``: newlines and tabs stay as they are."""
+    return (_CONTROLS_BUT_LINES if lines else _CONTROLS).sub(_escape_one, text)
+
+
+_BYTE_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|\xc2[\x80-\x9f]")  # C1 as UTF-8 writes it
+
+
+def _escape_byte(match: re.Match[bytes]) -> bytes:
+    c = match.group()[-1]
+    return {0x0a: b"\\n", 0x0d: b"\\r"}.get(c) or b"\\x%02x" % c
+
+
+def escape_bytes(line: bytes) -> bytes:
+    """A child's output line with its C0 and C1 controls and DEL escaped as :func:`escape` writes them,
+    tabs kept: the child may quote a client, and its log is read in terminals too."""
+    return _BYTE_CONTROLS.sub(_escape_byte, line)
+
+
+class Lines(str):
+    """Text llamad formatted itself over several lines (the effective config): logged with its line
+    breaks, every other control character escaped."""
+
+
+class _Escaped:
+    """An event's value that is not text, as a formatter sees it: whatever text it turns into comes out
+    escaped (``{x}``, ``{x!r}``, ``{x:.2f}``, ``{x.attr}``, ``{x[0]}`` and ``{x()}`` alike)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __format__(self, spec: str) -> str:
+        return escape(format(self.value, spec))
+
+    def __str__(self) -> str:
+        return escape(str(self.value))
+
+    def __repr__(self) -> str:
+        return escape(repr(self.value))
+
+    def __getattr__(self, name: str) -> _Escaped:
+        return _Escaped(getattr(self.value, name))
+
+    def __getitem__(self, key: Any) -> _Escaped:
+        return _Escaped(self.value[key])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Escaped:
+        return _Escaped(self.value(*args, **kwargs))
+
+
+class _EscapedText(str):
+    """An event's text, escaped, and still a ``str`` to whatever observer reads it; ``{x!r}`` is the
+    original's repr (which escapes its own way), not the repr of the escaped text."""
+
+    original: str
+
+    def __new__(cls, original: str, lines: bool = False) -> _EscapedText:
+        text = super().__new__(cls, escape(original, lines))
+        text.original = original
+        return text
+
+    def __repr__(self) -> str:
+        return escape(repr(self.original))
+
+
+class _EscapedFailure:
+    """A logged failure whose traceback (an exception's message may quote a client) comes out escaped."""
+
+    def __init__(self, failure: Any) -> None:
+        self.failure = failure
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.failure, name)
+
+    def getTraceback(self, *args: Any, **kwargs: Any) -> str:
+        return escape(self.failure.getTraceback(*args, **kwargs), lines=True)
+
+
+_PLAIN = (int, float, bool, type(None))  # nothing to escape in what these format to
+_TEXT_FIELDS = ("log_text", "log_io", "log_system")  # twisted's own keys that carry outside text
+
+
+def escape_event(event: LogEvent) -> LogEvent:
+    """A copy of ``event`` that formats to text with no control character but the format string's own
+    line breaks (and the tracebacks').  Twisted's ``log_*`` keys stay as they are but for the text ones."""
+    safe = dict(event)
+    for key, value in event.items():
+        if key.startswith("log_"):
+            if key in _TEXT_FIELDS and isinstance(value, str):
+                safe[key] = escape(value, lines=True)
+            elif key == "log_failure" and value is not None:
+                safe[key] = _EscapedFailure(value)
+        elif isinstance(value, str):
+            safe[key] = _EscapedText(value, lines=isinstance(value, Lines))
+        elif not isinstance(value, _PLAIN):
+            safe[key] = _Escaped(value)
+    return safe
+
+
+@implementer(ILogObserver)
+class _EscapingObserver:
+    """An observer that hands on each event escaped (a copy: other observers see it as it was logged)."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        self.observer(escape_event(event))
+
+
+def escaping(observer: Any) -> ILogObserver:
+    """``observer`` (new or legacy) given each event escaped."""
+    if not ILogObserver.providedBy(observer):
+        observer = LegacyLogObserverWrapper(observer)
+    return _EscapingObserver(observer)
+
+
+def twistd_observer(server_options: Any) -> ILogObserver | None:
+    """The log observer twistd would start with ``server_options`` (stdout under ``-n``, else
+    ``--logfile`` or syslog), escaped; None where twistd's own choice stands (``--logger``, or no twistd).
+
+    twistd takes an ``ILogObserver`` component of the application before its own choice, so llamad
+    hands it this one; the choice itself is twistd's, made by its own logger class.
+    """
+    if server_options is None or server_options.get("logger"):
+        return None
+    from twisted.scripts.twistd import _SomeApplicationRunner
+
+    make = getattr(_SomeApplicationRunner.loggerFactory(server_options), "_getLogObserver", None)
+    return escaping(make()) if make is not None else None
 
 
 def gpu_inventory(timeout: float = 5.0) -> str:
@@ -317,4 +476,4 @@ def gpu_inventory(timeout: float = 5.0) -> str:
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"nvidia-smi failed: {e}"
-    return out.stdout.strip() or out.stderr.strip() or f"nvidia-smi exited {out.returncode}"
+    return Lines(out.stdout.strip() or out.stderr.strip() or f"nvidia-smi exited {out.returncode}")

@@ -18,6 +18,7 @@ import os
 import secrets
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 
 def runtime_dir(data_dir: str) -> str:
@@ -52,6 +53,46 @@ def write_key_file(directory: str | None, key: str | None = None) -> tuple[str, 
     finally:
         os.close(fd)
     return key, path
+
+
+def when_read(reactor: Any, path: str, then: Callable[[], None]) -> Callable[[], None] | None:
+    """Call ``then()`` once a process has opened ``path`` and closed it without writing: the child has
+    read its key file (llama-server does while it parses its arguments, before it loads the model).
+
+    Linux inotify, so whatever server or version the child is; nothing is guessed from its output.
+    Returns what ends the watch, or None where files cannot be watched (a reactor without file
+    descriptors, no inotify instance left): the caller's later clean-up then stays the only one.
+    """
+    from twisted.internet.interfaces import IReactorFDSet
+
+    if not IReactorFDSet.providedBy(reactor):
+        return None
+    try:
+        from twisted.internet import inotify
+        from twisted.python.filepath import FilePath
+
+        notifier = inotify.INotify(reactor)
+    except Exception:  # not Linux, or the per-user inotify limit reached: no early removal, nothing worse
+        return None
+    ended: list[bool] = []
+
+    def end() -> None:
+        if not ended:
+            ended.append(True)
+            notifier.loseConnection()
+
+    def closed(_watch: object, _path: object, mask: int) -> None:
+        if mask & inotify.IN_CLOSE_NOWRITE and not ended:
+            end()
+            then()
+
+    notifier.startReading()
+    try:
+        notifier.watch(FilePath(path), mask=inotify.IN_CLOSE_NOWRITE, callbacks=[closed])
+    except Exception:
+        end()
+        return None
+    return end
 
 
 def remove(path: str) -> None:

@@ -39,6 +39,8 @@ PROBE_TIMEOUT = 1.0  # seconds for one readiness poll
 HURRY_STOP_TIMEOUT = 3.0  # SIGTERM-to-SIGKILL once shutdown has been asked for twice
 WEDGED_STOP_TIMEOUT = 3.0  # SIGTERM-to-SIGKILL for a child that stopped answering
 RESIGNAL_AFTER = 2.0  # seconds from SIGTERM to a second SIGTERM, for a child that missed the first
+SERVING_PATH = b"/metrics"  # llama-server answers it from its serving loop (llamad starts it with --metrics)
+MISS_CHECK = 0.05  # seconds between checks that a stopping llama-server is still serving
 LEFTOVER_POLL = 0.05  # seconds between checks that an earlier boot's child is gone
 READY_HINTS = (b"llama_server: listening on", b"server is listening", b"Uvicorn running")
 
@@ -305,7 +307,7 @@ class Supervisor(Service):
     :param clock: every timer; a ``Clock`` in tests.
     :param probe: ``probe(port, path, timeout)`` fires with the HTTP status of a GET on the child.
     :param key: the child's API key; written to a 0600 file in ``run_dir`` for each start and
-        removed once the child has read it (ready) or ended.
+        removed as soon as the child has read it (where that cannot be watched: at ready), or has ended.
     :param run_dir: private runtime folder for the key file and ``<name>.pid``, the record a
         later boot uses to stop a child this one leaves behind.  Empty: none.
     """
@@ -337,6 +339,7 @@ class Supervisor(Service):
         self.run_dir = run_dir
         self.pid_file = os.path.join(run_dir, f"{child_name}.pid") if run_dir else ""
         self.key_file = ""
+        self._key_watch: Callable[[], None] | None = None  # ends the watch for the child reading its key file
         self.output = output
         self.new_session = new_session and bool(backends.new_session_prefix())
         self.base_env = base_env
@@ -362,6 +365,9 @@ class Supervisor(Service):
         self._ready_deadline: IDelayedCall | None = None
         self._kill_call: IDelayedCall | None = None
         self._resignal_call: IDelayedCall | None = None
+        self._term_call: IDelayedCall | None = None  # the SIGTERM, held until the serving loop answers
+        self._miss_call: IDelayedCall | None = None  # the next check for a SIGTERM the child missed
+        self._watch_missed = False  # the SIGTERM was sent before the serving loop was seen: it may be lost
         self._ready_path = b"/health"
         self._leftover: runfiles.ChildRecord | None = None  # an earlier boot's child, being stopped
         self._leftover_call: IDelayedCall | None = None
@@ -475,7 +481,7 @@ class Supervisor(Service):
             self.last_start_seconds = self.ready_at - (self.started_at or self.ready_at)
             log.info("backend ready: pid {pid} port {port}, {secs:.3f} s after spawn",
                      pid=self.pid, port=self.port, secs=self.last_start_seconds)
-            runfiles.remove(self.key_file)  # read at startup: no copy of the key stays on disk
+            self.key_file = self._remove_key_file()  # read at startup (if no watch saw it read): no copy on disk
             self.health_failures = 0
             self._health_call = cancel(self._health_call)
             if self.config.health_interval > 0:
@@ -556,8 +562,15 @@ class Supervisor(Service):
         if self.run_dir:
             runfiles.ensure_private_dir(self.run_dir)
         _, self.key_file = runfiles.write_key_file(self.run_dir or None, self.key)
+        # Gone as soon as the child has read it, not at ready (a large model loads for minutes: a
+        # SIGKILLed llamad would leave it until the next boot of this data dir cleans it up).
+        path = self.key_file
+        self._key_watch = runfiles.when_read(self.reactor, path, lambda: runfiles.remove(path))
 
     def _remove_key_file(self) -> str:
+        if self._key_watch is not None:
+            self._key_watch()
+            self._key_watch = None
         if self.key_file:
             runfiles.remove(self.key_file)
         return ""
@@ -699,15 +712,59 @@ class Supervisor(Service):
             self._spawn_pending = False
             self._run(self.machine.exited, self.clock.seconds(), "stopped before it started")
             return
-        self._signal(signal.SIGTERM)
         self._kill_call = self.clock.callLater(grace, self._kill, grace)
-        if grace > RESIGNAL_AFTER:
+        if self.process is None or self.backend.kind != "llama-server" or self.machine.wedged_reason:
+            self._send_term(watch=False)  # nothing to ask, or a hung child that would not answer
+            return
+        # llama-server installs its SIGTERM handler a moment before its serving loop starts, and the
+        # loop's start undoes a stop asked in between: the signal would be lost.  Once the loop has
+        # answered, a SIGTERM always lands; a child still loading has no handler yet and ends at once.
+        protocol = self.protocol
+        self._term_call = self.clock.callLater(PROBE_TIMEOUT, self._send_term, True)
+
+        def answered(status: int | Failure) -> None:
+            if protocol is self.protocol and self._term_call is not None:
+                self._term_call = cancel(self._term_call)
+                self._send_term(watch=status != 200)
+
+        self.probe(self.port, SERVING_PATH, PROBE_TIMEOUT).addBoth(answered)
+
+    def _send_term(self, watch: bool) -> None:
+        """SIGTERM now; ``watch``: the serving loop was not seen running first, so the child may miss it."""
+        self._term_call = None
+        self._signal(signal.SIGTERM)
+        if self._kill_call is not None and self._kill_call.getTime() - self.clock.seconds() > RESIGNAL_AFTER:
             self._resignal_call = self.clock.callLater(RESIGNAL_AFTER, self._resignal)
+        self._watch_missed = watch
+        if self._watch_missed:
+            self._miss_call = self.clock.callLater(MISS_CHECK, self._check_missed)
+
+    def _check_missed(self) -> None:
+        """A child whose serving loop answers after the SIGTERM missed it: its loop started just after
+        the handler ran.  A child that took it answers no more (its loop is over)."""
+        self._miss_call = None
+        protocol = self.protocol
+
+        def answered(status: int | Failure) -> None:
+            if protocol is not self.protocol or not self._watch_missed:
+                return  # gone, or the timed second SIGTERM was sent already
+            if status == 200:
+                self._watch_missed = False
+                self._resignal_call = cancel(self._resignal_call)
+                log.info("backend pid {pid} still serving after SIGTERM (it came as its serving loop started): "
+                         "SIGTERM again", pid=self.pid)
+                self._signal(signal.SIGTERM)
+            else:
+                self._miss_call = self.clock.callLater(MISS_CHECK, self._check_missed)
+
+        self.probe(self.port, SERVING_PATH, PROBE_TIMEOUT).addBoth(answered)
 
     def _resignal(self) -> None:
-        """SIGTERM once more: llama-server can miss one that lands just after it started serving, and
-        takes a second as "exit now".  By the time a child is stopped, its requests are done."""
+        """SIGTERM once more, for a missed one that no check caught (a child that does not answer, or
+        another server); llama-server takes a second as "exit now".  By then its requests are done."""
         self._resignal_call = None
+        self._watch_missed = False
+        self._miss_call = cancel(self._miss_call)
         log.info("backend pid {pid} still running {t:g} s after SIGTERM: SIGTERM again", pid=self.pid,
                  t=RESIGNAL_AFTER)
         self._signal(signal.SIGTERM)
@@ -739,6 +796,9 @@ class Supervisor(Service):
         self._ready_deadline = cancel(self._ready_deadline)
         self._kill_call = cancel(self._kill_call)
         self._resignal_call = cancel(self._resignal_call)
+        self._term_call = cancel(self._term_call)
+        self._miss_call = cancel(self._miss_call)
+        self._watch_missed = False
         value = reason.value
         description = describe_exit(getattr(value, "exitCode", None), getattr(value, "signal", None))
         expected = self.state == State.STOPPING and not self.machine.want_up

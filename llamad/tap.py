@@ -14,7 +14,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.python.failure import Failure
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.python.components import Componentized
 from twisted.python import usage
 
 from llamad import config as config_module
@@ -32,7 +33,9 @@ from llamad.k8s.client import KubeClient
 from llamad.k8s.poller import ScaleFromZero
 from llamad.access import AccessLog
 from llamad.tokenfile import FILE_NAME as TOKEN_FILE, TokenFile
-from llamad.logs import ChildLog, access_log, model_log, boot_observer, gpu_inventory, open_logs
+from llamad.logs import (
+    ChildLog, Lines, access_log, boot_observer, escape, gpu_inventory, model_log, open_logs, twistd_observer,
+)
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.status import Status
@@ -49,7 +52,7 @@ log = Logger(namespace="llamad")
 
 def fail(message: str) -> None:
     """Exit 2 with one line naming the problem, before twistd starts the service tree (no port kept, no child)."""
-    sys.stderr.write(f"llamad: config error: {message}\n")
+    sys.stderr.write(f"llamad: config error: {escape(message)}\n")  # one line, whatever the message quotes
     raise SystemExit(2)
 
 
@@ -165,6 +168,12 @@ class LlamadService(service.MultiService):
         self.supervisors: list[Supervisor] = []
         self.notifier: Notifier | None = None
         self._previous_sighup: Any = None
+        self.log_observer: Any = None  # twistd's log, escaped (see llamad.logs): given to the application
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)  # twistd starts logging with it
 
     def startService(self) -> None:
         super().startService()
@@ -277,7 +286,7 @@ def make_fleet(config: Config, status: Status, metrics: Metrics, notifier: Notif
              how=how, n=config.fleet.max_loaded or "no limit")
     fleet = Fleet(reactor, budget, config.fleet.max_loaded, config.fleet.min_resident,
                   on_swap=lambda gone, made_room_for: metrics.model_swaps.labels(gone).inc(),
-                  measure=memory_probe(reactor, has_gpu))
+                  measure=memory_probe(reactor, has_gpu), swap_quantum=config.fleet.swap_quantum)
     models: dict[str, ModelRuntime] = {}
     run_dir = runfiles.runtime_dir(config.data_dir)
     for model in config.models.values():
@@ -437,7 +446,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     root.closers.append(close)
     log.info("llamad boot log: {path}", path=boot_path)
     log.info("effective config (llamad check-config shows the same):\n{config}",
-             config=config_module.render(loaded).rstrip())
+             config=Lines(config_module.render(loaded).rstrip()))
     log.info("GPUs: {gpus}", gpus=gpu_inventory())
     for warning in loaded.warnings:
         log.warn("config: {warning}", warning=warning)
@@ -477,4 +486,6 @@ def makeService(options: Options) -> service.IService:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     assert options.loaded is not None
-    return build(options.loaded, reactor)
+    root = build(options.loaded, reactor)
+    root.log_observer = twistd_observer(getattr(options, "parent", None))
+    return root

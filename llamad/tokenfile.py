@@ -11,10 +11,12 @@ No database: one small JSON file, replaced atomically, written off the reactor.
 from __future__ import annotations
 
 import json
+import math
 import os
+import reprlib
 import tempfile
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from twisted.application.service import Service
 from twisted.internet import threads
@@ -23,35 +25,120 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from llamad.auth import KEY_ID
 from llamad.policy import Policy
 
 log = Logger(namespace="llamad.tokens")
 
 SAVE_INTERVAL = 60.0
 FILE_NAME = os.path.join("state", "token_use.json")
+# The most buckets a saved window can hold: one per step of its span (policy.KeyUse: 1 s for the
+# minute, 60 s for the day) and the one that straddles its start, twice over for a clock that jumped.
+WINDOWS = {"minute": 2 * 61, "day": 2 * 1441}
+# One key that used tokens in every minute of the last day takes about 33 KB: this holds some 250 of
+# them.  The worst 8 MiB of JSON still parses in about 3 s and 200 MB on a slow core (50 MB: 18 s, 1.4 GB).
+MAX_BYTES = 8 << 20
+MAX_TOKENS = 1 << 53  # per bucket: beyond any real count, and exact as a JSON number everywhere
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 40
 
 
-def read_state(path: str) -> dict[str, dict[str, list[list[float]]]]:
-    """The saved windows, or nothing (with a warning) when the file is missing or not what it should be."""
+def read_state(path: str, known: Collection[str] | None = None) -> dict[str, dict[str, list[list[float]]]]:
+    """The saved windows of the keys in ``known`` (None: any key).
+
+    The file is llamad's own, but it lives on a volume that others can write:
+    nothing in it may stop the boot or count as credit.  A missing, oversized
+    (not read at all) or unparsable file gives nothing; a bad bucket, an
+    unknown field or a key that is not in ``known`` is dropped, each with a
+    warning naming it, and the rest is kept.
+    """
     try:
         with open(path, "rb") as f:
-            raw = json.load(f)
+            size = os.fstat(f.fileno()).st_size
+            data = b"" if size > MAX_BYTES else f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
+    except OSError as e:
         log.warn("token use: {path} cannot be read ({e}); quotas start from zero", path=path, e=e)
         return {}
-    state: dict[str, dict[str, list[list[float]]]] = {}
+    if size > MAX_BYTES or len(data) > MAX_BYTES:
+        log.warn("token use: {path} is larger than {max} bytes, far more than llamad writes: it is ignored and "
+                 "quotas start from zero", path=path, max=MAX_BYTES)
+        return {}
+    try:
+        raw = json.loads(data)
+    except RecursionError:
+        log.warn("token use: {path} cannot be read (nested too deeply); quotas start from zero", path=path)
+        return {}
+    except ValueError as e:
+        log.warn("token use: {path} cannot be read ({e}); quotas start from zero", path=path, e=e)
+        return {}
     if not isinstance(raw, dict):
         log.warn("token use: {path} is not a JSON object; quotas start from zero", path=path)
         return {}
+    state: dict[str, dict[str, list[list[float]]]] = {}
+    unknown: list[str] = []
     for key_id, windows in raw.items():
-        try:
-            state[key_id] = {name: [[float(start), int(tokens)] for start, tokens in windows.get(name, [])]
-                             for name in ("minute", "day")}
-        except (AttributeError, TypeError, ValueError):
-            log.warn("token use: {path} has a bad entry for key {key!r}; it is skipped", path=path, key=key_id)
+        if not KEY_ID.match(key_id) or (known is not None and key_id not in known):
+            unknown.append(key_id)
+            continue
+        entry, problems = _windows(windows)
+        for problem in problems:
+            log.warn("token use: {path}: key {key}: {problem}", path=path, key=key_id, problem=problem)
+        if entry is not None:
+            state[key_id] = entry
+    if unknown:
+        log.warn("token use: {path}: dropped the windows of {n} key(s) that are not in the keys file: {keys}",
+                 path=path, n=len(unknown), keys=", ".join(_short.repr(k) for k in unknown[:5])
+                 + (", ..." if len(unknown) > 5 else ""))
     return state
+
+
+def _windows(windows: Any) -> tuple[dict[str, list[list[float]]] | None, list[str]]:
+    """One key's windows, checked; and what was dropped, one line per window (or for the whole key)."""
+    if not isinstance(windows, dict):
+        return None, [f"not an object of windows ({_short.repr(windows)}): skipped"]
+    problems = []
+    extra = [name for name in windows if name not in WINDOWS]
+    if extra:
+        problems.append(f"unknown field(s) dropped: {', '.join(_short.repr(name) for name in extra[:5])}"
+                        + (", ..." if len(extra) > 5 else ""))
+    entry: dict[str, list[list[float]]] = {}
+    for name, most in WINDOWS.items():
+        buckets = windows.get(name, [])
+        if not isinstance(buckets, list):
+            problems.append(f"{name}: not a list of [start, tokens] ({_short.repr(buckets)}): dropped")
+            buckets = []
+        elif len(buckets) > most:
+            problems.append(f"{name}: {len(buckets)} buckets, more than the window holds ({most}): dropped")
+            buckets = []
+        kept, bad = [], []
+        for item in buckets:
+            checked = _bucket(item)
+            if isinstance(checked, str):
+                bad.append(checked)
+            else:
+                kept.append(checked)
+        if bad:
+            problems.append(f"{name}: dropped {len(bad)} bad bucket(s), the first: {bad[0]}")
+        entry[name] = kept
+    return entry, problems
+
+
+def _bucket(item: Any) -> list[float] | str:
+    """``[start, tokens]`` with a finite start and a token count from 1 to MAX_TOKENS, or what is wrong."""
+    if not isinstance(item, list) or len(item) != 2:
+        return f"{_short.repr(item)} is not a [start, tokens] pair"
+    start, tokens = item
+    try:
+        finite = not isinstance(start, bool) and isinstance(start, (int, float)) and math.isfinite(start)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        return f"start {_short.repr(start)} is not a finite number of seconds"
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens <= MAX_TOKENS:
+        return f"tokens {_short.repr(tokens)} is not a whole number from 1 to {MAX_TOKENS}"
+    return [float(start), tokens]
 
 
 def write_state(path: str, state: dict[str, Any]) -> None:
@@ -94,7 +181,9 @@ class TokenFile(Service):
 
     def startService(self) -> None:
         super().startService()
-        state = read_state(self.path)  # small, once, before the first request
+        # Small, once, before the first request; only the keys of the keys file as it is now (the
+        # policy has their limits by now): a key that is gone would be kept, and written back, for nothing.
+        state = read_state(self.path, known=self.policy.limits.keys())
         if state:
             self.policy.restore_tokens(state)
             log.info("token use: restored the windows of {n} key(s) from {path}", n=len(state), path=self.path)
