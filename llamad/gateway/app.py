@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 import time
 from typing import Any, Callable, Mapping
@@ -28,10 +29,10 @@ from llamad.gateway.errors import ApiError, sse_error_event, write_error
 from llamad.gateway.front import FrontFactory, FrontRequest
 from llamad.gateway.gate import Gate, Lease
 from llamad.gateway.guard import Auth, Cors, GuardResource
-from llamad.gateway.limits import guarded_site
-from llamad.gateway.proxy import NotDelivered, Proxy, Relay
+from llamad.gateway.limits import BODY_MIN_RATE, guarded_site
+from llamad.gateway.proxy import NotDelivered, Proxy, Relay, Unanswered
 from llamad.gateway import models_api
-from llamad.gateway.routing import ModelDirectory
+from llamad.gateway.routing import UPSTREAM_PREFIX, ModelDirectory, child_path
 from llamad.gateway.usage import UsageTap, ask_for_usage
 from llamad.health import QuietSite
 from llamad.metrics import Metrics, label_child_metrics
@@ -55,11 +56,23 @@ INFERENCE_ROUTES = frozenset(
 FORM_ROUTES = frozenset({"/v1/audio/transcriptions", "/audio/transcriptions"})
 # Inference routes whose body must be a JSON object (checked before it reaches the gate).
 JSON_BODY_ROUTES = INFERENCE_ROUTES - FORM_ROUTES
+# llama-server's other POST routes that parse their body as JSON: held to the same strict JSON (the
+# child answers a bad one with a 500, or worse), and routed by its "model" like inference.
+CHILD_JSON_ROUTES = frozenset(
+    {
+        "/tokenize", "/detokenize", "/apply-template", "/lora-adapters", "/v1/chat/completions/control",
+        "/chat/completions/input_tokens", "/v1/chat/completions/input_tokens", "/responses/input_tokens",
+        "/v1/responses/input_tokens", "/v1/messages/count_tokens", "/v1/streams/lookup", "/tools",
+    }
+)
+JSON_ARRAY_ROUTES = frozenset({"/lora-adapters"})  # a JSON array (or object) body, not only an object
+# POST /slots/<id>?action=save|restore takes a JSON object; action=erase may come with no body.
+SLOTS_PREFIX = b"/slots/"
 # Other routes counted under their own label; anything else is "other" (bounded cardinality).
-KNOWN_ROUTES = INFERENCE_ROUTES | {
+KNOWN_ROUTES = INFERENCE_ROUTES | CHILD_JSON_ROUTES | {
     "/models/load", "/models/unload",
-    "/v1/models", "/models", "/tokenize", "/detokenize", "/apply-template", "/props", "/slots",
-    "/lora-adapters", "/health", "/ping", "/metrics", "/admin/reload", "/reload", "/admin/restart",
+    "/v1/models", "/models", "/props", "/slots",
+    "/health", "/ping", "/metrics", "/admin/reload", "/reload", "/admin/restart",
 }
 # Listed from the config while the child is down: a model list never wakes it.
 MODEL_LIST_ROUTES = frozenset({"/v1/models", "/models"})
@@ -71,6 +84,17 @@ CHILD_METRICS_TIMEOUT = 2.0
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
 # A \uD800-\uDFFF escape: the only way a lone surrogate gets into parsed JSON.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# What any number past a double's range (1e999, 400 digits) must hold: an exponent of 3 digits or more,
+# or a run of 200 digits or more.  A body is mapped to its numbers' shape (digits to 0, e/E to e, signs
+# to +, the rest to a space: linear, in C) and only one with such a shape is parsed number by number.
+_NUMBER_SHAPE = bytes(ord("0") if chr(c).isdigit() and c < 128 else ord("e") if c in b"eE" else
+                      ord("+") if c in b"+-" else ord(" ") for c in range(256))
+_BIG_SHAPES = (b"e000", b"e+000", b"0" * 200)
+
+
+def _may_overflow(body: bytes) -> bool:
+    shape = body.translate(_NUMBER_SHAPE)
+    return any(big in shape for big in _BIG_SHAPES)
 
 
 def wants_json(accept: bytes | None) -> bool:
@@ -100,26 +124,57 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-# One decoder for every body (``json.loads`` with an option builds a new one per call).
+def _shown(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {_shown(text)} is out of range (past a double's largest)")
+    return value
+
+
+def _finite_int(text: str) -> int:
+    value = int(text)
+    if len(text) > 300 and not math.isfinite(float(text)):
+        raise ValueError(f"number {_shown(text)} is out of range (past a double's largest)")
+    return value
+
+
+# One decoder for every body (``json.loads`` with an option builds a new one per call); the checked
+# one only for bodies with a number that may overflow.
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_CHECKED_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float, parse_int=_finite_int)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """An inference request body: a strict JSON object in UTF-8, or a 400 that says what is wrong.
+    """An inference request body: a strict JSON object in UTF-8, or a 400 that says what is wrong."""
+    payload = parse_json(body, "a JSON object")
+    if not isinstance(payload, dict):
+        raise ApiError(400, f"request body must be a JSON object, not {type(payload).__name__}", "invalid_json")
+    return payload
+
+
+def parse_json(body: bytes, expected: str = "JSON") -> Any:
+    """A body the child parses as JSON: strict JSON in UTF-8, or a 400 that says what is wrong.
 
     Strict, so that what llamad accepts is what the child parses: no NaN or
-    Infinity, no lone surrogate escape, no UTF-16.  The surrogate check costs
-    a re-encode, so it runs only on bodies that hold such an escape.
+    Infinity, no number past a double's range (``1e999``, which Python reads
+    as infinity), no lone surrogate escape, no UTF-16, no nesting deeper than
+    the recursion limit.  The number and surrogate checks cost, so they run
+    only on bodies that may need them.
     """
     if not body or body.isspace():
-        raise ApiError(400, "request body is empty: expected a JSON object", "invalid_json")
+        raise ApiError(400, f"request body is empty: expected {expected}", "invalid_json")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ApiError(400, f"request body is not UTF-8 (byte {body[e.start]:#04x} at offset {e.start})",
                        "invalid_json") from None
     try:
-        payload = _DECODER.decode(text.removeprefix("\ufeff"))
+        decoder = _CHECKED_DECODER if _may_overflow(body) else _DECODER
+        payload = decoder.decode(text.removeprefix("\ufeff"))
         if _SURROGATE_ESCAPE.search(body):
             json.dumps(payload, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
@@ -129,8 +184,6 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
     except ValueError as e:
         raise ApiError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, f"request body must be a JSON object, not {type(payload).__name__}", "invalid_json")
     return payload
 
 
@@ -392,21 +445,27 @@ class Gateway:
         """Everything before the relay that needs no waiting: route, body checks, routing, and a slot
         when one is free.  None: answered here (the router API, a model list while the child is down)."""
         started = self.clock.seconds()
-        route = route_label(request.path)
+        path = request.path
+        if path.startswith(UPSTREAM_PREFIX):
+            path = child_path(path)  # the same route, checks and admission as without the prefix
+            own_list = False  # the child's own list, not llamad's
+        else:
+            own_list = path in MODEL_LIST_PATHS
+        route = route_label(path)
         content = request.content
         body = content.read() if content is not None else b""
         inference = route in INFERENCE_ROUTES
         key: ApiKey | None = getattr(request, "api_key", None)
         allowed = key.may_use if key is not None and key.models else None
-        if self.fleet and (request.path in MODELS_API_ROUTES or route in MODEL_LIST_ROUTES):
+        if self.fleet and (own_list or request.path in MODELS_API_ROUTES):
             self.models_api(request, route, body, allowed)
             return None
         if not inference:
-            if route in MODEL_LIST_ROUTES and allowed is not None and not allowed(self.status.model_id):
+            if own_list and allowed is not None and not allowed(self.status.model_id):
                 self._answer_json(request, route, {"object": "list", "data": []})  # none of this key's
                 return None
-            runtime, uri = self.runtime_for(request, None, allowed)
-            if route in MODEL_LIST_ROUTES and not runtime.gate.ready:
+            runtime, uri = self.runtime_for(request, self._child_json(request.method, path, route, body), allowed)
+            if own_list and not runtime.gate.ready:
                 self._answer_json(request, route, self.model_list())
                 return None
             proxied = Proxied(self, request, route, started, runtime, body, uri, None)
@@ -420,8 +479,8 @@ class Gateway:
             refusal = self.policy.quota_refusal(key)
             if refusal is not None:
                 raise refusal
-        strip_usage = ask_for_usage(request.path, payload)
-        if strip_usage:
+        changed, strip_usage = ask_for_usage(path, payload)
+        if changed:
             try:
                 body = json.dumps(payload).encode()
             except RecursionError:  # parsed just under the limit, this deeper stack is over it
@@ -434,6 +493,20 @@ class Gateway:
             proxied.key_place = True
         proxied.lease = runtime.gate.try_admit()  # a free slot and a ready child: no waiting
         return proxied
+
+    @staticmethod
+    def _child_json(method: bytes, path: bytes, route: str, body: bytes) -> dict[str, Any] | None:
+        """The body of a POST that is not inference but that the child parses as JSON, checked as strictly
+        as inference's (a 400 if not); its object routes the request.  None for every other request."""
+        if method != b"POST":
+            return None
+        if route in CHILD_JSON_ROUTES:
+            payload = parse_json(body) if route in JSON_ARRAY_ROUTES else parse_json_object(body)
+        elif path.startswith(SLOTS_PREFIX) and body and not body.isspace():
+            payload = parse_json_object(body)
+        else:
+            return None
+        return payload if isinstance(payload, dict) else None
 
     async def _wait_then_relay(self, proxied: Proxied) -> None:
         """Admission when it has to wait (the key's places, a queue, a cold start), then the relay."""
@@ -502,6 +575,7 @@ class Gateway:
         else:
             try:
                 name = models_api.requested_model(body)
+                force = request.path == b"/models/unload" and models_api.requested_force(body)
             except models_api.ModelsApiError as e:
                 status, answer = e.answer()
             else:
@@ -514,7 +588,7 @@ class Gateway:
                 else:
                     status, answer = models_api.unload_answer(snapshot)
                     if status == 200 and model is not None:
-                        fleet.unload(model, force=json.loads(body).get("force") is True)
+                        fleet.unload(model, force=force)
         self._answer_json(request, route, answer, status)
 
     def model_list(self) -> dict[str, Any]:
@@ -551,6 +625,7 @@ class Proxied:
     done: defer.Deferred[None] | None = None  # for a coroutine that awaits the end
     key: ApiKey | None = None  # set when the key limits its concurrent requests
     key_place = False  # holds one of them
+    resent = False  # sent once more after a child closed it unanswered
     first_byte_at: float | None = None
 
     def __init__(self, gateway: Gateway, request: IRequest, route: str, started: float, runtime: ModelRuntime,
@@ -640,6 +715,16 @@ class Proxied:
             # The child died (or is restarting) and got none of this request: send it to the next one.
             log.info("backend unreachable before {route} was sent: waiting for its restart", route=self.route)
             d = self.pending = defer.ensureDeferred(self.runtime.gate.redeliver(lease))
+            d.addCallbacks(self._redelivered, self.not_relayed)
+            return
+        if (failure.check(Unanswered) and self.inference and not self.resent and lease is not None
+                and self.runtime.gate.can_redeliver(lease)):
+            # Sent, and closed unanswered: a dying child's.  Once to the next child; a request that
+            # meets two such closes in a row fails with the reason (it may be what kills the child).
+            self.resent = True
+            log.info("backend closed {route} unanswered: sending it to the next child if this one exits",
+                     route=self.route)
+            d = self.pending = defer.ensureDeferred(self.runtime.gate.redeliver_unanswered(lease, failure.value))
             d.addCallbacks(self._redelivered, self.not_relayed)
             return
         request = self.request
@@ -739,19 +824,21 @@ class ApiSite(QuietSite):
 
 def api_site(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10,
              body_timeout: float = 30, max_incomplete_per_client: int = 64, *, max_headers: int = 64,
-             max_header_line: int = 8192, max_request_line: int = 8192) -> Site:
+             max_header_line: int = 8192, max_request_line: int = 8192, body_min_rate: float = BODY_MIN_RATE) -> Site:
     guard = gateway.resource()
     site = guarded_site(guard, max_body_bytes, header_timeout, ApiSite, body_timeout=body_timeout,
                         max_incomplete_per_client=max_incomplete_per_client, early_check=guard.early_refusal,
-                        max_headers=max_headers, max_header_line=max_header_line, max_request_line=max_request_line)
+                        max_headers=max_headers, max_header_line=max_header_line, max_request_line=max_request_line,
+                        body_min_rate=body_min_rate)
     site.gateway = gateway  # type: ignore[attr-defined]
     return site
 
 
 def api_factory(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10,
                 body_timeout: float = 30, max_incomplete_per_client: int = 64, *, max_headers: int = 64,
-                max_header_line: int = 8192, max_request_line: int = 8192) -> FrontFactory:
+                max_header_line: int = 8192, max_request_line: int = 8192,
+                body_min_rate: float = BODY_MIN_RATE) -> FrontFactory:
     """Port 8000 on the fast path (``api.fast_path``): the same limits as :func:`api_site`."""
     return FrontFactory(gateway, gateway.clock, max_body_bytes, header_timeout, body_timeout,
                         max_incomplete_per_client, max_headers=max_headers, max_header_line=max_header_line,
-                        max_request_line=max_request_line)
+                        max_request_line=max_request_line, body_min_rate=body_min_rate)

@@ -9,10 +9,10 @@ complete request to the :class:`~llamad.gateway.app.Gateway` as a
 :class:`FrontRequest`, the small part of twisted.web's ``IRequest`` that the
 guard, the gateway's own routes and the proxy use.
 
-Time-outs (headers, a stalled body, an idle kept-alive connection) are
-deadlines that one sweep every :data:`SWEEP_INTERVAL` seconds checks, so a
-request sets no timer of its own.  Pipelined requests are answered in order,
-one at a time.
+Time-outs (headers, a stalled or too slow body, an idle kept-alive
+connection) are deadlines that one sweep every :data:`SWEEP_INTERVAL` seconds
+checks, so a request sets no timer of its own.  Pipelined requests are
+answered in order, one at a time.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from twisted.web.http import RESPONSES
 
 from llamad.gateway.errors import error_body
 from llamad.gateway.guard import ALLOWED_METHODS
-from llamad.gateway.limits import (BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES, MAX_HEADERS,
-                                   MAX_INCOMPLETE_PER_CLIENT, MAX_LINE, REASONS)
+from llamad.gateway.limits import (BODY_MIN_RATE, BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES,
+                                   MAX_HEADERS, MAX_INCOMPLETE_PER_CLIENT, MAX_LINE, REASONS, body_deadline,
+                                   slow_body_message)
 from llamad.gateway.sendnow import write_now
 from llamad.gateway.upstream import dechunk
 
@@ -48,6 +49,7 @@ SWEEP_INTERVAL = 0.5  # seconds between checks of every connection's deadline
 MAX_PIPELINED = 16  # complete requests waiting behind the one being answered; more pauses reading
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BODY_DEADLINES = ("body", "slow body")  # the body stalled; it arrives, but too slowly in all
 # llhttp's framing errors, in the words llamad uses for the same refusals.
 _FRAMING_ERRORS = (
     ("Duplicate Content-Length", "more than one Content-Length header", "bad_content_length"),
@@ -313,6 +315,7 @@ class FrontProtocol(Protocol):
         self.headers = 0
         self.deadline = 0.0
         self.deadline_kind = ""
+        self.body_started = 0.0  # when the head of the request whose body is arriving was in
         self.closing = False  # no more requests on this connection
         self.refusal: bytes | None = None  # an error answer waiting for the current response to end
         self.early_pending: FrontRequest | None = None  # its head is to be checked if its body is not all in
@@ -356,6 +359,19 @@ class FrontProtocol(Protocol):
                         "request_timeout")
         elif kind == "body":
             self.refuse(408, f"request body stalled: no data for {self.factory.body_timeout:g} s", "request_timeout")
+        elif kind == "slow body":
+            factory = self.factory
+            received = self.incoming.body_bytes if self.incoming is not None else 0
+            self.refuse(408, slow_body_message(received, factory.clock.seconds() - self.body_started,
+                                               factory.body_timeout, factory.body_min_rate), "request_timeout")
+
+    def _body_deadline(self, received: int) -> None:
+        """The sooner of a body's two bounds: ``body_timeout`` from now (a stall), or its whole time
+        (:func:`~llamad.gateway.limits.body_deadline`) spent."""
+        factory = self.factory
+        stall = factory.clock.seconds() + factory.body_timeout
+        due = body_deadline(self.body_started, received, factory.body_timeout, factory.body_min_rate)
+        self.deadline_kind, self.deadline = ("slow body", due) if due < stall else ("body", stall)
 
     # --- parsing ------------------------------------------------------------------------------------
 
@@ -392,8 +408,8 @@ class FrontProtocol(Protocol):
             self.raw_head += len(data)
             if self.raw_head > self.factory.max_head + self.factory.max_header_line:
                 self._too_large_head()
-        elif self.deadline_kind == "body":
-            self._deadline("body", self.factory.body_timeout)  # progress: the stall clock starts over
+        elif self.deadline_kind in _BODY_DEADLINES:
+            self._body_deadline(request.body_bytes)  # progress: the stall clock starts over
 
     def _no_upgrade(self) -> None:
         """No protocol switch here: answer the request that asked, then close."""
@@ -522,6 +538,7 @@ class FrontProtocol(Protocol):
                 raise _Refused
             if request.expect_continue and not request.http10 and self.current is None and not self.queue:
                 self.send(_CONTINUE)
+            self.body_started = self.factory.clock.seconds()
             self._deadline("body", self.factory.body_timeout)
         else:
             self.deadline = 0.0
@@ -634,12 +651,13 @@ class FrontFactory(ServerFactory):
                  header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
                  max_incomplete_per_client: int = MAX_INCOMPLETE_PER_CLIENT, *, max_headers: int = MAX_HEADERS,
                  max_header_line: int = MAX_LINE, max_request_line: int = MAX_LINE,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, body_min_rate: float = BODY_MIN_RATE) -> None:
         self.gateway = gateway
         self.clock = clock
         self.max_body_bytes = max_body_bytes
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
         self.max_incomplete_per_client = max_incomplete_per_client
         self.max_headers = max_headers
         self.max_header_line = max_header_line

@@ -2,8 +2,8 @@
 
 The guard wraps the Klein resource.  Auth is default-deny: only the exact
 public paths skip it, and a path with dot segments, doubled or encoded
-slashes is refused before anything else, so no spelling of a path can reach
-a route without the key check.
+slashes, or a target with a fragment, is refused before anything else, so no
+spelling of a path can reach a route without the key check.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from llamad.policy import Policy
 log = Logger(namespace="llamad.guard")
 
 PUBLIC_PATHS = frozenset({b"/ping", b"/health"})
-# Routes that change the daemon: a key needs the admin role.  Model lists and /metrics take any valid
-# key; every other route (inference, llama.cpp's own) needs the inference role.
-ADMIN_PATHS = frozenset({b"/admin/reload", b"/reload", b"/admin/restart", b"/models/load", b"/models/unload"})
-ANY_ROLE_PATHS = frozenset({b"/metrics", b"/v1/models", b"/models"})
+# Routes that change the daemon, and /metrics when it asks for a key (auth.protect_metrics): it shows
+# every model and every key's use, so a key scoped to some models must not read it.  A key needs the
+# admin role for these.  Model lists take any valid key (each key sees its own models); every other
+# route (inference, llama.cpp's own) needs the inference role.
+ADMIN_PATHS = frozenset({b"/admin/reload", b"/reload", b"/admin/restart", b"/models/load", b"/models/unload",
+                         b"/metrics"})
+ANY_ROLE_PATHS = frozenset({b"/v1/models", b"/models"})
 # Dot segments, empty segments, backslashes, and any percent-escape: no OpenAI or
 # llama.cpp route needs one, and the child would decode it into another route.
 _TRICKY_PATH = re.compile(rb"//|/\.\.?(?:/|$)|\\|%")
@@ -195,6 +198,9 @@ class GuardResource(Resource):
         if method not in ALLOWED_METHODS:
             raise ApiError(405, f"method {method.decode('latin-1')} not allowed", "method_not_allowed",
                            {b"allow": b", ".join(sorted(ALLOWED_METHODS))})
+        if b"#" in target:  # a client never sends one (RFC 9110 4.2.4), and routes are matched without it
+            raise ApiError(400, "invalid request target: it has a fragment ('#'), which is never sent to a server",
+                           "invalid_request_target")
         path = target.split(b"?", 1)[0]
         if not path.startswith(b"/") or _TRICKY_PATH.search(path):
             raise ApiError(400, "invalid request path", "invalid_path")

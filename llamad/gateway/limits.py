@@ -5,8 +5,9 @@ operators deserve the specific status: 413 for a body over the limit (decided
 from ``Content-Length`` before the body is read, or while a chunked body
 arrives), 414 for a request line over ``max_request_line``, 431 for more than
 ``max_headers`` headers or a header line over ``max_header_line``, 408 for a
-client that does not finish its headers in time (slowloris) or stalls while
-sending a body, 400 for an ambiguous body framing
+client that does not finish its headers in time (slowloris), stalls while
+sending a body, or sends it too slowly in all (one byte every few seconds
+never stalls: see :func:`body_deadline`), 400 for an ambiguous body framing
 (the stuff of request smuggling), a request target that is not a path, or any
 other malformed request, 429 for a client with too many requests still
 arriving at once.  A request with a body has its head checked by the guard
@@ -31,6 +32,7 @@ MAX_HEADERS = 64  # default of the header count's limit
 MAX_HEAD_BYTES = 16384  # request line and all headers together (at least the two line limits' sum)
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its last header
 BODY_TIMEOUT = 30.0  # seconds a body may go without a byte
+BODY_MIN_RATE = 500  # bytes per second a body must keep up after its first body_timeout seconds; 0 = any rate
 MAX_INCOMPLETE_PER_CLIENT = 64  # requests one client IP may have arriving at once; 0 = no limit
 IDLE_TIMEOUT = 75.0  # seconds a kept-alive connection may sit idle
 MAX_LENGTH_DIGITS = 18  # a longer Content-Length is over any limit (and too long for int() to be cheap)
@@ -40,6 +42,23 @@ REASONS = {408: b"Request Timeout", 413: b"Payload Too Large", 414: b"URI Too Lo
 
 # The guard's verdict on a request head (method, target, the request with its headers), or None.
 EarlyCheck = Callable[[bytes, bytes, IRequest], ApiError | None]
+
+
+def body_deadline(started: float, received: int, body_timeout: float, min_rate: float) -> float:
+    """When a body that began at ``started`` and has ``received`` bytes so far must be complete.
+
+    ``body_timeout`` seconds, plus one second per ``min_rate`` bytes received
+    (Apache's mod_reqtimeout ``MinRate``): a body trickled a byte at a time,
+    which never stalls for ``body_timeout``, is cut once its time is spent,
+    while a large body sent at any reasonable speed never is.  ``min_rate``
+    0: no bound but the stall one.
+    """
+    return started + body_timeout + received / min_rate if min_rate > 0 else float("inf")
+
+
+def slow_body_message(received: int, elapsed: float, body_timeout: float, min_rate: float) -> str:
+    return (f"request body too slow: {received} bytes in {elapsed:.0f} s (a body gets {body_timeout:g} s "
+            f"plus 1 s per {min_rate:g} bytes)")
 
 
 class GuardedRequest(server.Request):
@@ -52,6 +71,7 @@ class GuardedRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         self._body_bytes += len(data)
         channel: GuardedChannel = self.channel
+        channel._body_received = self._body_bytes
         if self._body_bytes > channel.max_body_bytes:
             channel.reject(413, f"request body over the {channel.max_body_bytes}-byte limit", "payload_too_large")
             return
@@ -68,6 +88,7 @@ class GuardedChannel(http.HTTPChannel):
     max_body_bytes = 10485760
     header_timeout = HEADER_TIMEOUT
     body_timeout = BODY_TIMEOUT
+    body_min_rate = BODY_MIN_RATE
     max_incomplete_per_client = MAX_INCOMPLETE_PER_CLIENT
     early_check: EarlyCheck | None = None
     site: server.Site
@@ -76,6 +97,9 @@ class GuardedChannel(http.HTTPChannel):
     _past_request_line = False  # the current request's first line is in
     _header_deadline: IDelayedCall | None = None
     _body_deadline: IDelayedCall | None = None
+    _body_started = 0.0  # when the current request's head was in
+    _body_last = 0.0  # when its body last made progress
+    _body_received = 0  # its body's bytes so far (chunk framing not counted)
     _rejected = False
     _awaiting_headers = True  # between requests, or while a request's head arrives
     _head: tuple[bytes, bytes] | None = None  # method and target of the request whose head is arriving
@@ -104,9 +128,23 @@ class GuardedChannel(http.HTTPChannel):
         self._header_deadline = None
         self.reject(408, f"request headers not received within {self.header_timeout:g} s", "request_timeout")
 
+    def _now(self) -> float:
+        return float(self.site.reactor.seconds())
+
+    def _body_delay(self) -> float:
+        """Seconds until the sooner of the body's two bounds: a stall, or too slow in all."""
+        now = self._now()
+        due = body_deadline(self._body_started, self._body_received, self.body_timeout, self.body_min_rate)
+        return max(0.0, min(self.body_timeout, due - now))
+
     def _body_too_slow(self) -> None:
         self._body_deadline = None
-        self.reject(408, f"request body stalled: no data for {self.body_timeout:g} s", "request_timeout")
+        now = self._now()
+        if now - self._body_last >= self.body_timeout:
+            self.reject(408, f"request body stalled: no data for {self.body_timeout:g} s", "request_timeout")
+        else:
+            self.reject(408, slow_body_message(self._body_received, now - self._body_started, self.body_timeout,
+                                               self.body_min_rate), "request_timeout")
 
     def _start_request(self) -> bool:
         """A request's first byte: start its header deadline and count it against its client.
@@ -229,13 +267,16 @@ class GuardedChannel(http.HTTPChannel):
                 self.reject(413, f"request body of {self.length} bytes is over the {self.max_body_bytes}-byte limit",
                             "payload_too_large")
                 return
+            self._body_started = self._body_last = self._now()
+            self._body_received = 0
             self._body_deadline = self.callLater(self.body_timeout, self._body_too_slow)
         super().allHeadersReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self._body_deadline is not None:
-            self._body_deadline.reset(self.body_timeout)  # progress: the stall clock starts over
         super().rawDataReceived(data)
+        if self._body_deadline is not None:  # still arriving: the stall clock starts over
+            self._body_last = self._now()
+            self._body_deadline.reset(self._body_delay())
 
     def allContentReceived(self) -> None:
         self._body_deadline = cancel(self._body_deadline)
@@ -285,7 +326,8 @@ def guarded_site(resource: Any, max_body_bytes: int, header_timeout: float = HEA
                  site_class: type[server.Site] = server.Site, *, body_timeout: float = BODY_TIMEOUT,
                  max_incomplete_per_client: int = MAX_INCOMPLETE_PER_CLIENT,
                  early_check: EarlyCheck | None = None, max_headers: int = MAX_HEADERS,
-                 max_header_line: int = MAX_LINE, max_request_line: int = MAX_LINE) -> server.Site:
+                 max_header_line: int = MAX_LINE, max_request_line: int = MAX_LINE,
+                 body_min_rate: float = BODY_MIN_RATE) -> server.Site:
     """A Site whose connections enforce the limits above.
 
     ``early_check`` is the guard's verdict on a request head, asked before a
@@ -298,6 +340,7 @@ def guarded_site(resource: Any, max_body_bytes: int, header_timeout: float = HEA
     site.incomplete_requests = {}  # type: ignore[attr-defined]
     site.protocol = type("Channel", (GuardedChannel,), {
         "max_body_bytes": max_body_bytes, "header_timeout": header_timeout, "body_timeout": body_timeout,
+        "body_min_rate": body_min_rate,
         "max_incomplete_per_client": max_incomplete_per_client,
         "early_check": staticmethod(early_check) if early_check is not None else None,
         "max_headers": max_headers, "maxHeaders": max_headers, "max_header_line": max_header_line,

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.unit.test_routing -*-
 """Which model a request is for: by the body's ``model``, ``?model=``, or ``/upstream/<id>/...``.
 
-The way llama-server's router mode routes (POST by the body's ``model``, GET by
+The way llama-server's router mode routes (a JSON body by its ``model``, else
 ``?model=``), plus llama-swap's ``/upstream/<id>/`` passthrough.  No model
 named is fine when there is one model or a default; otherwise the answer is
 400 listing the choices, and an unknown name is 404 ``model_not_found``.
@@ -16,6 +16,14 @@ from urllib.parse import parse_qs
 from llamad.gateway.errors import ApiError
 
 UPSTREAM_PREFIX = b"/upstream/"
+
+
+def child_path(path: bytes) -> bytes:
+    """The path a model's server gets: ``/upstream/<id>`` taken off.  What a request is (inference or
+    not, which checks it passes) is decided on this path, so the prefix changes only the model."""
+    if not path.startswith(UPSTREAM_PREFIX):
+        return path
+    return b"/" + path[len(UPSTREAM_PREFIX):].partition(b"/")[2]
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,8 @@ class ModelDirectory:
 
     def route(self, method: bytes, uri: bytes, payload: Mapping[str, Any] | None,
               allowed: Callable[[str], bool] | None = None) -> Routed:
-        """The model for one request.  ``payload``: the parsed JSON body of a POST, if any."""
+        """The model for one request.  ``payload``: the parsed JSON object body of a POST, if any; one
+        that names no model goes by ``?model=`` (then the default)."""
         if uri.startswith(UPSTREAM_PREFIX):
             name, _, rest = uri[len(UPSTREAM_PREFIX):].partition(b"/")
             model = self.resolve(name.decode("utf-8", "replace") or None, allowed)
@@ -71,7 +80,8 @@ class ModelDirectory:
             if named is not None and not isinstance(named, str):
                 raise ApiError(400, f"\"model\" must be a string, not {type(named).__name__}", "invalid_model",
                                param="model")
-            return Routed(self.resolve(named, allowed), uri)
+            if named or b"?" not in uri:
+                return Routed(self.resolve(named, allowed), uri)
         _, _, query = uri.partition(b"?")
         values = parse_qs(query.decode("latin-1")).get("model") if query else None
         return Routed(self.resolve(values[0] if values else None, allowed), uri)

@@ -220,7 +220,7 @@ def test_headers_not_in_within_the_header_timeout_are_408():
 
 
 def test_a_stalled_body_is_408_and_each_byte_restarts_its_clock():
-    factory = server(body_timeout=30)
+    factory = server(body_timeout=30, body_min_rate=0)  # the stall alone
     protocol, transport = connect(factory)
     protocol.dataReceived(POST_HEAD + b"Content-Length: 900\r\n\r\n")
     for _ in range(5):  # minutes in all, never 30 s without a byte
@@ -233,6 +233,32 @@ def test_a_stalled_body_is_408_and_each_byte_restarts_its_clock():
     error = refused(transport, 408, "request_timeout")
     assert error["message"] == "request body stalled: no data for 30 s"
     assert factory.gateway.proxy.targets == []
+
+
+def test_a_body_trickled_a_byte_every_5_s_is_408_once_its_time_is_spent():
+    factory = server(body_timeout=30)  # and the default floor: 1 s more per 500 bytes
+    protocol, transport = connect(factory)
+    protocol.dataReceived(POST_HEAD + b"Content-Length: 900\r\n\r\n")
+    for _ in range(6):  # never 30 s without a byte
+        factory.clock.advance(5)
+        protocol.dataReceived(b"x")
+    assert transport.value() == b""
+    factory.clock.advance(0.5)  # 30 s + 6 bytes' worth (0.012 s) are spent
+    error = refused(transport, 408, "request_timeout")
+    assert error["message"] == "request body too slow: 6 bytes in 30 s (a body gets 30 s plus 1 s per 500 bytes)"
+    assert factory.gateway.proxy.targets == [] and factory.incomplete == {}
+
+
+def test_a_body_that_keeps_its_rate_may_take_longer_than_the_body_timeout():
+    factory = server(body_timeout=30, body_min_rate=10)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(POST_HEAD + b"Content-Length: 614\r\n\r\n{\"prompt\": \"")
+    for _ in range(6):  # 100 bytes every 9 s: 10 s more each time
+        factory.clock.advance(9)
+        protocol.dataReceived(b"x" * 100)
+    factory.clock.advance(9)
+    protocol.dataReceived(b'"}')
+    assert parse(transport.value())[0].status == 200 and len(factory.gateway.proxy.targets) == 1
 
 
 def test_an_idle_kept_alive_connection_is_closed_quietly_after_75_s():
@@ -506,7 +532,7 @@ class FramedHandler:
     def finished(self):
         self.done = True
 
-    def failed(self, reason, started, sent=True):
+    def failed(self, reason, started, sent=True, unanswered=False):
         self.failure = (reason, started)
 
 

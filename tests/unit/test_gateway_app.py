@@ -194,6 +194,11 @@ async def test_waiting_is_bounded_by_the_queue_timeout():
         (b'{"temperature": NaN}', "NaN"),
         (b'{"temperature": Infinity}', "Infinity"),
         (b'{"temperature": -Infinity}', "-Infinity"),
+        (b'{"temperature": 1e999}', "number 1e999 is out of range"),
+        (b'{"temperature": -1e999}', "number -1e999 is out of range"),
+        (b'{"temperature": 1E+308, "top_p": 2.5e308}', "number 2.5e308 is out of range"),
+        (b'{"seed": 1' + b"0" * 400 + b"}", "number 10000000000000000000... (401 characters) is out of range"),
+        (b'{"seed": 1' + b"0" * 250 + b"e99}", "is out of range"),
         (b'{"prompt": "\\ud800"}', "lone surrogate \\ud800"),
         (b'{"prompt": "x\\uDC00y"}', "lone surrogate \\udc00"),
         (b'{"\\ud83d": 1}', "lone surrogate \\ud83d"),
@@ -222,6 +227,12 @@ async def test_surrogate_pairs_and_plain_utf8_are_accepted(body):
     http, clock, backend, status, metrics, proxy = build()
     assert (await http.post("http://x/v1/chat/completions", data=body)).code == 200
     assert len(proxy.targets) == 1
+
+
+@pytest.mark.parametrize("body", [b'{"t": 1e308}', b'{"t": -1.7976931348623157e308}', b'{"t": 1e-999}',
+                                  b'{"n": 1' + b"0" * 300 + b"}", b'{"words": "e999 and 1e999 in a string"}'])
+def test_numbers_a_double_holds_are_accepted(body):
+    assert parse_json_object(body)
 
 
 def test_parse_json_object_keeps_the_parsed_pair():

@@ -180,7 +180,7 @@ def test_any_other_malformed_request_is_a_json_400(raw):
 
 
 def test_a_stalled_body_is_408_and_each_byte_restarts_the_clock():
-    site, recorder, clock = make_site(body_timeout=30)
+    site, recorder, clock = make_site(body_timeout=30, body_min_rate=0)  # the stall alone
     channel, transport = connect(site)
     channel.dataReceived(POST_HEAD + b"Content-Length: 900\r\n\r\n")
     for _ in range(5):  # minutes in all, never 30 s without a byte
@@ -193,6 +193,34 @@ def test_a_stalled_body_is_408_and_each_byte_restarts_the_clock():
     error = refused(transport, 408, "request_timeout")
     assert error["message"] == "request body stalled: no data for 30 s"
     assert recorder.seen == [] and site.incomplete_requests == {}
+
+
+def test_a_body_trickled_a_byte_every_5_s_is_408_once_its_time_is_spent():
+    site, recorder, clock = make_site(body_timeout=30)  # and the default floor: 1 s more per 500 bytes
+    channel, transport = connect(site)
+    channel.dataReceived(POST_HEAD + b"Content-Length: 900\r\n\r\n")
+    for _ in range(6):  # never 30 s without a byte
+        clock.advance(5)
+        channel.dataReceived(b"x")
+    assert transport.value() == b""
+    clock.advance(0.01)
+    assert transport.value() == b""
+    clock.advance(0.01)  # 30 s + 6 bytes' worth (0.012 s) are spent
+    error = refused(transport, 408, "request_timeout")
+    assert error["message"] == "request body too slow: 6 bytes in 30 s (a body gets 30 s plus 1 s per 500 bytes)"
+    assert recorder.seen == [] and site.incomplete_requests == {}
+
+
+def test_a_body_that_keeps_its_rate_may_take_longer_than_the_body_timeout():
+    site, recorder, clock = make_site(body_timeout=30, body_min_rate=10)
+    channel, transport = connect(site)
+    channel.dataReceived(POST_HEAD + b"Content-Length: 614\r\n\r\n{\"prompt\": \"")
+    for _ in range(6):  # 100 bytes every 9 s: 10 s more each time
+        clock.advance(9)
+        channel.dataReceived(b"x" * 100)
+    clock.advance(9)
+    channel.dataReceived(b'"}')
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and len(recorder.seen) == 1
 
 
 def test_a_complete_body_leaves_no_timer_behind():
@@ -370,3 +398,20 @@ def test_incomplete_request_counts_never_leak(limit):
             close(channel)
         assert site.incomplete_requests == {}, round_
     assert recorder.seen and all(uri.startswith(b"/") for _, uri, _ in recorder.seen)
+
+
+@pytest.mark.parametrize("target", [b"/v1/chat/completions#", b"/v1/completions#frag", b"/props?model=a#x"])
+def test_api_site_refuses_a_target_with_a_fragment(target):
+    clock = Clock()
+    backend = FakeBackend()
+    status = Status(clock, backend, "demo", lazy=False)
+    metrics = Metrics()
+    proxy = FakeProxy()
+    gateway = Gateway(clock, status, Gate(clock, status, backend, 4, 8, 10, metrics), proxy, metrics, Activity(clock))
+    site = api_site(gateway, 1000)
+    site.reactor = clock
+    channel, transport = connect(site)
+    channel.dataReceived(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" % target)
+    got, headers, body = answer(transport)
+    assert (got, body["error"]["code"]) == (400, "invalid_request_target") and "fragment" in body["error"]["message"]
+    assert proxy.targets == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llamad.gateway.errors import ApiError
-from llamad.gateway.routing import ModelDirectory, Routed
+from llamad.gateway.routing import ModelDirectory, Routed, child_path
 
 FLEET = ModelDirectory(["qwen2.5:7b", "gemma"], {"qwen2.5:7b": ["qwen"], "gemma": ["g"]})
 
@@ -31,6 +31,18 @@ def test_upstream_passes_anything_to_one_model():
     assert FLEET.route(b"GET", b"/upstream/gemma/slots?id=1", None) == Routed("gemma", b"/slots?id=1")
     assert FLEET.route(b"POST", b"/upstream/qwen/completion", {"model": "gemma"}).model == "qwen2.5:7b"
     assert error(lambda: FLEET.route(b"GET", b"/upstream/nope/props", None)).status == 404
+
+
+def test_the_child_path_is_the_path_without_the_upstream_prefix():
+    assert child_path(b"/upstream/gemma/v1/chat/completions") == b"/v1/chat/completions"
+    assert child_path(b"/upstream/gemma") == b"/"
+    assert child_path(b"/v1/completions") == b"/v1/completions"
+    assert child_path(b"/upstreams/v1/completions") == b"/upstreams/v1/completions"
+
+
+def test_a_post_body_that_names_no_model_goes_by_the_query():
+    assert FLEET.route(b"POST", b"/tokenize?model=g", {"content": "x"}).model == "gemma"
+    assert FLEET.route(b"POST", b"/tokenize?model=g", {"model": "qwen"}).model == "qwen2.5:7b"  # the body first
 
 
 def test_no_model_with_several_and_no_default_is_400_naming_the_choices():
