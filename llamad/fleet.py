@@ -14,6 +14,7 @@ model that does not fit wait in that model's gate, bounded by ``queue_timeout``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.application.service import MultiService
@@ -45,6 +46,34 @@ PLACEMENT_STATE: dict[State, placement.State] = {
 }
 
 
+@dataclass(eq=False)
+class FleetModel:
+    """One model as the fleet keeps it: its runtime, what it needs, and where it stands in placement."""
+
+    runtime: ModelRuntime
+    need: int  # bytes while loaded: the configured or estimated need, corrected by measurement
+    estimate: int | None = None  # the need came from the GGUF: a measurement corrects it
+    measured: int = 0  # the most it was seen to use while it ran
+    path: str = ""
+    aliases: tuple[str, ...] = ()
+    scanned: bool = False  # found in fleet.models_dir
+    pinned: bool = False
+    preload: bool = False
+    asked: bool = False  # POST /models/load asked for it (not a waiting request)
+    unload_when_idle: bool = False  # POST /models/unload waits for its requests to end
+    waiting_since: float | None = None  # wants room: since its most urgent request (or preload)
+    blocked: str = ""  # why it waits, from the last plan
+    turn_ended: float | None = None  # drained: its queued requests wait from then
+
+    @property
+    def id(self) -> str:
+        return self.runtime.id
+
+    @property
+    def idle(self) -> bool:
+        return self.runtime.activity.inference_in_flight == 0 and self.runtime.gate.waiting == 0
+
+
 class Fleet(MultiService):
     """Runs :func:`placement.place` over the models and performs its plan.
 
@@ -67,27 +96,16 @@ class Fleet(MultiService):
                  on_swap: Callable[[str, str], None] | None = None, measure: Measure | None = None,
                  swap_quantum: float = math.inf) -> None:
         super().__init__()
-        self.measure = measure
-        self.estimates: dict[str, int] = {}  # needs that came from an estimate: a measurement corrects them
-        self.measured: dict[str, int] = {}  # the most each model was seen to use while it ran
-        self._measure_call: IDelayedCall | None = None
         self.clock = clock
         self.budget = budget
         self.max_loaded = max_loaded
         self.min_resident = min_resident
         self.swap_quantum = swap_quantum
         self.on_swap = on_swap
-        self.models: dict[str, ModelRuntime] = {}
-        self.needs: dict[str, int] = {}
-        self.facts: dict[str, tuple[str, tuple[str, ...], bool]] = {}  # path, aliases, found in models_dir
-        self.asked: set[str] = set()  # loads asked for by POST /models/load, not by a waiting request
-        self.unload_when_idle: set[str] = set()
-        self.pinned: set[str] = set()
-        self.preload: list[str] = []
-        self.waiting_since: dict[str, float] = {}
-        self.turn_ended: dict[str, float] = {}  # drained models: their queued requests wait from then
-        self.blocked: dict[str, str] = {}  # model id -> why it waits, from the last plan
+        self.measure = measure
+        self.models: dict[str, FleetModel] = {}
         self.swaps = 0
+        self._measure_call: IDelayedCall | None = None
         self._wake: IDelayedCall | None = None
         self._placing = False
         self._again = False
@@ -99,39 +117,40 @@ class Fleet(MultiService):
 
         ``estimated``: ``need`` is an estimate from the GGUF, to be corrected by measurement.
         """
-        model_id = runtime.id
-        self.models[model_id] = runtime
-        self.needs[model_id] = need
-        if estimated:
-            self.estimates[model_id] = need
-        self.facts[model_id] = (path, aliases, scanned)
-        if pinned:
-            self.pinned.add(model_id)
-        if preload:
-            self.preload.append(model_id)
+        model = FleetModel(runtime, need, estimate=need if estimated else None, path=path, aliases=aliases,
+                           scanned=scanned, pinned=pinned, preload=preload)
+        self.models[model.id] = model
         if runtime.backend is not None:
-            runtime.backend.add_listener(lambda before, after: self._changed(model_id, before, after))
+            runtime.backend.add_listener(lambda before, after: self._changed(model, before, after))
         runtime.activity.on_change(self._activity_changed)
+
+    def runtime(self, model_id: str) -> ModelRuntime:
+        return self.models[model_id].runtime
+
+    def waiting(self) -> dict[str, str]:
+        """The models that wait for room, each with why."""
+        return {m.id: m.blocked or "starting" for m in self.models.values() if m.waiting_since is not None}
 
     def startService(self) -> None:
         super().startService()
         now = self.clock.seconds()
-        for model_id in self.preload:
-            self.waiting_since.setdefault(model_id, now)
+        preloads = [m for m in self.models.values() if m.preload]
+        for model in preloads:
+            model.waiting_since = now if model.waiting_since is None else model.waiting_since
         self._booting = True
         try:
             self.place()
         finally:
             self._booting = False
-        if self.measure is not None and self.estimates:
+        if self.measure is not None and any(m.estimate is not None for m in self.models.values()):
             self._measure_call = self.clock.callLater(MEASURE_INTERVAL, self._measure_loaded)
-        for model_id in self.preload:
-            if model_id in self.waiting_since:
+        for model in preloads:
+            if model.waiting_since is not None:
                 # A preload is no request: it takes free room at boot, and never evicts a model later.
-                log.warn("preload of model {model} skipped: {reason}", model=model_id,
-                         reason=self.blocked.get(model_id, "no room"))
-                del self.waiting_since[model_id]
-                self.blocked.pop(model_id, None)
+                log.warn("preload of model {model} skipped: {reason}", model=model.id,
+                         reason=model.blocked or "no room")
+                model.waiting_since = None
+                model.blocked = ""
 
     def stopService(self) -> Any:
         self._wake = cancel(self._wake)
@@ -141,39 +160,43 @@ class Fleet(MultiService):
     def want(self, model_id: str, since: float | None = None) -> None:
         """A request needs ``model_id`` up: it waits until it fits.  Models get room in the order of
         their most urgent request: the earliest ``since`` (default now; a priority class moves it earlier)."""
-        backend = self.models[model_id].backend
+        model = self.models[model_id]
+        backend = model.runtime.backend
         if backend is None or backend.state in (State.STARTING, State.READY, State.BACKOFF):
             return  # up, or on its way up: its memory is already held
         since = self.clock.seconds() if since is None else since
-        # Requests left queued by a drain wait from the drain's end, behind the model it made room for.
-        since = max(since, self.turn_ended.get(model_id, -math.inf))
-        if since < self.waiting_since.get(model_id, math.inf):
-            self.waiting_since[model_id] = since
+        if model.turn_ended is not None:
+            # Requests left queued by a drain wait from the drain's end, behind the model it made room for.
+            since = max(since, model.turn_ended)
+        if model.waiting_since is None or since < model.waiting_since:
+            model.waiting_since = since
         self.place()
 
     def _measure_loaded(self) -> None:
         """Measure the loaded models whose need is an estimate; the next placement uses what was seen."""
         self._measure_call = None
-        pids = {}
-        for model_id in self.estimates:
-            backend = self.models[model_id].backend
-            pid = backend.snapshot().get("pid") if backend is not None and backend.state == State.READY else None
+        pids: dict[int, FleetModel] = {}
+        for model in self.models.values():
+            backend = model.runtime.backend
+            if model.estimate is None or backend is None or backend.state != State.READY:
+                continue
+            pid = backend.snapshot().get("pid")
             if pid:
-                pids[pid] = model_id
+                pids[pid] = model
         d = self.measure(list(pids)) if pids and self.measure is not None else defer.succeed({})
 
         def seen(by_pid: dict[int, int] | None) -> None:
             for pid, used in (by_pid or {}).items():
-                model_id = pids.get(pid)
-                if model_id is None or not used:
+                model = pids.get(pid)
+                if model is None or not used or model.estimate is None:
                     continue
-                self.measured[model_id] = max(used, self.measured.get(model_id, 0))
-                need = memory.corrected_need(self.estimates[model_id], self.measured[model_id])
-                if need != self.needs[model_id]:
+                model.measured = max(used, model.measured)
+                need = memory.corrected_need(model.estimate, model.measured)
+                if need != model.need:
                     log.info("model {model}: measured {used}, needs {need} from now on (estimate {estimate})",
-                             model=model_id, used=placement.format_bytes(used), need=placement.format_bytes(need),
-                             estimate=placement.format_bytes(self.estimates[model_id]))
-                    self.needs[model_id] = need
+                             model=model.id, used=placement.format_bytes(used), need=placement.format_bytes(need),
+                             estimate=placement.format_bytes(model.estimate))
+                    model.need = need
 
         d.addCallback(seen)
         d.addErrback(lambda failure: log.debug("measuring models failed: {f}", f=failure.getErrorMessage()))
@@ -185,83 +208,79 @@ class Fleet(MultiService):
 
     def load(self, model_id: str) -> None:
         """``POST /models/load``: start it as if a request waited for it (it may evict idle models)."""
-        self.asked.add(model_id)
-        self.unload_when_idle.discard(model_id)
+        model = self.models[model_id]
+        model.asked = True
+        model.unload_when_idle = False
         self.want(model_id)
 
     def unload(self, model_id: str, force: bool = False) -> None:
         """``POST /models/unload``: stop it once its requests are done (``force``: now, cutting them).
         A load waiting for room is called off, unless requests wait for it (they keep their place)."""
-        runtime = self.models[model_id]
-        self.asked.discard(model_id)
-        if runtime.gate.waiting == 0:
-            self.waiting_since.pop(model_id, None)  # a load asked for and waiting for room: called off
-            self.blocked.pop(model_id, None)
-        if force or self._idle(runtime):
-            self.unload_when_idle.discard(model_id)
-            if runtime.backend is not None:
-                runtime.backend.unload()
+        model = self.models[model_id]
+        model.asked = False
+        if model.runtime.gate.waiting == 0:
+            model.waiting_since, model.blocked = None, ""  # a load asked for and waiting for room: called off
+        if force or model.idle:
+            model.unload_when_idle = False
+            if model.runtime.backend is not None:
+                model.runtime.backend.unload()
         else:
-            self.unload_when_idle.add(model_id)
-
-    @staticmethod
-    def _idle(runtime: ModelRuntime) -> bool:
-        return runtime.activity.inference_in_flight == 0 and runtime.gate.waiting == 0
+            model.unload_when_idle = True
 
     def _activity_changed(self) -> None:
         """A request began or ended.  That changes a plan only while a model waits for room (a busy
         model cannot be evicted, an idle one can) or an unload waits for its model to be idle; the
         rest of the time placement is not run twice per request."""
-        if self.waiting_since or self.unload_when_idle:
+        if any(m.waiting_since is not None or m.unload_when_idle for m in self.models.values()):
             self.place()
 
-    def _changed(self, model_id: str, before: State, after: State) -> None:
+    def _changed(self, model: FleetModel, before: State, after: State) -> None:
         if after in (State.STARTING, State.READY, State.FAILED):
-            self.waiting_since.pop(model_id, None)  # started (or given up on): no longer waiting for room
-            self.blocked.pop(model_id, None)
-            self.asked.discard(model_id)
+            # Started (or given up on): no longer waiting for room.
+            model.waiting_since, model.blocked, model.asked = None, "", False
         if after == State.STARTING:
-            self.turn_ended.pop(model_id, None)
+            model.turn_ended = None
         if before == State.STARTING and after == State.BACKOFF:
             # A start that failed (its waiting requests are told why): it holds no room while it would
             # back off.  The next request starts it again, and crash_loop_limit failures make it failed.
             log.warn("model {model} failed to start: {reason}; it gives its room back until asked again",
-                     model=model_id, reason=self.models[model_id].backend.reason)
-            self.clock.callLater(0, self._give_up_start, model_id)
-        gate = self.models[model_id].gate
+                     model=model.id, reason=model.runtime.backend.reason if model.runtime.backend else "")
+            self.clock.callLater(0, self._give_up_start, model)
+        gate = model.runtime.gate
         if after in (State.STOPPED, State.FAILED) and gate.paused:
-            self.turn_ended[model_id] = self.clock.seconds()
+            model.turn_ended = self.clock.seconds()
             gate.resume()  # drained and stopped: what queued meanwhile asks for its next turn
         if (after == State.STOPPED and before == State.STOPPING and gate.starting_waiters
-                and model_id not in self.waiting_since):
+                and model.waiting_since is None):
             # Stopped while requests waited for its start (an unload during the load): they still wait.
-            self.want(model_id)
+            self.want(model.id)
             return
         self.place()
 
-    def _give_up_start(self, model_id: str) -> None:
-        backend = self.models[model_id].backend
+    @staticmethod
+    def _give_up_start(model: FleetModel) -> None:
+        backend = model.runtime.backend
         if backend is not None and backend.state == State.BACKOFF:
             backend.unload()
 
     def views(self) -> list[placement.ModelView]:
         """Every model as placement sees it, from memory only."""
         views = []
-        for model_id, runtime in self.models.items():
+        for model in self.models.values():
+            runtime = model.runtime
             backend = runtime.backend
             if backend is None:
                 continue
-            gate = runtime.gate
             views.append(placement.ModelView(
-                id=model_id,
-                need=self.needs.get(model_id, 0),
+                id=model.id,
+                need=model.need,
                 state=PLACEMENT_STATE[backend.state],
-                pinned=model_id in self.pinned,
+                pinned=model.pinned,
                 in_flight=runtime.activity.inference_in_flight,
-                queued=gate.waiting,
+                queued=runtime.gate.waiting,
                 last_used=runtime.activity.last_activity,
                 loaded_at=backend.ready_at,
-                waiting_since=self.waiting_since.get(model_id),
+                waiting_since=model.waiting_since,
             ))
         return views
 
@@ -282,46 +301,46 @@ class Fleet(MultiService):
             self._placing = False
 
     def _place_once(self) -> None:
-        for model_id in list(self.unload_when_idle):
-            runtime = self.models[model_id]
-            if self._idle(runtime):
-                self.unload_when_idle.discard(model_id)
-                if runtime.backend is not None:
-                    runtime.backend.unload()
-        for model_id in list(self.waiting_since):
-            runtime = self.models[model_id]
-            if not self._booting and model_id not in self.asked and runtime.gate.waiting == 0:
-                del self.waiting_since[model_id]  # everyone who waited for it gave up
+        for model in self.models.values():
+            if model.unload_when_idle and model.idle:
+                model.unload_when_idle = False
+                if model.runtime.backend is not None:
+                    model.runtime.backend.unload()
+        for model in self.models.values():
+            if (model.waiting_since is not None and not self._booting and not model.asked
+                    and model.runtime.gate.waiting == 0):
+                model.waiting_since = None  # everyone who waited for it gave up
         now = self.clock.seconds()
         plan = placement.place(self.views(), self.budget, self.max_loaded, self.min_resident, now,
                                swap_quantum=self.swap_quantum)
-        for model_id, reason in plan.blocked.items():
-            if self.blocked.get(model_id) != reason:
-                log.info("model {model} waits: {reason}", model=model_id, reason=reason)
-        self.blocked = dict(plan.blocked)
+        for model in self.models.values():
+            reason = plan.blocked.get(model.id, "")
+            if reason and reason != model.blocked:
+                log.info("model {model} waits: {reason}", model=model.id, reason=reason)
+            model.blocked = reason
         for model_id in plan.stop:
             for_model = plan.evicted_for.get(model_id, "")
             log.info("unloading model {model} to make room for {other}", model=model_id, other=for_model or "?")
             self.swaps += 1
             if self.on_swap is not None:
                 self.on_swap(model_id, for_model)
-            runtime = self.models[model_id]
+            runtime = self.models[model_id].runtime
             assert runtime.backend is not None
             if runtime.gate.waiting:
                 runtime.gate.pause()  # its turn is over: what it has queued waits for the next one
             runtime.backend.unload()
         for model_id in plan.drain:
-            if not self.models[model_id].gate.paused:
+            gate = self.models[model_id].runtime.gate
+            if not gate.paused:
                 log.info("draining model {model} to make room for {other}: its turn is over",
                          model=model_id, other=plan.evicted_for.get(model_id, "?"))
-                self.models[model_id].gate.pause()
-        for model_id, runtime in self.models.items():
-            backend = runtime.backend
-            if (runtime.gate.paused and model_id not in plan.drain and backend is not None
-                    and backend.state == State.READY):
-                runtime.gate.resume()  # the model it was drained for no longer waits
+                gate.pause()
+        for model in self.models.values():
+            backend, gate = model.runtime.backend, model.runtime.gate
+            if gate.paused and model.id not in plan.drain and backend is not None and backend.state == State.READY:
+                gate.resume()  # the model it was drained for no longer waits
         for model_id in plan.start:
-            backend = self.models[model_id].backend
+            backend = self.models[model_id].runtime.backend
             assert backend is not None
             log.info("starting model {model}", model=model_id)
             backend.request_start()
@@ -332,18 +351,18 @@ class Fleet(MultiService):
     def model_snapshots(self, created: int) -> list[ModelSnapshot]:
         """Every model as llama-server's router API shows it (``GET /models``): from memory only."""
         snapshots = []
-        for model_id, runtime in self.models.items():
+        for model in self.models.values():
+            runtime = model.runtime
             backend = runtime.backend
-            path, aliases, scanned = self.facts.get(model_id, ("", (), False))
             facts = backend.snapshot() if backend is not None else {}
             snapshots.append(ModelSnapshot(
-                id=model_id, state=backend.state.value if backend is not None else "stopped", path=path,
-                created=created, aliases=aliases, reason=backend.reason if backend is not None else "",
-                pid=facts.get("pid"), memory_need=self.needs.get(model_id, 0),
+                id=model.id, state=backend.state.value if backend is not None else "stopped", path=model.path,
+                created=created, aliases=model.aliases, reason=backend.reason if backend is not None else "",
+                pid=facts.get("pid"), memory_need=model.need,
                 last_used=round(runtime.activity.last_activity, 3), in_flight=runtime.activity.inference_in_flight,
                 queued=runtime.gate.waiting,
-                source="models_dir" if scanned else "preset",
-                waiting_for_room=model_id in self.waiting_since,
+                source="models_dir" if model.scanned else "preset",
+                waiting_for_room=model.waiting_since is not None,
             ))
         return snapshots
 
@@ -354,7 +373,7 @@ class Fleet(MultiService):
             "max_loaded": self.max_loaded,
             "held": placement.held_bytes(self.views()),
             "swaps": self.swaps,
-            "waiting": {model_id: self.blocked.get(model_id, "starting") for model_id in self.waiting_since},
+            "waiting": self.waiting(),
         }
 
 
@@ -376,7 +395,7 @@ class Placed:
 
     @property
     def reason(self) -> str:
-        return self.fleet.blocked.get(self.model_id) or self.backend.reason
+        return self.fleet.models[self.model_id].blocked or self.backend.reason
 
     @property
     def ready_at(self) -> float | None:

@@ -45,7 +45,8 @@ class Status:
             return False, "draining: shutting down"
         if self.fleet is not None:
             # Ready while at least one model serves, or can start on demand.
-            failed = [m for m in self.fleet.models.values() if m.backend is None or m.backend.state == State.FAILED]
+            runtimes = [m.runtime for m in self.fleet.models.values()]
+            failed = [m for m in runtimes if m.backend is None or m.backend.state == State.FAILED]
             if len(failed) < len(self.fleet.models):
                 return True, ""
             return False, "every model failed: " + "; ".join(f"{m.id}: {m.backend.reason if m.backend else ''}"
@@ -78,13 +79,14 @@ class Status:
             return 503
         return 204  # initializing
 
-    def model_snapshot(self, runtime: Any) -> dict[str, Any]:
-        """One model of a fleet: state, memory, last use, in flight and queued."""
+    def model_snapshot(self, model: Any) -> dict[str, Any]:
+        """One model of a fleet (a ``FleetModel``): state, memory, last use, in flight and queued."""
+        runtime = model.runtime
         backend = runtime.backend
         return {
             **(backend.snapshot() if backend is not None else {"state": "none"}),
-            "memory": self.fleet.needs.get(runtime.id, 0),
-            "waiting": self.fleet.blocked.get(runtime.id) if runtime.id in self.fleet.waiting_since else None,
+            "memory": model.need,
+            "waiting": (model.blocked or None) if model.waiting_since is not None else None,
             "in_flight": runtime.activity.inference_in_flight,
             "queued": runtime.gate.waiting,
             "last_used": round(runtime.activity.last_activity, 3),
@@ -107,7 +109,7 @@ class Status:
         if self.fleet is not None:
             body["state"] = "fleet"
             body["fleet"] = self.fleet.snapshot()
-            body["models"] = {model_id: self.model_snapshot(runtime) for model_id, runtime in self.fleet.models.items()}
+            body["models"] = {model_id: self.model_snapshot(model) for model_id, model in self.fleet.models.items()}
         if self.activity is not None:
             body["activity"] = {
                 "inference_in_flight": self.activity.inference_in_flight,

@@ -63,7 +63,7 @@ class World:
 
     def admit(self, model_id: str) -> list:
         outcome: list = []
-        defer.ensureDeferred(self.fleet.models[model_id].gate.admit()).addBoth(outcome.append)
+        defer.ensureDeferred(self.fleet.runtime(model_id).gate.admit()).addBoth(outcome.append)
         return outcome
 
     def settle(self) -> None:
@@ -87,13 +87,13 @@ class World:
         """A request that got its slot runs, then ends."""
         lease = outcome[0]
         assert isinstance(lease, Lease), outcome
-        activity = self.fleet.models[model_id].activity
+        activity = self.fleet.runtime(model_id).activity
         activity.begin(True)
         return lease
 
     def done(self, model_id: str, lease: Lease) -> None:
         lease.release()
-        self.fleet.models[model_id].activity.end(True)
+        self.fleet.runtime(model_id).activity.end(True)
 
 
 def test_models_start_on_demand_while_they_fit():
@@ -126,7 +126,7 @@ def test_a_busy_model_is_never_evicted_and_the_request_waits_for_room():
     b = w.admit("b")
     w.settle()
     assert w.states() == {"a": "ready", "b": "stopped"} and b == []
-    assert "needs 5.0 GiB" in w.fleet.blocked["b"] and "busy: a" in w.fleet.blocked["b"]
+    assert "needs 5.0 GiB" in w.fleet.models["b"].blocked and "busy: a" in w.fleet.models["b"].blocked
     w.reactor.advance(10)
     w.done("a", lease)  # a goes idle: now it can go
     w.settle()
@@ -155,7 +155,7 @@ def test_preloaded_models_start_at_boot_within_the_budget():
     w.start()
     w.settle()
     assert w.states() == {"a": "ready", "b": "ready", "c": "stopped"}
-    assert "c" not in w.fleet.waiting_since and w.swaps == []  # a preload never evicts
+    assert "c" not in w.fleet.waiting() and w.swaps == []  # a preload never evicts
 
 
 def test_a_pinned_model_is_never_evicted():
@@ -168,7 +168,7 @@ def test_a_pinned_model_is_never_evicted():
     w.settle()
     w.reactor.advance(10)
     assert w.states()["a"] == "ready" and b[0].value.code == "queue_timeout"
-    assert "pinned: a" in w.fleet.snapshot()["waiting"].get("b", w.fleet.blocked.get("b", "pinned: a"))
+    assert "pinned: a" in w.fleet.snapshot()["waiting"].get("b", w.fleet.models["b"].blocked or "pinned: a")
 
 
 def test_an_idle_model_gives_way_at_once_whatever_min_resident_says():
@@ -196,7 +196,7 @@ def test_a_busy_model_is_drained_after_its_turn_and_its_queue_waits_for_the_next
     w.settle()
     assert w.states() == {"a": "ready", "b": "stopped"} and a2 == [] and b == []
     w.reactor.advance(10)  # b's quantum is over: a is drained (takes nothing more), not cut
-    assert w.fleet.models["a"].gate.paused and w.states()["a"] == "ready"
+    assert w.fleet.runtime("a").gate.paused and w.states()["a"] == "ready"
     a3 = w.admit("a")
     w.done("a", lease)  # a1 ends: a2 does not get the slot, a stops
     assert a2 == [] and a3 == []
@@ -205,10 +205,10 @@ def test_a_busy_model_is_drained_after_its_turn_and_its_queue_waits_for_the_next
     assert w.states() == {"a": "stopped", "b": "ready"} and isinstance(b[0], Lease)
     assert w.swaps == [("a", "b")]
     # a's queued requests now wait for a's next turn, which comes after b's.
-    assert not w.fleet.models["a"].gate.paused and "a" in w.fleet.waiting_since
+    assert not w.fleet.runtime("a").gate.paused and "a" in w.fleet.waiting()
     w.use("b", b)
     w.reactor.advance(10)
-    assert w.fleet.models["b"].gate.paused
+    assert w.fleet.runtime("b").gate.paused
     w.done("b", b[0])
     w.settle()
     w.settle()
@@ -225,14 +225,14 @@ def test_a_drain_is_called_off_when_the_waiter_gives_up():
     b = w.admit("b")
     w.settle()
     w.reactor.advance(10)
-    assert w.fleet.models["a"].gate.paused
+    assert w.fleet.runtime("a").gate.paused
     a2 = w.admit("a")
     w.reactor.advance(2)  # b's request times out: nobody waits for a's memory any more
     assert b[0].value.code == "queue_timeout"
     w.done("a", lease)
     w.settle()
     assert w.states() == {"a": "ready", "b": "stopped"}
-    assert not w.fleet.models["a"].gate.paused and isinstance(a2[0], Lease)
+    assert not w.fleet.runtime("a").gate.paused and isinstance(a2[0], Lease)
 
 
 def test_a_crashed_model_restarts_in_its_reserved_memory():
@@ -270,8 +270,9 @@ def test_an_estimated_need_is_corrected_by_what_the_child_was_measured_to_use():
     w.settle()
     w.reactor.advance(MEASURE_INTERVAL)
     assert seen == [[w.sups["a"].pid]]
-    assert w.fleet.needs == {"a": memory.corrected_need(1 * GiB, 3 * GiB), "b": 1 * GiB}
-    assert w.fleet.needs["a"] > 3 * GiB
+    assert {m.id: m.need for m in w.fleet.models.values()} == {"a": memory.corrected_need(1 * GiB, 3 * GiB),
+                                                                "b": 1 * GiB}
+    assert w.fleet.models["a"].need > 3 * GiB
     w.fleet.stopService()
     w.reactor.advance(MEASURE_INTERVAL * 3)
     assert len(seen) == 1  # no measuring after the stop
@@ -322,7 +323,7 @@ def test_a_higher_class_gets_room_first_across_models():
     b = w.admit("b")
     w.reactor.advance(5)
     c: list = []
-    defer.ensureDeferred(w.fleet.models["c"].gate.admit(head_start=30.0)).addBoth(c.append)
+    defer.ensureDeferred(w.fleet.runtime("c").gate.admit(head_start=30.0)).addBoth(c.append)
     w.settle()
     assert w.states()["a"] == "ready" and b == [] and c == []  # a is busy: nobody gets room
     w.done("a", lease)
@@ -392,4 +393,4 @@ def test_unloading_a_model_whose_asked_load_waits_for_room_calls_the_load_off():
     w.fleet.unload("b")
     w.done("a", lease)
     w.settle()
-    assert w.states() == {"a": "ready", "b": "stopped"} and "b" not in w.fleet.waiting_since
+    assert w.states() == {"a": "ready", "b": "stopped"} and "b" not in w.fleet.waiting()
