@@ -97,10 +97,18 @@ def _may_overflow(body: bytes) -> bool:
     return any(big in shape for big in _BIG_SHAPES)
 
 
-def wants_json(accept: bytes | None) -> bool:
-    """Whether ``/metrics`` answers llama-gguf-inference's JSON view: asked for, and Prometheus' text not."""
+def wants_json(accept: bytes | None, by_default: bool = False) -> bool:
+    """Whether ``/metrics`` answers llama-gguf-inference's JSON view rather than Prometheus' text.
+
+    Never to a client that names text/plain, OpenMetrics or Prometheus' protobuf,
+    as Prometheus always does; else to one that asks for JSON, or to any
+    (``curl``'s ``*/*``, no Accept at all) when ``by_default``
+    (``api.metrics_format = "json"``, what llama-gguf-inference answered).
+    """
     text = (accept or b"").lower()
-    return b"application/json" in text and b"text/plain" not in text and b"openmetrics" not in text
+    if b"text/plain" in text or b"openmetrics" in text or b"io.prometheus" in text:
+        return False
+    return by_default or b"application/json" in text
 
 
 def is_loopback(host: str) -> bool:
@@ -204,6 +212,7 @@ class Gateway:
         directory: ModelDirectory | None = None,
         access: Callable[[bytes], None] | None = None,
         wall: Callable[[], float] = time.time,
+        metrics_format: str = "prometheus",
     ) -> None:
         """``gate`` and ``activity``: the one model's, or with ``models`` (a fleet) the process-wide
         activity (the drain counts every request) and the first model's gate."""
@@ -217,6 +226,7 @@ class Gateway:
         self.policy = self.auth.policy
         self.cors = cors or Cors(())
         self.access = access  # takes one access-log line per request (None: no access log)
+        self.metrics_json = metrics_format == "json"  # /metrics answers JSON unless Prometheus' text is named
         self.wall = wall
         self.bytes_sent = 0  # body bytes of finished responses, added once per response by ApiSite
         if models is None:
@@ -338,7 +348,7 @@ class Gateway:
     async def metrics_route(self, request: IRequest) -> bytes:
         self.count(request, 200, "/metrics")
         request.responseHeaders.addRawHeader(b"vary", b"Accept")
-        if wants_json(request.getHeader(b"accept")):
+        if wants_json(request.getHeader(b"accept"), self.metrics_json):
             view = self.metrics.gateway_view(self.clock.seconds() - self.status.booted_at, self.auth.authenticated,
                                              self.auth.unauthorized, self.bytes_sent)
             request.setHeader(b"content-type", b"application/json")
@@ -396,7 +406,8 @@ class Gateway:
                            "can be read and reloaded", "keys_file_unreadable")
         self.count(request, 200, route_label(request.path))
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"reloaded": True, "keys": loaded}).encode()
+        # llamad's fields, and llama-gguf-inference's for the same, so that the clients of either read it.
+        return json.dumps({"reloaded": True, "keys": loaded, "status": "ok", "keys_loaded": loaded}).encode()
 
     @app.route("/admin/restart", methods=["POST"])
     def admin_restart(self, request: IRequest) -> bytes:

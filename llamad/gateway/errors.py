@@ -1,4 +1,4 @@
-"""Every error llamad itself answers, in OpenAI's error shape, built in one place."""
+"""Every error answered on port 8000, llamad's own and the backend's, in OpenAI's error shape, built in one place."""
 
 from __future__ import annotations
 
@@ -42,6 +42,41 @@ class ApiError(Exception):
 def error_body(status: int, message: str, code: str = "", param: str | None = None) -> dict[str, object]:
     kind, default_code = _TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", ""))
     return {"error": {"message": message, "type": kind, "param": param, "code": code or default_code or None}}
+
+
+def backend_error_body(status: int, body: bytes) -> bytes:
+    """A backend's JSON error answer in the shape of llamad's own, so that a client reads one shape.
+
+    llama-server writes ``{"error": {"code": 400, "message": ..., "type": ...}}``,
+    its ``code`` the HTTP status once more.  Its message, type and other fields
+    (``n_prompt_tokens`` and ``n_ctx`` of an ``exceed_context_size_error``) are
+    kept; ``code`` becomes a string: one the backend sent as a string, else its
+    ``type``, the most precise name it gives (without one, OpenAI's type for the
+    status); ``param`` is null unless the backend named one.  A body of another
+    shape becomes the message.
+    """
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        payload = None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        message = error if isinstance(error, str) else payload.get("message") if isinstance(payload, dict) else None
+        error = {"message": message}
+    shaped = error_body(status, "")["error"]
+    message = error.get("message")
+    if isinstance(message, str) and message:
+        shaped["message"] = message
+    else:
+        shaped["message"] = body.decode("utf-8", "replace")[:500] or f"backend answered {status}"
+    kind, code, param = error.get("type"), error.get("code"), error.get("param")
+    if isinstance(kind, str) and kind:
+        shaped["type"] = kind
+    shaped["param"] = param if isinstance(param, str) else None
+    shaped["code"] = code if isinstance(code, str) and code else shaped["type"]
+    for name, value in error.items():
+        shaped.setdefault(name, value)
+    return json.dumps({"error": shaped}).encode()
 
 
 def write_error(request: IRequest, err: ApiError) -> bytes:

@@ -50,11 +50,11 @@ MAX_PIPELINED = 16  # complete requests waiting behind the one being answered; m
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BODY_DEADLINES = ("body", "slow body")  # the body stalled; it arrives, but too slowly in all
-# llhttp's framing errors, in the words llamad uses for the same refusals.
+# llhttp's framing errors, in the words and codes llamad uses for the same refusals (limits.py's).
 _FRAMING_ERRORS = (
-    ("Duplicate Content-Length", "more than one Content-Length header", "bad_content_length"),
+    ("Duplicate Content-Length", "more than one Content-Length header", "bad_framing"),
     ("can't be present with", "both Transfer-Encoding and Content-Length", "bad_framing"),
-    ("Content-Length", "Content-Length must be a non-negative decimal integer", "bad_content_length"),
+    ("Content-Length", "Content-Length must be a non-negative decimal integer", "bad_request"),
     ("Transfer-Encoding", "Transfer-Encoding must be exactly 'chunked'", "bad_framing"),
 )
 

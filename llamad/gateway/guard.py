@@ -79,7 +79,7 @@ class Cors:
             request.setHeader(name, value)
 
     def preflight(self, request: IRequest) -> bytes:
-        """Answer an OPTIONS preflight with 204, or 403 for an origin not allowed."""
+        """Answer an OPTIONS with an Origin (a preflight or not) with 204, or 403 for an origin not allowed."""
         if self.allowed(request.getHeader(b"origin")) is None:
             raise ApiError(403, "origin not allowed by api.cors_origins", "cors_origin_denied")
         asked = request.getHeader(b"access-control-request-headers") or b""
@@ -100,8 +100,12 @@ class Auth:
 
     def __init__(self, enabled: bool, keys_file: str, protect_metrics: bool, clock: IReactorTime,
                  wall: Callable[[], datetime] = lambda: datetime.now(timezone.utc), *, default_rate: int = 0,
-                 priorities: Mapping[str, int] | None = None, priority_ageing: float = 30.0) -> None:
+                 priorities: Mapping[str, int] | None = None, priority_ageing: float = 30.0,
+                 enable_on_keys: bool = False) -> None:
+        """``enable_on_keys``: auth.enabled is set nowhere, so a reload that finds keys turns auth on (as a
+        keys file present at boot does); nothing turns it off but a restart."""
         self.enabled = enabled
+        self.enable_on_keys = enable_on_keys
         self.keys_file = keys_file
         self.protect_metrics = protect_metrics
         self.clock = clock
@@ -120,6 +124,11 @@ class Auth:
         self.policy.reloaded(self.store.by_id)
         for warning in warnings:
             log.warn("api keys: {warning}", warning=warning)
+        if not self.enabled and self.enable_on_keys and len(self.store):
+            self.enabled = True
+            log.info("auth enabled: {path} now holds keys (auth.enabled is set nowhere): every request but "
+                     "/ping and /health needs a key from here on; set auth.enabled = false or AUTH_ENABLED=false "
+                     "and restart to serve without keys", path=self.keys_file)
         if self.enabled and not len(self.store):
             log.warn("auth is enabled but {path} holds no valid key: every request gets 401 (fail closed)",
                      path=self.keys_file)
@@ -239,5 +248,6 @@ class GuardResource(Resource):
         return self._preflight(request.method, request)
 
     def _preflight(self, method: bytes, request: IRequest) -> bool:
-        return (method == b"OPTIONS" and self.cors.enabled and request.getHeader(b"origin") is not None
-                and request.getHeader(b"access-control-request-method") is not None)
+        """An OPTIONS with an Origin, with CORS on: answered by llamad, with or without
+        Access-Control-Request-Method (llama-gguf-inference's clients send a bare one)."""
+        return method == b"OPTIONS" and self.cors.enabled and request.getHeader(b"origin") is not None

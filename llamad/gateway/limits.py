@@ -233,9 +233,9 @@ class GuardedChannel(http.HTTPChannel):
         frames one way and llamad another is how requests get smuggled."""
         if name == b"content-length":
             if self._length_seen:
-                self.reject(400, "more than one Content-Length header", "bad_content_length")
-            elif not value.isdigit():
-                self.reject(400, "Content-Length must be a non-negative decimal integer", "bad_content_length")
+                self.reject(400, "more than one Content-Length header", "bad_framing")
+            elif not value.isdigit():  # llama-gguf-inference's code for it
+                self.reject(400, "Content-Length must be a non-negative decimal integer", "bad_request")
             elif self._chunked_seen:
                 self.reject(400, "both Transfer-Encoding and Content-Length", "bad_framing")
             elif len(value) > MAX_LENGTH_DIGITS:

@@ -6,6 +6,10 @@ slow client pauses the read from the child.  Cancelling the relay that
 :meth:`Proxy.relay` returns (the client went away) closes the child
 connection, which makes llama.cpp free the slot.  The relay tells its
 :class:`RelayOwner` how it ended with plain calls: no Deferred per request.
+
+An error answer from the child with a JSON body (llama-server's own shape, a
+numeric ``code``) is the one response held whole: it is small, and it is
+answered in llamad's error shape (:func:`~llamad.gateway.errors.backend_error_body`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from twisted.web.iweb import IRequest
 
 from llamad.backends import Target
 from llamad.gateway import headers as header_rules
-from llamad.gateway.errors import ApiError, sse_error_event
+from llamad.gateway.errors import ApiError, backend_error_body, sse_error_event
 from llamad.gateway.upstream import Exchange, UpstreamPool, dechunk, fetch
 
 log = Logger(namespace="llamad.proxy")
@@ -31,6 +35,7 @@ log = Logger(namespace="llamad.proxy")
 MAX_POOLS = 4  # the child's port changes on restart; old pools are dropped
 SWEEP_INTERVAL = 0.5  # seconds between checks of the relays still waiting for the child's answer
 MAX_HELD = 1 << 20  # bytes of chunks held for a whole SSE event; past it the stream is passed on as it came
+MAX_ERROR_BODY = 1 << 16  # bytes of a child's JSON error held to reshape it; a larger one is a 502
 
 
 class Tap(typing.Protocol):
@@ -90,7 +95,10 @@ class Relay:
     ended = False
     started = False
     tap: Tap | None = None
-    error_body: list[bytes] | None = None
+    error_body: list[bytes] | None = None  # a child's error: an SSE event (committed), else reshaped JSON
+    error_status = 0
+    error_size = 0
+    error_framed = False  # held as the child's chunks came
     producer: IPushProducer | None = None
     exchange: Exchange | None = None
     held: list[bytes] | None = None  # chunks up to the next chunk boundary, while whole ones are needed
@@ -135,6 +143,11 @@ class Relay:
             elif lower == b"content-length":
                 continue  # set below, unless a tap may change the body
             add(name, value)
+        if status >= 400 and self._reshapes(content_type):
+            self.error_body, self.error_status = [], status  # its Content-Length is set at the end
+            self.producer = producer
+            request.registerProducer(producer, True)
+            return
         self.sse = content_type.startswith(b"text/event-stream")
         if self.tap_for is not None:
             self.tap = self.tap_for(self.sse)
@@ -144,11 +157,15 @@ class Relay:
         self.producer = producer
         request.registerProducer(producer, True)
 
+    def _reshapes(self, content_type: bytes) -> bool:
+        """Whether an error answer is held whole to be answered in llamad's shape: one with a JSON body."""
+        return b"json" in content_type.lower() and self.request.method != b"HEAD"
+
     def body(self, data: bytes) -> None:
         if self.ended:
             return
         if self.error_body is not None:
-            self.error_body.append(data)
+            self._hold_error(data)
             return
         if self.tap is not None:
             data = self.tap.feed(data)
@@ -165,10 +182,18 @@ class Relay:
     def chunks(self, framed: bytes, whole: bool, size: int, last: bool = False) -> None:
         """Pass the child's chunks on unchanged.  Where the tap may drop an event (or a child's error
         becomes an SSE event) they are held up to a chunk boundary, and chunks the tap must change are
-        decoded, fed, and what is left written as one chunk of its own."""
+        decoded, fed, and what is left written as one chunk of its own.  A child's JSON error is held
+        whole."""
         if self.ended:
             return
-        needs_whole = self.error_body is not None or (self.tap is not None and self.tap.strip)
+        if self.error_body is not None:
+            if not self.committed:
+                self.error_framed = True
+                self._hold_error(framed)
+                return
+            needs_whole = True
+        else:
+            needs_whole = self.tap is not None and self.tap.strip
         if self.held or (needs_whole and not whole and not last):
             if self.held is None:
                 self.held = []
@@ -193,10 +218,33 @@ class Relay:
         if self.ended:
             return
         if self.error_body is not None:
-            self.request.write(sse_error_event(_error_message(b"".join(self.error_body)), "backend_error"))
+            if self.committed:
+                self.request.write(sse_error_event(_error_message(b"".join(self.error_body)), "backend_error"))
+            else:
+                held = b"".join(self.error_body)
+                body = backend_error_body(self.error_status, dechunk(held) if self.error_framed else held)
+                self.request.setHeader(b"content-length", b"%d" % len(body))
+                self._first_byte()
+                self.request.write(body)
         self._flush_tap()
         self.request.unregisterProducer()
         self._settle(None)
+
+    def _hold_error(self, data: bytes) -> None:
+        """Keep a child's error until its end; one too large to be an error message ends as a 502."""
+        assert self.error_body is not None
+        self.error_body.append(data)
+        self.error_size += len(data)
+        if self.error_size > MAX_ERROR_BODY and not self.committed:
+            if self.exchange is not None:
+                self.exchange.cancel()
+            self._unsent(ApiError(502, f"backend answered {self.error_status} with an error body over "
+                                       f"{MAX_ERROR_BODY} bytes", "backend_error"))
+
+    def _unsent(self, error: ApiError) -> None:
+        """End a response of which the client got nothing yet (an error being held) with ``error``."""
+        self.request.unregisterProducer()
+        self._settle(Failure(error))
 
     def _settle(self, failure: Failure | None) -> None:
         """The end, told to the owner once.  The exchange, which points back here, is let go: no
@@ -222,6 +270,9 @@ class Relay:
         if not started:
             error = Unanswered if unanswered else NotDelivered if not sent else ApiError
             self._settle(Failure(error(502, f"backend unreachable: {reason}", "backend_unreachable")))
+            return
+        if self.error_body is not None and not self.committed:
+            self._unsent(ApiError(502, f"backend error answer broke off: {reason}", "backend_unreachable"))
             return
         log.warn("backend stream broke: {why}", why=reason)
         self._break("backend connection lost mid-stream", "stream_interrupted")
@@ -250,6 +301,8 @@ class Relay:
             self.exchange.cancel()
         if not self.started:
             self._settle(Failure(ApiError(503, message, "shutting_down", {b"retry-after": b"5"})))
+        elif self.error_body is not None and not self.committed:
+            self._unsent(ApiError(503, message, "shutting_down", {b"retry-after": b"5"}))
         else:
             self._break(message, "shutting_down")
 

@@ -185,8 +185,8 @@ def test_headers_over_16k_in_all_are_431():
 
 
 @pytest.mark.parametrize("headers, code", [
-    (b"Content-Length: abc\r\n", "bad_content_length"),
-    (b"Content-Length: 2\r\nContent-Length: 2\r\n", "bad_content_length"),
+    (b"Content-Length: abc\r\n", "bad_request"),  # malformed, as llama-gguf-inference said it
+    (b"Content-Length: 2\r\nContent-Length: 2\r\n", "bad_framing"),
     (b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", "bad_framing"),
     (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", "bad_framing"),
     (b"Transfer-Encoding: gzip\r\n", "bad_framing"),

@@ -36,6 +36,11 @@ def bearer(key: str = KEY) -> dict:
     return {"authorization": [f"Bearer {key}"]}
 
 
+def reloaded(keys: int) -> dict:
+    """A reload's answer: llamad's fields, and llama-gguf-inference's for the same."""
+    return {"reloaded": True, "keys": keys, "status": "ok", "keys_loaded": keys}
+
+
 # --- API keys ---------------------------------------------------------------------
 
 
@@ -124,7 +129,7 @@ async def test_admin_reload_needs_a_key_and_loads_new_keys(tmp_path):
     assert (await http.post("http://x/admin/reload")).code == 401
     assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 401  # not reloaded
     response = await http.post("http://x/admin/reload", headers=bearer())
-    assert response.code == 200 and await json_of(response) == {"reloaded": True, "keys": 2}
+    assert response.code == 200 and await json_of(response) == reloaded(2)
     assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 200
     assert proxy.targets != []
 
@@ -136,7 +141,7 @@ async def test_reload_is_admin_reload_under_llama_gguf_inference_path(tmp_path):
     assert (await http.post("http://x/reload")).code == 401
     assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 401  # not reloaded
     response = await http.post("http://x/reload", headers=bearer())
-    assert response.code == 200 and await json_of(response) == {"reloaded": True, "keys": 2}
+    assert response.code == 200 and await json_of(response) == reloaded(2)
     assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 200
     get = await http.get("http://x/reload", headers=bearer())
     assert get.code == 405 and get.headers.getRawHeaders(b"allow") == [b"POST"]
@@ -174,7 +179,7 @@ async def test_with_auth_off_reload_answers_loopback_with_any_or_no_key(tmp_path
     http, clock, backend, status, metrics, proxy = gateway(tmp_path, enabled=False)
     for headers in ({}, bearer("whatever-it-is-123")):
         response = await http.post(f"http://x{path}", headers=headers)
-        assert response.code == 200 and await json_of(response) == {"reloaded": True, "keys": 0}
+        assert response.code == 200 and await json_of(response) == reloaded(0)
 
 
 @pytest.mark.parametrize("path", ["/admin/reload", "/reload"])
@@ -183,7 +188,7 @@ async def test_with_auth_on_a_remote_client_reloads_with_a_valid_key(tmp_path, r
     http, clock, backend, status, metrics, proxy = gateway(tmp_path, f"alice:{KEY}")
     assert (await http.post(f"http://x{path}")).code == 401
     response = await http.post(f"http://x{path}", headers=bearer())
-    assert response.code == 200 and await json_of(response) == {"reloaded": True, "keys": 1}
+    assert response.code == 200 and await json_of(response) == reloaded(1)
 
 
 @pytest.mark.parametrize("host, local", [
@@ -400,7 +405,7 @@ async def test_admin_reload_of_a_file_with_a_bad_byte_loads_the_other_lines(tmp_
     assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 200
     (tmp_path / "api_keys").write_bytes(f"alice:{KEY}\n# bob left \xe9\n".encode("latin-1"))
     response = await http.post("http://x/admin/reload", headers=bearer())
-    assert response.code == 200 and await json_of(response) == {"reloaded": True, "keys": 1}
+    assert response.code == 200 and await json_of(response) == reloaded(1)
     assert (await http.post(CHAT, data=b"{}", headers=bearer(NEW_KEY))).code == 401  # revoked
     assert (await http.post(CHAT, data=b"{}", headers=bearer())).code == 200
 
