@@ -5,15 +5,15 @@ BIN := $(VENV)/bin
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 DATA_DIR ?= ./var
 DEMO_MODEL := $(DATA_DIR)/models/demo.gguf
-PIP := $(BIN)/pip --disable-pip-version-check -q
 
 .PHONY: setup run test bench clean
 
 ## setup: .venv with llamad and the openai client installed, llama-server built (cached under ~/.cache/llamad), and
 ## Debian's prometheus for the real-Prometheus test when apt is there and we are root
+## (pip runs only when llamad's sources or pinned versions changed since the last install: scripts/install-llamad.sh)
 setup:
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install '.[client]'
+	@test -x $(BIN)/python || { rm -f $(VENV)/.llamad-install; $(PYTHON) -m venv $(VENV); }
+	@bash scripts/install-llamad.sh $(VENV) '.[client]'
 	bash scripts/build-llama-server.sh $(LLAMA_CPP_PYTHON_VERSION) $(VENV)
 	@if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
@@ -54,4 +54,5 @@ bench: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/ttfb.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/coldstart.py --runs 10
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/swap.py --rounds 5
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/mixed.py --rounds 3
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/scale_from_zero.py --seconds 60

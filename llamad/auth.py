@@ -240,7 +240,7 @@ class KeyStore:
         if key is None or not hmac.compare_digest(key.digest, digest):
             return Denied(401, "Invalid API key", "invalid_api_key")
         if key.expires is not None and (wall() if callable(wall) else wall) >= key.expires:
-            return Denied(401, "API key has expired", "expired_api_key")
+            return Denied(401, "API key has expired", "invalid_api_key")  # as llama-gguf-inference
         rate = key.rate_limit if key.rate_limit is not None else self.default_rate
         if rate:
             window = self.windows.setdefault(key.key_id, deque())

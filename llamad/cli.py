@@ -49,9 +49,37 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def tool_config(args: argparse.Namespace) -> config_module.Config:
+def tool_loaded(args: argparse.Namespace) -> config_module.Loaded:
     """The config as the ``keys`` commands need it: data dir and keys file, never a model or a binary."""
-    return config_module.load(args.config, os.environ, {}, check_files=False, require_model=False).config
+    return config_module.load(args.config, os.environ, {}, check_files=False, require_model=False)
+
+
+def tool_config(args: argparse.Namespace) -> config_module.Config:
+    return tool_loaded(args).config
+
+
+def _say(note: str) -> None:
+    if note:
+        print(note, file=sys.stderr)
+
+
+def after_generate(args: argparse.Namespace, path: str) -> str:
+    """What makes a running llamad check the key just written to ``path``: a new user's next step."""
+    try:
+        loaded = tool_loaded(args)
+    except ConfigError:
+        return ""
+    auth, source = loaded.config.auth, loaded.sources["auth.enabled"]
+    if os.path.abspath(path) != os.path.abspath(auth.keys_file):
+        return (f"llamad reads {auth.keys_file} (auth.keys_file, from {loaded.sources['auth.keys_file']}), not "
+                f"{path}: set auth.keys_file or AUTH_KEYS_FILE to use this file")
+    if not auth.enabled:
+        return f"auth.enabled is false (from {source}): llamad checks no key until it is true"
+    reload = "`llamad keys reload` (or SIGHUP) makes a running llamad take the new key"
+    if source in ("default", config_module.AUTH_AUTO_SOURCE):  # set nowhere: the keys file turns auth on
+        return (f"{reload}, and turns auth on for one that started without keys: every request but /ping and "
+                "/health then needs a key (auth.enabled = false or AUTH_ENABLED=false serves without keys)")
+    return reload
 
 
 def expiry(text: str, now: datetime | None = None) -> str:
@@ -111,7 +139,10 @@ def keys(args: argparse.Namespace) -> int:
             print(f"llamad keys: {e}", file=sys.stderr)
             return 2
     if path.endswith(".toml"):
-        return keytool.toml_keys(args, path, expires)
+        code = keytool.toml_keys(args, path, expires)
+        if code == 0 and args.action == "generate":
+            _say(after_generate(args, path))
+        return code
     policy = keytool.policy_options(args)
     if policy:
         print(f"llamad keys: {', '.join(policy)} need a .toml keys file, which holds a policy per key "
@@ -158,6 +189,8 @@ def keys(args: argparse.Namespace) -> int:
         if not _write(path, new_lines):
             return 1
         print(secret)
+        if args.action == "generate":
+            _say(after_generate(args, path))
         if args.action == "rotate":
             print(f"rotated {args.id}: the old key works until the daemon reloads (`llamad keys reload`)",
                   file=sys.stderr)

@@ -11,6 +11,7 @@ with one line before any port is bound.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
@@ -67,6 +68,7 @@ class ApiConfig:
     max_header_line: int = 8192  # bytes in one header line (431 past it)
     max_request_line: int = 8192  # bytes in the request line (414 past it)
     fast_path: bool = True  # httptools' parser and llamad's own HTTP/1.1 server; false: twisted.web
+    metrics_format: str = "prometheus"  # what /metrics answers a client that names neither format; or "json"
 
 
 @dataclass(frozen=True)
@@ -329,6 +331,7 @@ AUTH_AUTO_SOURCE = "default (keys file present)"
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "health.ping": ("always", "runpod"),
+    "api.metrics_format": ("prometheus", "json"),
     "backend.kind": ("llama-server", "llama-cpp-python", "external", "none"),
     "backend.start": ("eager", "lazy"),
     "idle.action": ("unload", "exit", "none"),
@@ -343,13 +346,18 @@ MINIMUM: dict[str, float] = {
     "backend.parallel": 1,
     "api.max_body_bytes": 1,
     "api.max_headers": 1,
-    "api.max_header_line": 64,
+    "api.max_header_line": 7,  # "Host: x": the shortest line of the header every HTTP/1.1 request has
     "api.max_request_line": 64,
     "supervisor.crash_loop_limit": 1,
     "supervisor.health_failures": 1,
     "logs.max_bytes": 1024,
     "logs.keep": 1,
     "scale_from_zero.max_concurrency": 1,
+}
+# Why a bound is what it is, said with the error.
+MINIMUM_WHY: dict[str, str] = {
+    "api.max_header_line": "every HTTP/1.1 request has a Host header, whose line is 7 bytes at the shortest "
+                           "('Host: x', counted without its CRLF), so a smaller limit refuses every request",
 }
 POSITIVE = {"api.header_timeout", "api.body_timeout", "scale_from_zero.interval", "scale_from_zero.scrape_timeout",
             "auth.priority_ageing", "backend.ready_timeout", "supervisor.stop_timeout", "supervisor.health_timeout", "fleet.memory_budget"}
@@ -529,6 +537,25 @@ def _parse_toml_value(key: str, text: str, source: str) -> Any:
         raise ConfigError(key, f"not a valid TOML value: {text!r} ({e})", source) from None
 
 
+def unknown_key(key: str, source: str, table: bool = False) -> ConfigError:
+    """The error for a key no schema knows, with a hint: the nearest known key (a typo, a key in the wrong
+    table), or the key an environment variable's name sets (``--set CTX=...``); ``table``: a TOML table's
+    name, which may be a misspelt section."""
+    prefix, name = "", key
+    model_id, _, model_key = key[len("models."):].rpartition(".")
+    if key.startswith("models.") and model_id:
+        prefix, name, known = f"models.{model_id}.", model_key, list(MODEL_KEY_TYPES)
+    else:
+        known = [*_SECTIONS, "models"] if table else list(KEY_TYPES)
+    target = None if prefix else ENV_KEYS.get(key) or PORT_ENV_KEYS.get(key)
+    if target is not None:
+        keys = (target,) if isinstance(target, str) else target
+        return ConfigError(key, f"unknown key ({key} is an environment variable; the key is {' and '.join(keys)})",
+                           source)
+    close = difflib.get_close_matches(name, known, n=1)
+    return ConfigError(key, f"unknown key (did you mean {prefix}{close[0]}?)" if close else "unknown key", source)
+
+
 # --- loading ----------------------------------------------------------------
 
 
@@ -553,12 +580,12 @@ def _flatten_toml(doc: dict[str, Any], path: str) -> dict[str, Any]:
             for sub, subvalue in value.items():
                 key = f"{name}.{sub}"
                 if key not in KEY_TYPES:
-                    raise ConfigError(key, "unknown key", path)
+                    raise unknown_key(key, path)
                 flat[key] = subvalue
         elif name in KEY_TYPES:
             flat[name] = value
         else:
-            raise ConfigError(name, "unknown key", path)
+            raise unknown_key(name, path, table=isinstance(value, dict))
     return flat
 
 
@@ -577,9 +604,10 @@ def _flatten_models(tables: Any, path: str) -> dict[str, Any]:
                               path)
         for key, value in table.items():
             if key not in MODEL_KEY_TYPES:
-                hint = (f' (an id with a dot is quoted: [models."{model_id}.{key}"])'
-                        if isinstance(value, dict) else "")
-                raise ConfigError(f"{prefix}.{key}", f"unknown key{hint}", path)
+                if not isinstance(value, dict):
+                    raise unknown_key(f"{prefix}.{key}", path)
+                raise ConfigError(f"{prefix}.{key}", f'unknown key (an id with a dot is quoted: '
+                                  f'[models."{model_id}.{key}"])', path)
             flat[f"{prefix}.{key}"] = value
     return flat
 
@@ -742,7 +770,7 @@ def load(
             model_options.setdefault(model_id, {})[name] = value  # parsed once the model is known
             continue
         if key not in KEY_TYPES:
-            raise ConfigError(key, "unknown key", "option")
+            raise unknown_key(key, "option")
         values[key] = (
             _parse_text(key, value, "option") if isinstance(value, str) else _coerce(key, value, "option")
         )
@@ -758,6 +786,8 @@ def load(
         values["auth.enabled"] = True
         sources["auth.enabled"] = AUTH_AUTO_SOURCE
     fleet = tables is not None or bool(values["fleet.models_dir"])
+    if check_files and not fleet:  # a fleet's [backend] is what its models inherit: each model finds its own
+        _find_command(values, sources, "backend.command", "backend.kind")
     _validate(values, sources, check_files, require_model, fleet)
     models: dict[str, ModelConfig] = {}
     if fleet:
@@ -866,7 +896,8 @@ def _check_number(key: str, value: Any, hint: Any, source: str, low: float, posi
     if hint in (int, float, Bytes) or (hint == MemorySize and value != AUTO):
         if value < low or (positive and value <= 0):
             bound = "> 0" if positive else f">= {low:g}"
-            raise ConfigError(key, f"must be {bound}, got {value!r}", source)
+            why = MINIMUM_WHY.get(key)
+            raise ConfigError(key, f"must be {bound}, got {value!r}" + (f": {why}" if why else ""), source)
 
 
 def _validate(
@@ -925,8 +956,7 @@ def _validate(
         raise ConfigError("backend.model", f"model file not found: {model}", sources["backend.model"])
     command = values["backend.command"]
     if kind == "llama-server" and shutil.which(command) is None:
-        raise ConfigError("backend.command", f"{command!r} not found or not executable (set LLAMA_SERVER_BIN)",
-                          sources["backend.command"])
+        raise ConfigError("backend.command", command_missing(command), sources["backend.command"])
 
 
 def _no_model(source: str) -> ConfigError:
@@ -1077,6 +1107,8 @@ def _fleet(
             continue
         vals, srcs, raw = _model_keys(model_id, values, sources, tables.get(model_id, {}), path,
                                       scanned.get(model_id), options.get(model_id, {}), warnings)
+        if check_files:
+            _find_command(vals, srcs, "command", "kind")
         _validate_model(model_id, vals, raw, check_files, model_id in scanned)
         for key in MODEL_KEY_TYPES:
             values[f"models.{model_id}.{key}"] = vals[key]
@@ -1207,8 +1239,7 @@ def _validate_model(model_id: str, vals: dict[str, Any], raw: dict[str, str], ch
         raise ConfigError(prefix + "model", f"model file not found: {model}", raw["model"])
     command = vals["command"]
     if kind == "llama-server" and shutil.which(command) is None:
-        raise ConfigError(prefix + "command", f"{command!r} not found or not executable (set LLAMA_SERVER_BIN)",
-                          raw["command"])
+        raise ConfigError(prefix + "command", command_missing(command), raw["command"])
 
 
 def _check_fleet(models: Mapping[str, ModelConfig], values: dict[str, Any], sources: dict[str, str]) -> None:
@@ -1235,6 +1266,51 @@ def _check_default(config: Config, source: str) -> None:
         known = list(config.names)
         shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "") if known else "none"
         raise ConfigError("fleet.default", f"{name!r} names no model (ids and aliases: {shown})", source)
+
+
+def own_bin_dirs() -> list[str]:
+    """Where llamad's own executables are: the interpreter's directory and the running console script's
+    (``twistd``, ``llamad``), a venv's ``bin`` where ``make setup`` links ``llama-server``."""
+    dirs: list[str] = []
+    for executable in (sys.executable, sys.argv[0] if sys.argv else ""):
+        if executable and os.path.isfile(executable):
+            directory = os.path.dirname(os.path.abspath(executable))
+            if directory not in dirs:
+                dirs.append(directory)
+    return dirs
+
+
+def beside_llamad(command: str) -> str | None:
+    """A bare command that is not on PATH, found beside llamad's own executables; None otherwise.
+
+    A systemd unit or a container that runs ``.venv/bin/twistd`` seldom puts the venv on PATH,
+    yet ``make setup`` linked ``llama-server`` there.
+    """
+    if not command or os.sep in command or shutil.which(command) is not None:
+        return None
+    for directory in own_bin_dirs():
+        found = shutil.which(command, path=directory)
+        if found is not None:
+            return os.path.abspath(found)
+    return None
+
+
+def _find_command(vals: dict[str, Any], srcs: dict[str, str], command_key: str, kind_key: str) -> None:
+    """Run a kind llama-server command found beside llamad by its path; its source says where it was found.
+
+    Only where files are checked: without, the config may be for another machine."""
+    found = beside_llamad(vals[command_key]) if vals[kind_key] == "llama-server" else None
+    if found is not None:
+        vals[command_key] = found
+        srcs[command_key] += f", not on PATH: found beside llamad in {os.path.dirname(found)}"
+
+
+def command_missing(command: str) -> str:
+    """Why a command cannot run, saying where a bare name was looked for."""
+    if os.sep in command:
+        return f"{command!r} not found or not executable (set LLAMA_SERVER_BIN)"
+    return (f"{command!r} not found or not executable: not on PATH, nor beside llamad in "
+            f"{', '.join(own_bin_dirs()) or '(unknown)'} (set LLAMA_SERVER_BIN)")
 
 
 def python_command(command: str) -> str:

@@ -6,8 +6,11 @@
   ``tail -F llama/latest.txt`` follows it; ``logs.keep`` archives are kept.
 - ``access/latest.txt``: one JSON line per API request (:mod:`llamad.access`),
   rotated and kept as the child's log, archives ``<UTC ts>_access_<instance>.log``.
-- ``_boot/<UTC ts>_boot_<instance>.log``: llamad's own log for this boot;
-  ``_boot/latest.txt`` holds its path; ``logs.keep`` boot logs are kept.
+- ``_boot/<UTC ts>_boot_<instance>.log``: llamad's own log for this boot, each
+  event once; ``_boot/latest.txt`` holds the path of the last boot that bound its
+  ports, or of one that failed while no llamad served the data dir (a second
+  daemon that fails on a busy port keeps its log but leaves the pointer at the
+  serving one's); ``logs.keep`` boot logs are kept.
 
 Text from files and clients (a key id, a path, a request's model name, an
 exception's message) can hold control characters: a newline that forges a log
@@ -48,6 +51,7 @@ from zope.interface import implementer
 QUEUE_LINES = 10000
 WARN_EVERY = 60.0  # seconds between stderr reports of failed writes
 CHECK_EVERY = 1.0  # seconds between checks that an open log file is still at its path
+REPLAYED_EVENTS = 1 << 16  # the events twisted.logger keeps from before logging began, to replay
 
 
 def utc_stamp(seconds: float | None = None) -> str:
@@ -157,23 +161,39 @@ class RotatingFile(WatchedFile):
 
 
 class AppendFile(WatchedFile):
-    """A plain append-only file (the boot log), and the ``pointer`` file that names it.
+    """A plain append-only file (the boot log), and the ``pointer`` file that names it once taken.
 
-    When the file has to be created again (its directory was deleted), the
-    pointer is rewritten too, so ``_boot/latest.txt`` leads to it again.
+    When the file has to be created again (its directory was deleted), a
+    taken pointer is rewritten too, so ``_boot/latest.txt`` leads to it again.
     """
 
-    def __init__(self, path: str, pointer: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: str, pointer: str = "", clock: Callable[[], float] = time.monotonic,
+                 keep: int = 0) -> None:
+        """``keep``: the boot logs :meth:`take_pointer` leaves (0: no pruning)."""
         super().__init__(path, clock)
         self.pointer = pointer
+        self.keep = keep
+        self.pointing = False  # the pointer names this file
         self.repoint = False  # the file was created again and the pointer not yet rewritten
+
+    def take_pointer(self) -> None:
+        """Make the pointer name this file and prune the oldest boot logs (this one counts in ``keep``).
+
+        A boot that failed beside a serving daemon must not: it would point at
+        its own error and prune the log of the daemon that holds the ports.
+        """
+        self.pointing = True
+        directory = os.path.dirname(self.path)
+        if self.keep:
+            prune(directory, ".log", self.keep - 1, exclude=os.path.basename(self.path))
+        write_pointer(self.pointer, self.path)
 
     def write(self, data: bytes) -> None:
         self.check()
         if self.file is None:
             self.repoint = self.repoint or not os.path.exists(self.path)
             self.open_file()
-            if self.repoint and self.pointer:
+            if self.repoint and self.pointing:
                 write_pointer(self.pointer, self.path)
             self.repoint = False
         assert self.file is not None
@@ -185,7 +205,8 @@ class LogWriter:
 
     def __init__(self, on_error: Callable[[], None] = lambda: None) -> None:
         self.files: dict[str, RotatingFile | AppendFile] = {}
-        self.queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(QUEUE_LINES)
+        # (file name, bytes to write), (file name, what to call on the writer thread), or None: stop.
+        self.queue: queue.Queue[tuple[str, bytes | Callable[[], None]] | None] = queue.Queue(QUEUE_LINES)
         self.on_error = on_error
         self.errors = 0
         self.dropped = 0
@@ -206,6 +227,12 @@ class LogWriter:
             self.dropped += 1
             self._failed("log queue full (volume too slow?): line dropped")
 
+    def take_pointer(self, name: str = "boot") -> None:
+        """Have the boot log ``name`` take its pointer, in order with the lines queued before."""
+        target = self.files[name]
+        if isinstance(target, AppendFile) and target.pointer:
+            self.queue.put((name, target.take_pointer))  # blocks at most while the queue is full: once, at boot
+
     def stop(self, timeout: float = 5.0) -> None:
         """Flush what is queued (bounded wait), then close the files."""
         try:
@@ -221,7 +248,10 @@ class LogWriter:
                 break
             name, data = item
             try:
-                self.files[name].write(data)
+                if callable(data):
+                    data()
+                else:
+                    self.files[name].write(data)
             except Exception as e:  # the thread must outlive any one bad write
                 try:
                     self.files[name].close()  # reopen on the next line: the volume may come back
@@ -279,26 +309,40 @@ class _QueuedText:
 
 def open_logs(logs_dir: str, max_bytes: int, keep: int, on_error: Callable[[], None],
               clock: Callable[[], float] = time.monotonic) -> tuple[LogWriter, str]:
-    """Start the writer with the child log and this boot's log; returns it and the boot log's path."""
+    """Start the writer with the child log and this boot's log; returns it and the boot log's path.
+
+    ``_boot/latest.txt`` names the boot log only once the ports are bound (:meth:`LogWriter.take_pointer`).
+    """
     instance = instance_name()
     boot_dir = os.path.join(logs_dir, "_boot")
     llama_dir = os.path.join(logs_dir, "llama")
     writer = LogWriter(on_error)
     writer.add("child", RotatingFile(llama_dir, max_bytes, keep, instance, clock))
     boot_path = os.path.abspath(os.path.join(boot_dir, f"{utc_stamp()}_boot_{instance}.log"))
-    pointer = os.path.join(boot_dir, "latest.txt")
-    writer.add("boot", AppendFile(boot_path, pointer, clock))
     try:
         os.makedirs(boot_dir, exist_ok=True)
         os.makedirs(llama_dir, exist_ok=True)
         open(os.path.join(llama_dir, "latest.txt"), "ab").close()  # `tail -F` can start at once
-        open(boot_path, "ab").close()
-        prune(boot_dir, ".log", keep - 1, exclude=os.path.basename(boot_path))  # this one makes keep
-        write_pointer(pointer, boot_path)
+        boot_path = new_file(boot_path)
     except OSError as e:
         writer._failed(f"cannot prepare the log directory {logs_dir}: {e}")
+    writer.add("boot", AppendFile(boot_path, os.path.join(boot_dir, "latest.txt"), clock, keep))
     writer.start()
     return writer, boot_path
+
+
+def new_file(path: str) -> str:
+    """Create ``path``, or ``<name>.1.log``, ``.2``... when it exists: a second daemon started in the same
+    second (one that fails on a busy port) never writes into the first one's boot log."""
+    stem, suffix = os.path.splitext(path)
+    candidate, n = path, 0
+    while True:
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{stem}.{n}{suffix}"
 
 
 def access_log(writer: LogWriter, logs_dir: str, max_bytes: int, keep: int) -> Callable[[bytes], None]:
@@ -313,9 +357,39 @@ def access_log(writer: LogWriter, logs_dir: str, max_bytes: int, keep: int) -> C
     return functools.partial(writer.put, "access")
 
 
-def boot_observer(writer: LogWriter) -> ILogObserver:
-    """llamad's own log events, formatted as twistd does and escaped, into this boot's log."""
-    return escaping(FileLogObserver(_QueuedText(writer, "boot"), formatEventAsClassicLogText))
+@implementer(ILogObserver)
+class BootObserver:
+    """llamad's own log events, formatted as twistd does and escaped, into this boot's log, each once.
+
+    It watches the global publisher from the start of the boot, so that a boot
+    that fails before twistd starts logging still leaves its log.  When twistd
+    does start logging, Twisted replays every event logged so far to the whole
+    publisher, this observer included: an event already written is skipped
+    (the replay hands on the very same event objects).  :meth:`logging_began`
+    ends that watch once the replay is over.
+    """
+
+    def __init__(self, writer: LogWriter) -> None:
+        self.observer = escaping(FileLogObserver(_QueuedText(writer, "boot"), formatEventAsClassicLogText))
+        self.seen: dict[int, LogEvent] | None = {}  # id -> event, kept alive so that no id is reused
+
+    def __call__(self, event: LogEvent) -> None:
+        if self.seen is not None:
+            if self.seen.get(id(event)) is event:
+                return
+            self.seen[id(event)] = event
+            if len(self.seen) > REPLAYED_EVENTS:  # more than Twisted keeps to replay: a boot that never ends
+                self.seen = None
+        self.observer(event)
+
+    def logging_began(self) -> None:
+        """Twisted's replay is over: stop remembering events."""
+        self.seen = None
+
+
+def boot_observer(writer: LogWriter) -> BootObserver:
+    """llamad's own log events into this boot's log (:class:`BootObserver`)."""
+    return BootObserver(writer)
 
 
 # --- escaping what comes from outside -------------------------------------------------------------

@@ -34,7 +34,8 @@ from llamad.k8s.poller import ScaleFromZero
 from llamad.access import AccessLog
 from llamad.tokenfile import FILE_NAME as TOKEN_FILE, TokenFile
 from llamad.logs import (
-    ChildLog, Lines, access_log, boot_observer, escape, gpu_inventory, model_log, open_logs, twistd_observer,
+    BootObserver, ChildLog, Lines, access_log, boot_observer, escape, gpu_inventory, model_log, open_logs,
+    twistd_observer,
 )
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
@@ -169,6 +170,7 @@ class LlamadService(service.MultiService):
         self.notifier: Notifier | None = None
         self._previous_sighup: Any = None
         self.log_observer: Any = None  # twistd's log, escaped (see llamad.logs): given to the application
+        self.boot_log: BootObserver | None = None  # this boot's log file, told when twistd's logging began
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -176,6 +178,8 @@ class LlamadService(service.MultiService):
             parent.setComponent(ILogObserver, self.log_observer)  # twistd starts logging with it
 
     def startService(self) -> None:
+        if self.boot_log is not None:  # twistd began logging (and replayed what came before) by now
+            self.boot_log.logging_began()
         super().startService()
         # SIGHUP: re-read what can change under a running daemon (the API keys).
         self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
@@ -411,15 +415,18 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     metrics.watch_activity(activity)
     proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)
     root.proxy, root.gate = proxy, gate
+    root.boot_log = observer
+    # auth.enabled set nowhere: a keys file that a reload finds with keys turns auth on, as one at boot does.
+    enable_on_keys = loaded.sources["auth.enabled"] == "default"
     auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor,
                 default_rate=config.auth.default_rate, priorities=config.auth.priorities,
-                priority_ageing=config.auth.priority_ageing)
+                priority_ageing=config.auth.priority_ageing, enable_on_keys=enable_on_keys)
     access = (AccessLog(reactor, access_log(writer, config.logs.dir, config.logs.max_bytes, config.logs.keep))
               if config.logs.access else None)
     gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
-                      models, directory, access)
+                      models, directory, access, metrics_format=config.api.metrics_format)
     root.reloaders.append(auth.reload)
-    if config.auth.enabled:
+    if config.auth.enabled or enable_on_keys:  # writes only once some key used tokens
         TokenFile(auth.policy, os.path.join(config.data_dir, TOKEN_FILE), reactor).setServiceParent(root)
     for supervisor in root.supervisors:
         root.reloaders.append(supervisor.retry)
@@ -453,15 +460,31 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     if loaded.sources["auth.enabled"] == config_module.AUTH_AUTO_SOURCE:
         log.info("auth enabled: {path} exists (auth.enabled is set nowhere); set auth.enabled = false or "
                  "AUTH_ENABLED=false to serve without keys", path=config.auth.keys_file)
-    log.info("model {model} via {kind}; api {api}, health {health}", model=config.backend.model or config.backend.url,
-             kind=config.backend.kind, api=config.api.listen, health=config.health.listen)
+    log.info("{served}; api {api}, health {health}", served=served_models(config), api=config.api.listen,
+             health=config.health.listen)
     try:
         listen_all(root)  # last: the boot log has the config, and the error, when a port is taken
     except ConfigError as e:
         log.error("config error: {e}", e=e)
+        if runfiles.running_daemon(config.data_dir) is None:  # no llamad serves this data dir: show this error
+            writer.take_pointer()
         close()
         fail(str(e))
+    writer.take_pointer()  # _boot/latest.txt names the daemon that serves, never one that failed beside it
     return root
+
+
+def served_models(config: Config) -> str:
+    """What the boot log says is served, and by which backend kind: the one model's file (or URL), or a
+    fleet's model ids."""
+    kinds = ", ".join(dict.fromkeys(model.backend.kind for model in config.models.values()))
+    if not config.models:
+        return f"no model via {config.backend.kind}"
+    if config.single_model:
+        return f"model {config.backend.model or config.backend.url} via {kinds}"
+    ids = list(config.models)
+    shown = ", ".join(ids[:12]) + (f", ... ({len(ids)} in all)" if len(ids) > 12 else "")
+    return f"{len(ids)} model{'s' if len(ids) != 1 else ''}: {shown} via {kinds}"
 
 
 def make_poller(sfz: ScaleFromZeroConfig, reactor: Any, metrics: Metrics) -> ScaleFromZero:

@@ -52,7 +52,8 @@ def test_keys_reload_finds_each_daemon_by_its_data_dir(start_llamad, tmp_path):
 
     # With auth off, POST /reload (the alias) answers loopback.
     status, body, _ = first.request("POST", "/reload")
-    assert status == 200 and json.loads(body) == {"reloaded": True, "keys": 0}
+    assert status == 200 and json.loads(body) == {"reloaded": True, "keys": 0, "status": "ok",
+                                                  "keys_loaded": 0}
 
     # A clean stop removes the PID file: then no llamad runs for that data dir.
     assert first.stop() == 0

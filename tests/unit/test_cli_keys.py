@@ -70,12 +70,31 @@ def test_check_config_of_an_external_backend_needs_no_model_and_says_nothing(
 
 def test_keys_generate_and_list_need_no_model(environment: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["keys", "generate", "alice", "--rate", "60", "--expires", "2027-01-01T00:00:00Z"], capsys)
-    assert (code, err) == (0, "")
+    assert code == 0 and err.startswith("`llamad keys reload` (or SIGHUP) makes a running llamad take the new key")
     secret = out.strip()
     assert key_lines(environment / "api_keys.txt") == [f"alice:{secret}:60:2027-01-01T00:00:00Z"]
     code, out, err = run(["keys", "list"], capsys)
     assert (code, err) == (0, "")
     assert out.startswith("alice\t") and "rate 60/min" in out
+
+
+@pytest.mark.parametrize("env, name, says", [
+    ({}, "api_keys.txt", "and turns auth on for one that started without keys: every request but /ping and /health "
+                         "then needs a key (auth.enabled = false or AUTH_ENABLED=false serves without keys)\n"),
+    ({}, "api_keys.toml", "and turns auth on for one that started without keys"),
+    ({"AUTH_ENABLED": "true"}, "api_keys.txt", "makes a running llamad take the new key\n"),
+    ({"AUTH_ENABLED": "false"}, "api_keys.txt",
+     "auth.enabled is false (from env AUTH_ENABLED): llamad checks no key until it is true\n"),
+])
+def test_generate_says_what_makes_a_running_llamad_check_the_key(
+    environment: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    env: dict[str, str], name: str, says: str,
+) -> None:
+    for variable, value in {**env, "AUTH_KEYS_FILE": str(environment / name)}.items():
+        monkeypatch.setenv(variable, value)
+    code, out, err = run(["keys", "generate", "alice"], capsys)
+    assert code == 0 and len(out.split()) == 1  # stdout: the key alone, for KEY=$(llamad keys generate ...)
+    assert says in err and err.count("\n") == 1
 
 
 def test_keys_with_a_bad_config_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -288,7 +307,8 @@ def test_toml_keys_are_generated_with_a_policy_rotated_and_revoked(tmp_path: Pat
     path.write_text("# team keys\n")
     code, out, err = run(["keys", "-f", str(path), "generate", "team-a", "--models", "qwen-*,llama",
                           "--tokens-per-minute", "1000", "--max-concurrent", "2", "--rate", "60"], capsys)
-    assert code == 0 and err == ""
+    assert code == 0 and err == (f"llamad reads {tmp_path / 'api_keys.txt'} (auth.keys_file, from derived from "
+                                 f"data_dir), not {path}: set auth.keys_file or AUTH_KEYS_FILE to use this file\n")
     secret = out.strip()
     code, out, err = run(["keys", "-f", str(path), "generate", "ops", "--role", "admin", "--hash-only"], capsys)
     assert code == 0 and "shown" in err

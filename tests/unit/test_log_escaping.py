@@ -142,3 +142,32 @@ def test_an_access_line_of_plain_names_is_unchanged() -> None:
     line = access_line(1_700_000_000.5, "team", "qwen-2.5", "/v1/chat/completions", 200, 1, 2, 0.5, None, None,
                        None)
     assert b'"key_id": "team", "model": "qwen-2.5", "route": "/v1/chat/completions"' in line
+
+
+def test_the_boot_log_has_each_event_once_after_twisteds_replay(tmp_path) -> None:
+    """twistd begins logging after makeService: Twisted then replays every earlier event to the
+    whole publisher, the boot log's observer (there since the boot began) included."""
+    import io
+    import sys
+    import warnings
+
+    from twisted.logger import LogBeginner, LogPublisher, Logger
+
+    from llamad.logs import BootObserver, open_logs
+
+    publisher = LogPublisher()
+    beginner = LogBeginner(publisher, io.StringIO(), sys, warnings)
+    writer, boot_path = open_logs(str(tmp_path / "logs"), 1 << 20, 3, lambda: None)
+    observer = BootObserver(writer)
+    publisher.addObserver(observer)
+    log = Logger(namespace="llamad", observer=publisher)
+    for n in range(3):
+        log.info("before logging began {n}", n=n)
+    stdout: list[dict] = []
+    beginner.beginLoggingTo([stdout.append], redirectStandardIO=False)  # what twistd does: replays the 3
+    observer.logging_began()
+    log.info("serving")
+    writer.stop()
+    lines = [line.split("] ", 1)[1] for line in open(boot_path).read().splitlines()]
+    assert lines == ["before logging began 0", "before logging began 1", "before logging began 2", "serving"]
+    assert len(stdout) == 4
