@@ -2,67 +2,25 @@
 
 Every daemon a test starts is stopped at teardown, and any backend child it
 left behind (found by parent PID in /proc) is killed by PID and reported.
+Plain helpers are in helpers.py; test modules import them from there.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from helpers import TWISTD, Daemon, alive, wait_for
 from llamad import config as llamad_config
 from llamad.demo import write_demo_model
 from llamad.supervisor import free_port
-
-BIN = Path(sys.executable).parent
-TWISTD = str(BIN / "twistd")
-
-
-
-def children_of(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid``, read from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(b")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != b"Z":
-            found.append(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
@@ -76,60 +34,6 @@ def llama_server_bin() -> str:
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_demo_model(str(tmp_path_factory.mktemp("models") / "demo.gguf"))
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    api_port: int
-    health_port: int
-    data_dir: Path
-    log_path: Path
-    seen_children: set[int] = field(default_factory=set)
-
-    def request(self, method: str, path: str, port: str = "api", body: Any = None,
-                headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, bytes, dict[str, str]]:
-        number = self.api_port if port == "api" else self.health_port
-        conn = http.client.HTTPConnection("127.0.0.1", number, timeout=timeout)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            hdrs = {"content-type": "application/json"} if data else {}
-            conn.request(method, path, body=data, headers={**hdrs, **(headers or {})})
-            response = conn.getresponse()
-            return response.status, response.read(), {k.lower(): v for k, v in response.getheaders()}
-        finally:
-            conn.close()
-
-    def health(self) -> dict[str, Any]:
-        status, body, _ = self.request("GET", "/health")
-        return dict(json.loads(body))
-
-    def backend_pid(self) -> int | None:
-        pid = self.health()["backend"].get("pid")
-        if pid:
-            self.seen_children.add(pid)
-        return pid
-
-    def wait_state(self, state: str, timeout: float = 30) -> dict[str, Any]:
-        return wait_for(lambda: (h := self.health())["state"] == state and h, timeout, f"state {state}")
-
-    def children(self) -> list[int]:
-        pids = children_of(self.proc.pid)
-        self.seen_children.update(pids)
-        return pids
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.children()
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import TWISTD, children_of, wait_for
+from helpers import TWISTD, children_of, wait_for
 from llamad import runfiles
 from llamad.demo import N_EMBD
 from llamad.supervisor import free_port

@@ -8,78 +8,18 @@
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import signal
 import subprocess
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import alive, wait_for
+from helpers import Stream, alive, metric, wait_for
 from llamad import runfiles
 from llamad.supervisor import free_port
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Stream:
-    """One streaming completion on its own connection, read in a thread."""
-
-    port: int
-    body: dict
-    status: int = 0
-    events: list[bytes] = field(default_factory=list)
-    first_event: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
-    error: str = ""
-
-    def start(self) -> Stream:
-        threading.Thread(target=self._run, daemon=True).start()
-        return self
-
-    def _run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
-        try:
-            conn.request("POST", "/v1/completions", body=json.dumps(self.body),
-                         headers={"content-type": "application/json"})
-            response = conn.getresponse()
-            self.status = response.status
-            for line in response:
-                if line.startswith(b"data: "):
-                    self.events.append(line.strip())
-                    self.first_event.set()
-        except Exception as e:  # noqa: BLE001 - recorded for the assertion message
-            self.error = repr(e)
-        finally:
-            conn.close()
-            self.first_event.set()
-            self.done.set()
-
-    @property
-    def completed(self) -> bool:
-        return self.status == 200 and bool(self.events) and self.events[-1] == b"data: [DONE]"
-
-    @property
-    def interrupted(self) -> bool:
-        return any(b"stream_interrupted" in e for e in self.events)
-
-    def describe(self) -> str:
-        return f"status {self.status}, {len(self.events)} events, last {self.events[-1:]!r}, error {self.error!r}"
-
-
-def metric(daemon, name: str, labels: dict[str, str]) -> float:
-    _, body, _ = daemon.request("GET", "/metrics")
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
 
 
 LONG = {"prompt": "Tell a long story.", "max_tokens": 1500, "stream": True, "ignore_eos": True}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TWISTD, free_port, wait_for
+from helpers import TWISTD, wait_for
+from llamad.supervisor import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import alive, children_of, wait_for
+from helpers import TWISTD, alive, children_of, wait_for
+from llamad.supervisor import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -259,8 +260,6 @@ def test_sigint_stops_like_sigterm(start_llamad):
 
 
 def test_bad_config_exits_before_binding_with_one_line(tmp_path, llama_server_bin):
-    from conftest import TWISTD, free_port
-
     port = free_port()
     config = tmp_path / "bad.toml"
     config.write_text(f'[api]\nlisten = "tcp:{port}"\n[backend]\nkind = "ollama"\n')
@@ -280,8 +279,6 @@ def subprocess_run(argv: list[str], cwd) -> subprocess.CompletedProcess[bytes]:
 
 
 def test_plugin_is_listed_by_twistd(tmp_path):
-    from conftest import TWISTD
-
     proc = subprocess_run([TWISTD, "--help"], tmp_path)
     assert b"llamad" in proc.stdout
     proc = subprocess_run([TWISTD, "llamad", "--help"], tmp_path)

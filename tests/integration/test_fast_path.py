@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from test_gateway_production import raw
+from helpers import raw
 
 pytestmark = pytest.mark.integration
 

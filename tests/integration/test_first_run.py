@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TWISTD, wait_for
+from helpers import TWISTD, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from test_child_faults import metric
+from helpers import metric
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

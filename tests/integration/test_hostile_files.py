@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TWISTD, alive, children_of, wait_for
+from helpers import TWISTD, alive, children_of, wait_for
 from llamad import runfiles
 from llamad.tokenfile import MAX_BYTES
 

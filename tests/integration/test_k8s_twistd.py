@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import wait_for
+from helpers import wait_for
 from k8s_fake import model_objects
 
 pytestmark = pytest.mark.integration

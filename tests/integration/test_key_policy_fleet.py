@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BIN, wait_for
+from helpers import BIN, wait_for
 
 from llamad.access import log_files
 
@@ -184,7 +183,7 @@ def test_the_access_log_follows_rotation_and_usage_matches_the_metrics(start_lla
             if i % 2:  # lines reach the file in batches: two at a time here, so that it rotates often
                 wait_for(lambda: sum(1 for _ in _lines(access)) >= i + 1, 30, "the lines written")
         assert len(list(access.glob("*_access_*.log"))) >= 2  # 1024 bytes hold about four lines
-        time.sleep(1.0)
+        wait_for(lambda: seen.read_bytes().count(b"\n") >= len(expected), 30, "tail to follow every line")
     finally:
         tail.send_signal(signal.SIGTERM)
         tail.wait(10)

@@ -9,7 +9,7 @@ import sys
 import openai
 import pytest
 
-from conftest import alive
+from helpers import alive
 
 pytestmark = pytest.mark.integration
 

@@ -6,12 +6,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from helpers import wait_for
+from llamad.logs import utc_stamp
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +28,15 @@ def counting_child(tmp_path, lines: int = LINES):
     return str(script)
 
 
+def opened(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open, by its descriptors in /proc."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fds / fd) == str(path) for fd in os.listdir(fds))
+    except FileNotFoundError:
+        return False
+
+
 def test_tail_follows_rotations_and_loses_no_line(start_llamad, tmp_path):
     data = tmp_path / "data0"
     llama = data / "logs" / "llama"
@@ -38,7 +47,7 @@ def test_tail_follows_rotations_and_loses_no_line(start_llamad, tmp_path):
         tail = subprocess.Popen(["tail", "-n", "+1", "-F", "-s", "0.05", str(llama / "latest.txt")],
                                 stdout=out, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.3)
+        wait_for(lambda: opened(tail.pid, llama / "latest.txt"), 10, "tail to open latest.txt")
         daemon = start_llamad({"command": counting_child(tmp_path)}, wait="listening",
                               toml="[logs]\nmax_bytes = 20000\nkeep = 100\n")
         def written(path: Path) -> bytes:
@@ -48,7 +57,7 @@ def test_tail_follows_rotations_and_loses_no_line(start_llamad, tmp_path):
                 return b""  # latest.txt.new, renamed over latest.txt between the listing and the read
 
         wait_for(lambda: any(b"line 4000 of" in written(p) for p in llama.iterdir()), 30, "the last line")
-        time.sleep(1.0)
+        wait_for(lambda: b"line 4000 of" in seen.read_bytes(), 30, "tail to follow to the last line")
     finally:
         tail.send_signal(signal.SIGTERM)
         tail.wait(10)
@@ -74,7 +83,9 @@ def test_archives_and_boot_logs_are_pruned_to_keep(start_llamad, tmp_path):
     for expected in ("effective config", "GPUs:", "backend start: pid", "[logs]", "max_bytes = 4096"):
         assert expected in text, expected
     for _ in range(4):  # more boots than keep
-        time.sleep(1.1)  # boot logs are named by the second
+        # Boot logs are named by the second: the next one's name must sort after every earlier one.
+        newest = max(p.name for p in boot.iterdir() if p.name.endswith(".log"))
+        wait_for(lambda: utc_stamp() > newest, 5, "a second later than the newest boot log's", interval=0.05)
         again = start_llamad({"command": child}, wait="listening", toml="[logs]\nkeep = 3\n",
                              data_dir=daemon.data_dir)
         assert again.stop() == 0

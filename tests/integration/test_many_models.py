@@ -11,8 +11,7 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import alive, wait_for
-from test_child_faults import Stream, metric
+from helpers import Stream, alive, metric, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -8,26 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from helpers import PRODUCTION, TESTING, raw, status_of, volume, wait_for
 from llamad.supervisor import free_port
-from test_gateway_production import raw, status_of
 
 pytestmark = pytest.mark.integration
-
-# Lines in the format of its docs' keys file example (key_id:api_key).
-PRODUCTION = "sk-prod-abc123def456ghi789"
-TESTING = "sk-test-1234567890abcdef"
-KEYS = f"# /data/api_keys.txt\nproduction:{PRODUCTION}\ntesting:{TESTING}\n"
-
-
-def volume(tmp_path: Path, keys: str | None = KEYS) -> Path:
-    """A data volume as the old image left it: models elsewhere, maybe a keys file at the default place."""
-    data = tmp_path / "volume"
-    data.mkdir(parents=True)
-    if keys is not None:
-        (data / "api_keys.txt").write_text(keys)
-    return data
-
 
 def connects(host: str, port: int) -> bool:
     try:

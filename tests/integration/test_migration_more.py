@@ -15,8 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_gateway_production import raw, status_of
-from test_migration import KEYS, PRODUCTION, TESTING, volume
+from helpers import KEYS, PRODUCTION, TESTING, raw, status_of, volume
 
 pytestmark = pytest.mark.integration
 

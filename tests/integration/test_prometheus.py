@@ -10,7 +10,8 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port, wait_for
+from helpers import wait_for
+from llamad.supervisor import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import wait_for
+from helpers import wait_for
 
 from llamad.gateway.app import INFERENCE_ROUTES
 

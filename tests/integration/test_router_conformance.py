@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 import shapes
 
-from conftest import alive, children_of, wait_for
+from helpers import alive, children_of, wait_for
 from llamad.gateway.models_api import (
     ModelSnapshot, ModelsApiError, child_meta, load_answer, models_list, requested_model, unload_answer,
 )

@@ -11,7 +11,7 @@ import time
 import openai
 import pytest
 
-from conftest import alive, children_of, wait_for
+from helpers import alive, children_of, wait_for
 
 pytestmark = pytest.mark.integration
 

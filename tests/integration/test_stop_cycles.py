@@ -19,7 +19,7 @@ from twisted.internet import defer, reactor
 from twisted.logger import ILogObserver, globalLogPublisher
 from zope.interface import provider
 
-from conftest import alive
+from helpers import alive
 from llamad import runfiles
 from llamad.config import BackendConfig, SupervisorConfig
 from llamad.supervisor import RESIGNAL_AFTER, SERVING_PATH, State, Supervisor

@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import Daemon
+from helpers import Daemon
 
 pytestmark = pytest.mark.integration
 

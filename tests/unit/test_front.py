@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import json
 from itertools import accumulate
-from typing import NamedTuple
 
 import pytest
-from test_gateway_app import FakeProxy
-from test_gguf_inference_compat import _gateway
-from test_limits import KEY, POST_HEAD, no_tracebacks, refused  # noqa: F401 (autouse: a logged failure fails)
-from test_upstream import TCPTransport
-from test_usage import DONE, EVENTS, USAGE
-from twisted.internet import defer
-from twisted.internet.address import IPv4Address, UNIXAddress
+from fakes import PROXIED, FakeProxy, PendingProxy, TCPTransport
+from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from wire import (
+    DONE, EVENTS, GET_MODELS, KEY, POST_HEAD, USAGE, connect, make_gateway, parse, read_chunked, refused, send, server,
+)
 
-from llamad.gateway.app import OWN_HANDLERS, OWN_ROUTES, Gateway, api_factory
+from llamad.gateway.app import OWN_HANDLERS, OWN_ROUTES, Gateway
 from llamad.gateway.front import FrontFactory, FrontProtocol
 from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Relay
@@ -34,110 +31,12 @@ from llamad.gateway.upstream import UpstreamPool, _Connection, dechunk
 from llamad.gateway.usage import UsageTap
 
 GET_PING = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
-GET_MODELS = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
-PROXIED = b'{"proxied": true}'  # FakeProxy's answer
 
-
-class Response(NamedTuple):
-    """One response as the client reads it."""
-
-    version: bytes
-    status: int
-    headers: dict[bytes, bytes]  # lower-case names
-    body: bytes  # de-chunked
-
-
-class PendingProxy(FakeProxy):
-    """Holds each forwarded request until the test answers it, and records a cancelled one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pending: list[tuple[object, Held]] = []
-        self.cancelled: list[object] = []
-
-    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
-        self.targets.append(target)
-        held = Held(self, request, owner)
-        self.pending.append((request, held))
-        return held
-
-    def answer(self) -> None:
-        request, held = self.pending.pop(0)
-        request.setHeader(b"content-type", b"application/json")
-        request.write(PROXIED)
-        held.owner.relayed()
-
-
-class Held:
-    """A relay the test has not answered yet; cancelling it records the request."""
-
-    def __init__(self, proxy: PendingProxy, request: object, owner) -> None:
-        self.proxy, self.request, self.owner = proxy, request, owner
-
-    def cancel(self) -> None:
-        self.proxy.cancelled.append(self.request)
-        self.owner.not_relayed(Failure(defer.CancelledError()))
-
-
-def server(gateway: Gateway | None = None, **limits) -> FrontFactory:
-    """The fast path's factory with a 1000-byte body limit, its sweep started (on the gateway's Clock)."""
-    factory = api_factory(gateway or _gateway(), **{"max_body_bytes": 1000, **limits})
-    factory.doStart()
-    return factory
-
-
-def connect(factory: FrontFactory, port: int = 40000, host: str = "10.0.0.1") -> tuple[FrontProtocol, TCPTransport]:
-    address = IPv4Address("TCP", host, port)
-    protocol = factory.buildProtocol(address)
-    transport = TCPTransport(peerAddress=address)
-    protocol.makeConnection(transport)
-    return protocol, transport
-
-
-def send(raw: bytes, **limits) -> tuple[TCPTransport, FakeProxy]:
-    """``raw`` in one read on a fresh connection: its transport, and the proxy that saw what got through."""
-    factory = server(**limits)
-    protocol, transport = connect(factory)
-    protocol.dataReceived(raw)
-    return transport, factory.gateway.proxy
+pytestmark = pytest.mark.usefixtures("no_tracebacks")  # a logged failure fails the test
 
 
 def close(protocol: FrontProtocol) -> None:
     protocol.connectionLost(Failure(ConnectionDone()))
-
-
-def _dechunked(data: bytes) -> tuple[bytes, bytes]:
-    """A chunked body at the start of ``data`` (llamad sends no trailers): its data, and what follows it."""
-    body = b""
-    while True:
-        line, _, data = data.partition(b"\r\n")
-        size = int(line, 16)
-        if size == 0:
-            assert data.startswith(b"\r\n")
-            return body, data[2:]
-        assert data[size:size + 2] == b"\r\n"
-        body, data = body + data[:size], data[size + 2:]
-
-
-def parse(data: bytes, head_request: bool = False) -> list[Response]:
-    """Every response in ``data``, in order; a body without a length or chunks runs to the end."""
-    responses = []
-    while data:
-        head, _, data = data.partition(b"\r\n\r\n")
-        status_line, *lines = head.split(b"\r\n")
-        version, status = status_line.split(b" ")[:2]
-        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)}
-        if head_request or status == b"100":
-            body = b""
-        elif b"content-length" in headers:
-            length = int(headers[b"content-length"])
-            body, data = data[:length], data[length:]
-        elif headers.get(b"transfer-encoding") == b"chunked":
-            body, data = _dechunked(data)
-        else:
-            body, data = data, b""
-        responses.append(Response(version, int(status), headers, body))
-    return responses
 
 
 def frame(*events: bytes) -> bytes:
@@ -274,7 +173,7 @@ def test_an_idle_kept_alive_connection_is_closed_quietly_after_75_s():
 
 def pending_post() -> tuple[FrontFactory, FrontProtocol, TCPTransport, PendingProxy]:
     """A POST on a fresh connection, held by the proxy until the test answers it."""
-    gateway = _gateway()
+    gateway = make_gateway()
     gateway.proxy = proxy = PendingProxy()
     factory = server(gateway)
     protocol, transport = connect(factory)
@@ -326,7 +225,7 @@ class Failures:
 
 @pytest.mark.parametrize("started", [False, True])
 def test_a_bug_while_answering_is_a_500_or_a_cut_never_a_stuck_connection(monkeypatch, started):
-    gateway = _gateway()
+    gateway = make_gateway()
     logged = Failures()
     monkeypatch.setattr(front_module, "log", logged)
 
@@ -346,7 +245,7 @@ def test_a_bug_while_answering_is_a_500_or_a_cut_never_a_stuck_connection(monkey
 
 
 def test_a_cors_preflight_is_204_without_a_body_length_and_answers_carry_cors_headers():
-    gateway = _gateway(cors=Cors(("https://app.example",)))
+    gateway = make_gateway(cors=Cors(("https://app.example",)))
     preflight = (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n"
                  b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type\r\n\r\n")
     transport, proxy = send(preflight + GET_MODELS.replace(b"Host: x", b"Host: x\r\nOrigin: https://app.example"),
@@ -374,7 +273,7 @@ def test_a_unix_socket_is_served_and_not_counted_per_client():
 def test_a_body_without_a_key_is_401_before_it_arrives(tmp_path):
     keys = tmp_path / "api_keys"
     keys.write_text(f"alice:{KEY}\n")
-    factory = server(_gateway(auth=Auth(True, str(keys), False, Clock())))
+    factory = server(make_gateway(auth=Auth(True, str(keys), False, Clock())))
     protocol, transport = connect(factory)
     protocol.dataReceived(POST_HEAD + b"Content-Length: 1000\r\n\r\n")  # not one body byte
     error = refused(transport, 401, "invalid_api_key")
@@ -439,7 +338,7 @@ def test_two_pipelined_requests_are_answered_in_order_on_one_connection():
 
 
 def test_a_pipelined_request_waits_for_the_answer_before_it():
-    gateway = _gateway()
+    gateway = make_gateway()
     gateway.proxy = proxy = PendingProxy()
     protocol, transport = connect(server(gateway))
     protocol.dataReceived(GET_MODELS + GET_PING)
@@ -637,30 +536,30 @@ def stream(gateway: Gateway, *reads: bytes) -> bytes:
 
 
 def test_a_relayed_stream_passes_the_childs_chunks_unchanged_but_the_usage_event():
-    gateway = _gateway()
+    gateway = make_gateway()
     body = stream(gateway, CHUNKED_HEAD, *(frame(event) for event in [*EVENTS, USAGE, DONE]), b"0\r\n\r\n")
     assert body == frame(*EVENTS, DONE) + b"0\r\n\r\n"
     assert b'llamad_tokens_total{kind="prompt"} 12.0' in gateway.metrics.exposition()
 
 
 def test_bytes_sent_counts_a_relayed_streams_body_bytes_not_its_framing():
-    gateway = _gateway()
+    gateway = make_gateway()
     stream(gateway, CHUNKED_HEAD, frame(*EVENTS), b"0\r\n\r\n")
     assert gateway.bytes_sent == len(b"".join(EVENTS))
 
 
 def test_a_relayed_stream_split_anywhere_loses_only_the_usage_event():
-    gateway = _gateway()
+    gateway = make_gateway()
     for cut in range(1, len(CHILD_STREAM)):
         body = stream(gateway, CHILD_STREAM[:cut], CHILD_STREAM[cut:])
-        assert _dechunked(body) == (b"".join(EVENTS) + DONE, b""), cut
+        assert read_chunked(body) == (b"".join(EVENTS) + DONE, b""), cut
 
 
 def test_a_stream_that_never_ends_on_a_chunk_boundary_flows_on_without_a_tap_to_serve():
     # The client asked for the usage itself: nothing is removed, so no read is held back, however the
     # child's chunks fall across reads (held ones would never reach the client, and nothing would pause).
     body = b'{"stream": true, "stream_options": {"include_usage": true}, "messages": []}'
-    gateway = _gateway()
+    gateway = make_gateway()
     big = b"data: " + b"x" * 1000 + b"\n\n"
     raw = frame(big, big, big)
     reads = [CHUNKED_HEAD + raw[:700], raw[700:1500], raw[1500:2700]]  # none ends where a chunk does
@@ -672,14 +571,14 @@ def test_a_stream_that_never_ends_on_a_chunk_boundary_flows_on_without_a_tap_to_
 
 def test_a_stripped_stream_without_event_ends_is_held_only_up_to_a_bound(monkeypatch):
     monkeypatch.setattr(proxy_module, "MAX_HELD", 1500)
-    gateway = _gateway()
+    gateway = make_gateway()
     big = b"data: " + b"x" * 1000 + b"\n\n"
     raw = frame(big, big, USAGE, DONE) + b"0\r\n\r\n"
     cuts = [700, 1500, 2200]  # no read ends on a chunk boundary until the last
     reads = [CHUNKED_HEAD + raw[:cuts[0]], raw[cuts[0]:cuts[1]], raw[cuts[1]:cuts[2]], raw[cuts[2]:]]
     body = stream(gateway, *reads)
     # Past the bound the stream goes on as it came: the usage event included, the tokens still counted.
-    assert _dechunked(body) == (big + big + USAGE + DONE, b"")
+    assert read_chunked(body) == (big + big + USAGE + DONE, b"")
     assert b'llamad_tokens_total{kind="prompt"} 12.0' in gateway.metrics.exposition()
 
 
@@ -739,7 +638,7 @@ def test_a_proxied_request_leaves_no_reference_cycle(answer):
 
     from llamad.gateway.proxy import Proxy
 
-    gateway = _gateway()
+    gateway = make_gateway()
     gateway.proxy = proxy = Proxy(None, gateway.clock, 600)
     pool = proxy._upstream(gateway.gate.backend.target().origin).pool
     connection = _Connection(pool)
@@ -787,7 +686,7 @@ class SilentChild(TCPTransport):
 def proxied_through(child_for, timeout: float) -> tuple[Gateway, FrontProtocol, TCPTransport, TCPTransport]:
     from llamad.gateway.proxy import Proxy
 
-    gateway = _gateway()
+    gateway = make_gateway()
     gateway.proxy = proxy = Proxy(None, gateway.clock, timeout)
     pool = proxy._upstream(gateway.gate.backend.target().origin).pool
     connection = _Connection(pool)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fakes import FakeBackend
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -11,7 +12,7 @@ from llamad.gateway.errors import ApiError
 from llamad.gateway.gate import AdmissionQueue, Gate, Lease
 from llamad.metrics import Metrics
 from llamad.status import Status
-from llamad.supervisor import StartFailed, State
+from llamad.supervisor import State
 
 # --- AdmissionQueue -----------------------------------------------------------
 
@@ -52,55 +53,9 @@ def test_queue_is_fifo_even_when_a_slot_is_free():
 # --- Gate ---------------------------------------------------------------------
 
 
-class Backend:
-    """Like the supervisor: request_start starts once; wait_ready fires when that start ends."""
-
-    supervised = True
-    ready_at: float | None = None
-    last_start_seconds: float | None = None
-
-    def __init__(self, state: State = State.READY) -> None:
-        self.state = state
-        self.reason = ""
-        self.spawns = 0
-        self.start_requests = 0
-        self.waiters: list[defer.Deferred[None]] = []
-
-    def target(self) -> Target:
-        return Target(b"http://127.0.0.1:1", "k")
-
-    def request_start(self, since=None) -> None:
-        self.start_requests += 1
-        if self.state == State.STOPPED:
-            self.state = State.STARTING
-            self.spawns += 1
-
-    def wait_ready(self) -> defer.Deferred[None]:
-        if self.state == State.READY:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred(self.waiters.remove)
-        self.waiters.append(d)
-        return d
-
-    def ready(self) -> None:
-        self.state = State.READY
-        waiters, self.waiters = self.waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def fail(self, reason: str) -> None:
-        self.state, self.reason = State.FAILED, reason
-        waiters, self.waiters = self.waiters, []
-        for d in waiters:
-            d.errback(StartFailed(reason))
-
-    def snapshot(self) -> dict:
-        return {"state": self.state.value}
-
-
 def make(state: State = State.READY, max_concurrent: int = 2, max_queue: int = 2, timeout: float = 10):
     clock = Clock()
-    backend = Backend(state)
+    backend = FakeBackend(state, follows_starts=True)
     metrics = Metrics()
     gate = Gate(clock, Status(clock, backend, "m", lazy=True), backend, max_concurrent, max_queue, timeout, metrics)
     return gate, clock, backend, metrics

@@ -2,91 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from treq.testing import StubTreq
-from twisted.internet import defer
-from twisted.internet.task import Clock
+from wire import build, json_of
 
-from llamad.activity import Activity
-from llamad.backends import Target
 from llamad.gateway.app import (
-    FORM_ROUTES, INFERENCE_ROUTES, JSON_BODY_ROUTES, KNOWN_ROUTES, Gateway, parse_json_object, route_label,
+    FORM_ROUTES, INFERENCE_ROUTES, JSON_BODY_ROUTES, KNOWN_ROUTES, parse_json_object, route_label,
 )
-from llamad.gateway.gate import Gate
-from llamad.metrics import Metrics
-from llamad.status import Status
 from llamad.supervisor import StartFailed, State
-
-
-class FakeBackend:
-    supervised = True
-    ready_at: float | None = None
-    last_start_seconds: float | None = None
-
-    def __init__(self, state: State = State.READY) -> None:
-        self.state = state
-        self.reason = ""
-        self.starts = 0
-        self.waiters: list[defer.Deferred[None]] = []
-
-    def target(self) -> Target:
-        return Target(b"http://127.0.0.1:1", "k")
-
-    def request_start(self, since=None) -> None:
-        self.starts += 1
-
-    def wait_ready(self) -> defer.Deferred[None]:
-        d: defer.Deferred[None] = defer.Deferred(self.waiters.remove)
-        self.waiters.append(d)
-        return d
-
-    def snapshot(self) -> dict:
-        return {"state": self.state.value}
-
-
-class Relayed:
-    """What a fake proxy's ``relay`` returns: a relay already over, which cancelling leaves alone."""
-
-    def cancel(self) -> None:
-        pass
-
-
-class FakeProxy:
-    """Answers every relayed request with a fixed body, recording the target."""
-
-    def __init__(self) -> None:
-        self.targets: list[Target] = []
-
-    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
-        self.targets.append(target)
-        request.setHeader(b"content-type", b"application/json")
-        first_byte()
-        request.write(b'{"proxied": true}')
-        owner.relayed()
-        return Relayed()
-
-
-def build(state: State = State.READY, lazy: bool = False, wait: float = 10, max_concurrent: int = 4,
-          max_queue: int = 8, **gateway_kw):
-    clock = Clock()
-    backend = FakeBackend(state)
-    status = Status(clock, backend, "demo", lazy=lazy)
-    metrics = Metrics()
-    proxy = FakeProxy()
-    gate = Gate(clock, status, backend, max_concurrent, max_queue, wait, metrics)
-    gateway = Gateway(clock, status, gate, proxy, metrics, Activity(clock), **gateway_kw)
-    resource = gateway.resource()
-    stub = StubTreq(resource)
-    stub.resource = resource  # for tests that drive a request by hand
-    return stub, clock, backend, status, metrics, proxy
-
-
-async def json_of(response) -> dict:
-    return json.loads(await response.content())
 
 
 @pytest_twisted.ensureDeferred

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_front import PendingProxy, connect, parse, server
-from test_key_policy import ModelBackend, UsageProxy
-from test_limits import no_tracebacks  # noqa: F401 (autouse: a logged failure fails)
+from fakes import FakeBackend, PendingProxy, UsageProxy
 from twisted.internet.task import Clock
+from wire import connect, parse, server
 
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway
@@ -22,6 +21,8 @@ from llamad.metrics import Metrics
 from llamad.model import ModelRuntime
 from llamad.status import Status
 from llamad.supervisor import State
+
+pytestmark = pytest.mark.usefixtures("no_tracebacks")  # a logged failure fails the test
 
 PLAIN, QUOTA, ONE, SCOPED, OPS = ("plain-key-0123456789", "quota-key-0123456789", "one-at-a-time-key-01",
                                   "scoped-key-012345678", "ops-key-012345678901")
@@ -70,8 +71,7 @@ def build(tmp_path, proxy=None, beta: State = State.READY):
     metrics = Metrics(per_key=True)
     models = {}
     for model_id, state in (("alpha", State.READY), ("beta", beta)):
-        backend = ModelBackend(model_id)
-        backend.state = state
+        backend = FakeBackend(state, model_id=model_id)
         status = Status(clock, backend, model_id, lazy=True)
         gate = Gate(clock, status, backend, 4, 8, 10, metrics)
         models[model_id] = ModelRuntime(model_id, backend, gate, Activity(clock))
@@ -177,7 +177,7 @@ def test_upstream_to_a_stopped_model_starts_it(tmp_path):
     factory, gateway = build(tmp_path, beta=State.STOPPED)
     backend = gateway.models["beta"].backend
     transport = send(factory, PLAIN, b"/upstream/beta/v1/chat/completions", CHAT)
-    assert backend.starts == 1 and transport.value() == b""
+    assert backend.start_requests == 1 and transport.value() == b""
     backend.state = State.READY
     backend.waiters[0].callback(None)
     assert answer(transport).status == 200 and origins(gateway) == [b"http://beta"]

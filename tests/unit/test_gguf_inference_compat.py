@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from fakes import clean_config_env
-from test_gateway_app import build
-from test_limits import POST_HEAD, answer, connect, make_site, refused, send
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
+from wire import GATEWAY_FIELDS, build, make_gateway, make_site, refused, site_connect, site_send
 
 from llamad import auth, cli, config
 from llamad.config import ConfigError
@@ -299,22 +298,22 @@ def test_cors_origins_with_a_trailing_slash_still_match() -> None:
 
 def test_configured_header_limits_are_enforced() -> None:
     head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
-    transport, recorder = send(head + b"".join(b"X-%d: v\r\n" % i for i in range(3)) + b"\r\n", max_headers=3)
+    transport, recorder = site_send(head + b"".join(b"X-%d: v\r\n" % i for i in range(3)) + b"\r\n", max_headers=3)
     error_ = refused(transport, 431, "header_fields_too_large")
     assert error_["message"] == "more than 3 headers" and recorder.seen == []
-    transport, recorder = send(head + b"X-Long: " + b"a" * 200 + b"\r\n\r\n", max_header_line=128)
+    transport, recorder = site_send(head + b"X-Long: " + b"a" * 200 + b"\r\n\r\n", max_header_line=128)
     assert refused(transport, 431, "header_fields_too_large")["message"] == "a header line over 128 bytes"
-    transport, recorder = send(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: x\r\n\r\n", max_request_line=128)
+    transport, recorder = site_send(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: x\r\n\r\n", max_request_line=128)
     assert refused(transport, 414, "uri_too_long")["message"] == "request line over 128 bytes"
     assert recorder.seen == []
 
 
 def test_each_line_limit_is_its_own() -> None:
     """A long request line under its limit passes a lower header-line limit, and the other way round."""
-    transport, recorder = send(b"GET /" + b"a" * 500 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    transport, recorder = site_send(b"GET /" + b"a" * 500 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
                                max_request_line=1024, max_header_line=128)
     assert transport.value().startswith(b"HTTP/1.1 200 ") and len(recorder.seen) == 1
-    transport, recorder = send(b"GET /v1/models HTTP/1.1\r\nX-Long: " + b"a" * 500 + b"\r\n\r\n",
+    transport, recorder = site_send(b"GET /v1/models HTTP/1.1\r\nX-Long: " + b"a" * 500 + b"\r\n\r\n",
                                max_request_line=128, max_header_line=1024)
     assert transport.value().startswith(b"HTTP/1.1 200 ") and len(recorder.seen) == 1
 
@@ -322,7 +321,7 @@ def test_each_line_limit_is_its_own() -> None:
 def test_raised_limits_let_bigger_heads_through() -> None:
     """Over today's 8 KiB lines and 64 headers: the total of 16 KiB grows with the line limits."""
     many = b"".join(b"X-%d: v\r\n" % i for i in range(100))
-    transport, recorder = send(b"GET /v1/models HTTP/1.1\r\n" + many + b"X-Long: " + b"a" * 12000 + b"\r\n\r\n",
+    transport, recorder = site_send(b"GET /v1/models HTTP/1.1\r\n" + many + b"X-Long: " + b"a" * 12000 + b"\r\n\r\n",
                                max_headers=128, max_header_line=16384)
     assert transport.value().startswith(b"HTTP/1.1 200 ") and len(recorder.seen) == 1
 
@@ -333,41 +332,19 @@ def test_todays_defaults_hold() -> None:
     assert (channel.max_headers, channel.max_header_line, channel.max_request_line) == (64, 8192, 8192)
     assert channel.totalHeadersSize == 16384
     assert config.Config().api.max_headers == 64
-    transport, _ = send(b"GET /v1/models HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(65)) + b"\r\n")
+    transport, _ = site_send(b"GET /v1/models HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(65)) + b"\r\n")
     refused(transport, 431, "header_fields_too_large")
 
 
 def test_the_api_site_takes_the_limits_from_its_caller() -> None:
     from llamad.gateway.app import api_site
 
-    site = api_site(_gateway(), max_headers=5, max_header_line=300, max_request_line=200)
+    site = api_site(make_gateway(), max_headers=5, max_header_line=300, max_request_line=200)
     assert (site.protocol.max_headers, site.protocol.max_header_line, site.protocol.max_request_line) == (5, 300, 200)
     assert site.protocol.MAX_LENGTH == 300
 
 
 # --- the JSON view of /metrics ------------------------------------------------------------------------
-
-
-def _gateway(**kw: Any):  # type: ignore[no-untyped-def]
-    from test_gateway_app import FakeBackend, FakeProxy
-
-    from llamad.activity import Activity
-    from llamad.gateway.app import Gateway
-    from llamad.gateway.gate import Gate
-    from llamad.metrics import Metrics
-    from llamad.status import Status
-
-    clock = Clock()
-    backend = FakeBackend()
-    status = Status(clock, backend, "demo", lazy=False)
-    metrics = Metrics()
-    gate = Gate(clock, status, backend, 4, 8, 10, metrics)
-    return Gateway(clock, status, gate, FakeProxy(), metrics, Activity(clock), **kw)
-
-
-GATEWAY_FIELDS = {"requests_total", "requests_success", "requests_error", "requests_active", "requests_authenticated",
-                  "requests_unauthorized", "bytes_sent", "queue_depth", "queue_rejections",
-                  "queue_wait_seconds_total", "uptime_seconds"}
 
 
 @pytest.mark.parametrize("accept, is_json", [
@@ -427,10 +404,10 @@ async def test_the_json_fields_come_from_llamads_own_counts(tmp_path: Path) -> N
 def test_bytes_sent_adds_each_finished_response_body_once() -> None:
     from llamad.gateway.app import api_site
 
-    gateway = _gateway()
+    gateway = make_gateway()
     site = api_site(gateway)
     site.reactor = Clock()
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
     assert gateway.bytes_sent == len(b'{"proxied": true}')
     channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import pytest_twisted
-from test_gateway_app import build, json_of
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
+from wire import build, json_of
 
 from llamad.gateway.app import OWN_ROUTES
 from llamad.gateway.guard import Auth, Cors, GuardResource
@@ -170,7 +170,7 @@ async def test_with_auth_off_admin_routes_refuse_a_remote_client_with_json_403(t
     error = (await json_of(response))["error"]
     assert error["code"] == "forbidden"
     assert error["message"] == f"POST {path} needs auth.enabled, or a request from loopback"
-    assert proxy.targets == [] and backend.starts == 0
+    assert proxy.targets == [] and backend.start_requests == 0
 
 
 @pytest.mark.parametrize("path", ["/admin/reload", "/reload"])
@@ -280,7 +280,7 @@ async def test_own_routes_answer_a_method_they_do_not_take_with_json_405(tmp_pat
     assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
     error = (await json_of(response))["error"]
     assert error["code"] == "method_not_allowed" and error["type"] == "invalid_request_error"
-    assert proxy.targets == [] and backend.starts == 0
+    assert proxy.targets == [] and backend.start_requests == 0
 
 
 def test_own_routes_carry_the_methods_of_their_klein_routes():

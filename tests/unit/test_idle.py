@@ -6,9 +6,9 @@ import json
 
 import pytest_twisted
 from twisted.internet.task import Clock
+from wire import build, json_of
 
 from llamad.activity import Activity, IdleWatch
-from test_gateway_app import build, json_of
 
 
 def watch(timeout: float = 10, result: bool = True):
@@ -124,7 +124,7 @@ async def test_model_list_comes_from_the_config_while_unloaded():
     response = await http.get("http://x/v1/models")
     assert response.code == 200
     assert [m["id"] for m in (await json_of(response))["data"]] == ["demo"]
-    assert backend.starts == 0 and proxy.targets == []
+    assert backend.start_requests == 0 and proxy.targets == []
 
 
 @pytest_twisted.ensureDeferred
@@ -140,7 +140,7 @@ async def test_cold_start_header_on_a_request_that_waited():
     response = await pending
     assert response.code == 200
     assert response.headers.getRawHeaders(b"x-llamad-cold-start") == [b"1.500"]
-    assert backend.starts == 1
+    assert backend.start_requests == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -196,4 +196,4 @@ def test_a_stream_that_leaves_during_a_cold_start_stops_its_loading_comments():
     request.processingFailed(Failure(ConnectionError("client went away")))
     clock.advance(30)
     assert b"".join(request.written) == b": loading\n\n"  # no more comments to nobody
-    assert backend.starts == 1 and backend.waiters == []  # the start goes on; the waiter left
+    assert backend.start_requests == 1 and backend.waiters == []  # the start goes on; the waiter left

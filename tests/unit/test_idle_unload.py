@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import signal
 
+from fakes import make_supervisor
 from llamad.activity import Activity, IdleWatch
 from llamad.metrics import Metrics
 from llamad.supervisor import PROBE_INTERVAL, State
 from llamad.model import IdleAction
-from test_supervisor import make
 
 TIMEOUT = 2.0  # as in the integration test's [idle] timeout
 
@@ -24,7 +24,7 @@ def unloads(metrics: Metrics) -> float | None:
 
 def ready_worker(action: str = "unload"):
     """A ready supervised child, with the idle watch wired as ``tap.build`` wires it."""
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     metrics = Metrics()
     activity = Activity(reactor)
     idle = IdleWatch(reactor, activity, TIMEOUT, IdleAction(action, sup, metrics, lambda: reactor.stop()))
@@ -67,7 +67,7 @@ def test_a_new_request_before_the_timeout_keeps_the_child():
 
 
 def test_idle_while_loading_is_not_an_unload_and_looks_again_after_another_timeout():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     metrics = Metrics()
     activity = Activity(reactor)
     IdleWatch(reactor, activity, TIMEOUT, IdleAction("unload", sup, metrics, lambda: reactor.stop())).startService()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from fakes import FakeBackend, PendingProxy, UsageProxy
 from prometheus_client.parser import text_string_to_metric_families
-from test_front import PendingProxy, connect, parse, server
-from test_gateway_app import FakeBackend, FakeProxy, Relayed
-from test_limits import no_tracebacks  # noqa: F401 (autouse: a logged failure fails)
 from twisted.internet.task import Clock
+from wire import connect, parse, server
 
 from llamad.activity import Activity
-from llamad.backends import Target
 from llamad.gateway.app import Gateway
 from llamad.gateway.gate import Gate
 from llamad.gateway.guard import Auth
@@ -20,6 +19,8 @@ from llamad.gateway.routing import ModelDirectory
 from llamad.metrics import Metrics
 from llamad.model import ModelRuntime
 from llamad.status import Status
+
+pytestmark = pytest.mark.usefixtures("no_tracebacks")  # a logged failure fails the test
 
 A, B, C, OPS = "alpha-key-0123456789", "beta-key-01234567890", "cheap-key-0123456789", "ops-key-012345678901"
 KEYS = f"""
@@ -43,30 +44,6 @@ role = "admin"
 """
 
 
-class ModelBackend(FakeBackend):
-    def __init__(self, model_id: str) -> None:
-        super().__init__()
-        self.model_id = model_id
-
-    def target(self) -> Target:
-        return Target(b"http://" + self.model_id.encode(), "")
-
-
-class UsageProxy(FakeProxy):
-    """Answers with a JSON body whose usage is 8 prompt and 4 completion tokens."""
-
-    BODY = b'{"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}}'
-
-    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
-        self.targets.append(target)
-        request.setHeader(b"content-type", b"application/json")
-        data = tap_for(False).feed(self.BODY) if tap_for is not None else self.BODY
-        first_byte()
-        request.write(data)
-        owner.relayed()
-        return Relayed()
-
-
 def build(tmp_path, proxy=None, max_concurrent: int = 4, queue_timeout: float = 10):
     clock = Clock()
     path = tmp_path / "keys.toml"
@@ -76,7 +53,7 @@ def build(tmp_path, proxy=None, max_concurrent: int = 4, queue_timeout: float = 
     activity = Activity(clock)
     models = {}
     for model_id in ("alpha", "beta"):
-        backend = ModelBackend(model_id)
+        backend = FakeBackend(model_id=model_id)
         status = Status(clock, backend, model_id, lazy=False)
         gate = Gate(clock, status, backend, max_concurrent, 8, queue_timeout, metrics)
         models[model_id] = ModelRuntime(model_id, backend, gate, activity)

@@ -2,101 +2,25 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from test_gateway_app import FakeBackend, FakeProxy
-from twisted.internet.address import IPv4Address, UNIXAddress
+from fakes import FakeBackend, FakeProxy, Recorder
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from wire import KEY, POST_HEAD, answer, make_site, refused, site_connect, site_send
 
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway, api_site
 from llamad.gateway.gate import Gate
 from llamad.gateway.guard import Auth, Cors, GuardResource
-from llamad.gateway.limits import guarded_site
 from llamad.metrics import Metrics
 from llamad.status import Status
 
-KEY = "k" * 24
-POST_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-
-
-class Recorder(Resource):
-    """Stands for the child: whatever reaches it got past every limit."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[bytes, bytes, bytes]] = []
-
-    def render(self, request) -> bytes:
-        self.seen.append((request.method, request.uri, request.content.read()))
-        return b"ok"
-
-
-@pytest.fixture(autouse=True)
-def no_tracebacks():
-    failures: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if "log_failure" in event:
-            failures.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield
-    globalLogPublisher.removeObserver(observe)
-    assert failures == []
-
-
-def make_site(resource=None, **kw):
-    resource = resource if resource is not None else Recorder()
-    site = guarded_site(resource, kw.pop("max_body_bytes", 1000), **kw)
-    site.reactor = Clock()  # the channels' timers
-    return site, resource, site.reactor
-
-
-def connect(site, host: str = "10.0.0.1", port: int = 40000):
-    address = IPv4Address("TCP", host, port) if host else UNIXAddress(None)
-    channel = site.buildProtocol(address)
-    transport = StringTransport(peerAddress=address)
-    channel.makeConnection(transport)
-    return channel, transport
+pytestmark = pytest.mark.usefixtures("no_tracebacks")  # a logged failure fails the test
 
 
 def close(channel) -> None:
     channel.connectionLost(Failure(ConnectionDone()))
-
-
-def answer(transport) -> tuple[int, dict[bytes, bytes], dict]:
-    """The one response on ``transport``: status, headers (lower-case names), JSON body."""
-    head, _, body = transport.value().partition(b"\r\n\r\n")
-    status_line, *lines = head.split(b"\r\n")
-    headers = {name.strip().lower(): value.strip() for name, value in (line.split(b":", 1) for line in lines)}
-    assert int(headers[b"content-length"]) == len(body)
-    return int(status_line.split(b" ")[1]), headers, json.loads(body)
-
-
-def refused(transport, status: int, code: str) -> dict:
-    """Assert an OpenAI-shaped JSON refusal, and that the connection is closing."""
-    got, headers, body = answer(transport)
-    assert (got, body["error"]["code"]) == (status, code), body
-    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
-    assert headers[b"content-type"] == b"application/json" and headers[b"connection"] == b"close"
-    assert transport.disconnecting
-    return body["error"]
-
-
-def send(raw: bytes, **kw):
-    site, recorder, clock = make_site(**kw)
-    channel, transport = connect(site)
-    channel.dataReceived(raw)
-    return transport, recorder
 
 
 # --- head size, targets, framing, malformed requests ---------------------------------
@@ -104,7 +28,7 @@ def send(raw: bytes, **kw):
 
 def test_request_line_and_headers_over_16k_in_all_are_431():
     many = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 4096) for i in range(20))
-    transport, recorder = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
+    transport, recorder = site_send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
     error = refused(transport, 431, "header_fields_too_large")
     assert error["message"] == "request headers over 16384 bytes in all"
     assert recorder.seen == []
@@ -112,14 +36,14 @@ def test_request_line_and_headers_over_16k_in_all_are_431():
 
 def test_headers_under_16k_in_all_still_pass():
     few = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 4096) for i in range(3))
-    transport, recorder = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + few + b"\r\n")
+    transport, recorder = site_send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + few + b"\r\n")
     assert transport.value().startswith(b"HTTP/1.1 200 ") and len(recorder.seen) == 1
 
 
 @pytest.mark.parametrize("line", [b"OPTIONS * HTTP/1.1", b"GET * HTTP/1.1", b"GET http://x/v1/models HTTP/1.1",
                                   b"POST v1/chat/completions HTTP/1.1"])
 def test_a_target_that_is_not_a_path_is_400(line):
-    transport, recorder = send(line + b"\r\nHost: x\r\n\r\n")
+    transport, recorder = site_send(line + b"\r\nHost: x\r\n\r\n")
     refused(transport, 400, "invalid_request_target")
     assert recorder.seen == []
 
@@ -130,14 +54,14 @@ def test_a_target_that_is_not_a_path_is_400(line):
     (b"3\r\nContent-Length: 2", "bad_framing"),
 ])
 def test_a_bad_or_doubled_content_length_is_400(value, code):
-    transport, recorder = send(POST_HEAD + b"Content-Length: " + value + b"\r\n\r\n{}")
+    transport, recorder = site_send(POST_HEAD + b"Content-Length: " + value + b"\r\n\r\n{}")
     error = refused(transport, 400, code)
     assert "Content-Length" in error["message"]
     assert recorder.seen == []
 
 
 def test_a_content_length_too_long_for_int_is_413_not_a_crash():
-    transport, recorder = send(POST_HEAD + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n")
+    transport, recorder = site_send(POST_HEAD + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n")
     refused(transport, 413, "payload_too_large")
     assert recorder.seen == []
 
@@ -152,7 +76,7 @@ def test_a_content_length_too_long_for_int_is_413_not_a_crash():
     b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n",
 ])
 def test_ambiguous_body_framing_is_400(headers):
-    transport, recorder = send(POST_HEAD + headers + b"\r\n2\r\n{}\r\n0\r\n\r\n")
+    transport, recorder = site_send(POST_HEAD + headers + b"\r\n2\r\n{}\r\n0\r\n\r\n")
     refused(transport, 400, "bad_framing")
     assert recorder.seen == []
 
@@ -160,7 +84,7 @@ def test_ambiguous_body_framing_is_400(headers):
 @pytest.mark.parametrize("framing, body", [(b"Transfer-Encoding: chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n"),
                                            (b"Content-Length: 2\r\n", b"{}")])
 def test_one_plain_framing_still_passes(framing, body):
-    transport, recorder = send(POST_HEAD + framing + b"\r\n" + body)
+    transport, recorder = site_send(POST_HEAD + framing + b"\r\n" + body)
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     assert recorder.seen == [(b"POST", b"/v1/chat/completions", b"{}")]
 
@@ -174,7 +98,7 @@ def test_one_plain_framing_still_passes(framing, body):
     POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
 ])
 def test_any_other_malformed_request_is_a_json_400(raw):
-    transport, recorder = send(raw)
+    transport, recorder = site_send(raw)
     refused(transport, 400, "bad_request")
     assert recorder.seen == []
 
@@ -184,7 +108,7 @@ def test_any_other_malformed_request_is_a_json_400(raw):
 
 def test_a_stalled_body_is_408_and_each_byte_restarts_the_clock():
     site, recorder, clock = make_site(body_timeout=30, body_min_rate=0)  # the stall alone
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(POST_HEAD + b"Content-Length: 900\r\n\r\n")
     for _ in range(5):  # minutes in all, never 30 s without a byte
         clock.advance(29)
@@ -200,7 +124,7 @@ def test_a_stalled_body_is_408_and_each_byte_restarts_the_clock():
 
 def test_a_body_trickled_a_byte_every_5_s_is_408_once_its_time_is_spent():
     site, recorder, clock = make_site(body_timeout=30)  # and the default floor: 1 s more per 500 bytes
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(POST_HEAD + b"Content-Length: 900\r\n\r\n")
     for _ in range(6):  # never 30 s without a byte
         clock.advance(5)
@@ -216,7 +140,7 @@ def test_a_body_trickled_a_byte_every_5_s_is_408_once_its_time_is_spent():
 
 def test_a_body_that_keeps_its_rate_may_take_longer_than_the_body_timeout():
     site, recorder, clock = make_site(body_timeout=30, body_min_rate=10)
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(POST_HEAD + b"Content-Length: 614\r\n\r\n{\"prompt\": \"")
     for _ in range(6):  # 100 bytes every 9 s: 10 s more each time
         clock.advance(9)
@@ -228,7 +152,7 @@ def test_a_body_that_keeps_its_rate_may_take_longer_than_the_body_timeout():
 
 def test_a_complete_body_leaves_no_timer_behind():
     site, recorder, clock = make_site(body_timeout=30)
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(POST_HEAD + b"Content-Length: 2\r\n\r\n{}")
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     clock.advance(60)  # the idle timeout is longer; no 408 may follow the answer
@@ -252,7 +176,7 @@ def keyed_guard(tmp_path, rate: str = "", origins: tuple[str, ...] = ()):
 @pytest.mark.parametrize("key", [b"", b"Authorization: Bearer wrong-key-wrong-key-1\r\n"])
 def test_a_body_without_a_valid_key_is_401_before_the_body_arrives(tmp_path, key):
     site, recorder, auth = keyed_guard(tmp_path)
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(POST_HEAD + key + b"Content-Length: 1000\r\n\r\n")
     got, headers, body = answer(transport)
     assert got == 401 and headers[b"www-authenticate"] == b'Bearer realm="llamad"'
@@ -262,9 +186,9 @@ def test_a_body_without_a_valid_key_is_401_before_the_body_arrives(tmp_path, key
 
 def test_the_early_401_is_the_guards_own_answer(tmp_path):
     site, recorder, auth = keyed_guard(tmp_path)
-    early_channel, early = connect(site)
+    early_channel, early = site_connect(site)
     early_channel.dataReceived(POST_HEAD + b"Content-Length: 2\r\n\r\n")
-    late_channel, late = connect(site, port=40001)
+    late_channel, late = site_connect(site, port=40001)
     late_channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # no body: the guard answers
     (early_status, early_headers, early_body), (late_status, late_headers, late_body) = answer(early), answer(late)
     assert (early_status, early_body) == (late_status, late_body)
@@ -273,13 +197,13 @@ def test_the_early_401_is_the_guards_own_answer(tmp_path):
 
 def test_the_early_check_takes_no_rate_limit_slot(tmp_path):
     site, recorder, auth = keyed_guard(tmp_path, rate=":1")
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(POST_HEAD + f"Authorization: Bearer {KEY}\r\n".encode() + b"Content-Length: 2\r\n\r\n")
     assert transport.value() == b""  # the key is good: the body is awaited
     channel.dataReceived(b"{}")
     assert transport.value().startswith(b"HTTP/1.1 200 ") and len(recorder.seen) == 1
     assert len(auth.store.windows["alice"]) == 1  # counted once, by the guard
-    second, transport = connect(site, port=40001)
+    second, transport = site_connect(site, port=40001)
     second.dataReceived(POST_HEAD + f"Authorization: Bearer {KEY}\r\n".encode() + b"Content-Length: 2\r\n\r\n")
     got, headers, body = answer(transport)  # over the limit: known before the body, still not counted
     assert got == 429 and headers[b"retry-after"] and len(auth.store.windows["alice"]) == 1
@@ -287,12 +211,12 @@ def test_the_early_check_takes_no_rate_limit_slot(tmp_path):
 
 def test_the_early_check_leaves_public_paths_and_preflights_alone(tmp_path):
     site, recorder, auth = keyed_guard(tmp_path, origins=("https://a.example",))
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(b"GET /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
     assert transport.value() == b""  # no key needed: no early answer
     channel.dataReceived(b"{}")
     assert transport.value().startswith(b"HTTP/1.1 200 ")
-    channel, transport = connect(site, port=40001)
+    channel, transport = site_connect(site, port=40001)
     channel.dataReceived(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: https://a.example\r\n"
                          b"Access-Control-Request-Method: POST\r\nContent-Length: 2\r\n\r\n")
     assert transport.value() == b""
@@ -302,7 +226,7 @@ def test_the_early_check_leaves_public_paths_and_preflights_alone(tmp_path):
 
 def test_the_early_401_carries_cors_headers(tmp_path):
     site, recorder, auth = keyed_guard(tmp_path, origins=("https://a.example",))
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(POST_HEAD + b"Origin: https://a.example\r\nContent-Length: 2\r\n\r\n")
     got, headers, body = answer(transport)
     assert got == 401 and headers[b"access-control-allow-origin"] == b"https://a.example"
@@ -321,7 +245,7 @@ def test_api_site_asks_the_gateways_guard_before_a_body(tmp_path):
     site = api_site(gateway, 1000, 10, body_timeout=5, max_incomplete_per_client=3)
     site.reactor = clock
     assert (site.protocol.body_timeout, site.protocol.max_incomplete_per_client) == (5, 3)
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(POST_HEAD + b"Content-Length: 1000\r\n\r\n")
     assert answer(transport)[0] == 401 and proxy.targets == []
 
@@ -331,33 +255,33 @@ def test_api_site_asks_the_gateways_guard_before_a_body(tmp_path):
 
 def test_a_client_with_too_many_requests_arriving_gets_429(tmp_path):
     site, recorder, clock = make_site(max_incomplete_per_client=2)
-    first, _ = connect(site, port=1)
-    second, _ = connect(site, port=2)
+    first, _ = site_connect(site, port=1)
+    second, _ = site_connect(site, port=2)
     first.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
     second.dataReceived(POST_HEAD + b"Content-Length: 10\r\n\r\n{")
-    third, transport = connect(site, port=3)
+    third, transport = site_connect(site, port=3)
     third.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
     error = refused(transport, 429, "too_many_incomplete_requests")
     assert error["message"] == "more than 2 requests from this client are still arriving"
-    other, transport = connect(site, host="10.0.0.2")
+    other, transport = site_connect(site, host="10.0.0.2")
     other.dataReceived(b"GET /v1/models HTTP/1.1\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     assert site.incomplete_requests == {"10.0.0.1": 2}
     first.dataReceived(b"Host: x\r\n\r\n")  # its request is in: the client has room again
     assert site.incomplete_requests == {"10.0.0.1": 1}
-    fourth, transport = connect(site, port=4)
+    fourth, transport = site_connect(site, port=4)
     fourth.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 200 ")
 
 
 def test_zero_means_no_limit_and_a_unix_socket_is_not_counted():
     site, recorder, clock = make_site(max_incomplete_per_client=0)
-    channels = [connect(site, port=port)[0] for port in range(100)]
+    channels = [site_connect(site, port=port)[0] for port in range(100)]
     for channel in channels:
         channel.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
     assert site.incomplete_requests == {} and not any(c.transport.disconnecting for c in channels)
     site, recorder, clock = make_site(max_incomplete_per_client=1)
-    channels = [connect(site, host="")[0] for _ in range(5)]
+    channels = [site_connect(site, host="")[0] for _ in range(5)]
     for channel in channels:
         channel.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
     assert site.incomplete_requests == {} and not any(c.transport.disconnecting for c in channels)
@@ -388,7 +312,7 @@ def test_incomplete_request_counts_never_leak(limit):
     for round_ in range(20):
         channels = []
         for port, steps in enumerate(FATES.values()):
-            channel, transport = connect(site, port=port)
+            channel, transport = site_connect(site, port=port)
             channels.append(channel)
             for step in steps:
                 if isinstance(step, float):
@@ -413,7 +337,7 @@ def test_api_site_refuses_a_target_with_a_fragment(target):
     gateway = Gateway(clock, status, Gate(clock, status, backend, 4, 8, 10, metrics), proxy, metrics, Activity(clock))
     site = api_site(gateway, 1000)
     site.reactor = clock
-    channel, transport = connect(site)
+    channel, transport = site_connect(site)
     channel.dataReceived(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}" % target)
     got, headers, body = answer(transport)
     assert (got, body["error"]["code"]) == (400, "invalid_request_target") and "fragment" in body["error"]["message"]

@@ -8,15 +8,11 @@ import sys
 import pytest
 from twisted.internet import defer
 
-from fakes import FakeProbe, FakeProcessReactor
-from llamad.config import BackendConfig, SupervisorConfig
+from fakes import SUP, FakeProbe, FakeProcessReactor, make_supervisor
+from llamad.config import SupervisorConfig
 from llamad.supervisor import (
     PROBE_INTERVAL, CancelTimer, Lifecycle, Schedule, Spawn, State, Supervisor, Terminate, describe_exit,
 )
-
-SUP = SupervisorConfig(backoff_initial=1.0, backoff_max=8.0, crash_loop_limit=3, crash_loop_window=60,
-                       failed_retry_after=300, stop_timeout=10)
-
 
 # --- Lifecycle (no I/O) -------------------------------------------------------
 
@@ -116,23 +112,8 @@ def test_describe_exit(code, sig, expected):
 
 # --- Supervisor service -----------------------------------------------------------
 
-def make(start: str = "eager", **kw) -> tuple[Supervisor, FakeProcessReactor, FakeProbe]:
-    reactor = FakeProcessReactor(kw.pop("fail_spawn", None))
-    probe = FakeProbe()
-    backend = BackendConfig(model="/models/demo.gguf", parallel=2, start=start, ready_timeout=30)
-    lines: list[bytes] = kw.pop("lines", [])
-
-    class Sink:
-        def child_line(self, line: bytes) -> None:
-            lines.append(line)
-
-    sup = Supervisor(reactor, reactor, backend, SUP, probe=probe, key="k", run_dir=kw.pop("run_dir", ""),
-                     output=Sink(), new_session=False, random=lambda: 1.0, base_env={"PATH": "/bin"}, **kw)
-    return sup, reactor, probe
-
-
 def test_spawn_argv_and_readiness_by_polling():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     sup.startService()
     child = reactor.last
     assert child.argv[:3] == ["llama-server", "-m", "/models/demo.gguf"]
@@ -149,7 +130,7 @@ def test_spawn_argv_and_readiness_by_polling():
 
 
 def test_listening_line_triggers_immediate_probe():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     sup.startService()
     probe.status = 200
     reactor.last.output(b"main: loading\nllama_server: listening on http://127.0.0.1:1\n")
@@ -159,7 +140,7 @@ def test_listening_line_triggers_immediate_probe():
 
 def test_child_output_lines_are_split_and_flushed():
     lines: list[bytes] = []
-    sup, reactor, probe = make(lines=lines)
+    sup, reactor, probe = make_supervisor(lines=lines)
     sup.startService()
     reactor.last.output(b"one\ntw", fd=1)
     reactor.last.output(b"o\r\nthr", fd=1)
@@ -168,7 +149,7 @@ def test_child_output_lines_are_split_and_flushed():
 
 
 def test_crash_restarts_with_backoff_and_notifies_listeners():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     changes = []
     sup.add_listener(lambda old, new: changes.append(new))
     probe.status = 200
@@ -186,7 +167,7 @@ def test_crash_restarts_with_backoff_and_notifies_listeners():
 
 
 def test_stop_sends_term_then_kill_and_fires_only_when_gone():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     probe.status = 200
     sup.startService()
     reactor.advance(PROBE_INTERVAL)
@@ -207,7 +188,7 @@ def test_stop_sends_term_then_kill_and_fires_only_when_gone():
 
 
 def test_stop_during_load():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     sup.startService()
     d = sup.stopService()
     reactor.last.exit(None, signal.SIGTERM)
@@ -217,7 +198,7 @@ def test_stop_during_load():
 
 
 def test_ready_timeout_kills_and_backs_off():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     sup.startService()
     reactor.advance(30)
     assert reactor.last.signals == ["TERM"]
@@ -226,13 +207,13 @@ def test_ready_timeout_kills_and_backs_off():
 
 
 def test_spawn_failure_is_a_failed_start():
-    sup, reactor, probe = make(fail_spawn=FileNotFoundError(2, "No such file", "llama-server"))
+    sup, reactor, probe = make_supervisor(fail_spawn=FileNotFoundError(2, "No such file", "llama-server"))
     sup.startService()
     assert sup.state == State.BACKOFF and sup.reason.startswith("spawn failed")
 
 
 def test_lazy_start_waits_for_request_and_wait_ready():
-    sup, reactor, probe = make(start="lazy")
+    sup, reactor, probe = make_supervisor(start="lazy")
     sup.startService()
     assert reactor.processes == [] and sup.state == State.STOPPED
     waiter = sup.wait_ready()
@@ -245,7 +226,7 @@ def test_lazy_start_waits_for_request_and_wait_ready():
 
 
 def test_wait_ready_fails_when_the_start_fails():
-    sup, reactor, probe = make(start="lazy")
+    sup, reactor, probe = make_supervisor(start="lazy")
     sup.startService()
     waiter = sup.wait_ready()
     failures = []
@@ -256,7 +237,7 @@ def test_wait_ready_fails_when_the_start_fails():
 
 
 def test_cancelled_waiter_does_not_cancel_the_start():
-    sup, reactor, probe = make(start="lazy")
+    sup, reactor, probe = make_supervisor(start="lazy")
     sup.startService()
     waiter = sup.wait_ready()
     sup.request_start()
@@ -281,7 +262,7 @@ def test_key_file_is_private_and_fresh(tmp_path):
 
 
 def test_exit_reason_quotes_the_childs_error_line():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     sup.startService()
     reactor.last.output(b"other: failed to start\nmain: exiting\n")
     reactor.last.exit(1)
@@ -289,7 +270,7 @@ def test_exit_reason_quotes_the_childs_error_line():
 
 
 def test_exit_reason_quotes_llama_cpps_first_error_line():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     sup.startService()
     reactor.last.output(b"0.00.003.821 I srv    load_model: loading model 'm.gguf'\n"
                         b"0.00.003.942 E gguf_init_from_reader: this GGUF file is version 1953849888\n"
@@ -300,7 +281,7 @@ def test_exit_reason_quotes_llama_cpps_first_error_line():
 
 
 def test_restart_leaves_failed_at_once_and_replaces_a_running_child():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     sup.config = sup.machine.config = SupervisorConfig(crash_loop_limit=1, failed_retry_after=300)
     sup.startService()
     reactor.last.exit(1)
@@ -316,7 +297,7 @@ def test_restart_leaves_failed_at_once_and_replaces_a_running_child():
 
 
 def test_hurry_shortens_the_wait_before_sigkill():
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     probe.status = 200
     sup.startService()
     reactor.advance(PROBE_INTERVAL)
@@ -344,7 +325,7 @@ def test_exit_kind_bounds_the_restart_label(code, sig, kind):
 # --- a crash of a ready child, health checks, runtime files -------------------------
 
 def ready_supervisor(**kw) -> tuple[Supervisor, FakeProcessReactor, FakeProbe]:
-    sup, reactor, probe = make(**kw)
+    sup, reactor, probe = make_supervisor(**kw)
     probe.status = 200
     sup.startService()
     reactor.advance(PROBE_INTERVAL)
@@ -427,7 +408,7 @@ def test_health_checks_stop_with_the_child_and_can_be_turned_off():
     reactor.advance(SUP.health_interval * 5)
     assert len(probe.calls) == calls
     off = SupervisorConfig(**{**SUP.__dict__, "health_interval": 0})
-    sup, reactor, probe = make()
+    sup, reactor, probe = make_supervisor()
     sup.config = sup.machine.config = off
     probe.status = 200
     sup.startService()
@@ -443,7 +424,7 @@ def test_key_file_lives_from_spawn_to_ready_and_the_pid_record_until_exit(tmp_pa
     from llamad import runfiles
 
     run_dir = str(tmp_path / "run")
-    sup, reactor, probe = make(run_dir=run_dir)
+    sup, reactor, probe = make_supervisor(run_dir=run_dir)
     sup.startService()
     key_file = reactor.last.argv[reactor.last.argv.index("--api-key-file") + 1]
     assert os.path.dirname(key_file) == run_dir and open(key_file).read().strip() == "k"
@@ -470,7 +451,7 @@ def test_a_child_left_by_an_earlier_boot_is_stopped_before_the_first_spawn(tmp_p
         record = runfiles.record_for(leftover.pid, str(key_file))
         assert record is not None and record.running()
         runfiles.write_record(str(run_dir / "llama.pid"), record)
-        sup, reactor, probe = make(run_dir=str(run_dir))
+        sup, reactor, probe = make_supervisor(run_dir=str(run_dir))
         sup.startService()
         assert reactor.processes == [] and sup.state == State.STARTING  # waits: the old one has the GPU
         leftover.wait(10)  # SIGTERM sent at once; reaped here, so /proc shows it gone
@@ -486,7 +467,7 @@ def test_a_child_left_by_an_earlier_boot_is_stopped_before_the_first_spawn(tmp_p
     try:
         stale = runfiles.ChildRecord(other.pid, (runfiles.start_time(other.pid) or 0) + 1, runfiles.boot_id())
         runfiles.write_record(str(run_dir / "llama.pid"), stale)
-        sup, reactor, probe = make(run_dir=str(run_dir))
+        sup, reactor, probe = make_supervisor(run_dir=str(run_dir))
         sup.startService()
         assert len(reactor.processes) == 1 and sup._leftover is None  # spawned at once, nothing signalled
         assert not (run_dir / "llama.pid").exists()
@@ -509,7 +490,7 @@ def test_stop_while_an_earlier_boots_child_is_being_stopped(tmp_path):
         record = runfiles.record_for(leftover.pid)
         assert record is not None
         runfiles.write_record(str(run_dir / "llama.pid"), record)
-        sup, reactor, probe = make(run_dir=str(run_dir))
+        sup, reactor, probe = make_supervisor(run_dir=str(run_dir))
         sup.startService()
         d = sup.stopService()
         assert sup.state == State.STOPPED and not d.called  # the leftover still runs

@@ -1,5 +1,5 @@
-"""The service tree's edges: ports bound while it is built (a busy one is a config error), and the
-PID file that ``llamad keys reload`` finds the daemon by."""
+"""The service tree's edges: ports bound while it is built (a busy one is a config error), the
+PID file that ``llamad keys reload`` finds the daemon by, and a second SIGTERM cutting the drain short."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from llamad import runfiles
 from llamad.activity import Activity
@@ -105,5 +106,57 @@ def test_the_service_records_itself_at_start_and_forgets_at_stop(data_dir: str) 
         assert stopped.called
         assert not os.path.exists(runfiles.daemon_record_path(data_dir))
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+# --- the drain on SIGTERM, on a Clock ---------------------------------------------------------------
+
+
+class SignalClock(Clock):
+    """A Clock on which a signal handler's ``callFromThread`` runs the call at once."""
+
+    def callFromThread(self, f, *args, **kw) -> None:  # type: ignore[no-untyped-def]
+        f(*args, **kw)
+
+
+class Hurried:
+    """A supervisor that records being told to hurry its child's stop."""
+
+    def __init__(self) -> None:
+        self.hurried = 0
+
+    def hurry(self) -> None:
+        self.hurried += 1
+
+
+def test_a_second_sigterm_ends_the_drain_at_once(data_dir: str) -> None:
+    clock = SignalClock()
+    activity = Activity(clock)
+    activity.begin(inference=True)  # a request in flight, which never ends by itself here
+    status = SimpleNamespace(draining=False, snapshot=lambda: {"state": "ready"})
+    root = LlamadService(Config(data_dir=data_dir), status, activity, clock)  # type: ignore[arg-type]
+    supervisor = Hurried()
+    root.supervisors = [supervisor]  # type: ignore[list-item]
+    drain_timeout = root.config.api.drain_timeout
+    warnings: list[str] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_level") == LogLevel.warn:
+            warnings.append(formatEvent(event))
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    globalLogPublisher.addObserver(observer)
+    try:
+        root.startService()
+        stopped = root.stopService()  # the first SIGTERM
+        clock.advance(drain_timeout - 1)
+        assert status.draining and not stopped.called and supervisor.hurried == 0  # the drain waits
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the second SIGTERM
+        assert stopped.called and supervisor.hurried == 1  # at once: no more time passed
+        assert clock.seconds() == drain_timeout - 1
+        assert "second signal: cut 0 request(s) still in flight" in warnings
+    finally:
+        globalLogPublisher.removeObserver(observer)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fakes import TCPTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -29,14 +30,6 @@ class Handler:
     def failed(self, reason, started, sent=True, unanswered=False):
         self.failure = (reason, started)
         self.unanswered = unanswered
-
-
-class TCPTransport(StringTransport):
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.nodelay = enabled
-
-    def abortConnection(self) -> None:
-        self.disconnecting = True
 
 
 def exchange(*reads: bytes) -> tuple[Handler, _Connection, StringTransport]:

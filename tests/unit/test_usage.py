@@ -8,6 +8,7 @@ from itertools import pairwise
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wire import DONE, EVENTS, FINAL, USAGE, chunk_event
 
 from llamad.gateway.usage import USAGE_OPTION_ROUTES, UsageTap, ask_for_usage
 
@@ -86,18 +87,6 @@ def test_response_fields_that_keep_every_field_or_are_refused_are_left_alone(fie
 # --- streams -----------------------------------------------------------------------------
 
 
-def chunk_event(n: int, content: str) -> bytes:
-    body = {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": content}}], "created": 1,
-            "id": "chatcmpl-1", "model": "demo", "object": "chat.completion.chunk"}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-FINAL = (b'data: {"choices":[{"finish_reason":"stop","index":0,"delta":{}}],"created":1,"id":"chatcmpl-1",'
-         b'"model":"demo","object":"chat.completion.chunk","timings":{"predicted_n":3}}\n\n')
-USAGE = (b'data: {"choices":[],"created":1,"id":"chatcmpl-1","model":"demo","object":"chat.completion.chunk",'
-         b'"usage":{"completion_tokens":3,"prompt_tokens":12,"total_tokens":15}}\n\n')
-DONE = b"data: [DONE]\n\n"
-EVENTS = [chunk_event(0, "Hel"), chunk_event(1, "lo \"usage\" \n\n"), chunk_event(2, "!"), FINAL]
 STREAM = b"".join(EVENTS) + USAGE + DONE
 
 

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from test_front import GET_MODELS, Response, connect, parse, send, server
-from test_gguf_inference_compat import GATEWAY_FIELDS, _gateway
-from test_limits import KEY, POST_HEAD, no_tracebacks, refused  # noqa: F401 (autouse: a logged failure fails)
-from test_limits import connect as site_connect
-from test_limits import send as site_send
-from test_upstream import TCPTransport
+from fakes import TCPTransport
 from treq.testing import StubTreq
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from wire import (
+    GATEWAY_FIELDS, GET_MODELS, KEY, POST_HEAD, Response, connect, make_gateway, parse, refused, send, server,
+    site_connect, site_send,
+)
 
 from llamad.config import ConfigError, load
 from llamad.gateway import proxy as proxy_module
@@ -35,6 +34,8 @@ from llamad.gateway.upstream import _Connection
 
 ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = b"https://app.example"
+
+pytestmark = pytest.mark.usefixtures("no_tracebacks")  # a logged failure fails the test
 
 
 # --- /metrics: JSON for a plain client with api.metrics_format = "json" ---------------------------
@@ -73,7 +74,7 @@ def metrics_of(gateway: Gateway, accept: bytes | None) -> Response:
     ("prometheus", None, False),
 ])
 def test_the_fast_path_answers_metrics_in_the_configured_format(metrics_format, accept, is_json):
-    response = metrics_of(_gateway(metrics_format=metrics_format), accept)
+    response = metrics_of(make_gateway(metrics_format=metrics_format), accept)
     assert response.status == 200 and b"accept" in response.headers[b"vary"].lower()
     if is_json:
         assert response.headers[b"content-type"] == b"application/json"
@@ -85,7 +86,7 @@ def test_the_fast_path_answers_metrics_in_the_configured_format(metrics_format, 
 
 @pytest_twisted.ensureDeferred
 async def test_twisted_webs_server_answers_json_to_curl_with_the_json_format():
-    http = StubTreq(_gateway(metrics_format="json").resource())
+    http = StubTreq(make_gateway(metrics_format="json").resource())
     response = await http.get("http://x/metrics", headers={"accept": "*/*"})
     assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
     assert set(json.loads(await response.content())["gateway"]) == GATEWAY_FIELDS
@@ -108,7 +109,7 @@ def test_metrics_format_is_a_checked_key_with_no_variable() -> None:
 
 def options(path: bytes, *extra: bytes, gateway: Gateway | None = None) -> Response:
     head = b"OPTIONS " + path + b" HTTP/1.1\r\nHost: x\r\n" + b"".join(line + b"\r\n" for line in extra)
-    transport, _ = send(head + b"\r\n", gateway=gateway or _gateway(cors=Cors((ORIGIN.decode(),))))
+    transport, _ = send(head + b"\r\n", gateway=gateway or make_gateway(cors=Cors((ORIGIN.decode(),))))
     [response] = parse(transport.value())
     return response
 
@@ -131,7 +132,7 @@ def test_a_bare_options_with_an_origin_is_answered_as_the_preflight_is(path):
 def test_a_bare_options_needs_no_key_and_never_reaches_the_child(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text(f"alice:{KEY}\n")
-    gateway = _gateway(cors=Cors(("*",)), auth=Auth(True, str(keys), False, Clock()))
+    gateway = make_gateway(cors=Cors(("*",)), auth=Auth(True, str(keys), False, Clock()))
     response = options(b"/v1/chat/completions", b"Origin: https://any.example", gateway=gateway)
     assert response.status == 204 and response.headers[b"access-control-allow-origin"] == b"*"
     assert gateway.proxy.targets == []
@@ -144,7 +145,7 @@ def test_a_bare_options_from_an_origin_not_allowed_is_the_preflights_403():
 
 
 def test_without_cors_an_options_is_a_request_like_any_other():
-    gateway = _gateway()
+    gateway = make_gateway()
     response = options(b"/v1/chat/completions", b"Origin: " + ORIGIN, gateway=gateway)
     assert response.status == 405 and cors_of(response) == {}  # an inference route takes POST
     response = options(b"/props", b"Origin: " + ORIGIN, gateway=gateway)
@@ -153,7 +154,7 @@ def test_without_cors_an_options_is_a_request_like_any_other():
 
 @pytest_twisted.ensureDeferred
 async def test_twisted_webs_server_answers_a_bare_options_too():
-    http = StubTreq(_gateway(cors=Cors((ORIGIN.decode(),))).resource())
+    http = StubTreq(make_gateway(cors=Cors((ORIGIN.decode(),))).resource())
     response = await http.request("OPTIONS", "http://x/v1/models", headers={"origin": ORIGIN})
     assert response.code == 204
     assert response.headers.getRawHeaders(b"access-control-allow-origin") == [ORIGIN]
@@ -166,7 +167,7 @@ async def test_twisted_webs_server_answers_a_bare_options_too():
 def test_reload_answers_both_sets_of_fields(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text(f"alice:{KEY}\nbob:{'b' * 24}\n")
-    gateway = _gateway(auth=Auth(True, str(keys), False, Clock()))
+    gateway = make_gateway(auth=Auth(True, str(keys), False, Clock()))
     protocol, transport = connect(server(gateway))
     protocol.dataReceived(b"POST /reload HTTP/1.1\r\nHost: x\r\nAuthorization: " + KEY.encode()
                           + b"\r\nContent-Length: 0\r\n\r\n")
@@ -199,7 +200,7 @@ def test_two_content_lengths_are_an_ambiguous_framing_on_both_servers():
 async def test_an_expired_key_is_their_invalid_api_key(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text(f"alice:{KEY}:60:2020-01-01T00:00:00\n")
-    http = StubTreq(_gateway(auth=Auth(True, str(keys), False, Clock())).resource())
+    http = StubTreq(make_gateway(auth=Auth(True, str(keys), False, Clock())).resource())
     response = await http.get("http://x/v1/models", headers={"authorization": KEY})
     error = json.loads(await response.content())["error"]
     assert (response.code, error["code"], error["message"]) == (401, "invalid_api_key", "API key has expired")
@@ -364,7 +365,7 @@ def child_answers(gateway: Gateway, *reads: bytes) -> Child:
 
 def relayed(request: bytes, *reads: bytes, fast_path: bool = True) -> tuple[Response, Child, Gateway]:
     """``request`` through port 8000 to a child that answers ``reads``: the client's response."""
-    gateway = _gateway()
+    gateway = make_gateway()
     child = child_answers(gateway, *reads)
     if fast_path:
         protocol, transport = connect(server(gateway))
@@ -442,7 +443,7 @@ def test_an_error_body_too_large_to_be_a_message_is_a_502_and_closes_the_child(m
 
 def test_an_error_answer_that_breaks_off_is_a_502():
     answer = head(b"400 Bad Request", b"Content-Type: application/json", b"Content-Length: 500") + b'{"error":'
-    gateway = _gateway()
+    gateway = make_gateway()
     child = child_answers(gateway, answer)
     protocol, transport = connect(server(gateway))
     protocol.dataReceived(CHAT)
@@ -457,7 +458,7 @@ def test_an_error_answer_that_breaks_off_is_a_502():
 
 def test_the_answer_to_a_head_request_passes_as_it_came():
     answer = head(b"404 Not Found", b"Content-Type: application/json", b"Content-Length: 74")
-    gateway = _gateway()
+    gateway = make_gateway()
     child_answers(gateway, answer)
     protocol, transport = connect(server(gateway))
     protocol.dataReceived(b"HEAD /nope HTTP/1.1\r\nHost: x\r\n\r\n")

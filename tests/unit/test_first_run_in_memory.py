@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 import pytest_twisted
 from fakes import clean_config_env
-from test_gateway_app import build
+from wire import build
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 

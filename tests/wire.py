@@ -1,0 +1,199 @@
+"""Port 8000 in memory, for unit tests: a gateway built from the fakes on a Clock, raw requests into its two
+servers (the fast path's factory, and twisted.web's guarded site), and their responses read back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple
+
+from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from fakes import FakeBackend, FakeProxy, Recorder, TCPTransport
+from llamad.activity import Activity
+from llamad.gateway.app import Gateway, api_factory
+from llamad.gateway.front import FrontFactory, FrontProtocol
+from llamad.gateway.gate import Gate
+from llamad.gateway.limits import guarded_site
+from llamad.metrics import Metrics
+from llamad.status import Status
+from llamad.supervisor import State
+
+KEY = "k" * 24
+POST_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+GET_MODELS = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+
+# The fields of /metrics in JSON (what llama-gguf-inference's gateway answered).
+GATEWAY_FIELDS = {"requests_total", "requests_success", "requests_error", "requests_active", "requests_authenticated",
+                  "requests_unauthorized", "bytes_sent", "queue_depth", "queue_rejections",
+                  "queue_wait_seconds_total", "uptime_seconds"}
+
+
+# --- a gateway on the fakes ------------------------------------------------------------------------------
+
+
+def build(state: State = State.READY, lazy: bool = False, wait: float = 10, max_concurrent: int = 4,
+          max_queue: int = 8, **gateway_kw):
+    """The Klein app of one model behind StubTreq: ``(http, clock, backend, status, metrics, proxy)``."""
+    clock = Clock()
+    backend = FakeBackend(state)
+    status = Status(clock, backend, "demo", lazy=lazy)
+    metrics = Metrics()
+    proxy = FakeProxy()
+    gate = Gate(clock, status, backend, max_concurrent, max_queue, wait, metrics)
+    gateway = Gateway(clock, status, gate, proxy, metrics, Activity(clock), **gateway_kw)
+    resource = gateway.resource()
+    stub = StubTreq(resource)
+    stub.resource = resource  # for tests that drive a request by hand
+    return stub, clock, backend, status, metrics, proxy
+
+
+async def json_of(response) -> dict:
+    return json.loads(await response.content())
+
+
+def make_gateway(**kw: Any) -> Gateway:
+    """One model's Gateway on a Clock, with a ready FakeBackend and a FakeProxy."""
+    clock = Clock()
+    backend = FakeBackend()
+    status = Status(clock, backend, "demo", lazy=False)
+    metrics = Metrics()
+    gate = Gate(clock, status, backend, 4, 8, 10, metrics)
+    return Gateway(clock, status, gate, FakeProxy(), metrics, Activity(clock), **kw)
+
+
+# --- the fast path (llamad.gateway.front) -----------------------------------------------------------------
+
+
+class Response(NamedTuple):
+    """One response as the client reads it."""
+
+    version: bytes
+    status: int
+    headers: dict[bytes, bytes]  # lower-case names
+    body: bytes  # de-chunked
+
+
+def server(gateway: Gateway | None = None, **limits) -> FrontFactory:
+    """The fast path's factory with a 1000-byte body limit, its sweep started (on the gateway's Clock)."""
+    factory = api_factory(gateway or make_gateway(), **{"max_body_bytes": 1000, **limits})
+    factory.doStart()
+    return factory
+
+
+def connect(factory: FrontFactory, port: int = 40000, host: str = "10.0.0.1") -> tuple[FrontProtocol, TCPTransport]:
+    address = IPv4Address("TCP", host, port)
+    protocol = factory.buildProtocol(address)
+    transport = TCPTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def send(raw: bytes, **limits) -> tuple[TCPTransport, FakeProxy]:
+    """``raw`` in one read on a fresh connection: its transport, and the proxy that saw what got through."""
+    factory = server(**limits)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(raw)
+    return transport, factory.gateway.proxy
+
+
+def read_chunked(data: bytes) -> tuple[bytes, bytes]:
+    """A chunked body at the start of ``data`` (llamad sends no trailers): its data, and what follows it."""
+    body = b""
+    while True:
+        line, _, data = data.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            assert data.startswith(b"\r\n")
+            return body, data[2:]
+        assert data[size:size + 2] == b"\r\n"
+        body, data = body + data[:size], data[size + 2:]
+
+
+def parse(data: bytes, head_request: bool = False) -> list[Response]:
+    """Every response in ``data``, in order; a body without a length or chunks runs to the end."""
+    responses = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.split(b"\r\n")
+        version, status = status_line.split(b" ")[:2]
+        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)}
+        if head_request or status == b"100":
+            body = b""
+        elif b"content-length" in headers:
+            length = int(headers[b"content-length"])
+            body, data = data[:length], data[length:]
+        elif headers.get(b"transfer-encoding") == b"chunked":
+            body, data = read_chunked(data)
+        else:
+            body, data = data, b""
+        responses.append(Response(version, int(status), headers, body))
+    return responses
+
+
+# --- twisted.web's guarded site (llamad.gateway.limits) -------------------------------------------------
+
+
+def make_site(resource=None, **kw):
+    """A guarded site (1000-byte bodies unless told) in front of ``resource`` (a Recorder unless given)."""
+    resource = resource if resource is not None else Recorder()
+    site = guarded_site(resource, kw.pop("max_body_bytes", 1000), **kw)
+    site.reactor = Clock()  # the channels' timers
+    return site, resource, site.reactor
+
+
+def site_connect(site, host: str = "10.0.0.1", port: int = 40000):
+    address = IPv4Address("TCP", host, port) if host else UNIXAddress(None)
+    channel = site.buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def site_send(raw: bytes, **kw):
+    """``raw`` in one read on a fresh connection to a fresh site: its transport, and the Recorder."""
+    site, recorder, clock = make_site(**kw)
+    channel, transport = site_connect(site)
+    channel.dataReceived(raw)
+    return transport, recorder
+
+
+# --- either server's answer -------------------------------------------------------------------------------
+
+
+def answer(transport) -> tuple[int, dict[bytes, bytes], dict]:
+    """The one response on ``transport``: status, headers (lower-case names), JSON body."""
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = {name.strip().lower(): value.strip() for name, value in (line.split(b":", 1) for line in lines)}
+    assert int(headers[b"content-length"]) == len(body)
+    return int(status_line.split(b" ")[1]), headers, json.loads(body)
+
+
+def refused(transport, status: int, code: str) -> dict:
+    """Assert an OpenAI-shaped JSON refusal, and that the connection is closing."""
+    got, headers, body = answer(transport)
+    assert (got, body["error"]["code"]) == (status, code), body
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+    assert headers[b"content-type"] == b"application/json" and headers[b"connection"] == b"close"
+    assert transport.disconnecting
+    return body["error"]
+
+
+# --- a streamed chat completion, as llama-server sends it ---------------------------------------------------
+
+
+def chunk_event(n: int, content: str) -> bytes:
+    body = {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": content}}], "created": 1,
+            "id": "chatcmpl-1", "model": "demo", "object": "chat.completion.chunk"}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+FINAL = (b'data: {"choices":[{"finish_reason":"stop","index":0,"delta":{}}],"created":1,"id":"chatcmpl-1",'
+         b'"model":"demo","object":"chat.completion.chunk","timings":{"predicted_n":3}}\n\n')
+USAGE = (b'data: {"choices":[],"created":1,"id":"chatcmpl-1","model":"demo","object":"chat.completion.chunk",'
+         b'"usage":{"completion_tokens":3,"prompt_tokens":12,"total_tokens":15}}\n\n')
+DONE = b"data: [DONE]\n\n"
+EVENTS = [chunk_event(0, "Hel"), chunk_event(1, "lo \"usage\" \n\n"), chunk_event(2, "!"), FINAL]
