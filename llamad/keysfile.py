@@ -15,17 +15,24 @@
 
 A table with a problem is skipped with a warning that names it, as a bad line
 is in the line format; a file that is not TOML at all holds no valid key.
-Edits (``llamad keys``) change the text of one table and keep the rest of the
-file, comments included.
+Edits (``llamad keys``) go through tomlkit, which renders what it parsed byte
+for byte: they change one ``[keys.<id>]`` table and keep the rest of the file,
+comments, blank lines and order included.  Reading stays with tomllib.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+import tomlkit
+from tomlkit.container import Container
+from tomlkit.exceptions import TOMLKitError
+from tomlkit.items import AoT, Comment, Item, Key, Table, Whitespace
 
 from llamad.auth import API_KEY, KEY_ID, ROLES, ApiKey, KeyLine, _digest, parse_expiry
 from llamad.config import decode_utf8, loads_toml
@@ -35,10 +42,6 @@ FIELDS = ("key", "key_sha256", "models", "role", "rate", "tokens_per_minute", "t
 _COUNTS = {"rate": "rate_limit", "tokens_per_minute": "tokens_per_minute", "tokens_per_day": "tokens_per_day",
            "max_concurrent": "max_concurrent"}
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-_HEADER = re.compile(r'^\s*\[\s*keys\s*\.\s*"?([A-Za-z0-9_-]+)"?\s*\]\s*(?:#.*)?$')
-_ANY_HEADER = re.compile(r"^\s*\[")
-_SECRET_LINE = re.compile(r"^\s*(key|key_sha256)\s*=")
-_SECRET_OR_EXPIRY_LINE = re.compile(r"^\s*(key|key_sha256|expires)\s*=")
 
 
 @dataclass(frozen=True)
@@ -156,32 +159,40 @@ def _expiry(value: Any) -> datetime:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _string(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)  # a JSON string is a TOML basic string
+def _datetime(when: datetime) -> Item:
+    """``when`` as a TOML date-time in UTC with a ``Z``, as people write it (tomlkit would write +00:00)."""
+    return tomlkit.value(when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _table(entry: KeyEntry, hash_only: bool) -> Table:
+    key = entry.key
+    table = tomlkit.table()
+    if entry.secret and not hash_only:
+        table.add("key", entry.secret)
+    else:
+        table.add("key_sha256", key.digest.hex())
+    if key.models:
+        table.add("models", list(key.models))
+    roles = [r for r in ROLES if r in key.roles]
+    table.add("role", roles[0] if len(roles) == 1 else roles)
+    for name, attribute in _COUNTS.items():
+        value = getattr(key, attribute)
+        if value is not None:
+            table.add(name, value)
+    if key.priority:
+        table.add("priority", key.priority)
+    if key.expires is not None:
+        table.add("expires", _datetime(key.expires))
+    return table
 
 
 def toml_table(entry: KeyEntry, hash_only: bool = False) -> str:
     """The ``[keys.<id>]`` table of one key (``hash_only``: its SHA-256 instead of the key)."""
-    key = entry.key
-    lines = [f"[keys.{key.key_id}]"]
-    if entry.secret and not hash_only:
-        lines.append(f"key = {_string(entry.secret)}")
-    else:
-        lines.append(f"key_sha256 = {_string(key.digest.hex())}")
-    if key.models:
-        lines.append(f"models = [{', '.join(_string(m) for m in key.models)}]")
-    roles = [r for r in ROLES if r in key.roles]
-    lines.append(f"role = {_string(roles[0])}" if len(roles) == 1
-                 else f"role = [{', '.join(_string(r) for r in roles)}]")
-    for name, attribute in _COUNTS.items():
-        value = getattr(key, attribute)
-        if value is not None:
-            lines.append(f"{name} = {value}")
-    if key.priority:
-        lines.append(f"priority = {_string(key.priority)}")
-    if key.expires is not None:
-        lines.append(f"expires = {key.expires.strftime('%Y-%m-%dT%H:%M:%SZ')}")
-    return "\n".join(lines) + "\n"
+    doc = tomlkit.document()
+    keys = tomlkit.table(is_super_table=True)
+    keys.append(entry.key.key_id, _table(entry, hash_only))
+    doc.append("keys", keys)
+    return doc.as_string()
 
 
 def key_line(entry: KeyEntry) -> str:
@@ -226,54 +237,236 @@ def new_entry(key_id: str, secret: str, **policy: Any) -> KeyEntry:
     return _entry(key_id, table, None)
 
 
-# --- editing the text ---------------------------------------------------------------------------
+# --- editing ------------------------------------------------------------------------------------
+#
+# tomlkit keeps the blank lines and comments after a table's last value in that table's body, but
+# a reader takes them as the head of what follows ("# the operators" above [keys.ops]).  So before
+# a table is removed, gets a value at its end or a new table after it, those lines move to the
+# front of the next header (its ``trivia.indent``, which tomlkit renders verbatim before the
+# ``[``): the text stays byte for byte the same, and the edit then leaves them where they were.
+# Every edit is then read back with tomllib and must hold exactly the change asked for.
+
+_MARK = "\x00"  # cannot occur in TOML text: marks a place in a rendering
+_Owner = Container | Table  # what holds a table: the document or a table
 
 
-def _block(lines: list[str], key_id: str) -> tuple[int, int] | None:
-    """The first and past-the-last line of ``[keys.<id>]``'s table."""
-    for i, line in enumerate(lines):
-        m = _HEADER.match(line)
-        if m and m.group(1) == key_id:
-            end = i + 1
-            while end < len(lines) and not _ANY_HEADER.match(lines[end]):
-                end += 1
-            while end > i + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
-                end -= 1  # blank lines and the comment above the next table stay with it
-            return i, end
+@dataclass(frozen=True)
+class _Headed:
+    """A table with its own ``[header]`` (or ``[[header]]``), where the document holds it."""
+    path: tuple[str, ...]
+    owner: _Owner
+    key: Key
+    table: Table
+
+
+def _document(text: str) -> tomlkit.TOMLDocument:
+    """``text`` as tomlkit's document; ValueError when tomlkit cannot parse it or would not
+    render it back unchanged (an edit would then touch more than it should)."""
+    try:
+        doc = tomlkit.parse(text)
+        same = doc.as_string() == text
+    except RecursionError:
+        raise ValueError("the keys file cannot be edited (a value is nested too deeply); it was not written") \
+            from None
+    except (TOMLKitError, ValueError) as e:
+        raise ValueError(f"the keys file cannot be edited ({e}); it was not written") from None
+    if not same:
+        raise ValueError("the keys file cannot be edited without changing its layout; it was not written")
+    return doc
+
+
+def _headed(container: Container, owner: _Owner, path: tuple[str, ...]) -> Iterator[_Headed]:
+    """Every table that renders a header, in the order of the text.  Super tables (``keys`` of
+    ``[keys.a]``) and tables made by dotted keys (``a.b = 1``) render none and are only walked."""
+    for key, item in container.body:
+        if key is None:
+            continue
+        name = path + (key.key,)
+        if isinstance(item, Table):
+            if not item.is_super_table() and not key.is_dotted():
+                yield _Headed(name, owner, key, item)
+            yield from _headed(item.value, item, name)
+        elif isinstance(item, AoT):
+            for element in item.body:
+                yield _Headed(name, item, key, element)
+                yield from _headed(element.value, element, name)
+
+
+def _key_tables(doc: tomlkit.TOMLDocument) -> list[_Headed]:
+    return [h for h in _headed(doc, doc, ()) if len(h.path) == 2 and h.path[0] == "keys"
+            and not isinstance(h.owner, AoT)]
+
+
+def _find(doc: tomlkit.TOMLDocument, key_id: str) -> tuple[_Headed, _Headed | None] | None:
+    """The ``[keys.<key_id>]`` table and the headed table after it (None: no such table; a key
+    in an inline table or made of dotted keys has none)."""
+    every = list(_headed(doc, doc, ()))
+    for i, headed in enumerate(every):
+        if headed.path == ("keys", key_id) and not isinstance(headed.owner, AoT):
+            return headed, every[i + 1] if i + 1 < len(every) else None
     return None
 
 
+def _trailing(table: Table) -> list[Item]:
+    """Take the blank lines and comments after ``table``'s last value out of it."""
+    body = table.value.body
+    end = len(body)
+    while end and body[end - 1][0] is None and isinstance(body[end - 1][1], (Whitespace, Comment)):
+        end -= 1
+    items = [item for _, item in body[end:]]
+    del body[end:]  # items without a key: the container's index of keys does not change
+    return items
+
+
+def _hand_on(table: Table, following: _Headed | None) -> None:
+    """Move the lines after ``table``'s last value to the front of the next header, if any."""
+    if following is None:
+        return
+    moved = "".join(item.as_string() for item in _trailing(table))
+    following.table.trivia.indent = moved + following.table.trivia.indent
+
+
+def _text_before(doc: tomlkit.TOMLDocument, table: Table) -> str:
+    """What the document renders before ``table``'s header."""
+    indent = table.trivia.indent
+    table.trivia.indent = _MARK + indent
+    try:
+        rendered = doc.as_string()
+    finally:
+        table.trivia.indent = indent
+    return rendered[:rendered.index(_MARK)]
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """The data with an empty ``keys`` left out: a file without keys reads the same either way."""
+    return {k: v for k, v in data.items() if not (k == "keys" and v == {})}
+
+
+def _checked(text: str, new_text: str, key_id: str, table: dict[str, Any] | None) -> str:
+    """``new_text`` if it reads as ``text`` with ``[keys.<key_id>]`` set to ``table`` (None: gone) and
+    nothing else changed; else ValueError (a layout that tomlkit does not edit as expected)."""
+    expected = copy.deepcopy(loads_toml(text))
+    keys = expected.setdefault("keys", {})
+    if table is None:
+        keys.pop(key_id, None)
+    else:
+        keys[key_id] = table
+    try:
+        got = loads_toml(new_text)
+    except ValueError as e:
+        raise ValueError(f"the edit would leave the keys file invalid TOML ({e}); it was not written") from None
+    if _plain(got) != _plain(expected):
+        raise ValueError(f"editing [keys.{key_id}] would change more of the keys file than that table; "
+                         "it was not written: edit it by hand")
+    return new_text
+
+
 def append_table(text: str, table: str) -> str:
-    head = text.rstrip("\n")
-    return (head + "\n\n" if head else "") + table
+    """``text`` with the ``[keys.<id>]`` table of ``table`` (from :func:`toml_table`) after its last key
+    table, or at its end.  ValueError when ``text`` holds its keys in a form without headers
+    (``keys = {...}``), where a ``[keys.<id>]`` table cannot go."""
+    doc = _document(text)
+    new = _key_tables(_document(table))
+    if len(new) != 1:
+        raise ValueError("expected one [keys.<id>] table")
+    key_id, item = new[0].path[1], new[0].table
+    keys = doc.get("keys")
+    if key_id in (loads_toml(text).get("keys") or {}):
+        raise ValueError(f"the keys file already holds a key {key_id} (one llamad skips: see its warning); "
+                         "edit it by hand")
+    present = _key_tables(doc)
+    found = _find(doc, present[-1].path[1]) if present else None
+    if found is not None:
+        last, following = found
+        _hand_on(last.table, following)
+        owner: _Owner = last.owner
+    elif keys is None:
+        owner = tomlkit.table(is_super_table=True)
+        doc.append("keys", owner)
+    elif isinstance(keys, Table) and not keys.is_super_table():
+        owner = keys  # [keys] with inline tables or dotted keys only
+    else:
+        raise ValueError(f"the keys file holds its keys without [keys.<id>] headers (keys = {{...}}?), "
+                         f"so [keys.{key_id}] cannot be added to it: edit it by hand")
+    try:
+        owner.append(key_id, item)
+    except TOMLKitError as e:
+        raise ValueError(f"[keys.{key_id}] cannot be added to the keys file ({e}): edit it by hand") from None
+    before = _text_before(doc, item)
+    item.trivia.indent = "" if not before or before.endswith("\n\n") else "\n" if before.endswith("\n") else "\n\n"
+    return _checked(text, doc.as_string(), key_id, loads_toml(table)["keys"][key_id])
 
 
 def remove_table(text: str, key_id: str) -> str | None:
-    """``text`` without the table of ``key_id`` (None: no such table)."""
-    lines = text.split("\n")
-    found = _block(lines, key_id)
+    """``text`` without the table of ``key_id`` (None: no such table).  The comments above the
+    next table stay, with one blank line between the neighbours, not two."""
+    doc = _document(text)
+    found = _find(doc, key_id)
     if found is None:
         return None
-    start, end = found
-    while end < len(lines) and not lines[end].strip() and start > 0 and not lines[start - 1].strip():
-        end += 1  # one blank line between the neighbours, not two
-    return "\n".join(lines[:start] + lines[end:])
+    headed, following = found
+    before = _text_before(doc, headed.table)
+    kept = _trailing(headed.table)
+    if not before or before.endswith("\n\n"):
+        while kept and isinstance(kept[0], Whitespace) and not kept[0].as_string().strip(" \t\n"):
+            kept.pop(0)
+    headed.owner.remove(headed.key)
+    if following is not None:
+        following.table.trivia.indent = "".join(item.as_string() for item in kept) + following.table.trivia.indent
+    elif any(isinstance(item, Comment) for item in kept):  # the last table: its closing comments stay at the end
+        end = _last_table(doc)
+        for item in kept:
+            if isinstance(end, Table):
+                end.raw_append(None, item)
+            else:
+                end.append(None, item)
+    new_text = doc.as_string()
+    if following is None:  # the blank line that kept the removed table apart ends nothing now
+        new_text = new_text.rstrip("\n") + "\n" if new_text.strip() else ""
+    return _checked(text, new_text, key_id, None)
+
+
+def _last_table(doc: tomlkit.TOMLDocument) -> _Owner:
+    """The table that now renders last (the document itself when none does)."""
+    every = list(_headed(doc, doc, ()))
+    return every[-1].table if every else doc
 
 
 def replace_secret(text: str, key_id: str, secret: str, hash_only: bool, expires: str | None = None) -> str | None:
     """``text`` with the table of ``key_id`` holding a new secret (or its hash), and a new expiry if
-    ``expires`` (ISO 8601) is given; its policy and comments kept."""
-    lines = text.split("\n")
-    found = _block(lines, key_id)
+    ``expires`` (ISO 8601) is given; its policy, comments and order kept (a value replaced in
+    place keeps its comment; a new one goes after the table's last value)."""
+    doc = _document(text)
+    found = _find(doc, key_id)
     if found is None:
         return None
-    start, end = found
-    new = [f"key_sha256 = {_string(_digest(secret).hex())}" if hash_only else f"key = {_string(secret)}"]
-    dropped = _SECRET_LINE if expires is None else _SECRET_OR_EXPIRY_LINE
+    headed, following = found
+    table = headed.table
+    field, other = ("key_sha256", "key") if hash_only else ("key", "key_sha256")
+    value = _digest(secret).hex() if hash_only else secret
+    values: dict[str, Any] = {field: value}
+    expected = dict(loads_toml(text)["keys"][key_id])
+    expected.pop(other, None)
+    expected[field] = value
     if expires is not None:
-        new.append(f"expires = {_expiry(expires).strftime('%Y-%m-%dT%H:%M:%SZ')}")
-    body = [line for line in lines[start + 1:end] if not dropped.match(line)]
-    return "\n".join(lines[:start + 1] + new + body + lines[end:])
+        values["expires"] = _datetime(_expiry(expires))
+        expected["expires"] = _expiry(expires)
+    kept: list[Item] = []
+    if any(name not in table for name in values):
+        if following is not None:
+            _hand_on(table, following)
+        else:
+            kept = _trailing(table)  # put back after the new value
+    if other in table:
+        table.remove(other)
+    for name, item in values.items():
+        if name in table:
+            table[name] = item  # in place: its comment stays
+        else:
+            table.append(name, item)
+    for item in kept:
+        table.raw_append(None, item)
+    return _checked(text, doc.as_string(), key_id, expected)
 
 
 def check_text(text: str) -> None:

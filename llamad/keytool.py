@@ -1,8 +1,9 @@
 """``llamad keys`` for a TOML keys file, ``llamad keys convert`` between the two formats, and
 ``llamad keys usage`` (the access log summed per key and model).
 
-The line format's commands stay in :mod:`llamad.cli`; every rewrite goes
-through :func:`llamad.auth.write_key_file` (atomic, mode 0600).
+The line format's commands stay in :mod:`llamad.cli`; a TOML file is edited
+with :mod:`llamad.keysfile` (tomlkit: comments and layout kept), and every
+rewrite goes through :func:`llamad.auth.write_key_file` (atomic, mode 0600).
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def toml_keys(args: argparse.Namespace, path: str, expires: str | None) -> int:
         print(f"no key with id {args.id!r} in {path}", file=sys.stderr)
         return 1
     if args.action == "revoke":
-        remaining = keysfile.remove_table(text, args.id)
+        try:
+            remaining = keysfile.remove_table(text, args.id)
+        except ValueError as e:
+            return _cannot_edit(e)
         if remaining is None:
             return _not_a_table(path, args.id)
         if not _write_text(path, remaining):
@@ -89,10 +93,16 @@ def toml_keys(args: argparse.Namespace, path: str, expires: str | None) -> int:
         except ValueError as e:
             print(f"llamad keys: {e}", file=sys.stderr)
             return 2
-        new_text = keysfile.append_table(text, keysfile.toml_table(entry, hash_only=args.hash_only))
+        try:
+            new_text = keysfile.append_table(text, keysfile.toml_table(entry, hash_only=args.hash_only))
+        except ValueError as e:
+            return _cannot_edit(e)
     else:
         hashed = not next(e for e in entries if e.key.key_id == args.id).secret
-        rotated = keysfile.replace_secret(text, args.id, secret, hashed, expires)
+        try:
+            rotated = keysfile.replace_secret(text, args.id, secret, hashed, expires)
+        except ValueError as e:
+            return _cannot_edit(e)
         if rotated is None:
             return _not_a_table(path, args.id)
         new_text = rotated
@@ -105,6 +115,12 @@ def toml_keys(args: argparse.Namespace, path: str, expires: str | None) -> int:
         print(f"rotated {args.id}: the old key works until the daemon reloads (`llamad keys reload`)",
               file=sys.stderr)
     return 0
+
+
+def _cannot_edit(error: ValueError) -> int:
+    """An edit refused before anything was written (the file keeps its old text)."""
+    print(f"llamad keys: {error}", file=sys.stderr)
+    return 1
 
 
 def _not_a_table(path: str, key_id: str) -> int:
