@@ -30,10 +30,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from llamad.access import AccessLog
+from llamad.keys.access import AccessLog
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway, api_factory, api_site
-from llamad.gateway.gate import Gate
+from llamad.fleet.gate import Gate
 from llamad.gateway.guard import Auth
 from llamad.gateway.proxy import Proxy
 from llamad.gateway.upstream import _Connection

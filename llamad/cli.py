@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sys
-from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from llamad import config as config_module
@@ -16,11 +14,9 @@ from llamad import runfiles
 from llamad.config import ConfigError
 
 if TYPE_CHECKING:
-    from llamad.auth import KeyLine
+    from llamad.keys.apikey import KeyLine
 
 # --expires as a time from now: 30d, 24h, 60m, 2w.
-RELATIVE_EXPIRY = re.compile(r"^(\d+)([mhdw])$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 EXPIRES_HELP = "ISO 8601 (e.g. 2027-01-01T00:00:00Z, a naive time is UTC) or from now: 30d, 24h, 60m, 2w"
 
 
@@ -82,25 +78,6 @@ def after_generate(args: argparse.Namespace, path: str) -> str:
     return reload
 
 
-def expiry(text: str, now: datetime | None = None) -> str:
-    """An ``--expires`` value as the keys file holds it: ISO 8601 as given, or now + 30d / 24h / 60m / 2w in UTC."""
-    relative = RELATIVE_EXPIRY.match(text.strip())
-    if relative is None:
-        from llamad import auth
-
-        try:
-            auth.parse_expiry(text)
-        except ValueError:
-            raise ValueError(f"bad expiry {text!r}: use ISO 8601 (e.g. 2027-01-01T00:00:00Z) or a time from now "
-                             "(30d, 24h, 60m, 2w)") from None
-        return text.strip()
-    amount = int(relative.group(1))
-    if amount <= 0:
-        raise ValueError(f"bad expiry {text!r}: a time from now must be > 0")
-    when = (now or datetime.now(timezone.utc)) + timedelta(**{_UNITS[relative.group(2)]: amount})
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def demo_model(args: argparse.Namespace) -> int:
     from llamad.demo import write_demo_model
 
@@ -119,7 +96,7 @@ def _keys_file(args: argparse.Namespace) -> str:
 
 def keys(args: argparse.Namespace) -> int:
     """Manage the API keys file (atomic rewrites, mode 0600), or ask a daemon to reload it."""
-    from llamad import auth, keytool
+    from llamad.keys import apikey, keytool
 
     if args.action == "reload":
         return _reload(args)
@@ -134,7 +111,7 @@ def keys(args: argparse.Namespace) -> int:
     expires: str | None = None
     if getattr(args, "expires", None):
         try:
-            expires = expiry(args.expires)
+            expires = keytool.expiry(args.expires)
         except ValueError as e:
             print(f"llamad keys: {e}", file=sys.stderr)
             return 2
@@ -149,7 +126,7 @@ def keys(args: argparse.Namespace) -> int:
               f"(`llamad keys convert` writes one from {path})", file=sys.stderr)
         return 2
     try:
-        lines, warnings = auth.read_key_file(path)
+        lines, warnings = apikey.read_key_file(path)
     except FileNotFoundError:
         lines, warnings = [], []
     except (OSError, ValueError) as e:
@@ -175,14 +152,14 @@ def keys(args: argparse.Namespace) -> int:
         if args.action == "rotate" and args.id not in ids:
             print(f"no key with id {args.id!r} in {path}", file=sys.stderr)
             return 1
-        secret = auth.new_secret()
+        secret = apikey.new_secret()
         try:
             if args.action == "generate":
                 entry = _entry(args.id, secret, args.rate or None, expires)
                 new_lines = [line.text for line in lines] + [entry]
             else:
                 entry, new_lines = _rotated(lines, args.id, secret, expires)
-            auth.parse_line(entry)  # refuse a bad id, rate or date before writing
+            apikey.parse_line(entry)  # refuse a bad id, rate or date before writing
         except ValueError as e:
             print(f"llamad keys: {e}", file=sys.stderr)
             return 2
@@ -239,10 +216,10 @@ def _rotated(lines: list[KeyLine], key_id: str, secret: str, expires: str | None
 
 def _write(path: str, lines: list[str]) -> bool:
     """Rewrite the keys file; False (and one line on stderr) if the file system refuses."""
-    from llamad import auth
+    from llamad.keys import apikey
 
     try:
-        auth.write_key_file(path, lines)
+        apikey.write_key_file(path, lines)
     except OSError as e:
         print(f"llamad keys: cannot write {path}: {e.strerror or e}", file=sys.stderr)
         return False

@@ -4,7 +4,7 @@
   per line.  At ``logs.max_bytes`` it is renamed to
   ``llama/<UTC ts>_server_<instance>.log`` and a new ``latest.txt`` begins, so
   ``tail -F llama/latest.txt`` follows it; ``logs.keep`` archives are kept.
-- ``access/latest.txt``: one JSON line per API request (:mod:`llamad.access`),
+- ``access/latest.txt``: one JSON line per API request (:mod:`llamad.keys.access`),
   rotated and kept as the child's log, archives ``<UTC ts>_access_<instance>.log``.
 - ``_boot/<UTC ts>_boot_<instance>.log``: llamad's own log for this boot, each
   event once; ``_boot/latest.txt`` holds the path of the last boot that bound its

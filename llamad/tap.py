@@ -23,7 +23,7 @@ from llamad import runfiles
 from llamad.activity import Activity, IdleWatch
 from llamad.config import Config, ConfigError, ScaleFromZeroConfig
 from llamad.gateway.app import Gateway, api_factory, api_site
-from llamad.gateway.gate import Gate
+from llamad.fleet.gate import Gate
 from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Proxy
 from llamad.gateway.upstream import UpstreamPool, fetch
@@ -31,8 +31,8 @@ from llamad.health import health_site
 from llamad.k8s import connect
 from llamad.k8s.client import KubeClient
 from llamad.k8s.poller import ScaleFromZero
-from llamad.access import AccessLog
-from llamad.tokenfile import FILE_NAME as TOKEN_FILE, TokenFile
+from llamad.keys.access import AccessLog
+from llamad.keys.tokenfile import FILE_NAME as TOKEN_FILE, TokenFile
 from llamad.logs import (
     BootObserver, ChildLog, Lines, access_log, boot_observer, escape, gpu_inventory, model_log, open_logs,
     twistd_observer,
@@ -40,12 +40,12 @@ from llamad.logs import (
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.status import Status
-from llamad import memory, placement
+from llamad.fleet import memory, placement
 from llamad.config import ModelConfig
-from llamad.fleet import Fleet, Placed
+from llamad.fleet.fleet import Fleet, Placed
 from llamad.gateway.routing import ModelDirectory
 from llamad.interfaces import Backend
-from llamad.model import BackendReporter, IdleAction, ModelRuntime
+from llamad.fleet.runtime import BackendReporter, IdleAction, ModelRuntime
 from llamad.supervisor import ExternalBackend, Supervisor
 
 log = Logger(namespace="llamad")

@@ -15,7 +15,7 @@ from fakes import FakeBackend, FakeProxy, Recorder, TCPTransport
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway, api_factory
 from llamad.gateway.front import FrontFactory, FrontProtocol
-from llamad.gateway.gate import Gate
+from llamad.fleet.gate import Gate
 from llamad.gateway.limits import guarded_site
 from llamad.metrics import Metrics
 from llamad.status import Status

@@ -21,13 +21,13 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Site
 
-from llamad.access import access_line
+from llamad.keys.access import access_line
 from llamad.activity import Activity
-from llamad.auth import ApiKey
+from llamad.keys.apikey import ApiKey
 from llamad.backends import Target
-from llamad.gateway.errors import ApiError, sse_error_event, write_error
+from llamad.errors import ApiError, sse_error_event, write_error
 from llamad.gateway.front import FrontFactory, FrontRequest
-from llamad.gateway.gate import Gate, Lease
+from llamad.fleet.gate import Gate, Lease
 from llamad.gateway.guard import Auth, Cors, GuardResource
 from llamad.gateway.limits import BODY_MIN_RATE, guarded_site
 from llamad.gateway.proxy import NotDelivered, Proxy, Relay, Unanswered
@@ -36,7 +36,7 @@ from llamad.gateway.routing import UPSTREAM_PREFIX, ModelDirectory, child_path
 from llamad.gateway.usage import UsageTap, ask_for_usage
 from llamad.health import QuietSite
 from llamad.metrics import Metrics, label_child_metrics
-from llamad.model import ModelRuntime
+from llamad.fleet.runtime import ModelRuntime
 from llamad.status import Status
 from llamad.timers import cancel
 

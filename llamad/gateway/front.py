@@ -22,7 +22,8 @@ import json
 import time
 from collections import deque
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any, Iterator
+import typing
+from typing import Any, Iterator
 
 import httptools
 from twisted.internet.interfaces import IAddress, IPushProducer, IReactorTime
@@ -32,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
-from llamad.gateway.errors import error_body
+from llamad.errors import ApiError, error_body
 from llamad.gateway.guard import ALLOWED_METHODS
 from llamad.gateway.limits import (BODY_MIN_RATE, BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES,
                                    MAX_HEADERS, MAX_INCOMPLETE_PER_CLIENT, MAX_LINE, REASONS, body_deadline,
@@ -40,8 +41,6 @@ from llamad.gateway.limits import (BODY_MIN_RATE, BODY_TIMEOUT, HEADER_TIMEOUT, 
 from llamad.gateway.sendnow import write_now
 from llamad.gateway.upstream import dechunk
 
-if TYPE_CHECKING:
-    from llamad.gateway.app import Gateway
 
 log = Logger(namespace="llamad.front")
 
@@ -123,6 +122,18 @@ class ResponseHeaders:
     def hasHeader(self, name: bytes) -> bool:
         lower = name.lower()
         return any(key.lower() == lower for key, _ in self.items)
+
+
+class Handler(typing.Protocol):
+    """What the front hands complete requests to (:class:`~llamad.gateway.app.Gateway`)."""
+
+    bytes_sent: int
+
+    def early_refusal(self, request: FrontRequest) -> ApiError | None:
+        """An answer decided from the head alone (before the body is read), or None."""
+
+    def serve(self, request: FrontRequest) -> None:
+        """Answer a complete request."""
 
 
 class FrontRequest:
@@ -647,7 +658,7 @@ class FrontFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, gateway: Gateway, clock: IReactorTime, max_body_bytes: int = 10485760,
+    def __init__(self, gateway: Handler, clock: IReactorTime, max_body_bytes: int = 10485760,
                  header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
                  max_incomplete_per_client: int = MAX_INCOMPLETE_PER_CLIENT, *, max_headers: int = MAX_HEADERS,
                  max_header_line: int = MAX_LINE, max_request_line: int = MAX_LINE,

@@ -17,9 +17,10 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-from llamad.auth import EVERY_ROLE, ApiKey, Denied, KeyStore, presented_key
-from llamad.gateway.errors import ApiError, write_error
-from llamad.policy import Policy
+from llamad.keys.auth import Denied, KeyStore, presented_key
+from llamad.keys.apikey import EVERY_ROLE, ApiKey
+from llamad.errors import ApiError, write_error
+from llamad.keys.policy import Policy
 
 log = Logger(namespace="llamad.guard")
 

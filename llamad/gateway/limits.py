@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
 
-from llamad.gateway.errors import ApiError, error_body
+from llamad.errors import ApiError, error_body
 from llamad.timers import cancel
 
 MAX_LINE = 8192  # default of the request line's and of each header line's limit

@@ -31,10 +31,10 @@ Differences from the router, each deliberate:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
-BackendState = Literal["stopped", "starting", "ready", "stopping", "backoff", "failed"]
+from llamad.fleet.fleet import ModelSnapshot
+
 RouterStatus = Literal["unloaded", "loading", "loaded"]
 Answer = tuple[int, dict[str, Any]]
 
@@ -64,44 +64,13 @@ UNKNOWN_EXIT_CODE = -1  # a failed model with no exit status (killed, never spaw
 ERROR_TYPES: Mapping[int, str] = {400: "invalid_request_error", 404: "not_found_error", 500: "server_error"}
 
 
-@dataclass(frozen=True)
-class ModelSnapshot:
-    """One configured model at one instant, as the models API shows it.
+def router_status(snapshot: ModelSnapshot) -> RouterStatus:
+    return ROUTER_STATUS[snapshot.state]
 
-    ``args`` is the child's argv without secrets (no API key); ``memory_need`` is
-    bytes while loaded; ``last_used`` is wall-clock seconds or None if never used;
-    ``created`` is the Unix time shown as OpenAI's ``created``.  ``meta`` is the
-    child's own facts (see :func:`child_meta`), ``source`` the router's word for
-    where the model came from: "models_dir" for a GGUF found in
-    ``fleet.models_dir``, "preset" for a ``[models.<id>]`` table.
-    """
 
-    id: str
-    state: BackendState
-    path: str
-    created: int
-    aliases: tuple[str, ...] = ()
-    reason: str = ""
-    exit_code: int | None = None
-    pid: int | None = None
-    memory_need: int = 0
-    last_used: float | None = None
-    in_flight: int = 0
-    queued: int = 0
-    args: tuple[str, ...] = ()
-    meta: Mapping[str, Any] | None = None
-    source: Literal["models_dir", "preset"] = "preset"
-    input_modalities: tuple[str, ...] = ("text",)
-    waiting_for_room: bool = False  # a load (asked, or for requests) waits for memory
-
-    @property
-    def router_status(self) -> RouterStatus:
-        return ROUTER_STATUS[self.state]
-
-    @property
-    def running(self) -> bool:
-        """Running as the router counts it (loading or loaded): what load and unload check."""
-        return self.router_status in RUNNING
+def is_running(snapshot: ModelSnapshot) -> bool:
+    """Running as the router counts it (loading or loaded): what load and unload check."""
+    return router_status(snapshot) in RUNNING
 
 
 class ModelsApiError(Exception):
@@ -138,7 +107,7 @@ def preset_ini(snapshot: ModelSnapshot) -> str:
 
 def model_entry(snapshot: ModelSnapshot) -> dict[str, Any]:
     """One element of ``data``: the router's keys in the router's order, then ``"llamad"``."""
-    status: dict[str, Any] = {"value": snapshot.router_status, "args": list(snapshot.args),
+    status: dict[str, Any] = {"value": router_status(snapshot), "args": list(snapshot.args),
                               "preset": preset_ini(snapshot)}
     if snapshot.state == "failed":
         # The router flags a failure only on an unloaded model, with the child's exit status.
@@ -156,7 +125,7 @@ def model_entry(snapshot: ModelSnapshot) -> dict[str, Any]:
         "source": snapshot.source,
         "can_remove": False,  # only the router's download cache is removable; llamad never deletes a GGUF
     }
-    if snapshot.router_status == "loaded" and snapshot.meta is not None:
+    if router_status(snapshot) == "loaded" and snapshot.meta is not None:
         entry["meta"] = dict(snapshot.meta)
     entry["llamad"] = {
         "state": snapshot.state,
@@ -227,7 +196,7 @@ def load_answer(snapshot: ModelSnapshot | None) -> Answer:
     """
     if snapshot is None:
         return error_answer(404, "model is not found")
-    if snapshot.running:
+    if is_running(snapshot):
         return error_answer(400, "model is already running")
     return success_answer()
 
@@ -241,7 +210,7 @@ def unload_answer(snapshot: ModelSnapshot | None) -> Answer:
     """
     if snapshot is None:
         return error_answer(400, "model is not found")
-    if not snapshot.running and not snapshot.waiting_for_room:
+    if not is_running(snapshot) and not snapshot.waiting_for_room:
         return error_answer(400, "model is not running")
     return success_answer()
 

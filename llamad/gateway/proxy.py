@@ -9,7 +9,7 @@ connection, which makes llama.cpp free the slot.  The relay tells its
 
 An error answer from the child with a JSON body (llama-server's own shape, a
 numeric ``code``) is the one response held whole: it is small, and it is
-answered in llamad's error shape (:func:`~llamad.gateway.errors.backend_error_body`).
+answered in llamad's error shape (:func:`~llamad.errors.backend_error_body`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from twisted.web.iweb import IRequest
 
 from llamad.backends import Target
 from llamad.gateway import headers as header_rules
-from llamad.gateway.errors import ApiError, backend_error_body, sse_error_event
+from llamad.errors import ApiError, backend_error_body, sse_error_event
 from llamad.gateway.upstream import Exchange, UpstreamPool, dechunk, fetch
 
 log = Logger(namespace="llamad.proxy")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import parse_qs
 
-from llamad.gateway.errors import ApiError
+from llamad.errors import ApiError
 
 UPSTREAM_PREFIX = b"/upstream/"
 

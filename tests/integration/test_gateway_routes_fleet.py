@@ -14,7 +14,7 @@ import pytest
 
 from helpers import wait_for
 
-from llamad.access import log_files
+from llamad.keys.access import log_files
 
 pytestmark = pytest.mark.integration
 

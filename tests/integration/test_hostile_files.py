@@ -15,7 +15,7 @@ import pytest
 
 from helpers import TWISTD, alive, children_of, wait_for
 from llamad import runfiles
-from llamad.tokenfile import MAX_BYTES
+from llamad.keys.tokenfile import MAX_BYTES
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import BIN, wait_for
 
-from llamad.access import log_files
+from llamad.keys.access import log_files
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway, api_factory, api_site
-from llamad.gateway.gate import Gate
+from llamad.fleet.gate import Gate
 from llamad.gateway.proxy import Proxy
 from llamad.metrics import Metrics
 from llamad.status import Status

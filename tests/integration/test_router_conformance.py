@@ -24,8 +24,9 @@ import pytest
 import shapes
 
 from helpers import alive, children_of, wait_for
+from llamad.fleet.fleet import ModelSnapshot
 from llamad.gateway.models_api import (
-    ModelSnapshot, ModelsApiError, child_meta, load_answer, models_list, requested_model, unload_answer,
+    ModelsApiError, child_meta, load_answer, models_list, requested_model, unload_answer,
 )
 from llamad.supervisor import free_port
 

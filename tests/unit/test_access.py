@@ -6,7 +6,7 @@ import json
 
 from twisted.internet.task import Clock
 
-from llamad.access import BATCH_SECONDS, AccessLog, access_line
+from llamad.keys.access import BATCH_SECONDS, AccessLog, access_line
 
 
 def test_a_line_is_one_json_object_with_every_field():

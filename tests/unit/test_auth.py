@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from llamad.auth import ApiKey, Denied, KeyStore, parse_line, presented_key, read_key_file, write_key_file
+from llamad.keys.auth import Denied, KeyStore, presented_key
+from llamad.keys.apikey import ApiKey, parse_line, read_key_file, write_key_file
 
 SECRET = "s" * 20
 OTHER = "o" * 20
@@ -270,9 +271,9 @@ def test_an_unreadable_keys_file_fails_closed_without_raising(tmp_path):
 
 def test_a_new_secret_never_starts_like_an_option(monkeypatch):
     """One token in 64 starts with '-': ``llamad keys reload --key KEY`` would read it as an option."""
-    from llamad import auth
+    from llamad.keys import apikey
 
     drawn = iter(["-looks-like-an-option-0123456789abcdef", "-again-0123456789abcdefghijklmnop",
                   "fine-0123456789abcdefghijklmnopqrst"])
-    monkeypatch.setattr(auth.secrets, "token_urlsafe", lambda n: next(drawn))
-    assert auth.new_secret() == "fine-0123456789abcdefghijklmnopqrst"
+    monkeypatch.setattr(apikey.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert apikey.new_secret() == "fine-0123456789abcdefghijklmnopqrst"

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from fakes import clean_config_env
 
-from llamad import cli, config, keysfile
-from llamad.auth import KeyStore
+from llamad import cli, config
+from llamad.keys import keysfile
+from llamad.keys.auth import KeyStore
 from llamad.config import ConfigError
 from llamad.tap import Options
 

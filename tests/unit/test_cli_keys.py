@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from fakes import clean_config_env
 
-from llamad import auth, cli, runfiles
+from llamad import cli, runfiles
+from llamad.keys import apikey, auth, keytool
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTE = ("note: backend.model: no model configured (set backend.model, MODEL_PATH or MODEL_NAME); "
@@ -118,14 +119,14 @@ NOW = datetime(2026, 11, 23, 12, 0, 30, 123456, tzinfo=timezone.utc)
     ("2027-01-01T00:00:00Z", "2027-01-01T00:00:00Z"), ("2027-01-01", "2027-01-01"),
 ])
 def test_expiry_is_iso_8601_or_a_time_from_now(text: str, written: str) -> None:
-    assert cli.expiry(text, NOW) == written
-    assert auth.parse_expiry(written)  # what the keys file can hold
+    assert keytool.expiry(text, NOW) == written
+    assert apikey.parse_expiry(written)  # what the keys file can hold
 
 
 @pytest.mark.parametrize("text", ["0d", "30", "30y", "d30", "-1d", "tomorrow", "2027-13-01"])
 def test_a_bad_expiry_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="bad expiry"):
-        cli.expiry(text, NOW)
+        keytool.expiry(text, NOW)
 
 
 @pytest.mark.parametrize("action", [["generate", "alice"], ["rotate", "alice"]])
@@ -138,7 +139,7 @@ def test_relative_expires_on_generate_and_rotate(
     code, out, err = run(["keys", *action, "--expires", "30d"], capsys)
     assert code == 0
     (line,) = key_lines(environment / "api_keys.txt")
-    parsed = auth.parse_line(line)
+    parsed = apikey.parse_line(line)
     assert parsed is not None and parsed[1] == out.strip()
     expires = parsed[0].expires
     assert expires is not None and before + timedelta(days=30) <= expires <= datetime.now(timezone.utc) + \
@@ -167,7 +168,7 @@ def test_rotate_gives_a_new_secret_and_keeps_rate_expiry_and_comment(
     code, out, err = run(["keys", "rotate", "alice"], capsys)
     assert code == 0
     secret = out.strip()
-    assert secret != OLD and auth.API_KEY.match(secret)
+    assert secret != OLD and apikey.API_KEY.match(secret)
     assert err == "rotated alice: the old key works until the daemon reloads (`llamad keys reload`)\n"
     assert path.read_text() == (f"# team keys\nalice:{secret}:60:2027-01-01T00:00:00Z  # laptop\n"
                                 f"bob:{'b' * 24}\n")
@@ -190,7 +191,7 @@ def test_rotate_without_rate_or_expiry(environment: Path, capsys: pytest.Capture
     code, out, _ = run(["keys", "rotate", "alice", "--expires", "2w"], capsys)
     assert code == 0
     (line,) = key_lines(path)
-    assert line.startswith(f"alice:{out.strip()}::") and auth.parse_line(line) is not None
+    assert line.startswith(f"alice:{out.strip()}::") and apikey.parse_line(line) is not None
 
 
 def test_rotate_retires_every_old_secret_of_the_id(environment: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -301,7 +302,7 @@ def test_forget_daemon_keeps_the_record_of_another_process(environment: Path) ->
 
 def test_toml_keys_are_generated_with_a_policy_rotated_and_revoked(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from llamad import keysfile
+    from llamad.keys import keysfile
 
     path = tmp_path / "keys.toml"
     path.write_text("# team keys\n")
@@ -317,7 +318,7 @@ def test_toml_keys_are_generated_with_a_policy_rotated_and_revoked(tmp_path: Pat
     a, ops = (e.key for e in entries)
     assert warnings == [] and entries[0].secret == secret and entries[1].secret == ""
     assert (a.models, a.tokens_per_minute, a.max_concurrent, a.rate_limit) == (("qwen-*", "llama"), 1000, 2, 60)
-    assert ops.roles == {"admin"} and ops.digest == auth._digest(out.strip())
+    assert ops.roles == {"admin"} and ops.digest == apikey.digest_of(out.strip())
     code, out, _ = run(["keys", "-f", str(path), "rotate", "team-a", "--expires", "2030-01-01T00:00:00Z"], capsys)
     entries, _ = keysfile.read_toml_keys(str(path))
     assert code == 0 and entries[0].secret == out.strip() != secret
@@ -358,7 +359,7 @@ def test_convert_writes_the_other_format_and_refuses_what_lines_cannot_hold(
 
 
 def test_usage_sums_the_access_log_per_key_and_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from llamad.access import access_line
+    from llamad.keys.access import access_line
 
     logs = tmp_path / "logs" / "access"  # DATA_DIR is tmp_path
     logs.mkdir(parents=True)

@@ -15,14 +15,14 @@ from fakes import clean_config_env
 
 from llamad import cli
 from llamad.gateway import models_api
-from llamad.gateway.models_api import BackendState
+from llamad.fleet.fleet import BackendState, ModelSnapshot
 
 GIB = 1024 ** 3
 
 
 def entry(model_id: str, state: BackendState, **facts: Any) -> dict[str, Any]:
     """One ``data`` element exactly as llamad's fleet answers it."""
-    return models_api.model_entry(models_api.ModelSnapshot(id=model_id, state=state, path=f"/m/{model_id}.gguf",
+    return models_api.model_entry(ModelSnapshot(id=model_id, state=state, path=f"/m/{model_id}.gguf",
                                                            created=1, **facts))
 
 

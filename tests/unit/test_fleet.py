@@ -9,14 +9,14 @@ import signal
 from fakes import FakeProbe, FakeProcessReactor
 from twisted.internet import defer
 
-from llamad import memory
+from llamad.fleet import memory
 from llamad.activity import Activity, IdleWatch
 from llamad.config import BackendConfig, SupervisorConfig
-from llamad.fleet import Fleet, Placed
-from llamad.gateway.gate import Gate, Lease
+from llamad.fleet.fleet import Fleet, Placed
+from llamad.fleet.gate import Gate, Lease
 from llamad.metrics import Metrics
-from llamad.model import ModelRuntime
-from llamad.placement import GiB
+from llamad.fleet.runtime import ModelRuntime
+from llamad.fleet.placement import GiB
 from llamad.status import Status
 from llamad.supervisor import PROBE_INTERVAL, State, Supervisor
 
@@ -254,7 +254,7 @@ def test_a_crashed_model_restarts_in_its_reserved_memory():
 
 
 def test_an_estimated_need_is_corrected_by_what_the_child_was_measured_to_use():
-    from llamad.fleet import MEASURE_INTERVAL
+    from llamad.fleet.fleet import MEASURE_INTERVAL
 
     seen: list[list[int]] = []
 

@@ -8,8 +8,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from llamad.backends import Target
-from llamad.gateway.errors import ApiError
-from llamad.gateway.gate import AdmissionQueue, Gate, Lease
+from llamad.errors import ApiError
+from llamad.fleet.gate import AdmissionQueue, Gate, Lease
 from llamad.metrics import Metrics
 from llamad.status import Status
 from llamad.supervisor import State
@@ -241,10 +241,8 @@ def test_disconnect_during_cold_start_does_not_cancel_the_start():
     assert isinstance(second.result, Lease)
 
 
-def test_a_request_the_dead_child_never_got_keeps_its_slot_and_goes_to_the_restarted_child():
-    """A child crash frees slots before its exit is seen: requests sent then are refused, not lost."""
-    import signal
-
+def _serving_supervisor():
+    """A supervised child, ready, behind a gate of one slot."""
     from fakes import FakeProbe, FakeProcessReactor
     from llamad.config import BackendConfig, SupervisorConfig
     from llamad.supervisor import PROBE_INTERVAL, Supervisor
@@ -256,8 +254,17 @@ def test_a_request_the_dead_child_never_got_keeps_its_slot_and_goes_to_the_resta
                      key="k", new_session=False, random=lambda: 1.0, base_env={})
     sup.startService()
     reactor.advance(PROBE_INTERVAL)
-    metrics = Metrics()
-    gate = Gate(reactor, Status(reactor, sup, "m", lazy=False), sup, 1, 4, 30, metrics)
+    gate = Gate(reactor, Status(reactor, sup, "m", lazy=False), sup, 1, 4, 30, Metrics())
+    return reactor, sup, gate
+
+
+def test_a_request_the_dead_child_never_got_keeps_its_slot_and_goes_to_the_restarted_child():
+    """A child crash frees slots before its exit is seen: requests sent then are refused, not lost."""
+    import signal
+
+    from llamad.supervisor import PROBE_INTERVAL
+
+    reactor, sup, gate = _serving_supervisor()
     first = Admission(gate)
     queued = Admission(gate)
     assert first.result is not None and queued.result is None
@@ -302,26 +309,10 @@ def test_redelivery_ends_at_queue_timeout_counted_from_arrival():
     assert not gate.can_redeliver(external)  # nobody restarts an external backend
 
 
-def _serving_supervisor():
-    from fakes import FakeProbe, FakeProcessReactor
-    from llamad.config import BackendConfig, SupervisorConfig
-    from llamad.supervisor import PROBE_INTERVAL, Supervisor
-
-    reactor = FakeProcessReactor()
-    probe = FakeProbe()
-    probe.status = 200
-    sup = Supervisor(reactor, reactor, BackendConfig(model="/m/demo.gguf"), SupervisorConfig(), probe=probe,
-                     key="k", new_session=False, random=lambda: 1.0, base_env={})
-    sup.startService()
-    reactor.advance(PROBE_INTERVAL)
-    gate = Gate(reactor, Status(reactor, sup, "m", lazy=False), sup, 1, 4, 30, Metrics())
-    return reactor, sup, gate
-
-
 def test_a_request_closed_unanswered_by_a_child_that_then_exits_goes_to_the_next_child():
     import signal
 
-    from llamad.gateway.gate import LOSS_GRACE
+    from llamad.fleet.gate import LOSS_GRACE
     from llamad.supervisor import PROBE_INTERVAL
 
     reactor, sup, gate = _serving_supervisor()
@@ -338,7 +329,7 @@ def test_a_request_closed_unanswered_by_a_child_that_then_exits_goes_to_the_next
 
 
 def test_a_request_closed_unanswered_by_a_child_that_lives_on_fails_after_the_grace():
-    from llamad.gateway.gate import LOSS_GRACE
+    from llamad.fleet.gate import LOSS_GRACE
 
     reactor, sup, gate = _serving_supervisor()
     first = Admission(gate)

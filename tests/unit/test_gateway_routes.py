@@ -13,12 +13,12 @@ from wire import connect, parse, server
 
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway
-from llamad.gateway.gate import Gate
+from llamad.fleet.gate import Gate
 from llamad.gateway.guard import Auth
-from llamad.gateway.models_api import ModelSnapshot
+from llamad.fleet.fleet import ModelSnapshot
 from llamad.gateway.routing import ModelDirectory
 from llamad.metrics import Metrics
-from llamad.model import ModelRuntime
+from llamad.fleet.runtime import ModelRuntime
 from llamad.status import Status
 from llamad.supervisor import State
 

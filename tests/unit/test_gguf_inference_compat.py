@@ -13,7 +13,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from wire import GATEWAY_FIELDS, build, make_gateway, make_site, refused, site_connect, site_send
 
-from llamad import auth, cli, config
+from llamad import cli, config
+from llamad.keys import apikey, auth
 from llamad.config import ConfigError
 from llamad.gateway.guard import Auth, Cors
 from llamad.logs import instance_name
@@ -269,14 +270,14 @@ def test_the_default_rate_limits_keys_without_their_own(tmp_path: Path) -> None:
     path.write_text(f"plain:{'p' * 20}\nown:{'o' * 20}:5\n")
     store = auth.KeyStore(default_rate=2)
     store.load(str(path))
-    wall = auth.parse_expiry("2026-01-01T00:00:00")
+    wall = apikey.parse_expiry("2026-01-01T00:00:00")
     assert [type(store.check("p" * 20, 0.0, wall)).__name__ for _ in range(3)] == ["ApiKey", "ApiKey", "Denied"]
     denied = store.check("p" * 20, 1.0, wall)
     assert isinstance(denied, auth.Denied)
     assert (denied.status, denied.message, denied.retry_after) == (
         429, "Rate limit of 2 requests per minute exceeded", 59)
-    assert isinstance(store.check("p" * 20, 60.5, wall), auth.ApiKey)  # the window slid
-    assert all(isinstance(store.check("o" * 20, 0.0, wall), auth.ApiKey) for _ in range(5))  # its own rate wins
+    assert isinstance(store.check("p" * 20, 60.5, wall), apikey.ApiKey)  # the window slid
+    assert all(isinstance(store.check("o" * 20, 0.0, wall), apikey.ApiKey) for _ in range(5))  # its own rate wins
     assert isinstance(store.check("o" * 20, 0.0, wall), auth.Denied)
 
 
@@ -285,8 +286,8 @@ def test_no_default_rate_is_no_limit(tmp_path: Path) -> None:
     path.write_text(f"plain:{'p' * 20}\n")
     store = auth.KeyStore()
     store.load(str(path))
-    wall = auth.parse_expiry("2026-01-01T00:00:00")
-    assert all(isinstance(store.check("p" * 20, 0.0, wall), auth.ApiKey) for _ in range(500))
+    wall = apikey.parse_expiry("2026-01-01T00:00:00")
+    assert all(isinstance(store.check("p" * 20, 0.0, wall), apikey.ApiKey) for _ in range(500))
 
 
 def test_cors_origins_with_a_trailing_slash_still_match() -> None:

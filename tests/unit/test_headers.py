@@ -7,7 +7,7 @@ import json
 import pytest
 from twisted.web.http_headers import Headers
 
-from llamad.gateway.errors import error_body, sse_error_event
+from llamad.errors import error_body, sse_error_event
 from llamad.gateway import headers as rules
 from llamad.gateway.headers import HOP_BY_HOP
 

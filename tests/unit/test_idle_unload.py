@@ -13,7 +13,7 @@ from fakes import make_supervisor
 from llamad.activity import Activity, IdleWatch
 from llamad.metrics import Metrics
 from llamad.supervisor import PROBE_INTERVAL, State
-from llamad.model import IdleAction
+from llamad.fleet.runtime import IdleAction
 
 TIMEOUT = 2.0  # as in the integration test's [idle] timeout
 

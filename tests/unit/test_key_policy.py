@@ -13,11 +13,11 @@ from wire import connect, parse, server
 
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway
-from llamad.gateway.gate import Gate
+from llamad.fleet.gate import Gate
 from llamad.gateway.guard import Auth
 from llamad.gateway.routing import ModelDirectory
 from llamad.metrics import Metrics
-from llamad.model import ModelRuntime
+from llamad.fleet.runtime import ModelRuntime
 from llamad.status import Status
 
 pytestmark = pytest.mark.usefixtures("no_tracebacks")  # a logged failure fails the test

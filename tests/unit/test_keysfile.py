@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from llamad import keysfile
-from llamad.auth import EVERY_ROLE, ApiKey, KeyStore, read_key_file
+from llamad.keys import keysfile
+from llamad.keys.auth import KeyStore
+from llamad.keys.apikey import EVERY_ROLE, ApiKey, read_key_file
 
 SECRET = "s3cret-team-a-0123456789"
 OTHER = "s3cret-team-b-0123456789"

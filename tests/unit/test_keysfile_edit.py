@@ -17,7 +17,8 @@ from fakes import clean_config_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llamad import auth, cli, keysfile
+from llamad import cli
+from llamad.keys import apikey, auth, keysfile
 
 OPS = "ops-key-0123456789abcdef"
 OPS_SHA256 = hashlib.sha256(OPS.encode()).hexdigest()
@@ -121,7 +122,7 @@ def test_generate_only_adds_the_new_table_and_it_reads_back(path: Path, capsys: 
     store = auth.KeyStore()
     assert store.load(str(path)) == [f"{path}: ignored: 'notes' (each key is a [keys.<id>] table)"]
     found = store.check(secret, 0.0, datetime(2030, 1, 1, tzinfo=timezone.utc))
-    assert isinstance(found, auth.ApiKey) and found.key_id == "new"
+    assert isinstance(found, apikey.ApiKey) and found.key_id == "new"
 
 
 def test_rotate_changes_the_secret_and_expiry_lines_only(path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ from wire import KEY, POST_HEAD, answer, make_site, refused, site_connect, site_
 
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway, api_site
-from llamad.gateway.gate import Gate
+from llamad.fleet.gate import Gate
 from llamad.gateway.guard import Auth, Cors, GuardResource
 from llamad.metrics import Metrics
 from llamad.status import Status

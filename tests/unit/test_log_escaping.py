@@ -15,7 +15,7 @@ from twisted.logger import ILogObserver, Logger, LogPublisher
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
-from llamad.access import access_line
+from llamad.keys.access import access_line
 from llamad.logs import ChildLog, Lines, LogWriter, boot_observer, escape, twistd_observer
 from llamad.tap import LlamadService
 

@@ -15,9 +15,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from fakes import FakeProcessReactor
-from llamad import memory
+from llamad.fleet import memory
 from llamad.demo import write_demo_model
-from llamad.memory import COMPUTE_FIXED, COMPUTE_FRACTION, GiB, MiB, MemoryEstimateError
+from llamad.fleet.memory import COMPUTE_FIXED, COMPUTE_FRACTION, GiB, MiB, MemoryEstimateError
 
 VOCAB = 100
 

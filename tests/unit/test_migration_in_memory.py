@@ -27,7 +27,7 @@ from wire import (
 from llamad.config import ConfigError, load
 from llamad.gateway import proxy as proxy_module
 from llamad.gateway.app import Gateway, api_site, wants_json
-from llamad.gateway.errors import _TYPES, backend_error_body
+from llamad.errors import _TYPES, backend_error_body
 from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Proxy
 from llamad.gateway.upstream import _Connection

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 
 from llamad.config import BackendConfig, SupervisorConfig
 from llamad.metrics import Metrics
-from llamad.model import BackendReporter, IdleAction
+from llamad.fleet.runtime import BackendReporter, IdleAction
 from llamad.status import Status
 from llamad.supervisor import PROBE_INTERVAL, ExternalBackend, State, Supervisor
 

@@ -16,9 +16,10 @@ import pytest
 from shapes import shape_diff
 
 from llamad.gateway import models_api
+from llamad.fleet.fleet import ModelSnapshot
 from llamad.gateway.models_api import (
-    ModelSnapshot, ModelsApiError, child_meta, find_model, load_answer, models_list, requested_force,
-    requested_model, unload_answer,
+    ModelsApiError, child_meta, find_model, load_answer, models_list, requested_force, requested_model,
+    unload_answer,
 )
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "router_shapes.json"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llamad.placement import (
+from llamad.fleet.placement import (
     GiB, MiB, ModelView, Plan, format_bytes, held_bytes, held_count, place,
 )
 

@@ -7,9 +7,9 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from llamad.auth import ApiKey
-from llamad.gateway.gate import AdmissionQueue
-from llamad.policy import DAY, Policy, TokenWindow
+from llamad.keys.apikey import ApiKey
+from llamad.fleet.gate import AdmissionQueue
+from llamad.keys.policy import DAY, Policy, TokenWindow
 
 
 def key(key_id: str = "k", **policy) -> ApiKey:

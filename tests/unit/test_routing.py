@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llamad.gateway.errors import ApiError
+from llamad.errors import ApiError
 from llamad.gateway.routing import ModelDirectory, Routed, child_path
 
 FLEET = ModelDirectory(["qwen2.5:7b", "gemma"], {"qwen2.5:7b": ["qwen"], "gemma": ["g"]})

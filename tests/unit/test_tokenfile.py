@@ -11,10 +11,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
-from llamad.auth import ApiKey
-from llamad.policy import Policy
-from llamad import tokenfile
-from llamad.tokenfile import SAVE_INTERVAL, TokenFile, read_state
+from llamad.keys.apikey import ApiKey
+from llamad.keys.policy import Policy
+from llamad.keys import tokenfile
+from llamad.keys.tokenfile import SAVE_INTERVAL, TokenFile, read_state
 
 QUOTA = ApiKey("team", b"t" * 32, tokens_per_day=100)
 

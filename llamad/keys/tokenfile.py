@@ -25,8 +25,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from llamad.auth import KEY_ID
-from llamad.policy import Policy
+from llamad.keys.apikey import KEY_ID
+from llamad.keys.policy import Policy
 
 log = Logger(namespace="llamad.tokens")
 

@@ -18,8 +18,8 @@ from typing import Mapping
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from llamad.auth import ApiKey
-from llamad.gateway.errors import ApiError
+from llamad.keys.apikey import ApiKey
+from llamad.errors import ApiError
 
 MINUTE = 60.0
 DAY = 86400.0

@@ -34,7 +34,7 @@ from tomlkit.container import Container
 from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import AoT, Comment, Item, Key, Table, Whitespace
 
-from llamad.auth import API_KEY, KEY_ID, ROLES, ApiKey, KeyLine, _digest, parse_expiry
+from llamad.keys.apikey import API_KEY, KEY_ID, ROLES, ApiKey, KeyLine, digest_of, parse_expiry
 from llamad.config import decode_utf8, loads_toml
 
 FIELDS = ("key", "key_sha256", "models", "role", "rate", "tokens_per_minute", "tokens_per_day", "max_concurrent",
@@ -106,7 +106,7 @@ def _entry(key_id: str, table: Any, priorities: Mapping[str, int] | None) -> Key
     if secret is not None:
         if not isinstance(secret, str) or not API_KEY.match(secret):
             raise ValueError("bad key (16-128 letters, digits, '_' and '-')")
-        digest = _digest(secret)
+        digest = digest_of(secret)
     else:
         if not isinstance(hashed, str) or not _SHA256.match(hashed):
             raise ValueError("bad key_sha256 (64 hex digits: sha256sum of the key)")
@@ -443,7 +443,7 @@ def replace_secret(text: str, key_id: str, secret: str, hash_only: bool, expires
     headed, following = found
     table = headed.table
     field, other = ("key_sha256", "key") if hash_only else ("key", "key_sha256")
-    value = _digest(secret).hex() if hash_only else secret
+    value = digest_of(secret).hex() if hash_only else secret
     values: dict[str, Any] = {field: value}
     expected = dict(loads_toml(text)["keys"][key_id])
     expected.pop(other, None)

@@ -2,22 +2,26 @@
 ``llamad keys usage`` (the access log summed per key and model).
 
 The line format's commands stay in :mod:`llamad.cli`; a TOML file is edited
-with :mod:`llamad.keysfile` (tomlkit: comments and layout kept), and every
-rewrite goes through :func:`llamad.auth.write_key_file` (atomic, mode 0600).
+with :mod:`llamad.keys.keysfile` (tomlkit: comments and layout kept), and every
+rewrite goes through :func:`llamad.keys.apikey.write_key_file` (atomic, mode 0600).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import sys
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from llamad import access, auth, keysfile
+from llamad.keys import access, apikey, keysfile
 
 POLICY_OPTIONS = ("models", "role", "tokens_per_minute", "tokens_per_day", "max_concurrent", "priority", "hash_only")
+
+RELATIVE_EXPIRY = re.compile(r"^(\d+)([mhdw])$")  # 30d, 24h, 60m, 2w: a time from now (or ago)
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def policy_options(args: argparse.Namespace) -> list[str]:
@@ -38,7 +42,7 @@ def _write_text(path: str, text: str, toml: bool = True) -> bool:
     try:
         if toml:
             keysfile.check_text(text)
-        auth.write_key_file(path, text.rstrip("\n").split("\n") if text.strip() else [])
+        apikey.write_key_file(path, text.rstrip("\n").split("\n") if text.strip() else [])
     except ValueError as e:
         print(f"llamad keys: {e}", file=sys.stderr)
         return False
@@ -77,7 +81,7 @@ def toml_keys(args: argparse.Namespace, path: str, expires: str | None) -> int:
             return 1
         print(f"revoked {args.id}; send SIGHUP or run `llamad keys reload` to apply it to a running daemon")
         return 0
-    secret = auth.new_secret()
+    secret = apikey.new_secret()
     if args.action == "generate":
         if args.id in ids:
             print(f"key id {args.id!r} already exists in {path} (use `llamad keys rotate` for a new secret)",
@@ -132,7 +136,7 @@ def _not_a_table(path: str, key_id: str) -> int:
 def describe(entry: keysfile.KeyEntry) -> str:
     key = entry.key
     secret = f"{entry.secret[:4]}...{entry.secret[-2:]}" if entry.secret else "sha256"
-    parts = [key.key_id, secret, "role " + "+".join(r for r in auth.ROLES if r in key.roles),
+    parts = [key.key_id, secret, "role " + "+".join(r for r in apikey.ROLES if r in key.roles),
              "models " + (",".join(key.models) if key.models else "all"),
              f"rate {key.rate_limit}/min" if key.rate_limit else "rate unlimited"]
     if key.tokens_per_minute:
@@ -156,7 +160,7 @@ def convert(args: argparse.Namespace, path: str) -> int:
         return 1
     try:
         if to_toml:
-            lines, warnings = auth.read_key_file(path)
+            lines, warnings = apikey.read_key_file(path)
             text = keysfile.lines_to_toml(lines)
         else:
             entries, warnings = keysfile.read_toml_keys(path)
@@ -175,16 +179,31 @@ def convert(args: argparse.Namespace, path: str) -> int:
     return 0
 
 
+def expiry(text: str, now: datetime | None = None) -> str:
+    """An ``--expires`` value as the keys file holds it: ISO 8601 as given, or now + 30d / 24h / 60m / 2w in UTC."""
+    relative = RELATIVE_EXPIRY.match(text.strip())
+    if relative is None:
+        try:
+            apikey.parse_expiry(text)
+        except ValueError:
+            raise ValueError(f"bad expiry {text!r}: use ISO 8601 (e.g. 2027-01-01T00:00:00Z) or a time from now "
+                             "(30d, 24h, 60m, 2w)") from None
+        return text.strip()
+    amount = int(relative.group(1))
+    if amount <= 0:
+        raise ValueError(f"bad expiry {text!r}: a time from now must be > 0")
+    when = (now or datetime.now(timezone.utc)) + timedelta(**{_UNITS[relative.group(2)]: amount})
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def since_time(text: str, now: datetime | None = None) -> str:
     """``--since``: ISO 8601 (a naive time is UTC) or a time ago (30m, 24h, 7d, 2w), as the access log writes times."""
-    from llamad.cli import RELATIVE_EXPIRY, _UNITS
-
     relative = RELATIVE_EXPIRY.match(text.strip())
     if relative is not None:
         when = (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[relative.group(2)]: int(relative.group(1))})
     else:
         try:
-            when = auth.parse_expiry(text)
+            when = apikey.parse_expiry(text)
         except ValueError:
             raise ValueError(f"bad --since {text!r}: use ISO 8601 (e.g. 2026-11-01T00:00:00Z) or a time ago "
                              "(30m, 24h, 7d, 2w)") from None

@@ -15,14 +15,14 @@ from typing import Callable
 from twisted.logger import Logger
 
 from llamad.activity import Activity, IdleWatch
-from llamad.gateway.gate import Gate
+from llamad.fleet.gate import Gate
 from llamad.interfaces import Backend
 from llamad.metrics import Metrics, ModelMetrics
 from llamad.notify import Notifier
 from llamad.status import Status
 from llamad.supervisor import State, exit_kind
 
-log = Logger(namespace="llamad.model")
+log = Logger(namespace="llamad.fleet.runtime")
 
 
 class IdleAction:

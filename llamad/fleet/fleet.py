@@ -3,7 +3,7 @@
 
 A model's gate never starts its child itself: it asks the fleet (through
 :class:`Placed`), which records how long the model has been waited for and
-runs :func:`llamad.placement.place` over every model.  The fleet performs the
+runs :func:`llamad.fleet.placement.place` over every model.  The fleet performs the
 plan: it unloads idle models to make room, drains a model whose turn is over
 (its gate admits nothing more until it is stopped, then its queued requests ask
 for its next turn), starts the ones that fit, and looks again whenever a child
@@ -15,25 +15,58 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Mapping
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from llamad import memory, placement
 from llamad.backends import Target
-from llamad.gateway.models_api import ModelSnapshot
+from llamad.fleet import memory, placement
+from llamad.fleet.runtime import ModelRuntime
 from llamad.interfaces import Backend
-from llamad.model import ModelRuntime
 from llamad.supervisor import State
 from llamad.timers import cancel
 
-log = Logger(namespace="llamad.fleet")
+log = Logger(namespace="llamad.fleet.fleet")
 
 MEASURE_INTERVAL = 10.0  # seconds between measurements of the loaded models' memory
 Measure = Callable[[list[int]], "defer.Deferred[dict[int, int] | None]"]
+
+BackendState = Literal["stopped", "starting", "ready", "stopping", "backoff", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """One configured model at one instant, as the models API (llama-server's router API) shows it.
+
+    ``args`` is the child's argv without secrets (no API key); ``memory_need`` is
+    bytes while loaded; ``last_used`` is wall-clock seconds or None if never used;
+    ``created`` is the Unix time shown as OpenAI's ``created``.  ``meta`` is the
+    child's own facts (see :func:`child_meta`), ``source`` the router's word for
+    where the model came from: "models_dir" for a GGUF found in
+    ``fleet.models_dir``, "preset" for a ``[models.<id>]`` table.
+    """
+
+    id: str
+    state: BackendState
+    path: str
+    created: int
+    aliases: tuple[str, ...] = ()
+    reason: str = ""
+    exit_code: int | None = None
+    pid: int | None = None
+    memory_need: int = 0
+    last_used: float | None = None
+    in_flight: int = 0
+    queued: int = 0
+    args: tuple[str, ...] = ()
+    meta: Mapping[str, Any] | None = None
+    source: Literal["models_dir", "preset"] = "preset"
+    input_modalities: tuple[str, ...] = ("text",)
+    waiting_for_room: bool = False  # a load (asked, or for requests) waits for memory
+
 
 # How placement sees each backend state: a child restarting after a crash keeps its memory reserved.
 PLACEMENT_STATE: dict[State, placement.State] = {

@@ -59,7 +59,7 @@ from typing import Any, Callable, Mapping
 
 from twisted.internet import defer
 
-from llamad.placement import GiB, KiB, MiB, format_bytes
+from llamad.fleet.placement import GiB, KiB, MiB, format_bytes
 
 
 COMPUTE_FIXED = 256 * MiB

@@ -1,7 +1,7 @@
 """Admission: at most ``max_concurrent`` inference requests reach the child; the rest wait in line.
 
 The line is FIFO, except that a key's priority class gives its requests a head
-start (:mod:`llamad.policy`): they queue as if they had arrived that much
+start (:mod:`llamad.keys.policy`): they queue as if they had arrived that much
 earlier, so higher classes go first and nobody waits behind them forever.
 
 :class:`AdmissionQueue` is the pure part (slots and the ordered tickets).  :class:`Gate`
@@ -20,7 +20,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from llamad.backends import Target
-from llamad.gateway.errors import ApiError
+from llamad.errors import ApiError
 from llamad.interfaces import Backend
 from llamad.metrics import Metrics, ModelMetrics
 from llamad.status import Status

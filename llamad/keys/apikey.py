@@ -1,35 +1,25 @@
-"""API keys: the keys files, constant-time checks, per-key rate limits.
-
-llama-gguf-inference's format, one key per line (``#`` starts a comment)::
+"""An API key and llama-gguf-inference's keys file format, one key per line (``#`` starts a comment)::
 
     key_id:api_key[:rate_limit_per_min][:expiry_iso]
 
 ``key_id`` is ``[A-Za-z0-9_-]+``; ``api_key`` is 16-128 characters of the same
 set.  Invalid lines (one that is not UTF-8 included) are skipped with a warning
 naming the line number.  Such a key may use every model and every route.
-
-A keys file whose name ends in ``.toml`` holds one table per key, with its
-policy (:mod:`llamad.keysfile`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import math
 import os
 import re
 import secrets
 import tempfile
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatchcase
-from typing import Callable, Mapping
 
 KEY_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 API_KEY = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
-WINDOW = 60.0  # seconds of the sliding rate-limit window
 
 
 ROLES = ("inference", "admin")
@@ -72,7 +62,7 @@ class KeyLine:
     secret: str = ""
 
 
-def _digest(secret: str) -> bytes:
+def digest_of(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
@@ -112,7 +102,7 @@ def parse_line(line: str) -> tuple[ApiKey, str] | None:
                 raise ValueError(f"bad expiry {expiry_text!r} (ISO 8601, e.g. 2026-12-31T23:59:59Z)") from None
         if rate == 0:
             raise ValueError("rate limit must be > 0 (leave it out for no limit)")
-    return ApiKey(key_id, _digest(secret), rate, expires), secret
+    return ApiKey(key_id, digest_of(secret), rate, expires), secret
 
 
 def read_key_file(path: str) -> tuple[list[KeyLine], list[str]]:
@@ -166,106 +156,3 @@ def new_secret() -> str:
         secret = secrets.token_urlsafe(32)
         if not secret.startswith("-"):
             return secret
-
-
-@dataclass(frozen=True)
-class Denied:
-    status: int  # 401 or 429
-    message: str
-    code: str
-    retry_after: int = 0
-
-
-class KeyStore:
-    """The loaded keys and their rate-limit windows.
-
-    ``default_rate`` (requests per minute, 0 = none) limits the keys whose
-    line sets no rate of their own, as MAX_REQUESTS_PER_MINUTE did.
-    """
-
-    def __init__(self, default_rate: int = 0, priorities: Mapping[str, int] | None = None) -> None:
-        self.default_rate = default_rate
-        self.priorities = dict(priorities or {})  # the classes a TOML key may name
-        self.by_digest: dict[bytes, ApiKey] = {}
-        self.by_id: dict[str, ApiKey] = {}
-        self.windows: dict[str, deque[float]] = {}
-        self.error = ""  # why the last load could not read the file
-
-    def __len__(self) -> int:
-        return len(self.by_digest)
-
-    def load(self, path: str) -> list[str]:
-        """(Re)load from ``path``; returns warnings.  Never raises.
-
-        A missing or unreadable file means no keys (fail closed): keeping the
-        old keys would keep a key valid that the edit meant to revoke.
-        ``error`` says why the file could not be read, or is empty.
-        """
-        try:
-            if path.endswith(".toml"):
-                from llamad.keysfile import read_toml_keys
-
-                entries, warnings = read_toml_keys(path, self.priorities)
-                found = [entry.key for entry in entries]
-            else:
-                lines, warnings = read_key_file(path)
-                found = [line.key for line in lines if line.key is not None]
-            self.error = ""
-        except FileNotFoundError:
-            found, warnings = [], [f"{path}: not found"]
-            self.error = ""
-        except (OSError, ValueError) as e:
-            self.error = f"{path}: cannot read: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
-            found, warnings = [], [self.error]
-        keys = {key.digest: key for key in found}
-        self.by_digest = keys
-        self.by_id = {key.key_id: key for key in found}
-        live = {key.key_id for key in keys.values()}
-        self.windows = {k: v for k, v in self.windows.items() if k in live}
-        return warnings
-
-    def check(self, presented: str | None, now: float, wall: datetime | Callable[[], datetime],
-              count: bool = True) -> ApiKey | Denied:
-        """The key for ``presented``, or why not.  ``now`` is monotonic for rate limits; ``wall`` (or
-        what gives it, asked only for a key that expires) is the time for expiry.
-
-        ``count=False`` only looks at the rate-limit window: a check made before
-        the body arrives must not cost the request a second slot.
-        """
-        if not presented:
-            return Denied(401, "Missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-        digest = _digest(presented)
-        key = self.by_digest.get(digest)
-        # Compare digests in constant time; the lookup above only reveals hash prefixes.
-        if key is None or not hmac.compare_digest(key.digest, digest):
-            return Denied(401, "Invalid API key", "invalid_api_key")
-        if key.expires is not None and (wall() if callable(wall) else wall) >= key.expires:
-            return Denied(401, "API key has expired", "invalid_api_key")  # as llama-gguf-inference
-        rate = key.rate_limit if key.rate_limit is not None else self.default_rate
-        if rate:
-            window = self.windows.setdefault(key.key_id, deque())
-            while window and window[0] <= now - WINDOW:
-                window.popleft()
-            if len(window) >= rate:
-                retry = max(1, math.ceil(window[0] + WINDOW - now))
-                return Denied(429, f"Rate limit of {rate} requests per minute exceeded",
-                              "rate_limit_exceeded", retry)
-            if count:
-                window.append(now)
-        return key
-
-
-def presented_key(authorization: bytes | None, x_api_key: bytes | None) -> str | None:
-    """The key a client sent: ``Authorization: Bearer <key>``, a bare ``Authorization: <key>``
-    (llama-gguf-inference took one, so its clients may send it), or ``x-api-key``."""
-    if authorization:
-        if authorization.startswith(b"Bearer ") and b"\t" not in authorization:  # nearly every client
-            return authorization[7:].strip().decode("latin-1") or None
-        scheme, _, value = authorization.decode("latin-1").strip().partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-        if not value and scheme.lower() != "bearer":  # one word: the key itself (Basic and others have two)
-            return scheme
-    if x_api_key:
-        return x_api_key.decode("latin-1").strip() or None
-    return None

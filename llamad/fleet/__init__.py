@@ -1,0 +1,1 @@
+"""The models llamad serves: each one's runtime and admission gate, placement by memory, the fleet."""
