@@ -304,13 +304,16 @@ class Fleet(MultiService):
             backend = runtime.backend
             if backend is None:
                 continue
+            # Requests admitted while it loaded are on their way to the child as it becomes ready: they
+            # count as running, so a turn that is already over drains the model instead of stopping it.
+            admitted = runtime.gate.starting_waiters if backend.state == State.READY else 0
             views.append(placement.ModelView(
                 id=model.id,
                 need=model.need,
                 state=PLACEMENT_STATE[backend.state],
                 pinned=model.pinned,
-                in_flight=runtime.activity.inference_in_flight,
-                queued=runtime.gate.waiting,
+                in_flight=runtime.activity.inference_in_flight + admitted,
+                queued=runtime.gate.waiting - admitted,
                 last_used=runtime.activity.last_activity,
                 loaded_at=backend.ready_at,
                 waiting_since=model.waiting_since,

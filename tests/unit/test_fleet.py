@@ -394,3 +394,27 @@ def test_unloading_a_model_whose_asked_load_waits_for_room_calls_the_load_off():
     w.done("a", lease)
     w.settle()
     assert w.states() == {"a": "ready", "b": "stopped"} and "b" not in w.fleet.waiting()
+
+
+def test_a_model_whose_turn_is_over_at_once_still_runs_the_requests_it_was_loaded_for():
+    """No minimum residency and no quantum: each turn still runs the requests admitted for it."""
+    w = World(budget=6 * GiB, min_resident=0, swap_quantum=0, queue_timeout=100)
+    w.add("a", 5 * GiB)
+    w.add("b", 5 * GiB)
+    w.start()
+    a: list = []
+    runtime = w.fleet.runtime("a")
+
+    def running(lease: Lease) -> Lease:
+        runtime.activity.begin(True)  # as the gateway does the moment it gets the slot
+        return lease
+
+    defer.ensureDeferred(runtime.gate.admit()).addCallback(running).addBoth(a.append)
+    b = w.admit("b")  # waits for a's room while a loads
+    w.settle()
+    assert isinstance(a[0], Lease) and w.states()["a"] == "ready"  # not stopped before its request ran
+    assert runtime.gate.paused  # b waits: a takes nothing more
+    w.done("a", a[0])
+    w.settle()
+    w.settle()
+    assert w.states() == {"a": "stopped", "b": "ready"} and isinstance(b[0], Lease)
