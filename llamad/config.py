@@ -175,7 +175,7 @@ class FleetConfig:
 
     def budget(self, auto_budget: Callable[[int], tuple[int, str]]) -> tuple[int, str]:
         """The budget in bytes and how it was found; "auto" asks ``auto_budget(memory_reserve)``
-        (``llamad.fleet.memory.auto_budget``) only now, so loading a config probes no GPU."""
+        (``llamad.fleet.machine.auto_budget``) only now, so loading a config probes no GPU."""
         if self.memory_budget == AUTO:
             return auto_budget(self.memory_reserve)
         return int(self.memory_budget), "fleet.memory_budget"

@@ -40,7 +40,7 @@ from llamad.logs import (
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.status import Status
-from llamad.fleet import memory, placement
+from llamad.fleet import gguf, machine, memory, placement
 from llamad.config import ModelConfig
 from llamad.fleet.fleet import Fleet, Placed
 from llamad.gateway.routing import ModelDirectory
@@ -283,8 +283,8 @@ def make_model(config: Config, backend: Backend | None, status: Status, metrics:
 def make_fleet(config: Config, status: Status, metrics: Metrics, notifier: Notifier, reactor: Any,
                writer: Any) -> tuple[Fleet, dict[str, ModelRuntime]]:
     """Every model of ``[models]`` and ``fleet.models_dir``, each placed by the fleet by its memory need."""
-    gpus = memory.gpu_totals(5.0)  # asked once at boot: for the budget and for what a need counts
-    budget, how = config.fleet.budget(lambda reserve: memory.auto_budget(reserve, gpus=gpus))
+    gpus = machine.gpu_totals(5.0)  # asked once at boot: for the budget and for what a need counts
+    budget, how = config.fleet.budget(lambda reserve: machine.auto_budget(reserve, gpus=gpus))
     has_gpu = bool(gpus)
     log.info("fleet: memory budget {budget} ({how}), max_loaded {n}", budget=placement.format_bytes(budget),
              how=how, n=config.fleet.max_loaded or "no limit")
@@ -337,8 +337,8 @@ def memory_probe(reactor: Any, gpu: bool) -> Any:
 
     def measure(pids: list[int]) -> defer.Deferred[dict[int, int] | None]:
         if gpu:
-            return memory.gpu_memory_by_pid(reactor)
-        return defer.succeed({pid: memory.rss_bytes(pid) or 0 for pid in pids})
+            return machine.gpu_memory_by_pid(reactor)
+        return defer.succeed({pid: machine.rss_bytes(pid) or 0 for pid in pids})
 
     return measure
 
@@ -357,7 +357,7 @@ def model_need(model: ModelConfig, gpu: bool) -> int:
     try:
         return memory.estimate(model.backend.model, model.backend.gpu_layers, model.backend.context,
                                model.backend.parallel, gpu=gpu).total
-    except memory.MemoryEstimateError as e:
+    except gguf.MemoryEstimateError as e:
         size = os.path.getsize(model.backend.model) if os.path.isfile(model.backend.model) else 0
         log.warn("model {id}: cannot estimate its memory ({e}); counting its file size, {size}", id=model.id,
                  e=e, size=placement.format_bytes(size))

@@ -15,9 +15,11 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from fakes import FakeProcessReactor
-from llamad.fleet import memory
+from llamad.fleet import gguf, machine, memory
 from llamad.demo import write_demo_model
-from llamad.fleet.memory import COMPUTE_FIXED, COMPUTE_FRACTION, GiB, MiB, MemoryEstimateError
+from llamad.fleet.gguf import MemoryEstimateError
+from llamad.fleet.memory import COMPUTE_FIXED, COMPUTE_FRACTION
+from llamad.fleet.placement import GiB, MiB
 
 VOCAB = 100
 
@@ -102,7 +104,7 @@ def overhead(weights: int) -> int:
 def test_header_keeps_short_arrays_and_skips_long_ones(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     sizes = write_model(path, n_head_kv=[4, 2, 1, 4])
-    header = memory.read_gguf(str(path))
+    header = gguf.read_gguf(str(path))
     assert header.metadata["general.architecture"] == "llama"
     assert header.metadata["llama.attention.head_count_kv"] == (4, 2, 1, 4)
     assert header.array_lengths["tokenizer.ggml.tokens"] == VOCAB
@@ -114,7 +116,7 @@ def test_a_big_vocabulary_is_skipped_not_decoded(tmp_path: Path) -> None:
     path = tmp_path / "big.gguf"
     tokens = [f"token-{i}" for i in range(200_000)]
     write_model(path, metadata=lambda w: w.add_array("tokenizer.ggml.merges", tokens))
-    header = memory.read_gguf(str(path))
+    header = gguf.read_gguf(str(path))
     assert header.array_lengths["tokenizer.ggml.merges"] == 200_000
 
 
@@ -129,12 +131,12 @@ def test_split_model_sums_the_tensors_of_every_part(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    header = memory.read_gguf(str(first))
+    header = gguf.read_gguf(str(first))
     assert sum(t.n_bytes for t in header.tensors) == sum(sizes.values()) + 256
 
     second.unlink()
     with pytest.raises(MemoryEstimateError, match="m-00002-of-00002.gguf is missing"):
-        memory.read_gguf(str(first))
+        gguf.read_gguf(str(first))
 
 
 def test_a_tensor_type_newer_than_the_gguf_package_is_sized_by_offsets(tmp_path: Path) -> None:
@@ -147,7 +149,7 @@ def test_a_tensor_type_newer_than_the_gguf_package_is_sized_by_offsets(tmp_path:
     type_at = at + 4 + 2 * 8
     data[type_at:type_at + 4] = (250).to_bytes(4, "little")
     path.write_bytes(bytes(data))
-    header = memory.read_gguf(str(path))
+    header = gguf.read_gguf(str(path))
     tensor = next(t for t in header.tensors if t.name == "blk.1.attn_q.weight")
     assert tensor.ggml_type == 250
     assert tensor.n_bytes == sizes["blk.1.attn_q.weight"]  # 16 KiB: already aligned, so no padding in the gap
@@ -517,9 +519,9 @@ def test_format_bytes() -> None:
 
 def test_parse_compute_apps() -> None:
     text = "1234, 5678\n4321, [N/A]\n\n1234, 100\n99, 0\ngarbage\n"
-    assert memory.parse_compute_apps(text) == {1234: 5778 * MiB, 99: 0}
-    assert memory.parse_compute_apps("") == {}
-    assert memory.parse_compute_apps("No running processes found\n") == {}
+    assert machine.parse_compute_apps(text) == {1234: 5778 * MiB, 99: 0}
+    assert machine.parse_compute_apps("") == {}
+    assert machine.parse_compute_apps("No running processes found\n") == {}
 
 
 def collect(d: defer.Deferred[Any]) -> list[Any]:
@@ -538,7 +540,7 @@ class ProcessReactor(FakeProcessReactor):
 
 def test_gpu_memory_by_pid_through_a_fake_reactor() -> None:
     reactor = ProcessReactor()
-    results = collect(memory.gpu_memory_by_pid(reactor, nvidia_smi="/usr/bin/nvidia-smi"))
+    results = collect(machine.gpu_memory_by_pid(reactor, nvidia_smi="/usr/bin/nvidia-smi"))
     process = reactor.last
     assert process.argv == ["/usr/bin/nvidia-smi", "--query-compute-apps=pid,used_memory",
                             "--format=csv,noheader,nounits"]
@@ -551,19 +553,19 @@ def test_gpu_memory_by_pid_through_a_fake_reactor() -> None:
 
 def test_gpu_memory_by_pid_failures_are_none() -> None:
     reactor = ProcessReactor()
-    failed = collect(memory.gpu_memory_by_pid(reactor, nvidia_smi="nvidia-smi"))
+    failed = collect(machine.gpu_memory_by_pid(reactor, nvidia_smi="nvidia-smi"))
     reactor.last.output(b"NVIDIA-SMI has failed\n", fd=1)
     reactor.last.exit(9)
     assert failed == [None]
 
-    hung = collect(memory.gpu_memory_by_pid(reactor, timeout=10.0, nvidia_smi="nvidia-smi"))
+    hung = collect(machine.gpu_memory_by_pid(reactor, timeout=10.0, nvidia_smi="nvidia-smi"))
     reactor.advance(10.0)
     assert hung == [None]
     reactor.last.exit(0)  # finishing after the timeout changes nothing
     assert hung == [None]
 
     spawn_fails = ProcessReactor(fail_spawn=OSError("no such file"))
-    assert collect(memory.gpu_memory_by_pid(spawn_fails, nvidia_smi="nvidia-smi")) == [None]
+    assert collect(machine.gpu_memory_by_pid(spawn_fails, nvidia_smi="nvidia-smi")) == [None]
 
 
 def test_gpu_memory_by_pid_with_an_injected_runner(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -574,12 +576,12 @@ def test_gpu_memory_by_pid_with_an_injected_runner(monkeypatch: pytest.MonkeyPat
         return defer.succeed((b"7, 1024\n", b"", 0))
 
     clock = Clock()
-    monkeypatch.setattr(memory.shutil, "which", lambda name: "/opt/bin/nvidia-smi")
-    assert collect(memory.gpu_memory_by_pid(clock, run=run)) == [{7: GiB}]
+    monkeypatch.setattr(machine.shutil, "which", lambda name: "/opt/bin/nvidia-smi")
+    assert collect(machine.gpu_memory_by_pid(clock, run=run)) == [{7: GiB}]
     assert calls[0][0] == "/opt/bin/nvidia-smi" and calls[0][2] is clock
 
-    monkeypatch.setattr(memory.shutil, "which", lambda name: None)
-    assert collect(memory.gpu_memory_by_pid(clock, run=run)) == [None]
+    monkeypatch.setattr(machine.shutil, "which", lambda name: None)
+    assert collect(machine.gpu_memory_by_pid(clock, run=run)) == [None]
     assert len(calls) == 1  # nothing ran
 
 
@@ -596,12 +598,12 @@ def write_proc(proc: Path, pid: int, ppid: int, comm: str = "llama-server", rss_
 def test_rss_bytes(tmp_path: Path) -> None:
     write_proc(tmp_path, 10, 1, rss_kb=2048)
     write_proc(tmp_path, 11, 1, rss_kb=None)  # a zombie or kernel thread has no VmRSS
-    assert memory.rss_bytes(10, proc=str(tmp_path)) == 2 * MiB
-    assert memory.rss_bytes(11, proc=str(tmp_path)) is None
-    assert memory.rss_bytes(12, proc=str(tmp_path)) is None
-    own = memory.rss_bytes(os.getpid())
+    assert machine.rss_bytes(10, proc=str(tmp_path)) == 2 * MiB
+    assert machine.rss_bytes(11, proc=str(tmp_path)) is None
+    assert machine.rss_bytes(12, proc=str(tmp_path)) is None
+    own = machine.rss_bytes(os.getpid())
     assert own is not None and own > MiB
-    assert memory.parse_vmrss("VmRSS: oops\n") is None
+    assert machine.parse_vmrss("VmRSS: oops\n") is None
 
 
 def test_process_tree_pids(tmp_path: Path) -> None:
@@ -610,12 +612,12 @@ def test_process_tree_pids(tmp_path: Path) -> None:
     write_proc(tmp_path, 102, 101)
     write_proc(tmp_path, 103, 1)
     (tmp_path / "self").mkdir()
-    assert memory.process_tree_pids(100, proc=str(tmp_path)) == [100, 101, 102]
-    assert memory.process_tree_pids(102, proc=str(tmp_path)) == [102]
-    assert memory.process_tree_pids(999, proc=str(tmp_path)) == []
-    assert memory.process_tree_pids(os.getpid())[0] == os.getpid()
-    assert memory.parse_ppid("5 (a) b) R 42 5 5") == 42
-    assert memory.parse_ppid("garbage") is None
+    assert machine.process_tree_pids(100, proc=str(tmp_path)) == [100, 101, 102]
+    assert machine.process_tree_pids(102, proc=str(tmp_path)) == [102]
+    assert machine.process_tree_pids(999, proc=str(tmp_path)) == []
+    assert machine.process_tree_pids(os.getpid())[0] == os.getpid()
+    assert machine.parse_ppid("5 (a) b) R 42 5 5") == 42
+    assert machine.parse_ppid("garbage") is None
 
 
 def test_corrected_need() -> None:
@@ -629,19 +631,19 @@ def test_corrected_need() -> None:
 
 
 def test_parse_gpu_totals() -> None:
-    assert memory.parse_gpu_totals("81559\n") == [81559 * MiB]
-    assert memory.parse_gpu_totals("81559\n81559\n") == [81559 * MiB] * 2
-    assert memory.parse_gpu_totals("[N/A]\n24576\n") == [24576 * MiB]
-    assert memory.parse_gpu_totals("") == []
+    assert machine.parse_gpu_totals("81559\n") == [81559 * MiB]
+    assert machine.parse_gpu_totals("81559\n81559\n") == [81559 * MiB] * 2
+    assert machine.parse_gpu_totals("[N/A]\n24576\n") == [24576 * MiB]
+    assert machine.parse_gpu_totals("") == []
 
 
 def test_parse_meminfo_and_cgroup_limits() -> None:
     meminfo = "MemTotal:       65798216 kB\nMemFree:         1234 kB\n"
-    assert memory.parse_meminfo_total(meminfo) == 65798216 * 1024
-    assert memory.parse_meminfo_total("MemFree: 1 kB\n") is None
-    assert memory.parse_cgroup_limit("max\n") is None
-    assert memory.parse_cgroup_limit("9223372036854771712\n") is None  # cgroup v1 "unlimited"
-    assert memory.parse_cgroup_limit("2147483648\n") == 2 * GiB
+    assert machine.parse_meminfo_total(meminfo) == 65798216 * 1024
+    assert machine.parse_meminfo_total("MemFree: 1 kB\n") is None
+    assert machine.parse_cgroup_limit("max\n") is None
+    assert machine.parse_cgroup_limit("9223372036854771712\n") is None  # cgroup v1 "unlimited"
+    assert machine.parse_cgroup_limit("2147483648\n") == 2 * GiB
 
 
 def test_system_memory_takes_a_lower_cgroup_limit(tmp_path: Path) -> None:
@@ -649,12 +651,12 @@ def test_system_memory_takes_a_lower_cgroup_limit(tmp_path: Path) -> None:
     proc.mkdir()
     cgroup.mkdir()
     (proc / "meminfo").write_text("MemTotal:       16777216 kB\n")
-    assert memory._system_memory(str(proc), str(cgroup)) == (16 * GiB, "/proc/meminfo")
+    assert machine._system_memory(str(proc), str(cgroup)) == (16 * GiB, "/proc/meminfo")
     (cgroup / "memory.max").write_text("4294967296\n")
-    assert memory._system_memory(str(proc), str(cgroup)) == (4 * GiB, "cgroup limit")
+    assert machine._system_memory(str(proc), str(cgroup)) == (4 * GiB, "cgroup limit")
     (cgroup / "memory.max").write_text("max\n")
-    assert memory._system_memory(str(proc), str(cgroup))[0] == 16 * GiB
-    assert memory.total_system_memory() > 0
+    assert machine._system_memory(str(proc), str(cgroup))[0] == 16 * GiB
+    assert machine.total_system_memory() > 0
 
 
 def fake_nvidia_smi(bin_dir: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
@@ -667,26 +669,26 @@ def fake_nvidia_smi(bin_dir: Path, monkeypatch: pytest.MonkeyPatch, body: str) -
 
 def test_total_gpu_memory_and_auto_budget_with_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_nvidia_smi(tmp_path / "bin", monkeypatch, 'echo 81920\n')
-    assert memory.total_gpu_memory() == 80 * GiB
-    assert memory.auto_budget(GiB) == (79 * GiB, "GPU memory 80.0 GiB (nvidia-smi) minus reserve 1.0 GiB")
+    assert machine.total_gpu_memory() == 80 * GiB
+    assert machine.auto_budget(GiB) == (79 * GiB, "GPU memory 80.0 GiB (nvidia-smi) minus reserve 1.0 GiB")
 
     fake_nvidia_smi(tmp_path / "bin", monkeypatch, 'printf "40960\\n[N/A]\\n40960\\n"\n')
-    assert memory.auto_budget(2 * GiB) == (78 * GiB, "GPU memory 80.0 GiB (2 GPUs, nvidia-smi) minus reserve 2.0 GiB")
+    assert machine.auto_budget(2 * GiB) == (78 * GiB, "GPU memory 80.0 GiB (2 GPUs, nvidia-smi) minus reserve 2.0 GiB")
 
 
 def test_auto_budget_falls_back_to_system_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory, "_system_memory", lambda: (16 * GiB, "/proc/meminfo"))
+    monkeypatch.setattr(machine, "_system_memory", lambda: (16 * GiB, "/proc/meminfo"))
     fake_nvidia_smi(tmp_path / "bin", monkeypatch, 'echo "NVIDIA-SMI has failed" ; exit 9\n')
-    assert memory.total_gpu_memory() is None
+    assert machine.total_gpu_memory() is None
     expected = (15 * GiB, "system memory 16.0 GiB (/proc/meminfo, no GPU) minus reserve 1.0 GiB")
-    assert memory.auto_budget(GiB) == expected
+    assert machine.auto_budget(GiB) == expected
 
-    monkeypatch.setattr(memory.shutil, "which", lambda name: None)
-    assert memory.total_gpu_memory() is None
-    assert memory.auto_budget(GiB) == expected
-    assert memory.auto_budget(32 * GiB)[0] == 0  # never negative
+    monkeypatch.setattr(machine.shutil, "which", lambda name: None)
+    assert machine.total_gpu_memory() is None
+    assert machine.auto_budget(GiB) == expected
+    assert machine.auto_budget(32 * GiB)[0] == 0  # never negative
 
 
 def test_a_hung_nvidia_smi_at_boot_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_nvidia_smi(tmp_path / "bin", monkeypatch, "exec sleep 30\n")
-    assert memory.total_gpu_memory(timeout=0.5) is None
+    assert machine.total_gpu_memory(timeout=0.5) is None
