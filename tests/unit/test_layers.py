@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "llamad"
 
 # Highest first.  A module not listed by name is placed by its longest listed prefix.
 LAYERS: dict[str, int] = {
-    "llamad.tap": 6, "llamad.cli": 6,                                    # wiring and the console script
+    "llamad.tap": 6, "llamad.root": 6, "llamad.cli": 6,                  # wiring, the root service, the console
     "llamad.gateway": 5, "llamad.health": 5, "llamad.k8s": 5,            # the sites and the poller
     "llamad.fleet": 4,                                                   # models: fleet, runtime, gate, placement
     "llamad.keys": 3,                                                    # API keys and their policy

@@ -17,7 +17,7 @@ from twisted.scripts.twistd import ServerOptions
 
 from llamad.keys.access import access_line
 from llamad.logs import ChildLog, Lines, LogWriter, boot_observer, escape, twistd_observer
-from llamad.tap import LlamadService
+from llamad.root import LlamadService
 
 HOSTILE = 'x\n\u001b[31m\r\t\x7f\x85"'
 SHOWN = 'x\\n\\x1b[31m\\r\\t\\x7f\\x85"'

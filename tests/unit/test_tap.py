@@ -9,7 +9,8 @@ from fakes import clean_config_env
 from twisted.internet.task import Clock
 
 from llamad import config
-from llamad.tap import LlamadService, Options
+from llamad.root import LlamadService
+from llamad.tap import Options
 
 
 @pytest.fixture(autouse=True)

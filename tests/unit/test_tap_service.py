@@ -19,7 +19,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from llamad import runfiles
 from llamad.activity import Activity
 from llamad.config import Config, ConfigError
-from llamad.tap import ListeningService, LlamadService, listen_all
+from llamad.root import ListeningService, LlamadService, listen_all
 
 
 class BusyReactor(MemoryReactor):
