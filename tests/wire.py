@@ -163,6 +163,20 @@ def site_send(raw: bytes, **kw):
 # --- either server's answer -------------------------------------------------------------------------------
 
 
+def only_response(transport) -> Response:
+    """The one response written on ``transport``."""
+    responses = parse(transport.value())
+    assert len(responses) == 1
+    return responses[0]
+
+
+def error_of(transport) -> tuple[int, str, str]:
+    """Status, error code and message of the one (error) response written on ``transport``."""
+    response = only_response(transport)
+    err = json.loads(response.body)["error"]
+    return response.status, err["code"], err["message"]
+
+
 def answer(transport) -> tuple[int, dict[bytes, bytes], dict]:
     """The one response on ``transport``: status, headers (lower-case names), JSON body."""
     head, _, body = transport.value().partition(b"\r\n\r\n")

@@ -226,48 +226,37 @@ class Gate:
         """Only a supervised child is restarted; a request an external backend refused fails."""
         return lease.gate is self and lease.target.generation > 0
 
-    async def redeliver(self, lease: Lease) -> None:
-        """The child could not be reached and got none of the request: wait for the next one.
+    async def redeliver(self, lease: Lease, unanswered: ApiError | None = None, grace: float = LOSS_GRACE) -> None:
+        """The request goes, holding its slot, to the next child, within ``queue_timeout`` of its arrival.
 
-        The child died and its exit is not seen yet (or it is restarting).  The
-        request keeps its slot, so it goes ahead of everyone still queued, and
-        is sent to the restarted child, within ``queue_timeout`` of its arrival.
-        """
-        backend = self._refuse_early()
-        waiting = backend.wait_ready(newer_than=lease.target.generation)
-        try:
-            await self._wait_for_start(waiting, lease.started)
-        except StartFailed as e:
-            raise self._start_failed(e) from None
-        self._refuse_early()
-        lease.target = backend.target()
-
-    async def redeliver_unanswered(self, lease: Lease, unanswered: ApiError, grace: float = LOSS_GRACE) -> None:
-        """The child took the request and closed the connection without answering.
-
-        A child does that while it dies (its listening socket still accepts
-        until the process is gone).  If its exit is seen within ``grace``, the
-        request goes, holding its slot, to the next child as :meth:`redeliver`
-        does; if the same child still serves then, the close was its answer and
-        ``unanswered`` is raised.
+        Without ``unanswered``: the child could not be reached and got none of
+        it (it died and its exit is not seen yet, or it is restarting).  With
+        ``unanswered``: the child took it and closed the connection without
+        answering, as a dying child does (its listening socket accepts until the
+        process is gone); if that child still serves ``grace`` seconds later,
+        the close was its answer and ``unanswered`` is raised.
         """
         backend = self._refuse_early()
         generation = lease.target.generation
         waiting = backend.wait_ready(newer_than=generation)
+        answered: list[bool] = []  # the child still served at the end of the grace
 
         def still_serving() -> None:
             if backend.state == State.READY and backend.target().generation == generation:
+                answered.append(True)
                 waiting.cancel()
 
-        check = self.clock.callLater(grace, still_serving)
+        check = self.clock.callLater(grace, still_serving) if unanswered is not None else None
         try:
             await self._wait_for_start(waiting, lease.started)
         except defer.CancelledError:
-            raise unanswered from None
+            if answered and unanswered is not None:
+                raise unanswered from None
+            raise  # the client went away
         except StartFailed as e:
             raise self._start_failed(e) from None
         finally:
-            if check.active():
+            if check is not None and check.active():
                 check.cancel()
         self._refuse_early()
         lease.target = backend.target()

@@ -722,20 +722,20 @@ class Proxied:
     def not_relayed(self, failure: Failure) -> None:
         self.pending = None
         lease = self.lease
-        if failure.check(NotDelivered) and lease is not None and self.runtime.gate.can_redeliver(lease):
-            # The child died (or is restarting) and got none of this request: send it to the next one.
-            log.info("backend unreachable before {route} was sent: waiting for its restart", route=self.route)
-            d = self.pending = defer.ensureDeferred(self.runtime.gate.redeliver(lease))
-            d.addCallbacks(self._redelivered, self.not_relayed)
-            return
-        if (failure.check(Unanswered) and self.inference and not self.resent and lease is not None
-                and self.runtime.gate.can_redeliver(lease)):
-            # Sent, and closed unanswered: a dying child's.  Once to the next child; a request that
-            # meets two such closes in a row fails with the reason (it may be what kills the child).
-            self.resent = True
-            log.info("backend closed {route} unanswered: sending it to the next child if this one exits",
-                     route=self.route)
-            d = self.pending = defer.ensureDeferred(self.runtime.gate.redeliver_unanswered(lease, failure.value))
+        # NotDelivered: the child died (or is restarting) and got none of this request.  Unanswered: it took
+        # the request and closed unanswered, as a dying child does; once only: a request that meets two such
+        # closes in a row fails with the reason (it may be what kills the child).  Either goes to the next child.
+        unanswered = failure.check(Unanswered) is not None
+        resend = failure.check(NotDelivered) is not None or (unanswered and self.inference and not self.resent)
+        if resend and lease is not None and self.runtime.gate.can_redeliver(lease):
+            if unanswered:
+                self.resent = True
+                log.info("backend closed {route} unanswered: sending it to the next child if this one exits",
+                         route=self.route)
+            else:
+                log.info("backend unreachable before {route} was sent: waiting for its restart", route=self.route)
+            d = self.pending = defer.ensureDeferred(
+                self.runtime.gate.redeliver(lease, failure.value if unanswered else None))
             d.addCallbacks(self._redelivered, self.not_relayed)
             return
         request = self.request

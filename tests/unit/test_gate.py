@@ -320,7 +320,7 @@ def test_a_request_closed_unanswered_by_a_child_that_then_exits_goes_to_the_next
     old = first.lease.target.generation
     unanswered = ApiError(502, "backend unreachable: upstream closed the connection", "backend_unreachable")
     outcome: list = []
-    defer.ensureDeferred(gate.redeliver_unanswered(first.lease, unanswered)).addBoth(outcome.append)
+    defer.ensureDeferred(gate.redeliver(first.lease, unanswered)).addBoth(outcome.append)
     reactor.advance(LOSS_GRACE / 2)
     reactor.last.exit(None, signal.SIGKILL)  # its exit is seen within the grace
     reactor.advance(1.0)
@@ -335,7 +335,7 @@ def test_a_request_closed_unanswered_by_a_child_that_lives_on_fails_after_the_gr
     first = Admission(gate)
     unanswered = ApiError(502, "backend unreachable: upstream closed the connection", "backend_unreachable")
     outcome: list = []
-    defer.ensureDeferred(gate.redeliver_unanswered(first.lease, unanswered)).addBoth(outcome.append)
+    defer.ensureDeferred(gate.redeliver(first.lease, unanswered)).addBoth(outcome.append)
     reactor.advance(LOSS_GRACE - 0.1)
     assert outcome == []
     reactor.advance(0.2)

@@ -9,7 +9,7 @@ import json
 import pytest
 from fakes import FakeBackend, PendingProxy, UsageProxy
 from twisted.internet.task import Clock
-from wire import connect, parse, server
+from wire import connect, error_of, only_response, server
 
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway
@@ -89,17 +89,6 @@ def send(factory, key: str, path: bytes, body: bytes | dict | None = None, metho
     return transport
 
 
-def answer(transport):
-    responses = parse(transport.value())
-    assert len(responses) == 1
-    return responses[0]
-
-
-def error(transport) -> tuple[int, str, str]:
-    response = answer(transport)
-    err = json.loads(response.body)["error"]
-    return response.status, err["code"], err["message"]
-
 
 def origins(gateway: Gateway) -> list[bytes]:
     return [target.origin for target in gateway.proxy.targets]
@@ -115,7 +104,7 @@ CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}
                                     b"/upstream/beta/v1/chat/completions#"])
 def test_a_target_with_a_fragment_is_400_and_reaches_no_model(tmp_path, target):
     factory, gateway = build(tmp_path)
-    status, code, message = error(send(factory, PLAIN, target, {**CHAT, "model": "beta", "temperature": 0.5}))
+    status, code, message = error_of(send(factory, PLAIN, target, {**CHAT, "model": "beta", "temperature": 0.5}))
     assert (status, code) == (400, "invalid_request_target") and "fragment" in message
     assert gateway.proxy.targets == []
 
@@ -126,18 +115,18 @@ def test_a_target_with_a_fragment_is_400_and_reaches_no_model(tmp_path, target):
 @pytest.mark.parametrize("body", [b'{"messages": [], "temperature": NaN}', b'{"temperature": 1e999}', b"[1]", b""])
 def test_an_inference_route_under_upstream_gets_the_same_json_checks(tmp_path, body):
     factory, gateway = build(tmp_path)
-    status, code, _ = error(send(factory, PLAIN, b"/upstream/beta/v1/chat/completions", body))
+    status, code, _ = error_of(send(factory, PLAIN, b"/upstream/beta/v1/chat/completions", body))
     assert (status, code) == (400, "invalid_json") and gateway.proxy.targets == []
 
 
 def test_an_inference_route_under_upstream_takes_post_only(tmp_path):
     factory, gateway = build(tmp_path)
-    assert error(send(factory, PLAIN, b"/upstream/beta/v1/chat/completions", method=b"GET"))[0] == 405
+    assert error_of(send(factory, PLAIN, b"/upstream/beta/v1/chat/completions", method=b"GET"))[0] == 405
 
 
 def test_upstream_goes_to_its_model_whatever_the_body_names_and_counts_under_the_route(tmp_path):
     factory, gateway = build(tmp_path)
-    assert answer(send(factory, PLAIN, b"/upstream/beta/v1/chat/completions", CHAT)).status == 200
+    assert only_response(send(factory, PLAIN, b"/upstream/beta/v1/chat/completions", CHAT)).status == 200
     assert origins(gateway) == [b"http://beta"]
     text = gateway.metrics.exposition().decode()
     assert 'route="/v1/chat/completions"' in text and 'route="other"' not in text
@@ -146,15 +135,15 @@ def test_upstream_goes_to_its_model_whatever_the_body_names_and_counts_under_the
 def test_a_token_quota_counts_and_refuses_under_upstream(tmp_path):
     factory, gateway = build(tmp_path)
     for _ in range(2):  # 12 tokens each: 24 of 20 used, the second not cut
-        assert answer(send(factory, QUOTA, b"/upstream/beta/v1/chat/completions", CHAT)).status == 200
+        assert only_response(send(factory, QUOTA, b"/upstream/beta/v1/chat/completions", CHAT)).status == 200
     assert gateway.policy.tokens_used("quota") == (24, 24)
-    status, code, _ = error(send(factory, QUOTA, b"/upstream/beta/v1/chat/completions", CHAT))
+    status, code, _ = error_of(send(factory, QUOTA, b"/upstream/beta/v1/chat/completions", CHAT))
     assert (status, code) == (429, "token_quota_exceeded") and len(gateway.proxy.targets) == 2
 
 
 def test_a_scope_holds_under_upstream(tmp_path):
     factory, gateway = build(tmp_path)
-    status, code, _ = error(send(factory, QUOTA, b"/upstream/alpha/v1/chat/completions", CHAT))
+    status, code, _ = error_of(send(factory, QUOTA, b"/upstream/alpha/v1/chat/completions", CHAT))
     assert (status, code) == (404, "model_not_found") and gateway.proxy.targets == []
 
 
@@ -167,9 +156,9 @@ def test_max_concurrent_holds_under_upstream_and_the_model_counts_it_in_flight(t
     assert len(proxy.pending) == 1 and second.value() == b""  # waits for the key's one place
     assert beta.inference_in_flight == 1 and gateway.activity.inference_in_flight == 1
     proxy.answer()
-    assert answer(first).status == 200 and len(proxy.pending) == 1
+    assert only_response(first).status == 200 and len(proxy.pending) == 1
     proxy.answer()
-    assert answer(second).status == 200
+    assert only_response(second).status == 200
     assert beta.inference_in_flight == 0 and gateway.policy.uses["one"].in_flight == 0
 
 
@@ -180,13 +169,13 @@ def test_upstream_to_a_stopped_model_starts_it(tmp_path):
     assert backend.start_requests == 1 and transport.value() == b""
     backend.state = State.READY
     backend.waiters[0].callback(None)
-    assert answer(transport).status == 200 and origins(gateway) == [b"http://beta"]
+    assert only_response(transport).status == 200 and origins(gateway) == [b"http://beta"]
 
 
 def test_other_routes_under_upstream_still_pass_through(tmp_path):
     factory, gateway = build(tmp_path)
-    assert answer(send(factory, PLAIN, b"/upstream/beta/slots?id=1", method=b"GET")).status == 200
-    assert answer(send(factory, PLAIN, b"/upstream/beta/v1/models", method=b"GET")).status == 200  # the child's
+    assert only_response(send(factory, PLAIN, b"/upstream/beta/slots?id=1", method=b"GET")).status == 200
+    assert only_response(send(factory, PLAIN, b"/upstream/beta/v1/models", method=b"GET")).status == 200  # the child's
     assert origins(gateway) == [b"http://beta", b"http://beta"]
 
 
@@ -211,7 +200,7 @@ BAD_JSON = [
 @pytest.mark.parametrize("path", CHILD_JSON)
 def test_every_json_body_the_child_parses_is_strict(tmp_path, path, body, problem):
     factory, gateway = build(tmp_path)
-    status, code, message = error(send(factory, PLAIN, path, body))
+    status, code, message = error_of(send(factory, PLAIN, path, body))
     assert (status, code) == (400, "invalid_json") and problem in message, message
     assert gateway.proxy.targets == []
 
@@ -224,7 +213,7 @@ def test_every_json_body_the_child_parses_is_strict(tmp_path, path, body, proble
 ])
 def test_bodies_the_child_takes_still_pass(tmp_path, path, body):
     factory, gateway = build(tmp_path)
-    assert answer(send(factory, PLAIN, path, body)).status == 200 and len(gateway.proxy.targets) == 1
+    assert only_response(send(factory, PLAIN, path, body)).status == 200 and len(gateway.proxy.targets) == 1
 
 
 # --- non-inference POSTs go to the body's model --------------------------------------------------------
@@ -233,11 +222,11 @@ def test_bodies_the_child_takes_still_pass(tmp_path, path, body):
 @pytest.mark.parametrize("path", [b"/tokenize", b"/detokenize", b"/apply-template", b"/v1/messages/count_tokens"])
 def test_a_non_inference_post_goes_to_the_model_its_body_names(tmp_path, path):
     factory, gateway = build(tmp_path)
-    assert answer(send(factory, PLAIN, path, {"model": "beta", "content": "hi", "tokens": [1]})).status == 200
-    assert answer(send(factory, PLAIN, path, {"content": "hi", "tokens": [1]})).status == 200  # the default
-    assert answer(send(factory, PLAIN, path + b"?model=beta", {"content": "hi"})).status == 200
+    assert only_response(send(factory, PLAIN, path, {"model": "beta", "content": "hi", "tokens": [1]})).status == 200
+    assert only_response(send(factory, PLAIN, path, {"content": "hi", "tokens": [1]})).status == 200  # the default
+    assert only_response(send(factory, PLAIN, path + b"?model=beta", {"content": "hi"})).status == 200
     assert origins(gateway) == [b"http://beta", b"http://alpha", b"http://beta"]
-    status, code, _ = error(send(factory, QUOTA, path, {"model": "alpha", "content": "hi"}))
+    status, code, _ = error_of(send(factory, QUOTA, path, {"model": "alpha", "content": "hi"}))
     assert (status, code) == (404, "model_not_found") and len(gateway.proxy.targets) == 3
 
 
@@ -247,7 +236,7 @@ def test_a_non_inference_post_goes_to_the_model_its_body_names(tmp_path, path):
 @pytest.mark.parametrize("force", ["yes", 1, "true", None, [True]])
 def test_unload_with_a_force_that_is_not_a_boolean_is_400(tmp_path, force):
     factory, gateway = build(tmp_path)
-    response = answer(send(factory, OPS, b"/models/unload", {"model": "beta", "force": force}))
+    response = only_response(send(factory, OPS, b"/models/unload", {"model": "beta", "force": force}))
     assert response.status == 400
     err = json.loads(response.body)["error"]
     assert err["code"] == 400 and "\"force\" must be a boolean" in err["message"]
@@ -258,7 +247,7 @@ def test_unload_with_a_force_that_is_not_a_boolean_is_400(tmp_path, force):
                                          ({"model": "beta", "force": True}, True)])
 def test_unload_takes_a_boolean_force_or_none(tmp_path, body, force):
     factory, gateway = build(tmp_path)
-    assert answer(send(factory, OPS, b"/models/unload", body)).status == 200
+    assert only_response(send(factory, OPS, b"/models/unload", body)).status == 200
     assert gateway.status.fleet.unloads == [("beta", force)]
 
 
@@ -272,7 +261,7 @@ def test_protected_metrics_need_the_admin_role(tmp_path, key, code):
         protocol, transport = connect(factory)
         protocol.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: %s\r\nAuthorization: Bearer %s\r\n\r\n"
                               % (accept, key.encode()))
-        response = answer(transport)
+        response = only_response(transport)
         assert response.status == code
         if code == 403:
             assert json.loads(response.body)["error"]["code"] == "insufficient_role"

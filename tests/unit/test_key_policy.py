@@ -9,7 +9,7 @@ import pytest
 from fakes import FakeBackend, PendingProxy, UsageProxy
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
-from wire import connect, parse, server
+from wire import connect, error_of, only_response, server
 
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway
@@ -73,48 +73,37 @@ def post(factory, key: str, model: str = "alpha", path: bytes = b"/v1/chat/compl
     return transport
 
 
-def answer(transport):
-    responses = parse(transport.value())
-    assert len(responses) == 1
-    return responses[0]
-
-
-def error(transport) -> tuple[int, str, str]:
-    response = answer(transport)
-    err = json.loads(response.body)["error"]
-    return response.status, err["code"], err["message"]
-
 
 def test_a_model_outside_the_scope_answers_as_if_it_did_not_exist(tmp_path):
     factory, gateway, clock, lines = build(tmp_path)
-    status, code, message = error(post(factory, A, "beta"))
+    status, code, message = error_of(post(factory, A, "beta"))
     assert (status, code) == (404, "model_not_found")
     assert "beta" in message and "(models here: alpha)" in message  # the other models are not named
-    assert answer(post(factory, A, "alpha")).status == 200
-    assert answer(post(factory, B, "beta")).status == 200  # globs and ids
-    assert answer(post(factory, C, "beta")).status == 200  # no models: every model
+    assert only_response(post(factory, A, "alpha")).status == 200
+    assert only_response(post(factory, B, "beta")).status == 200  # globs and ids
+    assert only_response(post(factory, C, "beta")).status == 200  # no models: every model
     assert [t.origin for t in gateway.proxy.targets] == [b"http://alpha", b"http://beta", b"http://beta"]
 
 
 def test_roles_keep_admin_routes_and_inference_apart(tmp_path):
     factory, gateway, clock, lines = build(tmp_path)
-    status, code, message = error(post(factory, A, path=b"/admin/reload"))
+    status, code, message = error_of(post(factory, A, path=b"/admin/reload"))
     assert (status, code) == (403, "insufficient_role") and "admin" in message
-    status, code, _ = error(post(factory, OPS))
+    status, code, _ = error_of(post(factory, OPS))
     assert (status, code) == (403, "insufficient_role")
-    assert answer(post(factory, OPS, path=b"/admin/reload")).status == 200
+    assert only_response(post(factory, OPS, path=b"/admin/reload")).status == 200
     assert gateway.proxy.targets == []
 
 
 def test_a_token_quota_refuses_the_next_request_until_the_window_frees(tmp_path):
     factory, gateway, clock, lines = build(tmp_path)
-    assert answer(post(factory, B)).status == 200  # 12 tokens: over the 10 per minute, not cut
-    response = answer(post(factory, B))
+    assert only_response(post(factory, B)).status == 200  # 12 tokens: over the 10 per minute, not cut
+    response = only_response(post(factory, B))
     assert response.status == 429 and response.headers[b"retry-after"] == b"61"
     assert json.loads(response.body)["error"]["code"] == "token_quota_exceeded"
-    assert answer(post(factory, A)).status == 200  # another key's quota is its own
+    assert only_response(post(factory, A)).status == 200  # another key's quota is its own
     clock.advance(61)
-    assert answer(post(factory, B)).status == 200
+    assert only_response(post(factory, B)).status == 200
 
 
 def test_max_concurrent_waits_in_line_then_429(tmp_path):
@@ -124,13 +113,13 @@ def test_max_concurrent_waits_in_line_then_429(tmp_path):
     second = post(factory, B)
     assert len(proxy.pending) == 1 and second.value() == b""  # waits for the key's one place
     proxy.answer()
-    assert answer(first).status == 200 and len(proxy.pending) == 1  # the second goes on
+    assert only_response(first).status == 200 and len(proxy.pending) == 1  # the second goes on
     third = post(factory, B)
     clock.advance(10)
-    status, code, _ = error(third)
+    status, code, _ = error_of(third)
     assert (status, code) == (429, "concurrency_limit_exceeded")
     proxy.answer()
-    assert answer(second).status == 200
+    assert only_response(second).status == 200
     assert gateway.policy.uses["b"].in_flight == 0
 
 
@@ -143,11 +132,11 @@ def test_a_higher_class_is_admitted_first(tmp_path):
     high = post(factory, B)  # priority "high": 30 s ahead, though it came later
     assert len(proxy.pending) == 1
     proxy.answer()
-    assert answer(running).status == 200
+    assert only_response(running).status == 200
     assert proxy.pending[0][0].getHeader(b"authorization") == b"Bearer " + B.encode()
     proxy.answer()
     proxy.answer()
-    assert answer(high).status == 200 and answer(low).status == 200
+    assert only_response(high).status == 200 and only_response(low).status == 200
 
 
 def test_requests_and_tokens_carry_the_key_id(tmp_path):
