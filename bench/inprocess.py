@@ -1,6 +1,6 @@
 """llamad's own CPU per proxied request, without sockets: the gateway between in-memory transports.
 
-    .venv/bin/python bench/inprocess.py [--requests 20000] [--events 200] [--server fast|twisted.web] [--policy]
+    .venv/bin/python bench/inprocess.py [--requests 20000] [--events 200] [--policy]
 
 The client's request bytes go into port 8000's protocol, the request llamad
 writes to the child is answered at once with a recorded llama-server response
@@ -10,7 +10,7 @@ reactor dispatch, no other process in the measure.  It is a floor, not what a
 real request costs.  A shared machine's drift still reaches it (up to 30 %
 between runs), so compare two versions of the code in alternating runs.
 
-``--policy`` measures the fast path three ways, alternating: as above; with
+``--policy`` measures it three ways, alternating: as above; with
 auth on and a key of the line format; and with a TOML key that carries every
 policy field (a model glob, both token quotas, a rate, max_concurrent, a
 priority class), and the access log (its lines gathered as llamad gathers
@@ -32,8 +32,9 @@ from twisted.internet.testing import StringTransport
 
 from llamad.keys.access import AccessLog
 from llamad.activity import Activity
-from llamad.gateway.app import Gateway, api_factory, api_site
+from llamad.gateway.app import Gateway, api_factory
 from llamad.fleet.gate import Gate
+from llamad.fleet.runtime import ModelRuntime
 from llamad.gateway.guard import Auth
 from llamad.gateway.proxy import Proxy
 from llamad.gateway.upstream import _Connection
@@ -113,7 +114,7 @@ class Child(StringTransport):
         self.waiting.append(self.protocol)
 
 
-def build(server: str, policy: str = "", keys: str = "") -> tuple[object, list[_Connection], Clock]:
+def build(policy: str = "", keys: str = "") -> tuple[object, list[_Connection], Clock]:
     """``policy``: a folder for the keys file (auth on); ``keys``: its text (a TOML key with a policy, and
     the access log; or a key of the line format)."""
     clock = Clock()
@@ -130,8 +131,9 @@ def build(server: str, policy: str = "", keys: str = "") -> tuple[object, list[_
         auth = Auth(True, path, False, clock, priorities={"interactive": 1})
         if toml:
             access = AccessLog(clock, lambda data: None)
-    gateway = Gateway(clock, status, Gate(clock, status, backend, 64, 64, 10, metrics), proxy, metrics,
-                      Activity(clock), auth, access=access)
+    activity = Activity(clock)
+    runtime = ModelRuntime("demo", backend, Gate(clock, status, backend, 64, 64, 10, metrics), activity)
+    gateway = Gateway(clock, status, {runtime.id: runtime}, proxy, metrics, activity, auth, access=access)
     waiting: list[_Connection] = []
     pool = proxy._upstream(backend.target().origin).pool
     for _ in range(2):  # kept alive, as llamad's pool keeps them
@@ -140,17 +142,15 @@ def build(server: str, policy: str = "", keys: str = "") -> tuple[object, list[_
         connection.makeConnection(transport)
         transport.protocol = connection
         pool._idle(connection)
-    factory = api_factory(gateway) if server == "fast" else api_site(gateway)
-    if server != "fast":
-        factory.reactor = clock  # type: ignore[attr-defined]
+    factory = api_factory(gateway)
     protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     protocol.makeConnection(Client())
     return protocol, waiting, clock
 
 
-def run(server: str, requests: int, events: int, policy: str = "", keys: str = "") -> tuple[float, float]:
+def run(requests: int, events: int, policy: str = "", keys: str = "") -> tuple[float, float]:
     """Microseconds of CPU per non-streaming request, and per relayed SSE event."""
-    protocol, waiting, clock = build(server, policy, keys)
+    protocol, waiting, clock = build(policy, keys)
     request, stream_request = (with_key(REQUEST), with_key(STREAM_REQUEST)) if policy else (REQUEST, STREAM_REQUEST)
     gc.collect()  # what the set-up left does not land in the measure
     started = time.process_time()
@@ -180,24 +180,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--events", type=int, default=200)
-    p.add_argument("--server", choices=("fast", "twisted.web"), default=None,
-                   help="one of port 8000's servers (default: both)")
-    p.add_argument("--policy", action="store_true", help="the fast path without and with a key's whole policy")
+    p.add_argument("--policy", action="store_true", help="without keys, with a key, and with a key's whole policy")
     args = p.parse_args()
     if args.policy:
         ways = (("no keys", ""), ("line key", f"bench:{KEY}\n"), ("policy", POLICY_KEYS.lstrip()))
         with tempfile.TemporaryDirectory() as folder:
             for _, keys in ways:
-                run("fast", 500, args.events, folder if keys else "", keys)  # warm up
+                run(500, args.events, folder if keys else "", keys)  # warm up
             for _ in range(3):
                 for name, keys in ways:
-                    per_request, per_event = run("fast", args.requests, args.events, folder if keys else "", keys)
+                    per_request, per_event = run(args.requests, args.events, folder if keys else "", keys)
                     print(f"{name:<12} {per_request:7.1f} us per request   {per_event:5.2f} us per SSE event")
         return
-    for server in [args.server] if args.server else ["fast", "twisted.web"]:
-        run(server, 500, args.events)  # warm up
-        per_request, per_event = run(server, args.requests, args.events)
-        print(f"{server:<12} {per_request:7.1f} us per request   {per_event:5.2f} us per SSE event")
+    run(500, args.events)  # warm up
+    per_request, per_event = run(args.requests, args.events)
+    print(f"{per_request:7.1f} us per request   {per_event:5.2f} us per SSE event")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ model glob, both token quotas, a rate, max_concurrent, a priority class),
 with the key_id labels and the access log on.
 
 ``--llamad-set KEY=VALUE`` (repeatable) adds a key to both llamad configs:
-``api.fast_path=false`` puts ``fast_path = false`` in the ``[api]`` table;
+``admission.max_queue=64`` puts ``max_queue = 64`` in the ``[admission]`` table;
 the value is a TOML literal, written verbatim.
 
 Needs ``wrk`` and ``nginx`` (Debian: ``apt-get install wrk nginx-light``).
@@ -232,7 +232,7 @@ http {{
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
-    """``["api.fast_path=false"]`` -> ``{"api": {"fast_path": "false"}}`` (values: TOML literals)."""
+    """``["admission.max_queue=64"]`` -> ``{"admission": {"max_queue": "64"}}`` (values: TOML literals)."""
     extra: dict[str, dict[str, str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -424,7 +424,7 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=2)
     p.add_argument("--no-real-sse", action="store_true", help="skip the llama-server SSE scenario")
     p.add_argument("--llamad-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="add a TOML key to both llamad configs, e.g. api.fast_path=false (repeatable)")
+                   help="add a TOML key to both llamad configs, e.g. admission.max_queue=64 (repeatable)")
     p.add_argument("--json", metavar="PATH", help="write the final medians as JSON")
     p.add_argument("--policy", action="store_true",
                    help="every request carries an API key with a whole policy (a model glob, token quotas, a rate, "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -17,32 +16,26 @@ from twisted.python import usage
 from llamad import config as config_module
 from llamad import runfiles
 from llamad.activity import Activity, IdleWatch
-from llamad.config import Config, ConfigError, ModelConfig, ScaleFromZeroConfig
-from llamad.fleet import gguf, machine, memory, placement
-from llamad.fleet.fleet import Fleet, Placed
-from llamad.fleet.gate import Gate
-from llamad.fleet.runtime import BackendReporter, IdleAction, ModelRuntime
-from llamad.gateway.app import Gateway, api_factory, api_site
+from llamad.config import Config, ConfigError, ScaleFromZeroConfig
+from llamad.fleet.build import build_fleet
+from llamad.fleet.runtime import IdleAction
+from llamad.gateway.app import Gateway, api_factory
 from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Proxy
 from llamad.gateway.routing import ModelDirectory
 from llamad.gateway.upstream import UpstreamPool, fetch
 from llamad.health import health_site
-from llamad.interfaces import Backend
 from llamad.k8s import connect
 from llamad.k8s.client import KubeClient
 from llamad.k8s.poller import ScaleFromZero
 from llamad.keys.access import AccessLog
 from llamad.keys.tokenfile import FILE_NAME as TOKEN_FILE, TokenFile
-from llamad.logs import (
-    ChildLog, Lines, access_log, boot_observer, escape, gpu_inventory, model_log, open_logs,
-    twistd_observer,
-)
+from llamad.logs import Lines, access_log, boot_observer, escape, gpu_inventory, open_logs, twistd_observer
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
 from llamad.root import ListeningService, LlamadService, listen_all
 from llamad.status import Status
-from llamad.supervisor import ExternalBackend, Supervisor
+from llamad.supervisor import Supervisor
 
 log = Logger(namespace="llamad")
 
@@ -98,115 +91,6 @@ def make_probe(reactor: Any, key: str) -> Any:
     return probe
 
 
-def make_backend(config: Config, reactor: Any, writer: Any) -> Backend | None:
-    """The model's server for ``backend.kind``: a supervised child, an external server, or none."""
-    if config.backend.kind == "none":
-        return None  # a scale-from-zero poller pod: inference answers 503
-    if config.backend.kind == "external":
-        return ExternalBackend(config.backend.url)
-    key = runfiles.new_key()
-    return Supervisor(
-        reactor, reactor, config.backend, config.supervisor,
-        probe=make_probe(reactor, key), key=key, run_dir=runfiles.runtime_dir(config.data_dir),
-        output=ChildLog(writer),
-    )
-
-
-def make_model(config: Config, backend: Backend | None, status: Status, metrics: Metrics,
-               reactor: Any) -> ModelRuntime:
-    """One model's gate, activity and idle watch around its backend."""
-    activity = Activity(reactor)
-    gate = Gate(reactor, status, backend, config.max_concurrent, config.admission.max_queue,
-                config.admission.queue_timeout, metrics)
-    idle = IdleWatch(reactor, activity, config.idle.timeout,
-                     IdleAction(config.idle.action, backend, metrics, reactor.stop))
-    return ModelRuntime(config.backend.model_id or config.backend.url, backend, gate, activity, idle)
-
-
-def make_fleet(config: Config, status: Status, metrics: Metrics, notifier: Notifier, reactor: Any,
-               writer: Any) -> tuple[Fleet, dict[str, ModelRuntime]]:
-    """Every model of ``[models]`` and ``fleet.models_dir``, each placed by the fleet by its memory need."""
-    gpus = machine.gpu_totals(5.0)  # asked once at boot: for the budget and for what a need counts
-    budget, how = config.fleet.budget(lambda reserve: machine.auto_budget(reserve, gpus=gpus))
-    has_gpu = bool(gpus)
-    log.info("fleet: memory budget {budget} ({how}), max_loaded {n}", budget=placement.format_bytes(budget),
-             how=how, n=config.fleet.max_loaded or "no limit")
-    fleet = Fleet(reactor, budget, config.fleet.max_loaded, config.fleet.min_resident,
-                  on_swap=lambda gone, made_room_for: metrics.model_swaps.labels(gone).inc(),
-                  measure=memory_probe(reactor, has_gpu), swap_quantum=config.fleet.swap_quantum)
-    models: dict[str, ModelRuntime] = {}
-    run_dir = runfiles.runtime_dir(config.data_dir)
-    for model in config.models.values():
-        need = model_need(model, has_gpu)
-        if budget is not None and need > budget:
-            fail(f"models.{model.id}.memory: needs {placement.format_bytes(need)}, more than the whole budget "
-                 f"{placement.format_bytes(budget)} ({how}): it can never be loaded")
-        backend_config = dataclasses.replace(model.backend, start="lazy")  # the fleet decides when
-        backend: Backend
-        if backend_config.kind == "external":
-            backend = ExternalBackend(backend_config.url)
-        else:
-            key = runfiles.new_key()
-            supervisor = Supervisor(reactor, reactor, backend_config, config.supervisor,
-                                    probe=make_probe(reactor, key), key=key, run_dir=run_dir,
-                                    output=model_log(writer, config.logs.dir, model.id, config.logs.max_bytes,
-                                                     config.logs.keep),
-                                    child_name=model.id)
-            supervisor.setName(f"model {model.id}")
-            supervisor.setServiceParent(fleet)
-            backend = supervisor
-        counts = metrics.for_model(model.id)
-        backend.add_listener(BackendReporter(backend, counts, notifier, status, f"model {model.id}"))
-        gate = Gate(reactor, status, Placed(backend, fleet, model.id),
-                    config.admission.max_concurrent or backend_config.parallel, config.admission.max_queue,
-                    config.admission.queue_timeout, counts)
-        activity = Activity(reactor)
-        idle = None
-        if config.idle.action == "unload" and model.idle_timeout > 0:
-            idle = IdleWatch(reactor, activity, model.idle_timeout, IdleAction("unload", backend, counts, reactor.stop))
-            idle.setName(f"idle {model.id}")
-            idle.setServiceParent(fleet)
-        runtime = ModelRuntime(model.id, backend, gate, activity, idle)
-        fleet.add(runtime, need, model.pinned, model.preload, backend_config.model or backend_config.url,
-                  model.aliases, model.scanned, estimated=model.memory == config_module.AUTO)
-        models[model.id] = runtime
-        log.info("model {id}: {path}, needs {need}", id=model.id, path=backend_config.model or backend_config.url,
-                 need=placement.format_bytes(need))
-    return fleet, models
-
-
-def memory_probe(reactor: Any, gpu: bool) -> Any:
-    """What each child uses: GPU memory from ``nvidia-smi`` (off the reactor), else its RSS."""
-
-    def measure(pids: list[int]) -> defer.Deferred[dict[int, int] | None]:
-        if gpu:
-            return machine.gpu_memory_by_pid(reactor)
-        return defer.succeed({pid: machine.rss_bytes(pid) or 0 for pid in pids})
-
-    return measure
-
-
-def model_need(model: ModelConfig, gpu: bool) -> int:
-    """Bytes ``model`` takes loaded: its ``memory``, else the estimate from its GGUF.
-
-    A GGUF llamad cannot read is that model's problem only: its size stands in for the
-    estimate, and its child will fail to start with llama.cpp's own words, while the other
-    models serve on.
-    """
-    if model.memory != config_module.AUTO:
-        return int(model.memory)
-    if model.backend.kind == "external":
-        return 0
-    try:
-        return memory.estimate(model.backend.model, model.backend.gpu_layers, model.backend.context,
-                               model.backend.parallel, gpu=gpu).total
-    except gguf.MemoryEstimateError as e:
-        size = os.path.getsize(model.backend.model) if os.path.isfile(model.backend.model) else 0
-        log.warn("model {id}: cannot estimate its memory ({e}); counting its file size, {size}", id=model.id,
-                 e=e, size=placement.format_bytes(size))
-        return size
-
-
 def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     """The whole service tree for one config, on the given reactor."""
     config = loaded.config
@@ -223,41 +107,35 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     globalLogPublisher.addObserver(observer)
 
     notifier = Notifier(reactor)
-    if config.single_model:
-        backend = make_backend(config, reactor, writer)
-        status = Status(reactor, backend, config.backend.model_id or config.backend.url,
-                        config.backend.start == "lazy", backend_has_metrics=config.backend.kind == "llama-server")
-        model = make_model(config, backend, status, metrics, reactor)
-        activity, gate = model.activity, model.gate
-        root = LlamadService(config, status, activity, reactor)
-        if backend is not None:
-            backend.add_listener(BackendReporter(backend, metrics, notifier, status))
-        if isinstance(backend, Supervisor):
-            root.backends, root.supervisors = backend, [backend]
-        root.gates = [gate]
-        assert model.idle is not None
-        model.idle.setServiceParent(root)
-        models, directory = {model.id: model}, None
+    activity = Activity(reactor)  # every request: the drain, idle.action = "exit"
+    one = config.single_model
+    status = Status(reactor, None, config.backend.model_id or config.backend.url if one else "",
+                    lazy=config.backend.start == "lazy" or not one,
+                    backend_has_metrics=one and config.backend.kind == "llama-server")
+    root = LlamadService(config, status, activity, reactor)
+    try:
+        fleet, models = build_fleet(config, status, metrics, notifier, reactor, writer,
+                                    lambda key: make_probe(reactor, key))
+    except ConfigError as e:
+        writer.stop()
+        fail(str(e))
+    if one:  # /health shows the one model's backend, as llama-server's own would
+        status.backend = next((m.backend for m in models.values()), None)
     else:
-        activity = Activity(reactor)  # every request, for the drain and idle.action = "exit"
-        status = Status(reactor, None, "", lazy=True)
-        root = LlamadService(config, status, activity, reactor)
-        fleet, models = make_fleet(config, status, metrics, notifier, reactor, writer)
         status.fleet = fleet
-        root.backends, root.gates = fleet, [m.gate for m in models.values()]
-        root.supervisors = [m.backend for m in models.values() if isinstance(m.backend, Supervisor)]
-        gate = next(iter(models.values())).gate
-        directory = ModelDirectory(list(models), {m.id: m.aliases for m in config.models.values()},
-                                   config.default_model)
-        if config.idle.action == "exit":
-            IdleWatch(reactor, activity, config.idle.timeout,
-                      IdleAction("exit", None, metrics, reactor.stop)).setServiceParent(root)
+    root.backends, root.gates = fleet, [m.gate for m in models.values()]
+    root.supervisors = [m.backend for m in models.values() if isinstance(m.backend, Supervisor)]
+    directory = ModelDirectory(list(models), {m.id: m.aliases for m in config.models.values()},
+                               config.default_model, lenient=one)
+    if config.idle.action == "exit":
+        IdleWatch(reactor, activity, config.idle.timeout,
+                  IdleAction("exit", None, metrics, reactor.stop)).setServiceParent(root)
     notifier.setServiceParent(root)
     root.notifier = notifier
     status.activity = activity
     metrics.watch_activity(activity)
     proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)
-    root.proxy, root.gate = proxy, gate
+    root.proxy = proxy
     root.boot_log = observer
     # auth.enabled set nowhere: a keys file that a reload finds with keys turns auth on, as one at boot does.
     enable_on_keys = loaded.sources["auth.enabled"] == "default"
@@ -266,8 +144,8 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
                 priority_ageing=config.auth.priority_ageing, enable_on_keys=enable_on_keys)
     access = (AccessLog(reactor, access_log(writer, config.logs.dir, config.logs.max_bytes, config.logs.keep))
               if config.logs.access else None)
-    gateway = Gateway(reactor, status, gate, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
-                      models, directory, access, metrics_format=config.api.metrics_format)
+    gateway = Gateway(reactor, status, models, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
+                      directory, access, metrics_format=config.api.metrics_format)
     root.reloaders.append(auth.reload)
     if config.auth.enabled or enable_on_keys:  # writes only once some key used tokens
         TokenFile(auth.policy, os.path.join(config.data_dir, TOKEN_FILE), reactor).setServiceParent(root)
@@ -276,9 +154,9 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
 
     ListeningService(reactor, "health.listen", config.health.listen, loaded.sources["health.listen"],
                      health_site(status, config.health.ping)).setServiceParent(root)
-    api = (api_factory if config.api.fast_path else api_site)(gateway, config.api.max_body_bytes, config.api.header_timeout, config.api.body_timeout,
-                   config.api.max_incomplete_per_client, max_headers=config.api.max_headers,
-                   max_header_line=config.api.max_header_line, max_request_line=config.api.max_request_line)
+    api = api_factory(gateway, config.api.max_body_bytes, config.api.header_timeout, config.api.body_timeout,
+                      config.api.max_incomplete_per_client, max_headers=config.api.max_headers,
+                      max_header_line=config.api.max_header_line, max_request_line=config.api.max_request_line)
     ListeningService(reactor, "api.listen", config.api.listen, loaded.sources["api.listen"], api).setServiceParent(root)
     if root.backends is not None:  # the supervised children, started after both sites listen
         root.backends.setServiceParent(root)

@@ -1,5 +1,5 @@
-"""Port 8000 in memory, for unit tests: a gateway built from the fakes on a Clock, raw requests into its two
-servers (the fast path's factory, and twisted.web's guarded site), and their responses read back."""
+"""Port 8000 in memory, for unit tests: a gateway built from the fakes on a Clock, requests into its front
+(raw bytes, or treq's client over an in-memory connection), and the responses read back."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import json
 from typing import Any, NamedTuple
 
 from treq.testing import StubTreq
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
 
-from fakes import FakeBackend, FakeProxy, Recorder, TCPTransport
+from fakes import FakeBackend, FakeProxy, TCPTransport
 from llamad.activity import Activity
 from llamad.gateway.app import Gateway, api_factory
 from llamad.gateway.front import FrontFactory, FrontProtocol
 from llamad.fleet.gate import Gate
-from llamad.gateway.limits import guarded_site
+from llamad.fleet.runtime import ModelRuntime
 from llamad.metrics import Metrics
 from llamad.status import Status
 from llamad.supervisor import State
@@ -36,18 +36,23 @@ GATEWAY_FIELDS = {"requests_total", "requests_success", "requests_error", "reque
 
 def build(state: State = State.READY, lazy: bool = False, wait: float = 10, max_concurrent: int = 4,
           max_queue: int = 8, **gateway_kw):
-    """The Klein app of one model behind StubTreq: ``(http, clock, backend, status, metrics, proxy)``."""
+    """One model's gateway behind treq's client: ``(http, clock, backend, status, metrics, proxy)``."""
     clock = Clock()
     backend = FakeBackend(state)
     status = Status(clock, backend, "demo", lazy=lazy)
     metrics = Metrics()
     proxy = FakeProxy()
     gate = Gate(clock, status, backend, max_concurrent, max_queue, wait, metrics)
-    gateway = Gateway(clock, status, gate, proxy, metrics, Activity(clock), **gateway_kw)
-    resource = gateway.resource()
-    stub = StubTreq(resource)
-    stub.resource = resource  # for tests that drive a request by hand
-    return stub, clock, backend, status, metrics, proxy
+    gateway = one_model_gateway(clock, status, gate, proxy, metrics, **gateway_kw)
+    return client(gateway), clock, backend, status, metrics, proxy
+
+
+def client(gateway: Gateway) -> StubTreq:
+    """treq's functions, each request over an in-memory connection to ``gateway``'s front."""
+    stub = StubTreq(Resource())
+    stub._agent._serverFactory = server(gateway, max_body_bytes=10485760)  # the front, not treq's own Site
+    stub.gateway = gateway
+    return stub
 
 
 async def json_of(response) -> dict:
@@ -61,10 +66,17 @@ def make_gateway(**kw: Any) -> Gateway:
     status = Status(clock, backend, "demo", lazy=False)
     metrics = Metrics()
     gate = Gate(clock, status, backend, 4, 8, 10, metrics)
-    return Gateway(clock, status, gate, FakeProxy(), metrics, Activity(clock), **kw)
+    return one_model_gateway(clock, status, gate, FakeProxy(), metrics, **kw)
 
 
-# --- the fast path (llamad.gateway.front) -----------------------------------------------------------------
+def one_model_gateway(clock: Clock, status: Status, gate: Gate, proxy: Any, metrics: Metrics, **kw: Any) -> Gateway:
+    """The Gateway of one model (``status.model_id``) behind ``gate``, its activity the process-wide one."""
+    activity = Activity(clock)
+    runtime = ModelRuntime(status.model_id, gate.backend, gate, activity)
+    return Gateway(clock, status, {runtime.id: runtime}, proxy, metrics, activity, **kw)
+
+
+# --- raw bytes into the front (llamad.gateway.front) ------------------------------------------------------
 
 
 class Response(NamedTuple):
@@ -77,7 +89,7 @@ class Response(NamedTuple):
 
 
 def server(gateway: Gateway | None = None, **limits) -> FrontFactory:
-    """The fast path's factory with a 1000-byte body limit, its sweep started (on the gateway's Clock)."""
+    """The front's factory with a 1000-byte body limit unless told, its sweep started (on the gateway's Clock)."""
     factory = api_factory(gateway or make_gateway(), **{"max_body_bytes": 1000, **limits})
     factory.doStart()
     return factory
@@ -133,34 +145,7 @@ def parse(data: bytes, head_request: bool = False) -> list[Response]:
     return responses
 
 
-# --- twisted.web's guarded site (llamad.gateway.limits) -------------------------------------------------
-
-
-def make_site(resource=None, **kw):
-    """A guarded site (1000-byte bodies unless told) in front of ``resource`` (a Recorder unless given)."""
-    resource = resource if resource is not None else Recorder()
-    site = guarded_site(resource, kw.pop("max_body_bytes", 1000), **kw)
-    site.reactor = Clock()  # the channels' timers
-    return site, resource, site.reactor
-
-
-def site_connect(site, host: str = "10.0.0.1", port: int = 40000):
-    address = IPv4Address("TCP", host, port) if host else UNIXAddress(None)
-    channel = site.buildProtocol(address)
-    transport = StringTransport(peerAddress=address)
-    channel.makeConnection(transport)
-    return channel, transport
-
-
-def site_send(raw: bytes, **kw):
-    """``raw`` in one read on a fresh connection to a fresh site: its transport, and the Recorder."""
-    site, recorder, clock = make_site(**kw)
-    channel, transport = site_connect(site)
-    channel.dataReceived(raw)
-    return transport, recorder
-
-
-# --- either server's answer -------------------------------------------------------------------------------
+# --- the answer -------------------------------------------------------------------------------------------
 
 
 def only_response(transport) -> Response:

@@ -273,9 +273,10 @@ class Fleet(MultiService):
             model.waiting_since, model.blocked, model.asked = None, "", False
         if after == State.STARTING:
             model.turn_ended = None
-        if before == State.STARTING and after == State.BACKOFF:
-            # A start that failed (its waiting requests are told why): it holds no room while it would
-            # back off.  The next request starts it again, and crash_loop_limit failures make it failed.
+        if before == State.STARTING and after == State.BACKOFF and (self.budget is not None or self.max_loaded):
+            # A start that failed (its waiting requests are told why): where room is limited, it holds
+            # none while it would back off.  The next request starts it again, and crash_loop_limit
+            # failures make it failed.  With no limit (one model) its supervisor backs off and retries.
             log.warn("model {model} failed to start: {reason}; it gives its room back until asked again",
                      model=model.id, reason=model.runtime.backend.reason if model.runtime.backend else "")
             self.clock.callLater(0, self._give_up_start, model)

@@ -1,7 +1,8 @@
 """Port 8000: llamad's own routes (a Klein app), and the proxy path for everything else.
 
-The proxy path skips routing: the guard hands it any path that is not one of
-llamad's own, so the per-request work stays small.
+The front (``gateway/front.py``) hands each complete request to :meth:`Gateway.serve`:
+the guard, then an own route through Klein's routing table, or the proxy path, which
+skips routing so that the per-request work stays small.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.server import NOT_DONE_YET, Site
 
 from llamad.keys.access import access_line
 from llamad.activity import Activity
@@ -27,14 +27,17 @@ from llamad.keys.apikey import ApiKey
 from llamad.backends import Target
 from llamad.errors import ApiError, sse_error_event, write_error
 from llamad.gateway.front import FrontFactory, FrontRequest
-from llamad.fleet.gate import Gate, Lease
-from llamad.gateway.guard import Auth, Cors, GuardResource
-from llamad.gateway.limits import BODY_MIN_RATE, guarded_site
+from llamad.gateway.limits import BODY_MIN_RATE
+from llamad.fleet.gate import Lease
+from llamad.gateway.guard import Auth, Cors, Guard
 from llamad.gateway.proxy import NotDelivered, Proxy, Relay, Unanswered
 from llamad.gateway import models_api
+from llamad.gateway.routes import (
+    CHILD_JSON_ROUTES, INFERENCE_ROUTES, JSON_ARRAY_ROUTES, JSON_BODY_ROUTES, MODEL_LIST_PATHS, MODELS_API_ROUTES,
+    SLOTS_PREFIX, own_methods, route_label,
+)
 from llamad.gateway.routing import UPSTREAM_PREFIX, ModelDirectory, child_path
 from llamad.gateway.usage import UsageTap, ask_for_usage
-from llamad.health import QuietSite
 from llamad.metrics import Metrics, label_child_metrics
 from llamad.fleet.runtime import ModelRuntime
 from llamad.status import Status
@@ -42,43 +45,6 @@ from llamad.timers import cancel
 
 log = Logger(namespace="llamad.gateway")
 
-# Inference: every llama-server POST route that runs the model.  POST only, admitted
-# by the gate, counted as activity.
-INFERENCE_ROUTES = frozenset(
-    {
-        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/reranking",
-        "/v1/responses", "/v1/messages", "/v1/audio/transcriptions", "/chat/completions", "/completions",
-        "/completion", "/responses", "/embedding", "/embeddings", "/infill", "/rerank", "/reranking",
-        "/audio/transcriptions",
-    }
-)
-# Inference routes that take multipart form data (an audio file): llamad does not parse their bodies.
-FORM_ROUTES = frozenset({"/v1/audio/transcriptions", "/audio/transcriptions"})
-# Inference routes whose body must be a JSON object (checked before it reaches the gate).
-JSON_BODY_ROUTES = INFERENCE_ROUTES - FORM_ROUTES
-# llama-server's other POST routes that parse their body as JSON: held to the same strict JSON (the
-# child answers a bad one with a 500, or worse), and routed by its "model" like inference.
-CHILD_JSON_ROUTES = frozenset(
-    {
-        "/tokenize", "/detokenize", "/apply-template", "/lora-adapters", "/v1/chat/completions/control",
-        "/chat/completions/input_tokens", "/v1/chat/completions/input_tokens", "/responses/input_tokens",
-        "/v1/responses/input_tokens", "/v1/messages/count_tokens", "/v1/streams/lookup", "/tools",
-    }
-)
-JSON_ARRAY_ROUTES = frozenset({"/lora-adapters"})  # a JSON array (or object) body, not only an object
-# POST /slots/<id>?action=save|restore takes a JSON object; action=erase may come with no body.
-SLOTS_PREFIX = b"/slots/"
-# Other routes counted under their own label; anything else is "other" (bounded cardinality).
-KNOWN_ROUTES = INFERENCE_ROUTES | CHILD_JSON_ROUTES | {
-    "/models/load", "/models/unload",
-    "/v1/models", "/models", "/props", "/slots",
-    "/health", "/ping", "/metrics", "/admin/reload", "/reload", "/admin/restart",
-}
-# Listed from the config while the child is down: a model list never wakes it.
-MODEL_LIST_ROUTES = frozenset({"/v1/models", "/models"})
-MODEL_LIST_PATHS = frozenset(route.encode() for route in MODEL_LIST_ROUTES)
-# llama-server's router API, answered by llamad when it serves several models.
-MODELS_API_ROUTES = frozenset({b"/models/load", b"/models/unload"})
 LOADING_INTERVAL = 3.0  # seconds between ": loading" comments on a waiting stream
 CHILD_METRICS_TIMEOUT = 2.0
 CLIENT_CLOSED = 499  # nginx's code for "the client went away first"
@@ -119,13 +85,6 @@ def is_loopback(host: str) -> bool:
         return False
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     return (mapped or address).is_loopback
-
-
-_ROUTE_LABELS = {route.encode(): route for route in KNOWN_ROUTES}
-
-
-def route_label(path: bytes) -> str:
-    return _ROUTE_LABELS.get(path, "other")
 
 
 def _no_constant(name: str) -> Any:
@@ -202,23 +161,23 @@ class Gateway:
         self,
         clock: IReactorTime,
         status: Status,
-        gate: Gate,
+        models: Mapping[str, ModelRuntime],
         proxy: Proxy,
         metrics: Metrics,
         activity: Activity,
         auth: Auth | None = None,
         cors: Cors | None = None,
-        models: Mapping[str, ModelRuntime] | None = None,
         directory: ModelDirectory | None = None,
         access: Callable[[bytes], None] | None = None,
         wall: Callable[[], float] = time.time,
         metrics_format: str = "prometheus",
     ) -> None:
-        """``gate`` and ``activity``: the one model's, or with ``models`` (a fleet) the process-wide
-        activity (the drain counts every request) and the first model's gate."""
+        """``models``: the fleet's, by id; ``activity``: every request's (the drain counts them all).
+        ``directory``: their names; without one, the one model takes any name, as llama-server alone does.
+        With several models (or none), llamad answers the model list and the router API itself; with one,
+        they are the child's."""
         self.clock = clock
         self.status = status
-        self.gate = gate
         self.proxy = proxy
         self.metrics = metrics
         self.activity = activity
@@ -228,13 +187,11 @@ class Gateway:
         self.access = access  # takes one access-log line per request (None: no access log)
         self.metrics_json = metrics_format == "json"  # /metrics answers JSON unless Prometheus' text is named
         self.wall = wall
-        self.bytes_sent = 0  # body bytes of finished responses, added once per response by ApiSite
-        if models is None:
-            models = {status.model_id: ModelRuntime(status.model_id, gate.backend, gate, activity)}
+        self.bytes_sent = 0  # body bytes of finished responses, added once per response by the front
         self.models = dict(models)
-        self.fleet = directory is not None
         self.directory = directory or ModelDirectory(list(self.models), lenient=True)
-        self._guard: GuardResource | None = None  # the fast path's, built on its first request
+        self.router_api = not self.directory.lenient
+        self._guard: Guard | None = None  # built on the first request
         # Read at scrape time: the requests being proxied are the process-wide activity's.
         metrics.in_flight.set_function(lambda: self.activity.in_flight)
 
@@ -242,6 +199,8 @@ class Gateway:
                     allowed: Callable[[str], bool] | None = None) -> tuple[ModelRuntime, bytes]:
         """The model a request is for, and the path to send its server (``/upstream/<id>`` removed).
         ``allowed``: the models the caller's key may use; others answer as models that do not exist."""
+        if not self.models:
+            raise ApiError(503, "this llamad serves no model (backend.kind = \"none\")", "no_backend")
         routed = self.directory.route(request.method, request.uri, payload, allowed)
         return self.models[routed.model], routed.uri
 
@@ -257,46 +216,38 @@ class Gateway:
             else:
                 self.access(done.access_line(key_id, label, code))
 
-    def resource(self) -> GuardResource:
-        """The whole API: the guard, then llamad's own routes (Klein) or the proxy."""
-        return GuardResource(self.app.resource(), self.auth, self.cors, self.count, OWN_ROUTES, self.forward)
-
-    @app.handle_errors(ApiError)
-    def api_error(self, request: IRequest, failure: Failure) -> bytes:
-        return self.error_answer(request, failure.value)
-
     def error_answer(self, request: IRequest, err: ApiError) -> bytes:
         self.count(request, err.status)
         return write_error(request, err)
 
-    # --- the fast path's entry points (llamad.gateway.front) -------------------------------------
+    # --- the front's entry points (llamad.gateway.front) ----------------------------------------
 
     @property
-    def guard(self) -> GuardResource:
-        """The fast path's guard, built on its first request (after the tests' and tap's set-up)."""
+    def guard(self) -> Guard:
+        """The guard, built on the first request (after the tests' and tap's set-up)."""
         if self._guard is None:
-            self._guard = self.resource()
+            self._guard = Guard(self.auth, self.cors, self.count)
         return self._guard
 
     def serve(self, request: FrontRequest) -> None:
-        """One complete request from the fast path: the guard, then an own route or the proxy."""
+        """One complete request from the front: the guard, then an own route (Klein) or the proxy."""
         answer = self.guard.answer(request)
         if answer is not None:
             request.respond(answer)
             return
-        handler = OWN_HANDLERS.get(request.path)
-        if handler is None:
+        endpoint = OWN_ENDPOINTS.get(request.path)
+        if endpoint is None:
             self.dispatch(request)
             return
         try:
-            result = handler(self, request)
+            result = self.app.execute_endpoint(endpoint, request)
         except ApiError as err:
             request.respond(self.error_answer(request, err))
             return
         if isinstance(result, bytes):
             request.respond(result)
             return
-        d = defer.ensureDeferred(result)
+        d: defer.Deferred[bytes] = result  # an async route: Klein made its coroutine a Deferred
         request.on_lost = d.cancel
         d.addCallbacks(request.respond, self._own_failed, errbackArgs=(request,))
 
@@ -313,7 +264,7 @@ class Gateway:
         return self.guard.early_refusal(request.method, request.uri, request)
 
     def dispatch(self, request: FrontRequest) -> None:
-        """Proxy one request from the fast path; the client going away cancels it.  A request that
+        """Proxy one request from the front; the client going away cancels it.  A request that
         need not wait runs on plain callbacks; one that waits for admission takes a coroutine."""
         try:
             proxied = self._prepare(request)
@@ -330,12 +281,12 @@ class Gateway:
         request.on_lost = proxied.cancel
         proxied.start()
 
-    @app.route("/ping", methods=["GET", "HEAD"])
+    @app.route("/ping", methods=own_methods("/ping"))
     def ping(self, request: IRequest) -> bytes:
         self.count(request, 200, "/ping")
         return b""
 
-    @app.route("/health", methods=["GET", "HEAD"])
+    @app.route("/health", methods=own_methods("/health"))
     def health(self, request: IRequest) -> bytes:
         body = self.status.snapshot()
         code = 200 if body["status"] == "ok" else 503
@@ -344,7 +295,7 @@ class Gateway:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(body).encode()
 
-    @app.route("/metrics", methods=["GET", "HEAD"])
+    @app.route("/metrics", methods=own_methods("/metrics"))
     async def metrics_route(self, request: IRequest) -> bytes:
         self.count(request, 200, "/metrics")
         request.responseHeaders.addRawHeader(b"vary", b"Accept")
@@ -354,11 +305,11 @@ class Gateway:
             request.setHeader(b"content-type", b"application/json")
             return json.dumps({"gateway": view}).encode()
         text = self.metrics.exposition()
-        if self.fleet:
+        if self.router_api:
             text += await self._fleet_metrics()
-        else:
-            target = self.gate.current_target()
-            if target is not None and self.status.backend_has_metrics:
+        elif self.status.backend_has_metrics:
+            target = next(iter(self.models.values())).gate.current_target()
+            if target is not None:
                 text += await self._child_metrics(target)
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return text
@@ -387,8 +338,8 @@ class Gateway:
             what = f"{request.method.decode('latin-1')} {request.path.decode('latin-1')}"
             raise ApiError(403, f"{what} needs auth.enabled, or a request from loopback", "forbidden")
 
-    @app.route("/admin/reload", methods=["POST"])
-    @app.route("/reload", methods=["POST"], endpoint="reload")  # llama-gguf-inference's path for the same
+    @app.route("/admin/reload", methods=own_methods("/admin/reload"))
+    @app.route("/reload", methods=own_methods("/reload"), endpoint="reload")  # llama-gguf-inference's path
     def admin_reload(self, request: IRequest) -> bytes:
         """Re-read the API keys file (the caller passed the key check, or auth is off and it is local).
 
@@ -409,7 +360,7 @@ class Gateway:
         # llamad's fields, and llama-gguf-inference's for the same, so that the clients of either read it.
         return json.dumps({"reloaded": True, "keys": loaded, "status": "ok", "keys_loaded": loaded}).encode()
 
-    @app.route("/admin/restart", methods=["POST"])
+    @app.route("/admin/restart", methods=own_methods("/admin/restart"))
     def admin_restart(self, request: IRequest) -> bytes:
         """Out of ``failed`` at once, or a fresh child (with a key, or from loopback without auth)."""
         self.local_unless_auth(request)
@@ -421,13 +372,6 @@ class Gateway:
         self.count(request, 200, "/admin/restart")
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"restarting": True, "state": backend.state.value}).encode()
-
-    def forward(self, request: IRequest) -> int:
-        """Proxy one request (the hot path: no routing table, straight from the guard)."""
-        d = defer.ensureDeferred(self._forward(request))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addErrback(self._forward_failed, request)
-        return NOT_DONE_YET
 
     def _forward_failed(self, failure: Failure, request: IRequest, done: Proxied | None = None) -> None:
         """Answer a request whose proxying failed before its response began, and count it."""
@@ -443,14 +387,6 @@ class Gateway:
         self.count(request, err.status, done.route if done is not None else None, done)
         request.write(write_error(request, err))
         request.finish()
-
-    async def _forward(self, request: IRequest) -> None:
-        proxied = self._prepare(request)
-        if proxied is not None:
-            try:
-                await self._wait_then_relay(proxied)
-            except Exception:
-                self._forward_failed(Failure(), request, proxied)
 
     def _prepare(self, request: IRequest) -> Proxied | None:
         """Everything before the relay that needs no waiting: route, body checks, routing, and a slot
@@ -468,7 +404,7 @@ class Gateway:
         inference = route in INFERENCE_ROUTES
         key: ApiKey | None = getattr(request, "api_key", None)
         allowed = key.may_use if key is not None and key.models else None
-        if self.fleet and (own_list or request.path in MODELS_API_ROUTES):
+        if self.router_api and (own_list or request.path in MODELS_API_ROUTES):
             self.models_api(request, route, body, allowed)
             return None
         if not inference:
@@ -608,19 +544,8 @@ class Gateway:
                                             "created": int(self.status.booted_wall), "owned_by": "llamad"}]}
 
 
-# Answered by llamad (Klein), each path with the methods its route above takes (read from the
-# routes, so the guard's JSON 405 cannot drift from them); every other path is proxied.
-OWN_ROUTES: dict[bytes, frozenset[bytes]] = {
-    rule.rule.encode(): frozenset(method.encode() for method in rule.methods or ())
-    for rule in Gateway.app.url_map.iter_rules()
-}
-
-
-# The fast path calls the same route functions itself (no Klein routing on the way).
-OWN_HANDLERS: dict[bytes, Callable[..., Any]] = {
-    b"/ping": Gateway.ping, b"/health": Gateway.health, b"/metrics": Gateway.metrics_route,
-    b"/admin/reload": Gateway.admin_reload, b"/reload": Gateway.admin_reload, b"/admin/restart": Gateway.admin_restart,
-}
+# llamad's own routes: each path and its endpoint in Klein's routing table.
+OWN_ENDPOINTS: dict[bytes, str] = {rule.rule.encode(): rule.endpoint for rule in Gateway.app.url_map.iter_rules()}
 
 
 class Proxied:
@@ -823,33 +748,11 @@ class LoadingComments:
         self.request.finish()
 
 
-class ApiSite(QuietSite):
-    """Port 8000's site: adds each finished response's body bytes (Twisted counts them) to the gateway's total."""
-
-    gateway: Gateway | None = None
-
-    def log(self, request: object) -> None:
-        if self.gateway is not None:
-            self.gateway.bytes_sent += getattr(request, "sentLength", 0)
-
-
-def api_site(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10,
-             body_timeout: float = 30, max_incomplete_per_client: int = 64, *, max_headers: int = 64,
-             max_header_line: int = 8192, max_request_line: int = 8192, body_min_rate: float = BODY_MIN_RATE) -> Site:
-    guard = gateway.resource()
-    site = guarded_site(guard, max_body_bytes, header_timeout, ApiSite, body_timeout=body_timeout,
-                        max_incomplete_per_client=max_incomplete_per_client, early_check=guard.early_refusal,
-                        max_headers=max_headers, max_header_line=max_header_line, max_request_line=max_request_line,
-                        body_min_rate=body_min_rate)
-    site.gateway = gateway  # type: ignore[attr-defined]
-    return site
-
-
 def api_factory(gateway: Gateway, max_body_bytes: int = 10485760, header_timeout: float = 10,
                 body_timeout: float = 30, max_incomplete_per_client: int = 64, *, max_headers: int = 64,
                 max_header_line: int = 8192, max_request_line: int = 8192,
                 body_min_rate: float = BODY_MIN_RATE) -> FrontFactory:
-    """Port 8000 on the fast path (``api.fast_path``): the same limits as :func:`api_site`."""
+    """Port 8000: llamad's HTTP/1.1 front in front of ``gateway``, with the ``[api]`` limits."""
     return FrontFactory(gateway, gateway.clock, max_body_bytes, header_timeout, body_timeout,
                         max_incomplete_per_client, max_headers=max_headers, max_header_line=max_header_line,
                         max_request_line=max_request_line, body_min_rate=body_min_rate)

@@ -435,8 +435,16 @@ class FrontProtocol(Protocol):
         self.refuse(431, f"request headers over {self.factory.max_head} bytes in all", "header_fields_too_large")
 
     def _parse_error(self, e: Exception, data: bytes) -> None:
-        """llhttp refused the bytes: the answer twisted.web's server (and the guard behind it) gives."""
+        """llhttp refused the bytes: the specific answer where one applies, else a JSON 400."""
         text = str(e)
+        if "Content-Length overflow" in text:  # more digits than any limit: over it, not malformed
+            self.refuse(413, f"request body is over the {self.factory.max_body_bytes}-byte limit",
+                        "payload_too_large")
+            return
+        target = data.split(b" ", 2)[1] if data.count(b" ") >= 2 else b""
+        if isinstance(e, httptools.HttpParserInvalidURLError) and target and not target.startswith(b"/"):
+            self.refuse(400, "invalid request target: it must be a path starting with '/'", "invalid_request_target")
+            return
         if self.incoming is not None and self.incoming.length is None and self.incoming.chunked_body \
                 and self.incoming.method:
             self.refuse(400, "malformed chunked request body", "bad_request")
@@ -527,7 +535,11 @@ class FrontProtocol(Protocol):
         assert request is not None
         parser = self.parser
         request.method = parser.get_method()
-        request.http10 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            self.refuse(400, f"malformed HTTP request: HTTP/{version} is not served here (HTTP/1.1 is)", "bad_request")
+            raise _Refused
+        request.http10 = version == "1.0"
         request.keep_alive = parser.should_keep_alive()
         uri = request.uri
         if not uri.startswith(b"/"):

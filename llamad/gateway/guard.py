@@ -1,6 +1,6 @@
 """What every request on port 8000 passes before routing: path sanity, CORS, API keys.
 
-The guard wraps the Klein resource.  Auth is default-deny: only the exact
+The front asks the guard before it reads a body and again before routing.  Auth is default-deny: only the exact
 public paths skip it, and a path with dot segments, doubled or encoded
 slashes, or a target with a fragment, is refused before anything else, so no
 spelling of a path can reach a route without the key check.
@@ -15,23 +15,15 @@ from typing import Callable, Mapping
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource, Resource
 
 from llamad.keys.auth import Denied, KeyStore, presented_key
 from llamad.keys.apikey import EVERY_ROLE, ApiKey
 from llamad.errors import ApiError, write_error
 from llamad.keys.policy import Policy
+from llamad.gateway.routes import ADMIN_PATHS, ANY_ROLE_PATHS, OWN_ROUTES, PUBLIC_PATHS, ROUTES
 
 log = Logger(namespace="llamad.guard")
 
-PUBLIC_PATHS = frozenset({b"/ping", b"/health"})
-# Routes that change the daemon, and /metrics when it asks for a key (auth.protect_metrics): it shows
-# every model and every key's use, so a key scoped to some models must not read it.  A key needs the
-# admin role for these.  Model lists take any valid key (each key sees its own models); every other
-# route (inference, llama.cpp's own) needs the inference role.
-ADMIN_PATHS = frozenset({b"/admin/reload", b"/reload", b"/admin/restart", b"/models/load", b"/models/unload",
-                         b"/metrics"})
-ANY_ROLE_PATHS = frozenset({b"/v1/models", b"/models"})
 # Dot segments, empty segments, backslashes, and any percent-escape: no OpenAI or
 # llama.cpp route needs one, and the child would decode it into another route.
 _TRICKY_PATH = re.compile(rb"//|/\.\.?(?:/|$)|\\|%")
@@ -163,28 +155,20 @@ class Auth:
         return verdict
 
 
-class GuardResource(Resource):
-    """The checks every request passes, then llamad's own routes (``inner``) or the proxy."""
+# llamad's own routes, each with the methods it takes (a JSON 405 for any other).
+OWN_METHODS: dict[bytes, frozenset[bytes]] = {
+    route.path.encode(): frozenset(method.encode() for method in route.methods)
+    for route in ROUTES if route.path in OWN_ROUTES
+}
 
-    isLeaf = True
 
-    def __init__(self, inner: IResource, auth: Auth, cors: Cors, on_reject: Callable[[IRequest, int], None],
-                 own_routes: Mapping[bytes, frozenset[bytes]], forward: Callable[[IRequest], int]) -> None:
-        super().__init__()
-        self.inner = inner
+class Guard:
+    """The checks every request passes before llamad's own routes or the proxy."""
+
+    def __init__(self, auth: Auth, cors: Cors, on_reject: Callable[[IRequest, int], None]) -> None:
         self.auth = auth
         self.cors = cors
         self.on_reject = on_reject
-        self.own_routes = own_routes  # path -> the methods its route takes
-        self.forward = forward
-
-    def render(self, request: IRequest) -> bytes | int:
-        answer = self.answer(request)
-        if answer is not None:
-            return answer
-        if request.path in self.own_routes:
-            return self.inner.render(request)
-        return self.forward(request)
 
     def answer(self, request: IRequest) -> bytes | None:
         """CORS headers, then the checks: the body of the answer when they decide it (an error, a
@@ -222,9 +206,8 @@ class GuardResource(Resource):
                 role = "admin" if path in ADMIN_PATHS else "inference"
                 if role not in key.roles:
                     raise ApiError(403, f"key {key.key_id} does not have the {role} role", "insufficient_role")
-        allowed = self.own_routes.get(path)
+        allowed = OWN_METHODS.get(path)
         if allowed is not None and method not in allowed:
-            # Klein's own 405 is an HTML page; clients of this port expect the JSON error.
             listed = b", ".join(sorted(allowed))
             raise ApiError(405, f"{path.decode('latin-1')} takes {listed.decode('latin-1')}", "method_not_allowed",
                            {b"allow": listed})
@@ -234,8 +217,8 @@ class GuardResource(Resource):
 
         Called by the channel before it reads a body, so a client without a
         valid key cannot hold a connection open by trickling one.  The rate
-        limit is only looked at: ``render`` checks again and counts the request
-        once.  The error carries the CORS headers ``render`` would have added.
+        limit is only looked at: :meth:`answer` checks again and counts the request
+        once.  The error carries the CORS headers :meth:`answer` would have added.
         """
         try:
             self.check_head(method, target, request, count=False)

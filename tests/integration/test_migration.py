@@ -27,7 +27,7 @@ def test_its_environment_sets_llamads_config_and_the_rest_is_named_at_boot(start
         "MAX_CONCURRENT_REQUESTS": "1", "MAX_QUEUE_SIZE": "0", "REQUEST_TIMEOUT": "300", "CLIENT_HEADER_TIMEOUT": "20",
         "HEALTH_TIMEOUT": "2", "MAX_REQUEST_BODY_SIZE": "52428800",
         # Theirs alone: each is named once at boot with why it does nothing here.
-        "PORT_BACKEND": "8080", "BACKEND_PORT": "8080", "LOG_FORMAT": "json", "WORKER_TYPE": "instruct",
+        "PORT_BACKEND": "8080", "BACKEND_PORT": "8080", "WORKER_TYPE": "instruct",
         "DEBUG_SHELL": "false", "BACKEND_CONNECT_TIMEOUT": "10",
     }
     daemon = start_llamad(env=env, data_dir=volume(tmp_path, keys=None))
@@ -45,7 +45,7 @@ def test_its_environment_sets_llamads_config_and_the_rest_is_named_at_boot(start
                          ("enabled = false", "default")]:
         assert any(text.strip().startswith(line) and text.rstrip().endswith(f"# {source}")
                    for text in log.splitlines()), line
-    for name in ("PORT_BACKEND", "BACKEND_PORT", "LOG_FORMAT", "WORKER_TYPE", "DEBUG_SHELL", "BACKEND_CONNECT_TIMEOUT"):
+    for name in ("PORT_BACKEND", "BACKEND_PORT", "WORKER_TYPE", "DEBUG_SHELL", "BACKEND_CONNECT_TIMEOUT"):
         assert log.count(f"config: {name} is ignored: ") == 1, name
     assert "llamad picks a free loopback port for the child" in log
 

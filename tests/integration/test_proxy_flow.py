@@ -16,9 +16,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from wire import one_model_gateway
 
-from llamad.activity import Activity
-from llamad.gateway.app import Gateway, api_factory, api_site
+from llamad.gateway.app import api_factory
 from llamad.fleet.gate import Gate
 from llamad.gateway.proxy import Proxy
 from llamad.metrics import Metrics
@@ -84,24 +84,13 @@ class Backend(Resource):
         return NOT_DONE_YET
 
 
-SERVERS = {"fast path": api_factory, "twisted.web": api_site}
-server = api_factory  # port 8000's server under test, set by the fixture below
-
-
-@pytest.fixture(autouse=True, params=list(SERVERS))
-def each_server(request: pytest.FixtureRequest) -> None:
-    """Every test here runs against both of port 8000's servers."""
-    global server
-    server = SERVERS[request.param]
-
-
 def gateway_for(port: int, request_timeout: float = 600) -> tuple[int, object]:
     backend = ExternalBackend(f"http://127.0.0.1:{port}")
     status = Status(reactor, backend, "synthetic", lazy=False)
     metrics = Metrics()
     gate = Gate(reactor, status, backend, 4, 8, 5, metrics)
-    gateway = Gateway(reactor, status, gate, Proxy(reactor, reactor, request_timeout), metrics, Activity(reactor))
-    listening = reactor.listenTCP(0, server(gateway), interface="127.0.0.1")
+    gateway = one_model_gateway(reactor, status, gate, Proxy(reactor, reactor, request_timeout), metrics)
+    listening = reactor.listenTCP(0, api_factory(gateway), interface="127.0.0.1")
     return listening.getHost().port, listening
 
 

@@ -271,6 +271,48 @@ def test_bad_backend_env_name(tmp_path: Path) -> None:
     assert error(toml=path) == f"backend.env: bad variable name 'A=B' (from {path})"
 
 
+# --- removed keys ------------------------------------------------------------------
+
+FAST_PATH_GONE = ("api.fast_path: no longer does anything (every request is served by llamad's own HTTP/1.1 "
+                  "front); remove it")
+
+
+def test_a_removed_key_in_the_file_is_one_warning_and_changes_nothing(tmp_path: Path) -> None:
+    path = write(tmp_path, '[api]\nfast_path = false\nmax_headers = 32\n')
+    loaded = load(toml=path)
+    assert loaded.warnings == (f"{FAST_PATH_GONE} (from {path})",)
+    assert loaded.config.api.max_headers == 32
+    assert "api.fast_path" not in loaded.values and "api.fast_path" not in loaded.sources
+    assert not hasattr(loaded.config.api, "fast_path")
+    assert "fast_path" not in config.render(loaded)
+
+
+def test_a_removed_key_as_an_option_is_one_warning_whatever_its_value() -> None:
+    assert load(options={"api.fast_path": "false"}).warnings == (f"{FAST_PATH_GONE} (from option)",)
+    assert load(options={"api.fast_path": 7}).warnings == (f"{FAST_PATH_GONE} (from option)",)
+
+
+def test_a_removed_key_is_no_key_of_the_schema() -> None:
+    assert set(config.REMOVED_KEYS).isdisjoint(config.KEY_TYPES)
+
+
+# --- logs.format -------------------------------------------------------------------
+
+
+def test_log_format_is_text_by_default_and_json_from_file_or_option(tmp_path: Path) -> None:
+    assert load().config.logs.format == "text"
+    path = write(tmp_path, '[logs]\nformat = "json"\n')
+    assert load(toml=path).config.logs.format == "json"
+    assert load(options={"logs.format": "json"}).config.logs.format == "json"
+
+
+def test_log_format_names_its_choices(tmp_path: Path) -> None:
+    path = write(tmp_path, '[logs]\nformat = "xml"\n')
+    assert error(toml=path) == f"logs.format: unknown value 'xml' (expected one of: text, json) (from {path})"
+    assert error(options={"logs.format": "JSON"}) == (  # any case: the variable only
+        "logs.format: unknown value 'JSON' (expected one of: text, json) (from option)")
+
+
 # --- environment names -----------------------------------------------------------
 
 
@@ -522,7 +564,7 @@ def test_render_comments_each_line_with_its_source() -> None:
     lines = config.render(load(env={"PARALLEL": "3"})).splitlines()
     assert any(line.startswith("parallel = 3 ") and line.endswith("# env PARALLEL") for line in lines)
     assert any(line.startswith("data_dir = ") and line.endswith("# env DATA_DIR") for line in lines)
-    assert sum(line.startswith("[") for line in lines) == len(config._SECTIONS)
+    assert sum(line.startswith("[") for line in lines) == len(config.SECTIONS)
 
 
 def test_render_of_loaded_file_loads_back_the_same(tmp_path: Path) -> None:

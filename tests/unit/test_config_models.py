@@ -13,6 +13,7 @@ from fakes import clean_config_env
 
 from llamad import cli, config
 from llamad.config import AUTO, GIB, BackendConfig, Config, ConfigError
+from llamad.config.rendering import toml_key
 
 BASE_ENV = {"DATA_DIR": "/data"}
 
@@ -596,7 +597,7 @@ def test_render_shows_every_model_key_with_its_source(tmp_path: Path) -> None:
     assert lines.index("[fleet]") < lines.index('[models."qwen2.5:7b"]') < lines.index("[supervisor]")
 
     def comment(model_id: str, key: str) -> str:
-        start = lines.index(f"[models.{config._toml_key(model_id)}]")
+        start = lines.index(f"[models.{toml_key(model_id)}]")
         return next(line for line in lines[start:] if line.startswith(f"{key} = ")).split(" # ", 1)[1]
 
     assert comment("qwen2.5:7b", "gpu_layers") == "inherited from [backend] (env NGL)"

@@ -1,7 +1,8 @@
-"""Port 8000's fast path (llamad.gateway.front) and the framed relay behind it, in memory with a fake clock.
+"""Port 8000's front (llamad.gateway.front) and the framed relay behind it, in memory with a fake clock.
 
 The protocol is driven byte by byte on a StringTransport; its deadlines are checked by the factory's sweep,
-which runs on the gateway's Clock, so a time-out happens only when a test advances that clock.
+which runs on the gateway's Clock, so a time-out happens only when a test advances that clock.  The
+limits it enforces while a request arrives are tested in test_limits.py.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from wire import (
-    DONE, EVENTS, GET_MODELS, KEY, POST_HEAD, USAGE, connect, make_gateway, parse, read_chunked, refused, send, server,
-)
+from wire import DONE, EVENTS, GET_MODELS, POST_HEAD, USAGE, connect, make_gateway, parse, read_chunked, send, server
 
-from llamad.gateway.app import OWN_HANDLERS, OWN_ROUTES, Gateway
+from llamad.gateway.app import Gateway
 from llamad.gateway.front import FrontFactory, FrontProtocol
-from llamad.gateway.guard import Auth, Cors
+from llamad.gateway.guard import Cors
 from llamad.gateway.proxy import Relay
+from llamad.gateway.routes import ROUTES
 from llamad.gateway.sendnow import write_now
 from llamad.gateway import front as front_module
 from llamad.gateway import proxy as proxy_module
@@ -44,173 +44,7 @@ def frame(*events: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)
 
 
-# --- limits: refused at the HTTP level, before the gateway ----------------------------------------
-
-
-def test_a_content_length_over_the_limit_is_413_before_the_body():
-    transport, proxy = send(POST_HEAD + b"Content-Length: 5000\r\n\r\n")
-    error = refused(transport, 413, "payload_too_large")
-    assert error["message"] == "request body of 5000 bytes is over the 1000-byte limit"
-    assert proxy.targets == []
-
-
-def test_a_chunked_body_over_the_limit_is_413():
-    transport, proxy = send(POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + frame(b"x" * 600, b"y" * 600))
-    refused(transport, 413, "payload_too_large")
-    assert proxy.targets == []
-
-
-def test_a_long_request_line_is_414():
-    transport, proxy = send(b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: x\r\n\r\n", max_request_line=200)
-    assert refused(transport, 414, "uri_too_long")["message"] == "request line over 200 bytes"
-
-
-def test_too_many_headers_is_431():
-    headers = b"".join(b"X-H%d: 1\r\n" % i for i in range(5))
-    transport, proxy = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n", max_headers=5)
-    assert refused(transport, 431, "header_fields_too_large")["message"] == "more than 5 headers"
-
-
-def test_a_long_header_line_is_431():
-    transport, proxy = send(b"GET /v1/models HTTP/1.1\r\nX-Long: " + b"a" * 300 + b"\r\n\r\n", max_header_line=300)
-    assert refused(transport, 431, "header_fields_too_large")["message"] == "a header line over 300 bytes"
-
-
-def test_headers_over_16k_in_all_are_431():
-    many = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 4096) for i in range(5))
-    transport, proxy = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
-    error = refused(transport, 431, "header_fields_too_large")
-    assert error["message"] == "request headers over 16384 bytes in all" and proxy.targets == []
-
-
-@pytest.mark.parametrize("headers, code", [
-    (b"Content-Length: abc\r\n", "bad_request"),  # malformed, as llama-gguf-inference said it
-    (b"Content-Length: 2\r\nContent-Length: 2\r\n", "bad_framing"),
-    (b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", "bad_framing"),
-    (b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", "bad_framing"),
-    (b"Transfer-Encoding: gzip\r\n", "bad_framing"),
-])
-def test_ambiguous_body_framing_is_400(headers, code):
-    transport, proxy = send(POST_HEAD + headers + b"\r\n{}")
-    refused(transport, 400, code)
-    assert proxy.targets == []
-
-
-@pytest.mark.parametrize("target", [b"*", b"http://x/"])
-def test_a_target_that_is_not_a_path_is_400(target):
-    transport, proxy = send(b"OPTIONS " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-    refused(transport, 400, "invalid_request_target")
-    assert proxy.targets == []
-
-
-# --- time-outs, checked by the sweep --------------------------------------------------------------
-
-
-def test_headers_not_in_within_the_header_timeout_are_408():
-    factory = server(header_timeout=10)
-    protocol, transport = connect(factory)
-    protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
-    factory.clock.advance(9.6)
-    assert transport.value() == b"" and not transport.disconnecting
-    factory.clock.advance(0.5)
-    error = refused(transport, 408, "request_timeout")
-    assert error["message"] == "request headers not received within 10 s"
-    assert factory.incomplete == {}
-
-
-def test_a_stalled_body_is_408_and_each_byte_restarts_its_clock():
-    factory = server(body_timeout=30, body_min_rate=0)  # the stall alone
-    protocol, transport = connect(factory)
-    protocol.dataReceived(POST_HEAD + b"Content-Length: 900\r\n\r\n")
-    for _ in range(5):  # minutes in all, never 30 s without a byte
-        factory.clock.advance(29)
-        protocol.dataReceived(b"x")
-    assert transport.value() == b"" and not transport.disconnecting
-    factory.clock.advance(29.6)
-    assert transport.value() == b""
-    factory.clock.advance(0.5)
-    error = refused(transport, 408, "request_timeout")
-    assert error["message"] == "request body stalled: no data for 30 s"
-    assert factory.gateway.proxy.targets == []
-
-
-def test_a_body_trickled_a_byte_every_5_s_is_408_once_its_time_is_spent():
-    factory = server(body_timeout=30)  # and the default floor: 1 s more per 500 bytes
-    protocol, transport = connect(factory)
-    protocol.dataReceived(POST_HEAD + b"Content-Length: 900\r\n\r\n")
-    for _ in range(6):  # never 30 s without a byte
-        factory.clock.advance(5)
-        protocol.dataReceived(b"x")
-    assert transport.value() == b""
-    factory.clock.advance(0.5)  # 30 s + 6 bytes' worth (0.012 s) are spent
-    error = refused(transport, 408, "request_timeout")
-    assert error["message"] == "request body too slow: 6 bytes in 30 s (a body gets 30 s plus 1 s per 500 bytes)"
-    assert factory.gateway.proxy.targets == [] and factory.incomplete == {}
-
-
-def test_a_body_that_keeps_its_rate_may_take_longer_than_the_body_timeout():
-    factory = server(body_timeout=30, body_min_rate=10)
-    protocol, transport = connect(factory)
-    protocol.dataReceived(POST_HEAD + b"Content-Length: 614\r\n\r\n{\"prompt\": \"")
-    for _ in range(6):  # 100 bytes every 9 s: 10 s more each time
-        factory.clock.advance(9)
-        protocol.dataReceived(b"x" * 100)
-    factory.clock.advance(9)
-    protocol.dataReceived(b'"}')
-    assert parse(transport.value())[0].status == 200 and len(factory.gateway.proxy.targets) == 1
-
-
-def test_an_idle_kept_alive_connection_is_closed_quietly_after_75_s():
-    factory = server()
-    protocol, transport = connect(factory)
-    protocol.dataReceived(GET_PING)
-    answered = transport.value()
-    factory.clock.advance(74.5)
-    assert not transport.disconnecting
-    factory.clock.advance(1)
-    assert transport.disconnecting and transport.value() == answered  # closed, no 408 written
-
-
-def pending_post() -> tuple[FrontFactory, FrontProtocol, TCPTransport, PendingProxy]:
-    """A POST on a fresh connection, held by the proxy until the test answers it."""
-    gateway = make_gateway()
-    gateway.proxy = proxy = PendingProxy()
-    factory = server(gateway)
-    protocol, transport = connect(factory)
-    protocol.dataReceived(POST_HEAD + b"Content-Length: 2\r\n\r\n{}")
-    return factory, protocol, transport, proxy
-
-
-def test_no_408_while_a_request_is_being_answered():
-    factory, protocol, transport, proxy = pending_post()
-    factory.clock.advance(300)  # past every deadline
-    assert transport.value() == b"" and not transport.disconnecting
-    proxy.answer()
-    [response] = parse(transport.value())
-    assert (response.status, response.body) == (200, PROXIED) and not transport.disconnecting
-
-
-# --- requests still arriving, per client ----------------------------------------------------------
-
-
-def test_a_client_with_too_many_requests_arriving_gets_429_and_the_count_drops():
-    factory = server(max_incomplete_per_client=2)
-    first, _ = connect(factory, port=1)
-    second, _ = connect(factory, port=2)
-    first.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
-    second.dataReceived(POST_HEAD + b"Content-Length: 10\r\n\r\n{")
-    third, transport = connect(factory, port=3)
-    third.dataReceived(b"GET /v1/models HTTP/1.1\r\n")
-    error = refused(transport, 429, "too_many_incomplete_requests")
-    assert error["message"] == "more than 2 requests from this client are still arriving"
-    other, transport = connect(factory, host="10.0.0.2")
-    other.dataReceived(GET_MODELS)  # another client is not held to this one's count
-    assert parse(transport.value())[0].status == 200
-    assert factory.incomplete == {"10.0.0.1": 2}
-    first.dataReceived(b"Host: x\r\n\r\n")  # its request is in
-    assert factory.incomplete == {"10.0.0.1": 1}
-    close(second)  # gone with its body half sent
-    assert factory.incomplete == {}
+# --- serving: a bug, CORS, a UNIX socket ---------------------------------------------------------
 
 
 class Failures:
@@ -267,26 +101,21 @@ def test_a_unix_socket_is_served_and_not_counted_per_client():
     assert parse(transport.value())[0].status == 200 and factory.incomplete == {}
 
 
-# --- the API key, checked before the body ---------------------------------------------------------
-
-
-def test_a_body_without_a_key_is_401_before_it_arrives(tmp_path):
-    keys = tmp_path / "api_keys"
-    keys.write_text(f"alice:{KEY}\n")
-    factory = server(make_gateway(auth=Auth(True, str(keys), False, Clock())))
-    protocol, transport = connect(factory)
-    protocol.dataReceived(POST_HEAD + b"Content-Length: 1000\r\n\r\n")  # not one body byte
-    error = refused(transport, 401, "invalid_api_key")
-    assert error["param"] == "authorization"
-    assert parse(transport.value())[0].headers[b"www-authenticate"] == b'Bearer realm="llamad"'
-    assert factory.gateway.proxy.targets == [] and factory.incomplete == {}
-
-
 # --- llamad's own routes --------------------------------------------------------------------------
 
 
-def test_the_fast_path_serves_every_own_route_klein_serves():
-    assert set(OWN_HANDLERS) == set(OWN_ROUTES)
+def test_llamads_own_routes_in_the_table_are_kleins_with_the_same_methods_and_the_front_serves_each():
+    """routes.ROUTES says which routes llamad answers; Klein's table routes them: the two cannot drift."""
+    table = {route.path: set(route.methods) for route in ROUTES if route.answered_by == "llamad"}
+    klein = {rule.rule: set(rule.methods or ()) for rule in Gateway.app.url_map.iter_rules()}
+    assert klein == table
+    for path, methods in sorted(table.items()):
+        for method in sorted(methods):
+            gateway = make_gateway()
+            protocol, transport = connect(server(gateway), host="127.0.0.1")  # loopback: admin routes without auth
+            protocol.dataReceived(b"%s %s HTTP/1.1\r\nHost: x\r\n\r\n" % (method.encode(), path.encode()))
+            [response] = parse(transport.value(), head_request=method == "HEAD")
+            assert response.status == 200 and gateway.proxy.targets == [], (method, path)
 
 
 def test_ping_is_an_empty_200():
@@ -390,6 +219,16 @@ def test_an_upgrade_request_is_answered_then_the_connection_closes():
 
 
 # --- the client going away ------------------------------------------------------------------------
+
+
+def pending_post() -> tuple[FrontFactory, FrontProtocol, TCPTransport, PendingProxy]:
+    """A POST on a fresh connection, held by the proxy until the test answers it."""
+    gateway = make_gateway()
+    gateway.proxy = proxy = PendingProxy()
+    factory = server(gateway)
+    protocol, transport = connect(factory)
+    protocol.dataReceived(POST_HEAD + b"Content-Length: 2\r\n\r\n{}")
+    return factory, protocol, transport, proxy
 
 
 def test_the_client_going_away_cancels_the_proxied_request():
@@ -640,7 +479,7 @@ def test_a_proxied_request_leaves_no_reference_cycle(answer):
 
     gateway = make_gateway()
     gateway.proxy = proxy = Proxy(None, gateway.clock, 600)
-    pool = proxy._upstream(gateway.gate.backend.target().origin).pool
+    pool = proxy._upstream(gateway.models["demo"].backend.target().origin).pool
     connection = _Connection(pool)
     child = AnsweringChild(answer, gateway.clock)
     connection.makeConnection(child)
@@ -688,7 +527,7 @@ def proxied_through(child_for, timeout: float) -> tuple[Gateway, FrontProtocol, 
 
     gateway = make_gateway()
     gateway.proxy = proxy = Proxy(None, gateway.clock, timeout)
-    pool = proxy._upstream(gateway.gate.backend.target().origin).pool
+    pool = proxy._upstream(gateway.models["demo"].backend.target().origin).pool
     connection = _Connection(pool)
     child = child_for(gateway.clock)
     connection.makeConnection(child)

@@ -7,9 +7,8 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from wire import build, json_of
 
-from llamad.gateway.app import (
-    FORM_ROUTES, INFERENCE_ROUTES, JSON_BODY_ROUTES, KNOWN_ROUTES, parse_json_object, route_label,
-)
+from llamad.gateway.app import parse_json_object
+from llamad.gateway.routes import BY_PATH, FORM_ROUTES, INFERENCE_ROUTES, JSON_BODY_ROUTES, route_label
 from llamad.supervisor import StartFailed, State
 
 
@@ -175,7 +174,7 @@ MULTIPART = (b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.w
 @pytest_twisted.ensureDeferred
 async def test_every_route_that_runs_the_model_passes_the_gate_and_counts_as_activity(route):
     http, clock, backend, status, metrics, proxy = build()
-    activity = http.resource.forward.__self__.activity
+    activity = http.gateway.activity
     changes: list[int] = []
     activity.on_change(lambda: changes.append(activity.inference_in_flight))
     body = MULTIPART if "audio" in route else b"{}"
@@ -200,7 +199,7 @@ async def test_a_multipart_transcription_is_not_held_to_a_json_body():
 
 def test_inference_routes_are_the_json_ones_plus_the_form_ones():
     assert JSON_BODY_ROUTES | FORM_ROUTES == INFERENCE_ROUTES and not JSON_BODY_ROUTES & FORM_ROUTES
-    assert INFERENCE_ROUTES <= KNOWN_ROUTES
+    assert INFERENCE_ROUTES <= set(BY_PATH)
 
 
 def test_several_childrens_metrics_merge_into_one_family_per_name_with_a_model_label():

@@ -76,8 +76,8 @@ def build(tmp_path, proxy=None, beta: State = State.READY):
         gate = Gate(clock, status, backend, 4, 8, 10, metrics)
         models[model_id] = ModelRuntime(model_id, backend, gate, Activity(clock))
     status.fleet = FakeFleet()
-    gateway = Gateway(clock, status, models["alpha"].gate, proxy or UsageProxy(), metrics, Activity(clock), auth,
-                      models=models, directory=ModelDirectory(["alpha", "beta"], default="alpha"))
+    gateway = Gateway(clock, status, models, proxy or UsageProxy(), metrics, Activity(clock), auth,
+                      directory=ModelDirectory(["alpha", "beta"], default="alpha"))
     return server(gateway, max_body_bytes=200000), gateway
 
 

@@ -11,11 +11,12 @@ import pytest_twisted
 from fakes import clean_config_env
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
-from wire import GATEWAY_FIELDS, build, make_gateway, make_site, refused, site_connect, site_send
+from wire import GATEWAY_FIELDS, build, connect, make_gateway, refused, send, server
 
 from llamad import cli, config
 from llamad.keys import apikey, auth
 from llamad.config import ConfigError
+from llamad.gateway.app import api_factory
 from llamad.gateway.guard import Auth, Cors
 from llamad.logs import instance_name
 
@@ -69,12 +70,20 @@ def test_every_variable_of_theirs_is_read_or_warned_about() -> None:
     ("MAX_HEADERS", "32", "api.max_headers", 32),
     ("MAX_HEADER_LINE_SIZE", "4096", "api.max_header_line", 4096),
     ("MAX_REQUEST_LINE_SIZE", "2048", "api.max_request_line", 2048),
+    ("LOG_FORMAT", "json", "logs.format", "json"),
+    ("LOG_FORMAT", " JSON ", "logs.format", "json"),
+    ("LOG_FORMAT", "Text", "logs.format", "text"),
 ])
 def test_their_variables_set_our_keys_in_their_units(name: str, text: str, key: str, value: Any) -> None:
     loaded = load({name: text})
     assert loaded.values[key] == value
     assert loaded.sources[key] == f"env {name}"
     assert loaded.warnings == ()
+
+
+def test_a_log_format_other_than_text_or_json_is_a_config_error() -> None:
+    assert error(env={"LOG_FORMAT": "logfmt"}) == (
+        "logs.format: unknown value 'logfmt' (expected one of: text, json) (from env LOG_FORMAT)")
 
 
 def test_client_header_timeout_bounds_headers_and_body() -> None:
@@ -299,50 +308,49 @@ def test_cors_origins_with_a_trailing_slash_still_match() -> None:
 
 def test_configured_header_limits_are_enforced() -> None:
     head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
-    transport, recorder = site_send(head + b"".join(b"X-%d: v\r\n" % i for i in range(3)) + b"\r\n", max_headers=3)
+    transport, proxy = send(head + b"".join(b"X-%d: v\r\n" % i for i in range(3)) + b"\r\n", max_headers=3)
     error_ = refused(transport, 431, "header_fields_too_large")
-    assert error_["message"] == "more than 3 headers" and recorder.seen == []
-    transport, recorder = site_send(head + b"X-Long: " + b"a" * 200 + b"\r\n\r\n", max_header_line=128)
+    assert error_["message"] == "more than 3 headers" and proxy.targets == []
+    transport, proxy = send(head + b"X-Long: " + b"a" * 200 + b"\r\n\r\n", max_header_line=128)
     assert refused(transport, 431, "header_fields_too_large")["message"] == "a header line over 128 bytes"
-    transport, recorder = site_send(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: x\r\n\r\n", max_request_line=128)
+    transport, proxy = send(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: x\r\n\r\n", max_request_line=128)
     assert refused(transport, 414, "uri_too_long")["message"] == "request line over 128 bytes"
-    assert recorder.seen == []
+    assert proxy.targets == []
 
 
 def test_each_line_limit_is_its_own() -> None:
     """A long request line under its limit passes a lower header-line limit, and the other way round."""
-    transport, recorder = site_send(b"GET /" + b"a" * 500 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-                               max_request_line=1024, max_header_line=128)
-    assert transport.value().startswith(b"HTTP/1.1 200 ") and len(recorder.seen) == 1
-    transport, recorder = site_send(b"GET /v1/models HTTP/1.1\r\nX-Long: " + b"a" * 500 + b"\r\n\r\n",
-                               max_request_line=128, max_header_line=1024)
-    assert transport.value().startswith(b"HTTP/1.1 200 ") and len(recorder.seen) == 1
+    transport, proxy = send(b"GET /" + b"a" * 500 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                            max_request_line=1024, max_header_line=128)
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and len(proxy.targets) == 1
+    transport, proxy = send(b"GET /v1/models HTTP/1.1\r\nX-Long: " + b"a" * 500 + b"\r\n\r\n",
+                            max_request_line=128, max_header_line=1024)
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and len(proxy.targets) == 1
 
 
 def test_raised_limits_let_bigger_heads_through() -> None:
     """Over today's 8 KiB lines and 64 headers: the total of 16 KiB grows with the line limits."""
     many = b"".join(b"X-%d: v\r\n" % i for i in range(100))
-    transport, recorder = site_send(b"GET /v1/models HTTP/1.1\r\n" + many + b"X-Long: " + b"a" * 12000 + b"\r\n\r\n",
-                               max_headers=128, max_header_line=16384)
-    assert transport.value().startswith(b"HTTP/1.1 200 ") and len(recorder.seen) == 1
+    transport, proxy = send(b"GET /v1/models HTTP/1.1\r\n" + many + b"X-Long: " + b"a" * 12000 + b"\r\n\r\n",
+                            max_headers=128, max_header_line=16384)
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and len(proxy.targets) == 1
 
 
 def test_todays_defaults_hold() -> None:
-    site, _, _ = make_site()
-    channel = site.protocol
-    assert (channel.max_headers, channel.max_header_line, channel.max_request_line) == (64, 8192, 8192)
-    assert channel.totalHeadersSize == 16384
+    factory = api_factory(make_gateway())
+    assert (factory.max_headers, factory.max_header_line, factory.max_request_line) == (64, 8192, 8192)
+    assert factory.max_head == 16384
     assert config.Config().api.max_headers == 64
-    transport, _ = site_send(b"GET /v1/models HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(65)) + b"\r\n")
+    transport, _ = send(b"GET /v1/models HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(65)) + b"\r\n")
     refused(transport, 431, "header_fields_too_large")
 
 
-def test_the_api_site_takes_the_limits_from_its_caller() -> None:
-    from llamad.gateway.app import api_site
-
-    site = api_site(make_gateway(), max_headers=5, max_header_line=300, max_request_line=200)
-    assert (site.protocol.max_headers, site.protocol.max_header_line, site.protocol.max_request_line) == (5, 300, 200)
-    assert site.protocol.MAX_LENGTH == 300
+def test_the_api_factory_takes_the_limits_from_its_caller() -> None:
+    factory = api_factory(make_gateway(), max_headers=5, max_header_line=300, max_request_line=200)
+    assert (factory.max_headers, factory.max_header_line, factory.max_request_line) == (5, 300, 200)
+    assert factory.max_head == 16384  # the total: at least the two line limits' sum
+    factory = api_factory(make_gateway(), max_header_line=16384, max_request_line=8192)
+    assert factory.max_head == 16384 + 8192
 
 
 # --- the JSON view of /metrics ------------------------------------------------------------------------
@@ -378,10 +386,14 @@ async def test_the_json_fields_come_from_llamads_own_counts(tmp_path: Path) -> N
     path.write_text(f"alice:{KEY}\n")
     http, clock, backend, status, metrics, proxy = build(auth=Auth(True, str(path), False, Clock()))
     ok = {"authorization": f"Bearer {KEY}"}
-    await http.post("http://x/v1/chat/completions", data=b"{}", headers=ok)
-    await http.get("http://x/v1/models", headers={"authorization": KEY})
-    assert (await http.get("http://x/v1/models", headers={"authorization": "Bearer wrong-key-0123456789"})).code == 401
-    assert (await http.get("http://x/v1/models")).code == 401
+    answers = [
+        await http.post("http://x/v1/chat/completions", data=b"{}", headers=ok),
+        await http.get("http://x/v1/models", headers={"authorization": KEY}),
+        await http.get("http://x/v1/models", headers={"authorization": "Bearer wrong-key-0123456789"}),
+        await http.get("http://x/v1/models"),
+    ]
+    assert [answer.code for answer in answers] == [200, 200, 401, 401]
+    sent = sum([len(await answer.content()) for answer in answers])
     metrics.queue_wait.observe(1.25)
     metrics.queue_rejections.labels("queue_full").inc()
     clock.advance(42.9)
@@ -394,7 +406,7 @@ async def test_the_json_fields_come_from_llamads_own_counts(tmp_path: Path) -> N
         "requests_active": 0,
         "requests_authenticated": 2,
         "requests_unauthorized": 2,
-        "bytes_sent": 0,  # counted by the site, which StubTreq does not use
+        "bytes_sent": sent,  # the bodies of the four answers before this scrape
         "queue_depth": 0,
         "queue_rejections": 1,
         "queue_wait_seconds_total": 1.25,
@@ -403,15 +415,11 @@ async def test_the_json_fields_come_from_llamads_own_counts(tmp_path: Path) -> N
 
 
 def test_bytes_sent_adds_each_finished_response_body_once() -> None:
-    from llamad.gateway.app import api_site
-
     gateway = make_gateway()
-    site = api_site(gateway)
-    site.reactor = Clock()
-    channel, transport = site_connect(site)
-    channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    protocol, transport = connect(server(gateway))
+    protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
     assert gateway.bytes_sent == len(b'{"proxied": true}')
-    channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    protocol.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
     assert gateway.bytes_sent == 2 * len(b'{"proxied": true}')
 
 

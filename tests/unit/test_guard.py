@@ -7,12 +7,10 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
-from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 from wire import build, json_of
 
-from llamad.gateway.app import OWN_ROUTES
-from llamad.gateway.guard import Auth, Cors, GuardResource
+from llamad.gateway.guard import OWN_METHODS, Auth, Cors, Guard
 
 KEY = "k" * 24
 NEW_KEY = "n" * 24
@@ -153,11 +151,12 @@ async def test_reload_is_admin_reload_under_llama_gguf_inference_path(tmp_path):
 
 @pytest.fixture
 def remote_client(monkeypatch):
-    """Requests that StubTreq makes arrive from 10.1.2.3, not from loopback."""
+    """Requests that treq's in-memory client makes arrive from 10.1.2.3, not from loopback."""
     from twisted.internet.address import IPv4Address
-    from twisted.web.server import Request
 
-    monkeypatch.setattr(Request, "getClientAddress", lambda self: IPv4Address("TCP", "10.1.2.3", 40000))
+    from llamad.gateway.front import FrontRequest
+
+    monkeypatch.setattr(FrontRequest, "getClientAddress", lambda self: IPv4Address("TCP", "10.1.2.3", 40000))
 
 
 @pytest.mark.parametrize("path", ["/admin/reload", "/reload", "/admin/restart"])
@@ -234,25 +233,18 @@ async def test_path_tricks_never_bypass_auth_nor_reach_the_proxy(tmp_path, path,
 
 @pytest.mark.parametrize("uri", [b"/v1\\..\\admin/reload", b"/v1/chat\\completions", b"http://x/v1/models"])
 def test_raw_backslashes_and_absolute_uris_are_refused_before_auth(tmp_path, uri):
-    reached = []
-
-    class Inner(Resource):
-        isLeaf = True
-
-        def render(self, request):
-            reached.append(request.uri)
-            return b"ok"
-
+    """The guard's own check, for any request that reached it (the front refuses an absolute URI first)."""
     auth = Auth(True, keys_file(tmp_path, f"alice:{KEY}"), False, Clock())
     rejected = []
-    guard = GuardResource(Inner(), auth, Cors(()), lambda request, code: rejected.append(code),
-                          {}, Inner().render)
+    guard = Guard(auth, Cors(()), lambda request, code: rejected.append(code))
     request = DummyRequest([])
     request.method, request.uri = b"POST", uri
     request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {KEY}".encode()])
-    body = guard.render(request)
-    assert request.responseCode == 400 and json.loads(body)["error"]["code"] == "invalid_path"
-    assert reached == [] and rejected == [400]
+    body = guard.answer(request)  # None: the request would go on to a route or the proxy
+    assert body is not None and request.responseCode == 400
+    assert json.loads(body)["error"]["code"] == "invalid_path"
+    assert rejected == [400] and auth.authenticated == 0  # refused before the key was looked at
+    assert guard.early_refusal(b"POST", uri, request).code == "invalid_path"  # before a body, the same
 
 
 @pytest_twisted.ensureDeferred
@@ -283,9 +275,9 @@ async def test_own_routes_answer_a_method_they_do_not_take_with_json_405(tmp_pat
     assert proxy.targets == [] and backend.start_requests == 0
 
 
-def test_own_routes_carry_the_methods_of_their_klein_routes():
-    assert OWN_ROUTES == {b"/ping": {b"GET", b"HEAD"}, b"/health": {b"GET", b"HEAD"}, b"/metrics": {b"GET", b"HEAD"},
-                          b"/admin/reload": {b"POST"}, b"/reload": {b"POST"}, b"/admin/restart": {b"POST"}}
+def test_the_guard_knows_the_methods_of_llamads_own_routes():
+    assert OWN_METHODS == {b"/ping": {b"GET", b"HEAD"}, b"/health": {b"GET", b"HEAD"}, b"/metrics": {b"GET", b"HEAD"},
+                           b"/admin/reload": {b"POST"}, b"/reload": {b"POST"}, b"/admin/restart": {b"POST"}}
 
 
 @pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND"])

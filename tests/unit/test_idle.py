@@ -6,7 +6,7 @@ import json
 
 import pytest_twisted
 from twisted.internet.task import Clock
-from wire import build, json_of
+from wire import POST_HEAD, build, connect, json_of, read_chunked, server
 
 from llamad.activity import Activity, IdleWatch
 
@@ -179,21 +179,28 @@ async def test_start_failure_after_the_stream_started_is_an_sse_error_event():
 
 
 def test_a_stream_that_leaves_during_a_cold_start_stops_its_loading_comments():
-    from io import BytesIO
-
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import LoopingCall
     from twisted.python.failure import Failure
-    from twisted.web.test.requesthelper import DummyRequest
 
     from llamad.supervisor import State
 
     http, clock, backend, status, metrics, proxy = build(State.STOPPED, lazy=True, wait=60)
-    request = DummyRequest([b"v1", b"chat", b"completions"])
-    request.method, request.uri, request.path = b"POST", b"/v1/chat/completions", b"/v1/chat/completions"
-    request.content = BytesIO(json.dumps({"stream": True, "messages": []}).encode())
-    http.resource.render(request)
+
+    def timers() -> list:
+        """What is due on the clock, but the fronts' sweeps."""
+        return [call for call in clock.getDelayedCalls() if not isinstance(call.func, LoopingCall)]
+
+    protocol, transport = connect(server(http.gateway))
+    body = json.dumps({"stream": True, "messages": []}).encode()
+    protocol.dataReceived(POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     clock.advance(3)
-    assert b"".join(request.written) == b": loading\n\n"
-    request.processingFailed(Failure(ConnectionError("client went away")))
+    head, _, written = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and read_chunked(written + b"0\r\n\r\n")[0] == b": loading\n\n"
+    assert len(timers()) == 2  # the next comment, and the wait's time-out
+    protocol.connectionLost(Failure(ConnectionDone()))  # the client goes away
+    assert timers() == []
     clock.advance(30)
-    assert b"".join(request.written) == b": loading\n\n"  # no more comments to nobody
+    assert transport.value().partition(b"\r\n\r\n")[2] == written  # no more comments to nobody
     assert backend.start_requests == 1 and backend.waiters == []  # the start goes on; the waiter left
+    assert proxy.targets == []

@@ -58,10 +58,10 @@ def build(tmp_path, proxy=None, max_concurrent: int = 4, queue_timeout: float = 
         gate = Gate(clock, status, backend, max_concurrent, 8, queue_timeout, metrics)
         models[model_id] = ModelRuntime(model_id, backend, gate, activity)
     lines: list[bytes] = []
-    gateway = Gateway(clock, status, models["alpha"].gate, proxy or UsageProxy(), metrics, activity, auth,
-                      models=models, directory=ModelDirectory(["alpha", "beta"], lenient=False),
+    gateway = Gateway(clock, status, models, proxy or UsageProxy(), metrics, activity, auth,
+                      directory=ModelDirectory(["alpha", "beta"], lenient=False),
                       access=lines.append, wall=lambda: 1795000000.5)
-    gateway.fleet = False  # two models without a Fleet: lists are not exercised here
+    gateway.router_api = False  # two models without a Fleet: lists are not exercised here
     return server(gateway), gateway, clock, lines
 
 

@@ -1,4 +1,4 @@
-"""What a llama-gguf-inference deployment still met, in memory on both HTTP servers of port 8000.
+"""What a llama-gguf-inference deployment still met, in memory on port 8000's front.
 
 ``/metrics`` for ``curl | jq`` (``api.metrics_format``), a bare ``OPTIONS`` with an ``Origin``, ``/reload``'s
 fields, one error code per case (and docs/api.md listing every code, checked against the code both ways),
@@ -15,18 +15,16 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from fakes import TCPTransport
-from treq.testing import StubTreq
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from wire import (
-    GATEWAY_FIELDS, GET_MODELS, KEY, POST_HEAD, Response, connect, make_gateway, parse, refused, send, server,
-    site_connect, site_send,
+    GATEWAY_FIELDS, GET_MODELS, KEY, POST_HEAD, Response, client, connect, make_gateway, parse, refused, send, server,
 )
 
 from llamad.config import ConfigError, load
 from llamad.gateway import proxy as proxy_module
-from llamad.gateway.app import Gateway, api_site, wants_json
+from llamad.gateway.app import Gateway, wants_json
 from llamad.errors import _TYPES, backend_error_body
 from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Proxy
@@ -73,7 +71,7 @@ def metrics_of(gateway: Gateway, accept: bytes | None) -> Response:
     ("prometheus", b"*/*", False),
     ("prometheus", None, False),
 ])
-def test_the_fast_path_answers_metrics_in_the_configured_format(metrics_format, accept, is_json):
+def test_metrics_answers_in_the_configured_format(metrics_format, accept, is_json):
     response = metrics_of(make_gateway(metrics_format=metrics_format), accept)
     assert response.status == 200 and b"accept" in response.headers[b"vary"].lower()
     if is_json:
@@ -85,8 +83,8 @@ def test_the_fast_path_answers_metrics_in_the_configured_format(metrics_format, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_twisted_webs_server_answers_json_to_curl_with_the_json_format():
-    http = StubTreq(make_gateway(metrics_format="json").resource())
+async def test_an_http_client_like_curl_gets_json_with_the_json_format():
+    http = client(make_gateway(metrics_format="json"))
     response = await http.get("http://x/metrics", headers={"accept": "*/*"})
     assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
     assert set(json.loads(await response.content())["gateway"]) == GATEWAY_FIELDS
@@ -153,8 +151,8 @@ def test_without_cors_an_options_is_a_request_like_any_other():
 
 
 @pytest_twisted.ensureDeferred
-async def test_twisted_webs_server_answers_a_bare_options_too():
-    http = StubTreq(make_gateway(cors=Cors((ORIGIN.decode(),))).resource())
+async def test_an_http_clients_bare_options_gets_the_preflights_answer():
+    http = client(make_gateway(cors=Cors((ORIGIN.decode(),))))
     response = await http.request("OPTIONS", "http://x/v1/models", headers={"origin": ORIGIN})
     assert response.code == 204
     assert response.headers.getRawHeaders(b"access-control-allow-origin") == [ORIGIN]
@@ -180,19 +178,13 @@ def test_reload_answers_both_sets_of_fields(tmp_path):
 
 
 @pytest.mark.parametrize("value", [b"abc", b"-1", b"1.5", b"0x10", b"1 2"])
-def test_a_content_length_that_is_not_a_number_is_their_bad_request_on_both_servers(value):
-    raw = POST_HEAD + b"Content-Length: " + value + b"\r\n\r\n{}"
-    transport, _ = send(raw)
-    refused(transport, 400, "bad_request")
-    transport, _ = site_send(raw)
+def test_a_content_length_that_is_not_a_number_is_their_bad_request(value):
+    transport, _ = send(POST_HEAD + b"Content-Length: " + value + b"\r\n\r\n{}")
     refused(transport, 400, "bad_request")
 
 
-def test_two_content_lengths_are_an_ambiguous_framing_on_both_servers():
-    raw = POST_HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}"
-    transport, _ = send(raw)
-    refused(transport, 400, "bad_framing")
-    transport, _ = site_send(raw)
+def test_two_content_lengths_are_an_ambiguous_framing():
+    transport, _ = send(POST_HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}")
     refused(transport, 400, "bad_framing")
 
 
@@ -200,14 +192,14 @@ def test_two_content_lengths_are_an_ambiguous_framing_on_both_servers():
 async def test_an_expired_key_is_their_invalid_api_key(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text(f"alice:{KEY}:60:2020-01-01T00:00:00\n")
-    http = StubTreq(make_gateway(auth=Auth(True, str(keys), False, Clock())).resource())
+    http = client(make_gateway(auth=Auth(True, str(keys), False, Clock())))
     response = await http.get("http://x/v1/models", headers={"authorization": KEY})
     error = json.loads(await response.content())["error"]
     assert (response.code, error["code"], error["message"]) == (401, "invalid_api_key", "API key has expired")
 
 
 # Calls that make an error answer on port 8000, and where their code (and status) are.
-_CODE_AT = {"ApiError": 2, "NotDelivered": 2, "Unanswered": 2, "refuse": 2, "reject": 2, "Denied": 2,
+_CODE_AT = {"ApiError": 2, "NotDelivered": 2, "Unanswered": 2, "refuse": 2, "Denied": 2,
             "error_body": 2, "sse_error_event": 1, "_break": 1}
 _SSE_DEFAULT = "stream_interrupted"  # sse_error_event's code when a call gives none
 
@@ -288,21 +280,17 @@ def test_a_header_line_limit_no_request_can_meet_says_why(value):
         "(from env MAX_HEADER_LINE_SIZE)")
 
 
-@pytest.mark.parametrize("fast_path", [True, False])
-def test_a_50_byte_header_line_limit_is_enforced_to_the_byte(fast_path):
+def test_a_50_byte_header_line_limit_is_enforced_to_the_byte():
     def status(raw: bytes) -> int:
-        if fast_path:
-            transport, _ = send(raw, max_header_line=50)
-        else:
-            transport, _ = site_send(raw, max_header_line=50)
+        transport, _ = send(raw, max_header_line=50)
         return int(transport.value().split(b" ", 2)[1])
 
     line = b"X-Fifty: " + b"a" * 41  # 50 bytes
     assert status(b"GET /v1/models HTTP/1.1\r\n" + line + b"\r\n\r\n") == 200
     assert status(b"GET /v1/models HTTP/1.1\r\n" + line + b"a\r\n\r\n") == 431
-    if fast_path:  # the smallest limit still serves a request with the shortest Host
-        transport, _ = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", max_header_line=7)
-        assert parse(transport.value())[0].status == 200
+    # The smallest limit still serves a request with the shortest Host.
+    transport, _ = send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", max_header_line=7)
+    assert parse(transport.value())[0].status == 200
 
 
 # --- llama-server's errors, answered in llamad's shape -------------------------------------------
@@ -354,7 +342,7 @@ class Child(TCPTransport):
 def child_answers(gateway: Gateway, *reads: bytes) -> Child:
     """The real proxy, relay and pool, with one kept-alive connection to a child that answers ``reads``."""
     gateway.proxy = proxy = Proxy(None, gateway.clock, 600)
-    pool = proxy._upstream(gateway.gate.backend.target().origin).pool
+    pool = proxy._upstream(gateway.models["demo"].backend.target().origin).pool
     child = Child(reads, gateway.clock)
     connection = _Connection(pool)
     connection.makeConnection(child)
@@ -363,18 +351,12 @@ def child_answers(gateway: Gateway, *reads: bytes) -> Child:
     return child
 
 
-def relayed(request: bytes, *reads: bytes, fast_path: bool = True) -> tuple[Response, Child, Gateway]:
+def relayed(request: bytes, *reads: bytes) -> tuple[Response, Child, Gateway]:
     """``request`` through port 8000 to a child that answers ``reads``: the client's response."""
     gateway = make_gateway()
     child = child_answers(gateway, *reads)
-    if fast_path:
-        protocol, transport = connect(server(gateway))
-        protocol.dataReceived(request)
-    else:
-        site = api_site(gateway)
-        site.reactor = gateway.clock
-        channel, transport = site_connect(site)
-        channel.dataReceived(request)
+    protocol, transport = connect(server(gateway))
+    protocol.dataReceived(request)
     gateway.clock.advance(0)
     [response] = parse(transport.value())
     return response, child, gateway
@@ -395,12 +377,11 @@ def error_400(framing: str) -> bytes:
             + b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (20, LLAMA_400[:20], len(LLAMA_400) - 20, LLAMA_400[20:]))
 
 
-@pytest.mark.parametrize("fast_path", [True, False])
 @pytest.mark.parametrize("framing", ["length", "chunked"])
-def test_a_childs_json_error_split_anywhere_reaches_the_client_in_llamads_shape(fast_path, framing):
+def test_a_childs_json_error_split_anywhere_reaches_the_client_in_llamads_shape(framing):
     raw = error_400(framing)
     for cut in range(1, len(raw), 7):
-        response, _, gateway = relayed(CHAT, raw[:cut], raw[cut:], fast_path=fast_path)
+        response, _, gateway = relayed(CHAT, raw[:cut], raw[cut:])
         assert response.status == 400, cut
         assert json.loads(response.body) == {"error": SHAPED_400}, cut
         assert int(response.headers[b"content-length"]) == len(response.body), cut
@@ -415,12 +396,11 @@ def test_an_http_1_0_client_gets_the_shaped_error_too():
     assert response.status == 400 and json.loads(response.body) == {"error": SHAPED_400}
 
 
-@pytest.mark.parametrize("fast_path", [True, False])
-def test_a_successful_answer_passes_as_it_came(fast_path):
+def test_a_successful_answer_passes_as_it_came():
     # Even one that looks like an error: only a status from 400 up is an error.
     body = b'{"error":{"code":400,"message":"not an error","type":"x"}}'
     answer = head(b"200 OK", b"Content-Type: application/json", b"Content-Length: %d" % len(body)) + body
-    response, _, _ = relayed(b"GET /props HTTP/1.1\r\nHost: x\r\n\r\n", answer, fast_path=fast_path)
+    response, _, _ = relayed(b"GET /props HTTP/1.1\r\nHost: x\r\n\r\n", answer)
     assert (response.status, response.body, response.headers[b"content-length"]) == (200, body, b"%d" % len(body))
 
 
