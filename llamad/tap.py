@@ -18,7 +18,8 @@ from llamad import runfiles
 from llamad.activity import Activity, IdleWatch
 from llamad.config import Config, ConfigError, ScaleFromZeroConfig
 from llamad.fleet.build import build_fleet
-from llamad.fleet.runtime import IdleAction
+from llamad.fleet.fleet import Fleet
+from llamad.fleet.runtime import IdleAction, ModelRuntime
 from llamad.gateway.app import Gateway, api_factory
 from llamad.gateway.guard import Auth, Cors
 from llamad.gateway.proxy import Proxy
@@ -99,7 +100,6 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
             serverFromString(reactor, endpoint)
         except Exception as e:
             fail(f"{key}: bad endpoint {endpoint!r}: {e}")
-
     metrics = Metrics(per_model=not config.single_model, per_key=config.auth.enabled)
     writer, boot_path = open_logs(config.logs.dir, config.logs.max_bytes, config.logs.keep,
                                   metrics.log_write_errors.inc)
@@ -108,25 +108,10 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
 
     notifier = Notifier(reactor)
     activity = Activity(reactor)  # every request: the drain, idle.action = "exit"
-    one = config.single_model
-    status = Status(reactor, None, config.backend.model_id or config.backend.url if one else "",
-                    lazy=config.backend.start == "lazy" or not one,
-                    backend_has_metrics=one and config.backend.kind == "llama-server")
+    status, fleet, models, directory = make_models(config, metrics, notifier, reactor, writer)
     root = LlamadService(config, status, activity, reactor)
-    try:
-        fleet, models = build_fleet(config, status, metrics, notifier, reactor, writer,
-                                    lambda key: make_probe(reactor, key))
-    except ConfigError as e:
-        writer.stop()
-        fail(str(e))
-    if one:  # /health shows the one model's backend, as llama-server's own would
-        status.backend = next((m.backend for m in models.values()), None)
-    else:
-        status.fleet = fleet
     root.backends, root.gates = fleet, [m.gate for m in models.values()]
     root.supervisors = [m.backend for m in models.values() if isinstance(m.backend, Supervisor)]
-    directory = ModelDirectory(list(models), {m.id: m.aliases for m in config.models.values()},
-                               config.default_model, lenient=one)
     if config.idle.action == "exit":
         IdleWatch(reactor, activity, config.idle.timeout,
                   IdleAction("exit", None, metrics, reactor.stop)).setServiceParent(root)
@@ -137,17 +122,10 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     proxy = Proxy(reactor, reactor, config.api.request_timeout, max_idle=config.max_concurrent)
     root.proxy = proxy
     root.boot_log = observer
-    # auth.enabled set nowhere: a keys file that a reload finds with keys turns auth on, as one at boot does.
-    enable_on_keys = loaded.sources["auth.enabled"] == "default"
-    auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor,
-                default_rate=config.auth.default_rate, priorities=config.auth.priorities,
-                priority_ageing=config.auth.priority_ageing, enable_on_keys=enable_on_keys)
-    access = (AccessLog(reactor, access_log(writer, config.logs.dir, config.logs.max_bytes, config.logs.keep))
-              if config.logs.access else None)
-    gateway = Gateway(reactor, status, models, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
-                      directory, access, metrics_format=config.api.metrics_format)
+    gateway, access = make_gateway(loaded, status, models, directory, proxy, metrics, activity, writer, reactor)
+    auth = gateway.auth
     root.reloaders.append(auth.reload)
-    if config.auth.enabled or enable_on_keys:  # writes only once some key used tokens
+    if config.auth.enabled or auth.enable_on_keys:  # writes only once some key used tokens
         TokenFile(auth.policy, os.path.join(config.data_dir, TOKEN_FILE), reactor).setServiceParent(root)
     for supervisor in root.supervisors:
         root.reloaders.append(supervisor.retry)
@@ -172,6 +150,65 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
         writer.stop()
 
     root.closers.append(close)
+    log_boot(loaded, boot_path)
+    try:
+        listen_all(root)  # last: the boot log has the config, and the error, when a port is taken
+    except ConfigError as e:
+        log.error("config error: {e}", e=e)
+        if runfiles.running_daemon(config.data_dir) is None:  # no llamad serves this data dir: show this error
+            writer.take_pointer()
+        close()
+        fail(str(e))
+    writer.take_pointer()  # _boot/latest.txt names the daemon that serves, never one that failed beside it
+    return root
+
+
+def make_models(config: Config, metrics: Metrics, notifier: Notifier, reactor: Any,
+                writer: Any) -> tuple[Status, Fleet, dict[str, ModelRuntime], ModelDirectory]:
+    """The fleet, its models by id and their names, and the status both sites report.
+
+    With one model (a config with only ``[backend]``), ``/health`` shows its backend and any
+    model name reaches it, as with llama-server alone.
+    """
+    one = config.single_model
+    status = Status(reactor, None, config.backend.model_id or config.backend.url if one else "",
+                    lazy=config.backend.start == "lazy" or not one,
+                    backend_has_metrics=one and config.backend.kind == "llama-server")
+    try:
+        fleet, models = build_fleet(config, status, metrics, notifier, reactor, writer,
+                                    lambda key: make_probe(reactor, key))
+    except ConfigError as e:
+        writer.stop()
+        fail(str(e))
+    if one:
+        status.backend = next((m.backend for m in models.values()), None)
+    else:
+        status.fleet = fleet
+    directory = ModelDirectory(list(models), {m.id: m.aliases for m in config.models.values()},
+                               config.default_model, lenient=one)
+    return status, fleet, models, directory
+
+
+def make_gateway(loaded: config_module.Loaded, status: Status, models: dict[str, ModelRuntime],
+                 directory: ModelDirectory, proxy: Proxy, metrics: Metrics, activity: Activity, writer: Any,
+                 reactor: Any) -> tuple[Gateway, AccessLog | None]:
+    """Port 8000's gateway: the keys and their policy, CORS, the access log, the models."""
+    config = loaded.config
+    # auth.enabled set nowhere: a keys file that a reload finds with keys turns auth on, as one at boot does.
+    auth = Auth(config.auth.enabled, config.auth.keys_file, config.auth.protect_metrics, reactor,
+                default_rate=config.auth.default_rate, priorities=config.auth.priorities,
+                priority_ageing=config.auth.priority_ageing,
+                enable_on_keys=loaded.sources["auth.enabled"] == "default")
+    access = (AccessLog(reactor, access_log(writer, config.logs.dir, config.logs.max_bytes, config.logs.keep))
+              if config.logs.access else None)
+    gateway = Gateway(reactor, status, models, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
+                      directory, access, metrics_format=config.api.metrics_format)
+    return gateway, access
+
+
+def log_boot(loaded: config_module.Loaded, boot_path: str) -> None:
+    """What the boot log says before the ports are bound: the config, the GPUs, the warnings, what is served."""
+    config = loaded.config
     log.info("llamad boot log: {path}", path=boot_path)
     log.info("effective config (llamad check-config shows the same):\n{config}",
              config=Lines(config_module.render(loaded).rstrip()))
@@ -183,16 +220,6 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
                  "AUTH_ENABLED=false to serve without keys", path=config.auth.keys_file)
     log.info("{served}; api {api}, health {health}", served=served_models(config), api=config.api.listen,
              health=config.health.listen)
-    try:
-        listen_all(root)  # last: the boot log has the config, and the error, when a port is taken
-    except ConfigError as e:
-        log.error("config error: {e}", e=e)
-        if runfiles.running_daemon(config.data_dir) is None:  # no llamad serves this data dir: show this error
-            writer.take_pointer()
-        close()
-        fail(str(e))
-    writer.take_pointer()  # _boot/latest.txt names the daemon that serves, never one that failed beside it
-    return root
 
 
 def served_models(config: Config) -> str:
