@@ -84,7 +84,7 @@ def demo_model(args: argparse.Namespace) -> int:
     if os.path.exists(args.path) and not args.force:
         print(f"{args.path} exists (use --force to overwrite)", file=sys.stderr)
         return 0
-    print(write_demo_model(args.path))
+    print(write_demo_model(args.path, args.size))
     return 0
 
 
@@ -473,6 +473,9 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo-model", help="write the tiny demo GGUF model")
     d.add_argument("path")
     d.add_argument("--force", action="store_true", help="overwrite an existing file")
+    d.add_argument("--size", choices=("small", "large"), default="small",
+                   help="small (default): loads in milliseconds; large: a 2,000-token prompt takes seconds on a "
+                        "CPU, for benchmarks of prompt reuse")
     d.set_defaults(func=demo_model)
 
     k = sub.add_parser("keys", help="manage the API keys file, or make a running daemon reload it")

@@ -6,19 +6,40 @@ generation yields printable text: every token embedding shares one direction
 ``u``, layers add little, and each output row's component along ``u`` sets
 that token's base logit (letters likely, spaces now and then, control and
 byte tokens never).
+
+``size="large"`` is the same model, wider and deeper, for benchmarks that need
+a prompt to cost real time (a 2,000-token prompt takes over a second on two
+CPU cores): with the small one, prompt evaluation is too quick to measure
+what a kept KV cache saves.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
-N_EMBD = 64
-N_HEAD = 4
-N_LAYER = 2
-N_FF = 128
+
+@dataclass(frozen=True)
+class Shape:
+    """The model's dimensions: the only thing a size changes."""
+
+    n_embd: int
+    n_head: int
+    n_layer: int
+    n_ff: int
+
+
+SIZES = {
+    "small": Shape(n_embd=64, n_head=4, n_layer=2, n_ff=128),  # the default: loads in milliseconds
+    "large": Shape(n_embd=128, n_head=4, n_layer=6, n_ff=384),  # 3 MB; a 2,000-token prompt: 1-2 s on 2 cores
+}
+N_EMBD = SIZES["small"].n_embd
+N_HEAD = SIZES["small"].n_head
+N_LAYER = SIZES["small"].n_layer
+N_FF = SIZES["small"].n_ff
 TRAIN_CONTEXT = 4096
 SEED = 20261122
 
@@ -57,24 +78,29 @@ def vocab() -> tuple[list[str], list[int], list[float], list[float]]:
     return tokens, [int(t) for t in types], scores, logits
 
 
-def write_demo_model(path: str) -> str:
-    """Write the demo model to ``path`` atomically; returns the path."""
+def write_demo_model(path: str, size: str = "small") -> str:
+    """Write the demo model of ``size`` (a key of :data:`SIZES`) to ``path`` atomically; returns the path."""
     from gguf import GGUFWriter, PoolingType
 
+    shape = SIZES[size]
+    n_embd, n_layer, n_ff = shape.n_embd, shape.n_layer, shape.n_ff
+    # The small model's weights are F32; the large one's matrices are F16, half the file and the reads.
+    matrix_type = np.float32 if size == "small" else np.float16
     tokens, types, scores, base_logits = vocab()
     rng = np.random.default_rng(SEED)
     n_vocab = len(tokens)
-    u = np.zeros(N_EMBD, dtype=np.float32)
-    u[0] = 1.0
-    # RMSNorm makes the final hidden state ~sqrt(N_EMBD) * u, so divide that out.
-    scale = 1.0 / np.sqrt(N_EMBD)
+    # RMSNorm makes the final hidden state ~sqrt(n_embd) * u, so divide that out.
+    scale = 1.0 / np.sqrt(n_embd)
 
     def noise(*shape: int, sigma: float) -> np.ndarray:
         return (rng.standard_normal(shape) * sigma).astype(np.float32)
 
-    embeddings = noise(n_vocab, N_EMBD, sigma=0.1)
+    def matrix(*shape: int, sigma: float) -> np.ndarray:
+        return noise(*shape, sigma=sigma).astype(matrix_type)
+
+    embeddings = noise(n_vocab, n_embd, sigma=0.1)
     embeddings[:, 0] = 4.0
-    output = noise(n_vocab, N_EMBD, sigma=0.12)
+    output = noise(n_vocab, n_embd, sigma=0.12)
     output[:, 0] = np.array(base_logits, dtype=np.float32) * scale
 
     directory = os.path.dirname(os.path.abspath(path))
@@ -85,14 +111,14 @@ def write_demo_model(path: str) -> str:
         w = GGUFWriter(tmp, "llama")
         w.add_name("llamad-demo")
         w.add_context_length(TRAIN_CONTEXT)
-        w.add_embedding_length(N_EMBD)
-        w.add_block_count(N_LAYER)
-        w.add_feed_forward_length(N_FF)
-        w.add_head_count(N_HEAD)
-        w.add_head_count_kv(N_HEAD)
-        w.add_rope_dimension_count(N_EMBD // N_HEAD)
+        w.add_embedding_length(n_embd)
+        w.add_block_count(n_layer)
+        w.add_feed_forward_length(n_ff)
+        w.add_head_count(shape.n_head)
+        w.add_head_count_kv(shape.n_head)
+        w.add_rope_dimension_count(n_embd // shape.n_head)
         w.add_layer_norm_rms_eps(1e-5)
-        w.add_file_type(0)  # all F32
+        w.add_file_type(0 if matrix_type is np.float32 else 1)  # all F32, or mostly F16
         w.add_vocab_size(n_vocab)
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
@@ -109,17 +135,17 @@ def write_demo_model(path: str) -> str:
         w.add_pooling_type(PoolingType.MEAN)
 
         w.add_tensor("token_embd.weight", embeddings)
-        for layer in range(N_LAYER):
+        for layer in range(n_layer):
             p = f"blk.{layer}."
-            w.add_tensor(p + "attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+            w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
             for name in ("attn_q", "attn_k", "attn_v"):
-                w.add_tensor(p + name + ".weight", noise(N_EMBD, N_EMBD, sigma=0.2))
-            w.add_tensor(p + "attn_output.weight", noise(N_EMBD, N_EMBD, sigma=0.02))
-            w.add_tensor(p + "ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-            w.add_tensor(p + "ffn_gate.weight", noise(N_FF, N_EMBD, sigma=0.2))
-            w.add_tensor(p + "ffn_up.weight", noise(N_FF, N_EMBD, sigma=0.2))
-            w.add_tensor(p + "ffn_down.weight", noise(N_EMBD, N_FF, sigma=0.02))
-        w.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+                w.add_tensor(p + name + ".weight", matrix(n_embd, n_embd, sigma=0.2))
+            w.add_tensor(p + "attn_output.weight", matrix(n_embd, n_embd, sigma=0.02))
+            w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+            w.add_tensor(p + "ffn_gate.weight", matrix(n_ff, n_embd, sigma=0.2))
+            w.add_tensor(p + "ffn_up.weight", matrix(n_ff, n_embd, sigma=0.2))
+            w.add_tensor(p + "ffn_down.weight", matrix(n_embd, n_ff, sigma=0.02))
+        w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
         w.add_tensor("output.weight", output)
 
         w.write_header_to_file()

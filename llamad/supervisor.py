@@ -4,7 +4,9 @@
 returns the effects to perform.  :class:`Supervisor` is the thin Twisted
 service that performs them: spawn, readiness probe, signals, timers.
 Unlike ``twisted.runner.procmon`` it gives up after a crash loop and its
-``stopService`` waits until the child is really gone.
+``stopService`` waits until the child is really gone.  With a :class:`SlotKeeper`
+(``llamad.kv``), a child's KV cache outlives it: saved before a stop llamad
+decides, restored into the next child before it is reported ready.
 """
 
 from __future__ import annotations
@@ -85,7 +87,20 @@ class CancelTimer:
     """Drop the pending backoff or retry timer."""
 
 
-Effect = Spawn | Terminate | Schedule | CancelTimer
+@dataclass(frozen=True)
+class SaveSlots:
+    """Save the ready child's slots, then ``saved`` (the stop goes on)."""
+
+
+@dataclass(frozen=True)
+class RestoreSlots:
+    """The child answers: restore the saved slots into it (only learn what it runs, if ``clean``), then
+    ``restored``."""
+
+    clean: bool = False
+
+
+Effect = Spawn | Terminate | Schedule | CancelTimer | SaveSlots | RestoreSlots
 
 
 class Lifecycle:
@@ -94,11 +109,21 @@ class Lifecycle:
     stopped -> starting -> ready -> stopping -> stopped, plus backoff after an
     unexpected exit and failed after ``crash_loop_limit`` exits within
     ``crash_loop_window``.
+
+    ``keeps_slots``: the child's KV cache is kept across children.  Starting
+    then ends with a restore (``probed``, then ``restored``) and a stop of a
+    ready child begins with a save (``saved``); a crash saves nothing.  A
+    refused restore stops the child, and the next one starts clean.
     """
 
-    def __init__(self, config: SupervisorConfig, random: Callable[[], float] = _random.random) -> None:
+    def __init__(self, config: SupervisorConfig, random: Callable[[], float] = _random.random,
+                 keeps_slots: bool = False) -> None:
         self.config = config
         self.random = random
+        self.keeps_slots = keeps_slots
+        self.saving = False  # stopping: the slots are being saved, the SIGTERM waits
+        self.restoring = False  # starting: the child answers, the saved slots are being restored
+        self.clean_next = False  # the next child restores nothing (the last one refused, or died restoring)
         self.state = State.STOPPED
         self.reason = ""  # why the last child ended (or failed to start)
         self.want_up = False
@@ -127,7 +152,12 @@ class Lifecycle:
 
     def stop(self) -> list[Effect]:
         self.want_up = False
+        if self.state == State.READY and self.keeps_slots:
+            self.state = State.STOPPING
+            self.saving = True
+            return [SaveSlots()]
         if self.state in (State.STARTING, State.READY):
+            self.restoring = False
             self.state = State.STOPPING
             return [Terminate()]
         if self.state in (State.BACKOFF, State.FAILED):
@@ -141,6 +171,35 @@ class Lifecycle:
             self.attempt = 0
             self.serving = True
         return []
+
+    def probed(self) -> list[Effect]:
+        """The readiness probe answered: ready, or first the saved slots (before any request reaches it)."""
+        if self.state != State.STARTING or self.restoring:
+            return []
+        if not self.keeps_slots:
+            return self.ready()
+        self.restoring = True
+        clean, self.clean_next = self.clean_next, False
+        return [RestoreSlots(clean)]
+
+    def restored(self, ok: bool) -> list[Effect]:
+        """The restore is over; ``ok`` False: the child refused a file, and its cache may be corrupt."""
+        if self.state != State.STARTING or not self.restoring:
+            return []
+        self.restoring = False
+        if ok:
+            return self.ready()
+        self.clean_next = True
+        self.reason = "refused a saved KV cache: restarting it clean"
+        self.state = State.STOPPING  # still wanted: its exit starts the clean one, not counted as a failure
+        return [Terminate()]
+
+    def saved(self) -> list[Effect]:
+        """The slots are saved, or the save budget ran out: the stop goes on."""
+        if self.state != State.STOPPING or not self.saving:
+            return []
+        self.saving = False
+        return [Terminate()]
 
     def wedged(self, reason: str, grace: float) -> list[Effect]:
         """The ready child stopped answering its health checks: replace it (a failure, like a crash)."""
@@ -162,6 +221,10 @@ class Lifecycle:
         was = self.state
         self.lost_serving_child, self.serving = self.serving, False
         wedged, self.wedged_reason = self.wedged_reason, ""
+        self.saving = False
+        if self.restoring:  # it died loading its saved slots: the next one must not try them again
+            self.restoring = False
+            self.clean_next = True
         if was == State.STOPPING and not self.want_up:
             self.state = State.STOPPED
             return []
@@ -252,6 +315,22 @@ class ChildOutput(Protocol):
 Probe = Callable[[int, bytes, float], "defer.Deferred[int]"]
 
 
+class SlotKeeper(Protocol):
+    """A model's KV cache kept across its children (:class:`llamad.kv.cache.KVCache`)."""
+
+    def save_path(self) -> str | None:
+        """The directory for the child's ``--slot-save-path``, made now; None: none this start."""
+
+    def restore(self, port: int, clean: bool) -> defer.Deferred[bool]:
+        """The child answers: load the saved slots into it (``clean``: none); False: it refused one.  Never fails."""
+
+    def save(self, port: int) -> defer.Deferred[None]:
+        """Save the child's slots; fires within the save budget, never fails."""
+
+    def settled(self) -> defer.Deferred[None]:
+        """Fires once what the saves wrote is on disk."""
+
+
 _LLAMA_ERROR = re.compile(rb"^\d+\.\d+\.\d+\.\d+ E (.+)$")
 
 
@@ -310,6 +389,7 @@ class Supervisor(Service):
         removed as soon as the child has read it (where that cannot be watched: at ready), or has ended.
     :param run_dir: private runtime folder for the key file and ``<name>.pid``, the record a
         later boot uses to stop a child this one leaves behind.  Empty: none.
+    :param kv: keeps the child's KV cache across children (llama-server only); None: off.
     """
 
     name = "supervisor"
@@ -329,6 +409,7 @@ class Supervisor(Service):
         random: Callable[[], float] = _random.random,
         base_env: dict[str, str] | None = None,
         child_name: str = "llama",
+        kv: SlotKeeper | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock = clock
@@ -343,7 +424,8 @@ class Supervisor(Service):
         self.output = output
         self.new_session = new_session and bool(backends.new_session_prefix())
         self.base_env = base_env
-        self.machine = Lifecycle(config, random)
+        self.kv = kv if backend.kind == "llama-server" else None
+        self.machine = Lifecycle(config, random, keeps_slots=self.kv is not None)
         self.stop_timeout = config.stop_timeout
         self.process: Any = None
         self.protocol: _ChildProtocol | None = None
@@ -372,6 +454,7 @@ class Supervisor(Service):
         self._leftover: runfiles.ChildRecord | None = None  # an earlier boot's child, being stopped
         self._leftover_call: IDelayedCall | None = None
         self._spawn_pending = False
+        self._saving: defer.Deferred[None] | None = None  # the save a stop waits for
         self._stopped_waiters: list[defer.Deferred[None]] = []
         self._ready_waiters: list[tuple[defer.Deferred[None], int]] = []
         self._listeners: list[Callable[[State, State], None]] = []
@@ -421,7 +504,11 @@ class Supervisor(Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self._run(self.machine.stop)
-        return self.when_stopped()
+        stopped = self.when_stopped()
+        kv = self.kv
+        if kv is not None:
+            stopped.addCallback(lambda _: kv.settled())  # the saved files sealed before the process exits
+        return stopped
 
     def target(self) -> Target:
         """The running child's address (one object per child: every request asks)."""
@@ -474,9 +561,14 @@ class Supervisor(Service):
                 log.info("backend {state}: next start in {delay:.1f} s", state=self.state.value, delay=effect.delay)
             elif isinstance(effect, CancelTimer):
                 self._cancel_timer()
+            elif isinstance(effect, SaveSlots):
+                self._save_slots()
+            elif isinstance(effect, RestoreSlots):
+                self._restore_slots(effect.clean)
 
     def _announce(self, before: State, after: State) -> None:
         if after == State.READY:
+            self._ready_deadline = cancel(self._ready_deadline)
             self.ready_at = self.clock.seconds()
             self.last_start_seconds = self.ready_at - (self.started_at or self.ready_at)
             log.info("backend ready: pid {pid} port {port}, {secs:.3f} s after spawn",
@@ -537,6 +629,10 @@ class Supervisor(Service):
         launch = backends.launch(self.backend, self.port, self.key, self.key_file or os.devnull,
                                  self.base_env, prefix)
         argv = launch.argv
+        if self.kv is not None:
+            path = self.kv.save_path()
+            if path:
+                argv = [*argv, "--slot-save-path", path]  # llamad's, after extra_args: the last one wins
         self._ready_path = launch.ready_path
         self.protocol = _ChildProtocol(self)
         self.started_at = self.clock.seconds()
@@ -649,8 +745,7 @@ class Supervisor(Service):
             if protocol is not self.protocol or self.state != State.STARTING:
                 return
             if status == 200:
-                self._ready_deadline = cancel(self._ready_deadline)
-                self._run(self.machine.ready)
+                self._run(self.machine.probed)
             elif self._probe_call is None:
                 self._probe_call = self.clock.callLater(PROBE_INTERVAL, self._probe)
 
@@ -698,11 +793,45 @@ class Supervisor(Service):
             self._probe_call = cancel(self._probe_call)
             self._probe()
 
+    # the KV cache
+
+    def _restore_slots(self, clean: bool) -> None:
+        """Before the child is reported ready, so that no request reaches it first."""
+        assert self.kv is not None
+        protocol = self.protocol
+
+        def done(ok: bool | Failure) -> None:
+            if isinstance(ok, Failure):
+                log.failure("backend pid {pid}: KV cache restore", ok, pid=self.pid)
+            if protocol is self.protocol and self.state == State.STARTING:
+                self._run(self.machine.restored, ok is True)
+
+        self.kv.restore(self.port, clean).addBoth(done)
+
+    def _save_slots(self) -> None:
+        """Before a stop llamad decided; the SIGTERM follows when the save is over (bounded by its budget)."""
+        assert self.kv is not None
+        d = self.kv.save(self.port)
+        self._saving = d
+
+        def done(result: None | Failure) -> None:
+            if isinstance(result, Failure):
+                log.failure("backend pid {pid}: KV cache save", result, pid=self.pid)
+            if self._saving is d:
+                self._saving = None
+                self._run(self.machine.saved)
+
+        d.addBoth(done)
+
     # stopping
 
     def hurry(self) -> None:
         """Shutdown was asked for twice: the child gets a few seconds after SIGTERM, not stop_timeout."""
         self.stop_timeout = min(self.stop_timeout, HURRY_STOP_TIMEOUT)
+        if self._saving is not None:
+            self._saving = None
+            log.info("backend pid {pid}: KV cache save cut short: shutdown asked again", pid=self.pid)
+            self._run(self.machine.saved)
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.reset(self.stop_timeout)  # reset, not cancel: the SIGKILL still comes
 
@@ -799,6 +928,7 @@ class Supervisor(Service):
         self._term_call = cancel(self._term_call)
         self._miss_call = cancel(self._miss_call)
         self._watch_missed = False
+        self._saving = None
         value = reason.value
         description = describe_exit(getattr(value, "exitCode", None), getattr(value, "signal", None))
         expected = self.state == State.STOPPING and not self.machine.want_up

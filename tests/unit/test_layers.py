@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "llamad.fleet": 4,                                                   # models: fleet, runtime, gate, placement
     "llamad.keys": 3,                                                    # API keys and their policy
     "llamad.supervisor": 2, "llamad.backends": 2, "llamad.runfiles": 2,  # the child
-    "llamad.status": 2, "llamad.activity": 2, "llamad.metrics": 2,
+    "llamad.status": 2, "llamad.activity": 2, "llamad.metrics": 2, "llamad.kv": 2,
     "llamad.interfaces": 1, "llamad.config": 1, "llamad.errors": 1,      # contracts and plain values
     "llamad.logs": 1, "llamad.notify": 1, "llamad.timers": 1, "llamad.demo": 1, "llamad": 1,
 }
