@@ -6,10 +6,11 @@ LLAMA_CPP_PYTHON_VERSION := 0.3.36
 DATA_DIR ?= ./var
 DEMO_MODEL := $(DATA_DIR)/models/demo.gguf
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean image
 
 ## setup: .venv with llamad and the openai client installed, llama-server built (cached under ~/.cache/llamad), and
-## Debian's prometheus for the real-Prometheus test when apt is there and we are root
+## Debian's prometheus for the real-Prometheus test, chromium and chromium-driver for the status page's browser test
+## and podman and debootstrap for the container image test, when apt is there and we are root
 ## (pip runs only when llamad's sources or pinned versions changed since the last install: scripts/install-llamad.sh)
 setup:
 	@test -x $(BIN)/python || { rm -f $(VENV)/.llamad-install; $(PYTHON) -m venv $(VENV); }
@@ -18,6 +19,13 @@ setup:
 	@if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
 		|| echo "llamad: could not install prometheus; its test will be skipped"; fi
+	@if ! { command -v chromium && command -v chromedriver; } >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null \
+		|| echo "llamad: could not install chromium; the status page's browser test will be skipped"; fi
+	@if ! { command -v podman && command -v runc && command -v debootstrap; } >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends podman buildah crun runc \
+			fuse-overlayfs slirp4netns uidmap debootstrap >/dev/null \
+		|| echo "llamad: could not install podman; the container image test will be skipped"; fi
 
 ## run: serve the configured model, or the demo model when none is configured
 ## (EMBEDDINGS=1 make run also serves /v1/embeddings). On Ctrl-C twistd drains and exits 0, and
@@ -38,6 +46,11 @@ test: setup
 	@CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} bash scripts/progress.sh $(VENV)/pip-test.log \
 		"llamad: compiling llama-cpp-python" $(BIN)/pip --disable-pip-version-check -v install '.[test,llama-cpp-python]'
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pytest $(PYTEST_ARGS) tests
+
+## image: the CPU image, llamad:cpu, with podman, on a base made locally from the llama-server built above
+## (cached; BASE=ghcr.io/ggml-org/llama.cpp:server uses llama.cpp's image instead): scripts/image.sh
+image: setup
+	bash scripts/image.sh build Dockerfile.cpu $${IMAGE:-llamad:cpu}
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,19 +2,33 @@
 
     .venv/bin/python bench/run.py [--rounds 8] [--seconds 2] [--no-real-sse] [--policy]
                                   [--llamad-set api.KEY=VALUE ...] [--json PATH]
+                                  [--llamad CHECKOUT] [--baseline CHECKOUT]
 
 Three paths to the same servers: direct, nginx (keep-alive reverse proxy,
 ``proxy_buffering off``, one worker), and llamad (``backend.kind =
 "external"``, so all three reach the very same child process).
 
-The method: ``--rounds`` rounds; in each round, for each scenario, the three
-paths are measured one after the other for ``--seconds`` each, and the order
-rotates from round to round (round r starts at path r % 3: direct, nginx,
-llamad), so that a slow drift of the shared machine (another tenant, thermal
-state, a cache warming up) lands on every path alike.  Each round gives the
-ratios nginx/direct and llamad/direct (for latency, the added milliseconds:
-path p50 - direct p50); the report is the median of those per-round ratios,
-next to the medians of the absolute values.  Scenarios:
+``--baseline CHECKOUT`` adds a fourth path, llamad-old: the same twistd from
+the same venv, with ``PYTHONPATH`` set to another llamad build's checkout
+(e.g. ``git worktree add /tmp/llamad-old COMMIT``) and the same config, so a
+code change is measured against the build before it side by side.  ``--llamad
+CHECKOUT`` picks the build of the llamad path the same way (default: the
+checkout this file is in), so that a clean commit can be measured from a tree
+with other uncommitted work.  Each llamad process imports ``llamad.tap``
+before it hands over to twistd and exits if any llamad module it loaded is not
+from its checkout (the venv's editable install is on the path too, and
+``llamad`` is a namespace package spread over both).
+
+The method: ``--rounds`` rounds; in each round, for each scenario, the paths
+are measured one after the other for ``--seconds`` each, and the order
+rotates from round to round (round r starts at path r % n of direct, nginx,
+llamad[, llamad-old]), so that a slow drift of the shared machine (another
+tenant, thermal state, a cache warming up) lands on every path alike.  Each
+round gives the ratios nginx/direct and llamad/direct (for latency, the added
+milliseconds: path p50 - direct p50), and with ``--baseline`` also
+llamad-old/direct and llamad/llamad-old, and the ratio of the two builds' CPU
+per request; the report is the median of those per-round ratios, next to the
+medians of the absolute values.  Scenarios:
 
     c8          POST /v1/completions (bench/completions.lua), wrk, 8 connections: req/s
     c1          the same at 1 connection: p50 latency, ms
@@ -35,7 +49,7 @@ checks it against a TOML keys file whose one key has every policy field (a
 model glob, both token quotas, a rate, max_concurrent, a priority class),
 with the key_id labels and the access log on.
 
-``--llamad-set KEY=VALUE`` (repeatable) adds a key to both llamad configs:
+``--llamad-set KEY=VALUE`` (repeatable) adds a key to every llamad config:
 ``admission.max_queue=64`` puts ``max_queue = 64`` in the ``[admission]`` table;
 the value is a TOML literal, written verbatim.
 
@@ -64,8 +78,7 @@ from llamad.demo import write_demo_model
 from llamad.supervisor import free_port
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
-PATHS = ("direct", "nginx", "llamad")
+PATHS = ["direct", "nginx", "llamad"]  # --baseline appends "llamad-old"
 KEY = "bench-policy-key-0123456789"
 POLICY_KEYS = f"""# --policy: one key with every policy field; nothing it sets is reached in a run
 [keys.bench]
@@ -79,6 +92,22 @@ priority = "interactive"
 """
 HEADERS: dict[str, str] = {}  # sent on every request to every path (--policy: the key)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# A llamad process: twistd's own entry point, after importing llamad.tap (and with it the modules it
+# serves with) and checking that each came from the checkout PYTHONPATH names: llamad is a namespace
+# package, and the venv's editable install puts its own checkout on the path too, behind PYTHONPATH.
+TWISTD = """import os, sys
+import llamad.tap
+checkout = os.path.realpath(sys.argv.pop(1))
+files = {os.path.realpath(m.__file__) for n, m in list(sys.modules.items())
+         if n.startswith("llamad.") and getattr(m, "__file__", None)}
+strays = sorted(f for f in files if not f.startswith(checkout + os.sep))
+print(f"bench: {len(files)} llamad modules from {checkout}", flush=True)
+if strays:
+    sys.exit(f"bench: llamad modules from outside {checkout}: {strays}")
+from twisted.scripts.twistd import run
+sys.argv[0] = "twistd"
+run()
+"""
 
 
 def wait_port(port: int, path: str = "/health", timeout: float = 60,
@@ -261,14 +290,20 @@ def llamad_toml(tables: dict[str, dict[str, str]], extra: dict[str, dict[str, st
 
 
 class Servers:
-    def __init__(self, llama_server: str, work: Path, extra: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(self, llama_server: str, work: Path, extra: dict[str, dict[str, str]] | None = None,
+                 builds: dict[str, Path] | None = None) -> None:
+        """``builds``: the checkout each llamad path imports llamad from (``llamad``, and ``llamad-old``)."""
         self.work = work
+        self.builds = builds or {"llamad": HERE.parent}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.proc: dict[str, subprocess.Popen[bytes]] = {}  # by port name
         self.logs: dict[str, Path] = {}
         self.port = {name: free_port() for name in
                      ("llama", "sse", "nginx_llama", "nginx_sse", "llamad_llama", "health_llama",
                       "llamad_sse", "health_sse")}
+        if "llamad-old" in self.builds:
+            self.port.update({name: free_port() for name in
+                              ("old_llama", "old_health_llama", "old_sse", "old_health_sse")})
         try:
             self._start(llama_server, extra or {})
         except BaseException:
@@ -286,23 +321,36 @@ class Servers:
         self.spawn("nginx", ["nginx", "-p", str(work), "-c", str(conf)])
         self.proc["nginx_llama"] = self.proc["nginx_sse"] = self.proc["nginx"]
         self.logs["nginx_llama"] = self.logs["nginx_sse"] = self.logs["nginx"]
-        for name, upstream, max_concurrent in (("llama", "llama", 8), ("sse", "sse", 128)):
-            config = work / f"llamad-{name}.toml"
-            config.write_text(llamad_toml({
-                "": {"data_dir": f'"{work}/data-{name}"'},
-                "api": {"listen": f'"tcp:{self.port["llamad_" + name]}:interface=127.0.0.1"'},
-                "health": {"listen": f'"tcp:{self.port["health_" + name]}:interface=127.0.0.1"'},
-                "backend": {"kind": '"external"', "url": f'"http://127.0.0.1:{self.port[upstream]}"',
-                            "parallel": "8"},
-                "admission": {"max_concurrent": str(max_concurrent), "max_queue": "1024"},
-            }, extra))
-            self.spawn("llamad_" + name, [str(BIN / "twistd"), "-n", "--pidfile=", "llamad", "--config", str(config)])
-        for name in ("llama", "sse", "nginx_llama", "nginx_sse", "llamad_llama", "llamad_sse"):
-            wait_port(self.port[name], proc=self.proc[name], log=self.logs[name])
+        # only keys that older builds know too, so that two builds run the very same config
+        for build, checkout in self.builds.items():
+            api, health = ("llamad_", "health_") if build == "llamad" else ("old_", "old_health_")
+            for name, upstream, max_concurrent in (("llama", "llama", 8), ("sse", "sse", 128)):
+                config = work / f"{build}-{name}.toml"
+                config.write_text(llamad_toml({
+                    "": {"data_dir": f'"{work}/data-{build}-{name}"'},
+                    "api": {"listen": f'"tcp:{self.port[api + name]}:interface=127.0.0.1"'},
+                    "health": {"listen": f'"tcp:{self.port[health + name]}:interface=127.0.0.1"'},
+                    "backend": {"kind": '"external"', "url": f'"http://127.0.0.1:{self.port[upstream]}"',
+                                "parallel": "8"},
+                    "admission": {"max_concurrent": str(max_concurrent), "max_queue": "1024"},
+                }, extra))
+                self.spawn(api + name, [sys.executable, "-c", TWISTD, str(checkout),
+                                        "-n", "--pidfile=", "llamad", "--config", str(config)],
+                           pythonpath=checkout)
+        for name in self.proc:
+            if name in self.port:
+                wait_port(self.port[name], proc=self.proc[name], log=self.logs[name])
 
-    def spawn(self, name: str, argv: list[str]) -> None:
+    def imported_from(self, name: str) -> str:
+        """The llamad process's own line on where its modules came from."""
+        return next(line for line in self.logs[name].read_text(errors="replace").splitlines()
+                    if line.startswith("bench: ") and "llamad modules from" in line)
+
+    def spawn(self, name: str, argv: list[str], pythonpath: Path | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("PORT", "PORT_HEALTH", "MODEL_PATH", "MODEL_NAME")}
-        path = self.work / f"{Path(argv[0]).name}-{len(self.procs)}.log"
+        if pythonpath is not None:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH")) if p)
+        path = self.work / f"{name}-{len(self.procs)}.log"
         with open(path, "wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.work)
         self.procs.append(proc)
@@ -328,10 +376,10 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "stre
 # scenario -> the port (by name in Servers.port) each path is measured on; for nginx and
 # llamad, also the process whose CPU is read (Servers.proc)
 SCENARIOS = {
-    "c8": {"direct": "llama", "nginx": "nginx_llama", "llamad": "llamad_llama"},
-    "c1": {"direct": "llama", "nginx": "nginx_llama", "llamad": "llamad_llama"},
-    "sse8": {"direct": "sse", "nginx": "nginx_sse", "llamad": "llamad_sse"},
-    "llama-sse8": {"direct": "llama", "nginx": "nginx_llama", "llamad": "llamad_llama"},
+    "c8": {"direct": "llama", "nginx": "nginx_llama", "llamad": "llamad_llama", "llamad-old": "old_llama"},
+    "c1": {"direct": "llama", "nginx": "nginx_llama", "llamad": "llamad_llama", "llamad-old": "old_llama"},
+    "sse8": {"direct": "sse", "nginx": "nginx_sse", "llamad": "llamad_sse", "llamad-old": "old_sse"},
+    "llama-sse8": {"direct": "llama", "nginx": "nginx_llama", "llamad": "llamad_llama", "llamad-old": "old_llama"},
 }
 
 
@@ -352,7 +400,8 @@ def measure(scenario: str, port: int, seconds: int) -> tuple[float, float]:
 
 
 def one_round(s: Servers, r: int, seconds: int, scenarios: list[str]) -> dict:
-    order = PATHS[r % 3:] + PATHS[:r % 3]
+    n = len(PATHS)
+    order = PATHS[r % n:] + PATHS[:r % n]
     row: dict = {"round": r + 1, "order": "/".join(order)}
     cpu: dict[str, float] = {}
     for scenario in scenarios:
@@ -366,9 +415,14 @@ def one_round(s: Servers, r: int, seconds: int, scenarios: list[str]) -> dict:
                 cpu[f"{scenario} cpu_us {path}"] = (cpu_seconds(pid) - before) * 1e6 / max(count, 1)
         for path in PATHS:
             row[f"{scenario} {path}"] = value[path]
-        for path in ("nginx", "llamad"):
+        for path in PATHS[1:]:
             row[f"{scenario} {path}/direct"] = (value[path] - value["direct"] if scenario == "c1"
                                                 else value[path] / value["direct"])
+        if "llamad-old" in PATHS:
+            row[f"{scenario} llamad/llamad-old"] = (value["llamad"] - value["llamad-old"] if scenario == "c1"
+                                                    else value["llamad"] / value["llamad-old"])
+            cpu[f"{scenario} cpu llamad/llamad-old"] = (cpu[f"{scenario} cpu_us llamad"]
+                                                        / max(cpu[f"{scenario} cpu_us llamad-old"], 1e-9))
     return {**row, **cpu}
 
 
@@ -402,13 +456,26 @@ def report(rows: list[dict], scenarios: list[str], seconds: int, ping: dict[str,
     print(f"\ninterleaved: {len(rows)} rounds of {seconds} s, order rotating, medians of per-round ratios to direct")
     print(f"{'measure':<42}{'direct':>11}{'nginx':>11}{'llamad':>11}{'nginx/dir':>11}{'llamad/dir':>12}")
     for sc in scenarios:
-        d, n, la = (med[f"{sc} {p}"] for p in PATHS)
+        d, n, la = (med[f"{sc} {p}"] for p in PATHS[:3])
         rn, rl = med[f"{sc} nginx/direct"], med[f"{sc} llamad/direct"]
         ratio = "{:>+11.3f}{:>+12.3f}" if sc == "c1" else "{:>11.3f}{:>12.3f}"
         print(f"{TITLES[sc]:<42}{d:>11.2f}{n:>11.2f}{la:>11.2f}" + ratio.format(rn, rl))
-    for sc, title in (("c8", "CPU per request, c=8 (us)"), ("sse8", "CPU per SSE event, synthetic (us)")):
+    cpu_titles = (("c8", "CPU per request, c=8 (us)"), ("sse8", "CPU per SSE event, synthetic (us)"))
+    for sc, title in cpu_titles:
         if sc in scenarios:
             print(f"{title:<42}{'':>11}{med[f'{sc} cpu_us nginx']:>11.1f}{med[f'{sc} cpu_us llamad']:>11.1f}")
+    if "llamad-old" in PATHS:
+        print("\nllamad against llamad-old (the --baseline build), the same rounds: medians of per-round ratios")
+        print(f"{'measure':<42}{'llamad':>11}{'old':>11}{'llamad/dir':>12}{'old/dir':>11}{'llamad/old':>12}")
+        for sc in scenarios:
+            new, old = med[f"{sc} llamad"], med[f"{sc} llamad-old"]
+            ratios = (med[f"{sc} llamad/direct"], med[f"{sc} llamad-old/direct"], med[f"{sc} llamad/llamad-old"])
+            ratio = "{:>+12.3f}{:>+11.3f}{:>+12.3f}" if sc == "c1" else "{:>12.3f}{:>11.3f}{:>12.3f}"
+            print(f"{TITLES[sc]:<42}{new:>11.2f}{old:>11.2f}" + ratio.format(*ratios))
+        for sc, title in cpu_titles:
+            if sc in scenarios:
+                print(f"{title:<42}{med[f'{sc} cpu_us llamad']:>11.1f}{med[f'{sc} cpu_us llamad-old']:>11.1f}"
+                      f"{'':>12}{'':>11}{med[f'{sc} cpu llamad/llamad-old']:>12.3f}")
     print(f"\nhealth /ping while llamad's API port is saturated: p50 {ping['health /ping under load p50 ms']:.2f} ms, "
           f"p99 {ping['health /ping under load p99 ms']:.2f} ms")
     return {**med, **ping}
@@ -430,6 +497,10 @@ def main() -> None:
                    help="every request carries an API key with a whole policy (a model glob, token quotas, a rate, "
                         "max_concurrent, a priority class) that llamad checks; llamad writes its access log")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER_BIN") or shutil.which("llama-server"))
+    p.add_argument("--llamad", metavar="CHECKOUT", type=Path, default=HERE.parent,
+                   help="the llamad build to measure: a checkout put first on PYTHONPATH (default: this one)")
+    p.add_argument("--baseline", metavar="CHECKOUT", type=Path,
+                   help="another llamad build's checkout, measured as a fourth path, llamad-old, in every round")
     args = p.parse_args()
     if args.rounds < 1 or args.seconds < 1:
         raise SystemExit("--rounds and --seconds must be at least 1")
@@ -438,6 +509,13 @@ def main() -> None:
             raise SystemExit(f"{tool} not found: apt-get install wrk nginx-light")
     if not args.llama_server:
         raise SystemExit("llama-server not found: run `make setup` first")
+    builds = {"llamad": args.llamad.resolve()}
+    if args.baseline:
+        builds["llamad-old"] = args.baseline.resolve()
+        PATHS.append("llamad-old")
+    for checkout in builds.values():
+        if not (checkout / "llamad" / "tap.py").is_file():
+            raise SystemExit(f"{checkout} is no llamad checkout (no llamad/tap.py)")
     extra = parse_sets(args.llamad_set)
     scenarios = [sc for sc in SCENARIOS if not (sc == "llama-sse8" and args.no_real_sse)]
     signal.signal(signal.SIGTERM, _terminate)
@@ -452,8 +530,10 @@ def main() -> None:
         Path(LUA[0]).write_text((HERE / "completions.lua").read_text()
                                 + f'wrk.headers["Authorization"] = "Bearer {KEY}"\n')
     try:
-        servers = Servers(args.llama_server, work, extra)
+        servers = Servers(args.llama_server, work, extra, builds)
         try:
+            for build in builds:
+                print(f"{build}: {servers.imported_from(SCENARIOS['c8'][build])}", flush=True)
             rows = []
             for r in range(args.rounds):
                 rows.append(one_round(servers, r, args.seconds, scenarios))
@@ -464,7 +544,8 @@ def main() -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps({
                     "method": "interleaved", "rounds": args.rounds, "seconds": args.seconds,
-                    "llamad_set": args.llamad_set, "medians": med}, indent=2) + "\n")
+                    "llamad_set": args.llamad_set, "builds": {k: str(v) for k, v in builds.items()},
+                    "medians": med}, indent=2) + "\n")
         finally:
             servers.stop()
     finally:

@@ -21,6 +21,16 @@ log here, and twistd's own log (stdout under ``twistd -n``) through
 controls and DEL in an event's values show as ``\\n``, ``\\x1b`` and so on;
 only the format strings (llamad's own text) and tracebacks break lines.
 
+With ``logs.format = "json"`` every line of these files and of twistd's log
+(stdout under ``twistd -n``) is one JSON object, made by :func:`json_line`:
+``time`` (RFC 3339 UTC, milliseconds), ``level``, ``source`` (the Twisted
+namespace of llamad's own events, ``child`` for a child's line, ``access``
+for the access log), ``model`` where the line is about one, ``message`` (the
+text the text format shows, escaped the same way), ``traceback`` for a
+failure, then the event's own fields.  A child's lines are wrapped in its
+file too (one format per file, so a collector parses every line alike), and
+are also sent to twistd's log, where a container's collector reads them.
+
 Every write happens in one background thread fed by a bounded queue: a slow,
 full or vanished volume never stalls the reactor (the health port keeps
 answering).  A failed write is counted and reported on stderr at most once a
@@ -33,6 +43,8 @@ from __future__ import annotations
 
 import functools
 import io
+import json as _json
+import math
 import os
 import queue
 import re
@@ -41,10 +53,11 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.logger import (
-    FileLogObserver, ILogObserver, LegacyLogObserverWrapper, LogEvent, formatEventAsClassicLogText,
+    FileLogObserver, ILogObserver, LegacyLogObserverWrapper, LogEvent, LogLevel, formatEvent,
+    formatEventAsClassicLogText, globalLogPublisher,
 )
 from zope.interface import implementer
 
@@ -52,6 +65,7 @@ QUEUE_LINES = 10000
 WARN_EVERY = 60.0  # seconds between stderr reports of failed writes
 CHECK_EVERY = 1.0  # seconds between checks that an open log file is still at its path
 REPLAYED_EVENTS = 1 << 16  # the events twisted.logger keeps from before logging began, to replay
+CHILD_SOURCE = "child"  # the namespace of a child's lines sent to twistd's log (JSON format only)
 
 
 def utc_stamp(seconds: float | None = None) -> str:
@@ -203,7 +217,9 @@ class AppendFile(WatchedFile):
 class LogWriter:
     """One thread that owns every log file; the reactor only enqueues."""
 
-    def __init__(self, on_error: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, on_error: Callable[[], None] = lambda: None, json: bool = False) -> None:
+        """``json``: the log format chosen for every file (and the sinks made on this writer by default)."""
+        self.json = json
         self.files: dict[str, RotatingFile | AppendFile] = {}
         # (file name, bytes to write), (file name, what to call on the writer thread), or None: stop.
         self.queue: queue.Queue[tuple[str, bytes | Callable[[], None]] | None] = queue.Queue(QUEUE_LINES)
@@ -271,26 +287,53 @@ class LogWriter:
         if now - self._last_warning >= WARN_EVERY or not self._last_warning:
             self._last_warning = now
             # Straight to fd 2: under twistd, sys.stderr feeds the (failing) log itself.
-            os.write(2, f"llamad: warning: {message} ({self.errors} failed log writes so far)\n".encode())
+            text = f"{message} ({self.errors} failed log writes so far)"
+            line = (json_line(time.time(), "warn", "llamad.logs", text, {"failed_writes": self.errors})
+                    if self.json else f"llamad: warning: {text}\n")
+            os.write(2, line.encode("utf-8", "replace"))
 
 
 class ChildLog:
-    """A child's output lines, stamped and queued for ``llama/latest.txt`` (a fleet: ``llama/<id>/latest.txt``)."""
+    """A child's output lines, stamped and queued for ``llama/latest.txt`` (a fleet: ``llama/<id>/latest.txt``).
 
-    def __init__(self, writer: LogWriter, name: str = "child") -> None:
+    In the JSON format each line is wrapped (source ``child``, the model's id) in its file, and also
+    published to Twisted's log, so that twistd's log (stdout under ``-n``) carries every model's lines
+    with their model; the boot log leaves them out.  The text format writes the file only, as always.
+    """
+
+    def __init__(self, writer: LogWriter, name: str = "child", model_id: str = "", json: bool | None = None,
+                 publish: Callable[[LogEvent], None] | None = None) -> None:
+        """``json``: None follows the writer; ``publish``: where the JSON lines go besides the file (Twisted's
+        global log publisher unless a test gives its own)."""
         self.writer = writer
         self.name = name
+        self.model_id = model_id
+        self.json = getattr(writer, "json", False) if json is None else json
+        self.publish = publish if publish is not None else globalLogPublisher
 
     def child_line(self, line: bytes) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()).encode()
-        self.writer.put(self.name, stamp + b"Z " + escape_bytes(line) + b"\n")
+        if not self.json:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()).encode()
+            self.writer.put(self.name, stamp + b"Z " + escape_bytes(line) + b"\n")
+            return
+        now = time.time()
+        text = escape_bytes(line).decode("utf-8", "backslashreplace")
+        model = self.model_id or None
+        self.writer.put(self.name, json_line(now, "info", CHILD_SOURCE, text, model=model).encode())
+        event: dict[str, Any] = {"log_namespace": CHILD_SOURCE, "log_level": LogLevel.info, "log_time": now,
+                                 "log_format": "{log_text}", "log_text": text, "log_source": None}
+        if model is not None:
+            event["model"] = model
+        self.publish(event)
 
 
-def model_log(writer: LogWriter, logs_dir: str, model_id: str, max_bytes: int, keep: int) -> ChildLog:
-    """The child log of one model of a fleet: ``llama/<id>/latest.txt``, rotated like the one-model log."""
+def model_log(writer: LogWriter, logs_dir: str, model_id: str, max_bytes: int, keep: int,
+              json: bool | None = None) -> ChildLog:
+    """The child log of one model of a fleet: ``llama/<id>/latest.txt``, rotated like the one-model log.
+    ``json``: None follows the writer."""
     name = f"child:{model_id}"
     writer.add(name, RotatingFile(os.path.join(logs_dir, "llama", model_id), max_bytes, keep, instance_name()))
-    return ChildLog(writer, name)
+    return ChildLog(writer, name, model_id=model_id, json=json)
 
 
 class _QueuedText:
@@ -308,15 +351,17 @@ class _QueuedText:
 
 
 def open_logs(logs_dir: str, max_bytes: int, keep: int, on_error: Callable[[], None],
-              clock: Callable[[], float] = time.monotonic) -> tuple[LogWriter, str]:
+              clock: Callable[[], float] = time.monotonic, json: bool = False) -> tuple[LogWriter, str]:
     """Start the writer with the child log and this boot's log; returns it and the boot log's path.
 
     ``_boot/latest.txt`` names the boot log only once the ports are bound (:meth:`LogWriter.take_pointer`).
+    ``json``: the JSON format (``logs.format``), for the writer's own warnings and, by default, for every
+    sink made on it (the boot log, the child logs).
     """
     instance = instance_name()
     boot_dir = os.path.join(logs_dir, "_boot")
     llama_dir = os.path.join(logs_dir, "llama")
-    writer = LogWriter(on_error)
+    writer = LogWriter(on_error, json)
     writer.add("child", RotatingFile(llama_dir, max_bytes, keep, instance, clock))
     boot_path = os.path.abspath(os.path.join(boot_dir, f"{utc_stamp()}_boot_{instance}.log"))
     try:
@@ -359,7 +404,8 @@ def access_log(writer: LogWriter, logs_dir: str, max_bytes: int, keep: int) -> C
 
 @implementer(ILogObserver)
 class BootObserver:
-    """llamad's own log events, formatted as twistd does and escaped, into this boot's log, each once.
+    """llamad's own log events, formatted as twistd does and escaped (or as JSON lines), into this boot's
+    log, each once; a child's lines, sent to Twisted's log in the JSON format, have their own file.
 
     It watches the global publisher from the start of the boot, so that a boot
     that fails before twistd starts logging still leaves its log.  When twistd
@@ -369,11 +415,17 @@ class BootObserver:
     ends that watch once the replay is over.
     """
 
-    def __init__(self, writer: LogWriter) -> None:
-        self.observer = escaping(FileLogObserver(_QueuedText(writer, "boot"), formatEventAsClassicLogText))
+    def __init__(self, writer: LogWriter, json: bool | None = None) -> None:
+        """``json``: None follows the writer."""
+        text = _QueuedText(writer, "boot")
+        use_json = getattr(writer, "json", False) if json is None else json
+        self.observer = (FileLogObserver(text, json_event) if use_json
+                         else escaping(FileLogObserver(text, formatEventAsClassicLogText)))
         self.seen: dict[int, LogEvent] | None = {}  # id -> event, kept alive so that no id is reused
 
     def __call__(self, event: LogEvent) -> None:
+        if event.get("log_namespace") == CHILD_SOURCE:
+            return
         if self.seen is not None:
             if self.seen.get(id(event)) is event:
                 return
@@ -387,9 +439,9 @@ class BootObserver:
         self.seen = None
 
 
-def boot_observer(writer: LogWriter) -> BootObserver:
-    """llamad's own log events into this boot's log (:class:`BootObserver`)."""
-    return BootObserver(writer)
+def boot_observer(writer: LogWriter, json: bool | None = None) -> BootObserver:
+    """llamad's own log events into this boot's log (:class:`BootObserver`); ``json``: None follows the writer."""
+    return BootObserver(writer, json)
 
 
 # --- escaping what comes from outside -------------------------------------------------------------
@@ -524,19 +576,113 @@ def escaping(observer: Any) -> ILogObserver:
     return _EscapingObserver(observer)
 
 
-def twistd_observer(server_options: Any) -> ILogObserver | None:
+def twistd_observer(server_options: Any, json: bool = False) -> ILogObserver | None:
     """The log observer twistd would start with ``server_options`` (stdout under ``-n``, else
-    ``--logfile`` or syslog), escaped; None where twistd's own choice stands (``--logger``, or no twistd).
+    ``--logfile`` or syslog), escaped, or writing JSON lines with ``json``; None where twistd's own choice
+    stands (``--logger``, or no twistd).
 
     twistd takes an ``ILogObserver`` component of the application before its own choice, so llamad
-    hands it this one; the choice itself is twistd's, made by its own logger class.
+    hands it this one; the choice itself is twistd's, made by its own logger class.  Syslog keeps its
+    own line format: only a file (stdout included) gets JSON lines.
     """
     if server_options is None or server_options.get("logger"):
         return None
     from twisted.scripts.twistd import _SomeApplicationRunner
 
     make = getattr(_SomeApplicationRunner.loggerFactory(server_options), "_getLogObserver", None)
-    return escaping(make()) if make is not None else None
+    if make is None:
+        return None
+    observer = make()
+    if json and isinstance(observer, FileLogObserver):
+        observer.formatEvent = json_event  # the same file, one JSON object a line
+        return observer
+    return escaping(observer)
+
+
+# --- the JSON format ------------------------------------------------------------------------------
+
+_JSON_RAW = re.compile(r"[\x7f-\x9f\ud800-\udfff]")  # valid JSON as they are, but a terminal acts on some
+_OWN_KEYS = ("time", "level", "source", "model", "message", "traceback")
+FIELD_PREFIX = "field_"  # an event's field named as one of the line's own keys is written under this prefix
+# Keys an event from twisted.python.log carries besides its log_* ones: Twisted's, not the line's fields.
+_LEGACY_KEYS = frozenset({"message", "time", "system", "isError", "format", "why", "failure", "printed",
+                          "logLevel"})
+_MAX_DEPTH = 8
+_LEVELS = frozenset(LogLevel.iterconstants())
+
+
+def rfc3339(seconds: float) -> str:
+    """``2026-12-07T04:44:05.123Z``: UTC to the millisecond, as log collectors parse it."""
+    whole = math.floor(seconds)
+    millis = min(999, int((seconds - whole) * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+def _serialisable(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is plain JSON (strings, finite numbers, booleans, null, lists and objects of them)."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth >= _MAX_DEPTH:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_serialisable(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _serialisable(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _encode(obj: Mapping[str, Any]) -> str:
+    """``obj`` on one line, every control character escaped (DEL, C1 and lone surrogates too)."""
+    text = _json.dumps(obj, ensure_ascii=False)
+    return _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def json_line(seconds: float, level: str, source: str, message: str, fields: Mapping[str, Any] | None = None,
+              model: str | None = None, traceback: str | None = None) -> str:
+    """One log line of the JSON format, the one formatter of every sink: ``time``, ``level``, ``source``,
+    ``model`` (given, or a text field ``model``), ``message``, ``traceback``, then ``fields`` that are plain
+    JSON; a field named as one of those keys is written as ``field_<name>``."""
+    fields = fields or {}
+    if model is None and isinstance(fields.get("model"), str):
+        model = fields["model"]
+    line: dict[str, Any] = {"time": rfc3339(seconds), "level": level, "source": source}
+    if model is not None:
+        line["model"] = model
+    line["message"] = message
+    if traceback:
+        line["traceback"] = traceback
+    for key, value in fields.items():
+        if not _serialisable(value) or (key == "model" and value == model):
+            continue
+        line[FIELD_PREFIX + key if key in line or key in _OWN_KEYS and key != "model" else key] = value
+    return _encode(line) + "\n"
+
+
+def json_event(event: LogEvent) -> str:
+    """A Twisted log event as a JSON line: its text as the text format shows it (escaped), its failure's
+    traceback, and its own fields as they were logged (Twisted's ``log_*`` keys left out)."""
+    try:
+        safe = escape_event(event)
+        message = formatEvent(safe)
+        failure = safe.get("log_failure")
+        traceback = None
+        if failure is not None:
+            try:
+                traceback = failure.getTraceback()
+            except Exception as e:  # a failure that cannot render still leaves its line
+                traceback = f"(traceback unavailable: {escape(repr(e))})"
+        level = event.get("log_level")
+        legacy = "isError" in event and isinstance(event.get("message"), tuple)
+        fields = {k: v for k, v in event.items()
+                  if not k.startswith("log_") and not (legacy and k in _LEGACY_KEYS)}
+        seconds = event.get("log_time")
+        return json_line(seconds if isinstance(seconds, (int, float)) else time.time(),
+                         level.name if level in _LEVELS else "info",
+                         str(event.get("log_namespace") or "-"), message, fields, traceback=traceback)
+    except Exception as e:  # an observer must not raise: the line says what went wrong instead
+        return json_line(time.time(), "error", "llamad.logs", f"unformattable log event: {escape(repr(e))}")
 
 
 def gpu_inventory(timeout: float = 5.0) -> str:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from prometheus_client.exposition import generate_latest
@@ -22,6 +22,11 @@ START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 # The *_created series double the exposition and no dashboard reads them.
 disable_created_metrics()
+
+# The ``model`` label of the request families for a request that reached no configured model (llamad's own
+# routes, a refusal before routing, a model that does not exist): never a model id, which starts with a
+# letter or digit, and one value whatever clients send, so the label cannot grow without bound.
+NO_MODEL = "-"
 
 
 class _Observations:
@@ -123,28 +128,34 @@ class Metrics:
     """The ``llamad_*`` families; one instance per process (or per test)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, per_model: bool = False,
-                 per_key: bool = False) -> None:
+                 per_key: bool = False, models: Iterable[str] = ()) -> None:
         """``per_model``: several models are served; the families about one model get a ``model`` label.
         ``per_key``: API keys are checked; requests and tokens get a ``key_id`` label (one series per key
-        at most; empty for the routes that take no key)."""
+        at most; empty for the routes that take no key).  ``models``: the configured model ids, the only
+        values of the request families' ``model`` label besides :data:`NO_MODEL` (more with
+        :meth:`add_models`)."""
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._kv: KVCacheCollector | None = None  # registered with the first model that keeps its KV cache
         self.per_model = per_model
         self.per_key = per_key
+        self.models: set[str] = set()
+        self.add_models(models)
         r = self.registry
         m = ["model"] if per_model else []
         k = ["key_id"] if per_key else []
         self.requests = RequestCounter(
-            "llamad_requests", "API requests answered, by route, method and status code" + (
-                " and API key." if per_key else "."),
-            ["route", "method", "code", *k], registry=r,
+            "llamad_requests", "API requests answered, by route, method, status code" + (
+                ", API key" if per_key else "") + " and model.",
+            ["route", "method", "code", *k, "model"], registry=r,
         )
         self.request_duration = RequestHistogram(
-            "llamad_request_duration_seconds", "Time from request arrival to its last byte.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+            "llamad_request_duration_seconds", "Time from request arrival to its last byte, by route and model.",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.time_to_first_byte = RequestHistogram(
-            "llamad_time_to_first_byte_seconds", "Time from request arrival to the first body byte relayed.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+            "llamad_time_to_first_byte_seconds",
+            "Time from request arrival to the first body byte relayed, by route and model.",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.in_flight = Gauge("llamad_in_flight_requests", "Requests being proxied to the backend.", registry=r)
         self.backend_state = Gauge(
@@ -169,7 +180,7 @@ class Metrics:
         )
         self.tokens = RequestCounter(
             "llamad_tokens", "Tokens reported in responses' usage, by kind (prompt, completion)" + (
-                " and API key." if per_key else "."), ["kind", *k],
+                ", API key" if per_key else "") + " and model.", ["kind", *k, "model"],
             registry=r,
         )
         self.cold_starts = Counter(
@@ -217,38 +228,62 @@ class Metrics:
             "From the first scrape that saw a variant's queue > 0 to the acknowledged scale PUT.",
             buckets=POLL_BUCKETS, registry=r,
         )
-        self._request_children: dict[tuple[str, bytes, int, str], _Count] = {}
-        self._route_children: dict[tuple[int, str], _Observations] = {}
-        self._token_children: dict[str, tuple[_Count, _Count]] = {}
+        # Keyed by the model label, never by what a client sent: these stay as bounded as the series.
+        self._request_children: dict[tuple[str, bytes, int, str, str], _Count] = {}
+        self._route_children: dict[tuple[int, str, str], _Observations] = {}
+        self._token_children: dict[tuple[str, str], tuple[_Count, _Count]] = {}
         if not per_model:
             self.set_backend_state(State.STOPPED)
 
-    def count_request(self, route: str, method: bytes, code: int, key_id: str = "") -> None:
-        """``llamad_requests_total`` on the hot path: labelled children are cached."""
-        key = (route, method, code, key_id)
+    def add_models(self, model_ids: Iterable[str]) -> None:
+        """Make ``model_ids`` values of the ``model`` label (the models a gateway routes to)."""
+        self.models.update(model_ids)
+
+    def model_label(self, model_id: str | None) -> str:
+        """The ``model`` label for a request routed to ``model_id``: the id of a configured model, else
+        :data:`NO_MODEL` (a request that reached none, or named one that does not exist)."""
+        return model_id if model_id is not None and model_id in self.models else NO_MODEL
+
+    def count_request(self, route: str, method: bytes, code: int, key_id: str = "",
+                      model: str | None = None) -> None:
+        """``llamad_requests_total`` on the hot path: labelled children are cached.  ``model``: the model
+        the request was routed to (None: none)."""
+        label = self.model_label(model)
+        key = (route, method, code, key_id, label)
         child = self._request_children.get(key)
         if child is None:
-            labels = (route, method.decode("latin-1"), str(code), *((key_id,) if self.per_key else ()))
+            labels = (route, method.decode("latin-1"), str(code), *((key_id,) if self.per_key else ()), label)
             child = self._request_children[key] = self.requests.labels(*labels)
         child.inc()
 
-    def count_tokens(self, prompt: int, completion: int, key_id: str = "") -> None:
-        """``llamad_tokens_total`` on the hot path: the children are kept."""
-        children = self._token_children.get(key_id)
+    def count_tokens(self, prompt: int, completion: int, key_id: str = "", model: str | None = None) -> None:
+        """``llamad_tokens_total`` on the hot path: the children are kept.  ``model``: the model that
+        answered."""
+        label = self.model_label(model)
+        children = self._token_children.get((key_id, label))
         if children is None:
-            extra = (key_id,) if self.per_key else ()
-            children = self._token_children[key_id] = (self.tokens.labels("prompt", *extra),
-                                                       self.tokens.labels("completion", *extra))
+            extra = (*((key_id,) if self.per_key else ()), label)
+            children = self._token_children[(key_id, label)] = (self.tokens.labels("prompt", *extra),
+                                                                self.tokens.labels("completion", *extra))
         children[0].inc(prompt)
         children[1].inc(completion)
 
-    def by_route(self, family: RequestHistogram, route: str) -> _Observations:
-        """A route's child of a per-route histogram, cached."""
-        key = (id(family), route)
+    def by_route(self, family: RequestHistogram, route: str, model: str | None = None) -> _Observations:
+        """A route's and model's child of a per-route histogram, cached.  ``model``: the model the request
+        was routed to (None: none)."""
+        label = self.model_label(model)
+        key = (id(family), route, label)
         child = self._route_children.get(key)
         if child is None:
-            child = self._route_children[key] = family.labels(route)
+            child = self._route_children[key] = family.labels(route, label)
         return child
+
+    def watch_kv_cache(self, model_id: str, snapshot: Any) -> None:
+        """Read one model's KV cache counters (``KVCache.snapshot``) at scrape time."""
+        if self._kv is None:
+            self._kv = KVCacheCollector()
+            self.registry.register(self._kv)
+        self._kv.caches[model_id] = snapshot
 
     def watch_activity(self, activity: Activity) -> None:
         """Read the activity gauges at scrape time."""
@@ -361,3 +396,45 @@ def label_child_metrics(texts: Mapping[str, bytes]) -> bytes:
             return iter(families.values())
 
     return generate_latest(_Families()) if families else b""  # type: ignore[arg-type]
+
+
+class KVCacheCollector:
+    """The ``llamad_kv_*`` families, read from each model's KV cache counters at scrape time."""
+
+    def __init__(self) -> None:
+        self.caches: dict[str, Any] = {}  # model id -> its snapshot function
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to check at registration: the families exist once a model keeps its cache
+
+    def collect(self) -> Iterator[Metric]:
+        saves = CounterMetricFamily("llamad_kv_saves", "Stops whose slots were saved, by model", labels=["model"])
+        slots = CounterMetricFamily("llamad_kv_saved_slots", "Slots saved, by model", labels=["model"])
+        skipped = CounterMetricFamily("llamad_kv_saves_skipped", "Saves skipped (disk full or not writable) or "
+                                      "cut short by kv_save_timeout, by model and why", labels=["model", "why"])
+        restores = CounterMetricFamily("llamad_kv_restores", "Saved slots met at a start, by model and result "
+                                       "(ok, mismatch, corrupt, refused)", labels=["model", "result"])
+        tokens = CounterMetricFamily("llamad_kv_restored_tokens", "Prompt tokens restored into fresh children, "
+                                     "by model", labels=["model"])
+        seconds = CounterMetricFamily("llamad_kv_seconds", "Seconds spent saving and restoring, by model and "
+                                      "step", labels=["model", "step"])
+        saved = GaugeMetricFamily("llamad_kv_saved_bytes", "Bytes of saved slots on the volume, by model",
+                                  labels=["model"])
+        disk = GaugeMetricFamily("llamad_kv_disk_bytes", "Bytes of saved slots on the volume, all models")
+        total = None
+        for model_id, snapshot in self.caches.items():
+            facts = snapshot()
+            saves.add_metric([model_id], facts["saves"])
+            slots.add_metric([model_id], facts["saved_slots"])
+            skipped.add_metric([model_id, "disk"], facts["saves_skipped"])
+            skipped.add_metric([model_id, "timeout"], facts["saves_abandoned"])
+            for result, count in facts["restores"].items():
+                restores.add_metric([model_id, result], count)
+            tokens.add_metric([model_id], facts["restored_tokens"])
+            seconds.add_metric([model_id, "save"], facts["save_seconds"])
+            seconds.add_metric([model_id, "restore"], facts["restore_seconds"])
+            saved.add_metric([model_id], facts["bytes"])
+            total = facts["disk_bytes"]
+        if total is not None:
+            disk.add_metric([], total)
+        yield from (saves, slots, skipped, restores, tokens, seconds, saved, disk)

@@ -330,6 +330,9 @@ class SlotKeeper(Protocol):
     def settled(self) -> defer.Deferred[None]:
         """Fires once what the saves wrote is on disk."""
 
+    def saved(self) -> dict[str, int]:
+        """What is saved now: ``slots``, ``tokens``, ``bytes``; from memory."""
+
 
 _LLAMA_ERROR = re.compile(rb"^\d+\.\d+\.\d+\.\d+ E (.+)$")
 
@@ -962,6 +965,7 @@ class Supervisor(Service):
             "pid": self.pid,
             "restarts": self.restarts,
             "last_start_seconds": self.last_start_seconds,
+            **({"kv": self.kv.saved()} if self.kv is not None else {}),
         }
 
 

@@ -102,7 +102,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
             fail(f"{key}: bad endpoint {endpoint!r}: {e}")
     metrics = Metrics(per_model=not config.single_model, per_key=config.auth.enabled)
     writer, boot_path = open_logs(config.logs.dir, config.logs.max_bytes, config.logs.keep,
-                                  metrics.log_write_errors.inc)
+                                  metrics.log_write_errors.inc, json=config.logs.format == "json")
     observer = boot_observer(writer)
     globalLogPublisher.addObserver(observer)
 
@@ -199,8 +199,8 @@ def make_gateway(loaded: config_module.Loaded, status: Status, models: dict[str,
                 default_rate=config.auth.default_rate, priorities=config.auth.priorities,
                 priority_ageing=config.auth.priority_ageing,
                 enable_on_keys=loaded.sources["auth.enabled"] == "default")
-    access = (AccessLog(reactor, access_log(writer, config.logs.dir, config.logs.max_bytes, config.logs.keep))
-              if config.logs.access else None)
+    access = (AccessLog(reactor, access_log(writer, config.logs.dir, config.logs.max_bytes, config.logs.keep),
+                        json=config.logs.format == "json") if config.logs.access else None)
     gateway = Gateway(reactor, status, models, proxy, metrics, activity, auth, Cors(config.api.cors_origins),
                       directory, access, metrics_format=config.api.metrics_format)
     return gateway, access
@@ -258,5 +258,6 @@ def makeService(options: Options) -> service.IService:
 
     assert options.loaded is not None
     root = build(options.loaded, reactor)
-    root.log_observer = twistd_observer(getattr(options, "parent", None))
+    root.log_observer = twistd_observer(getattr(options, "parent", None),
+                                        json=options.loaded.config.logs.format == "json")
     return root

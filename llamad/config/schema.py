@@ -64,6 +64,7 @@ class BackendConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     start: str = "eager"
     ready_timeout: float = 600
+    kv_cache: bool = True  # save the slots' prompt cache on the volume before a stop, restore it at the next start
     # Not a key: a fleet model's id, so the child answers to the name requests route by.
     name: str = field(default="", metadata=NOT_A_KEY)
 
@@ -144,6 +145,8 @@ class FleetConfig:
     max_loaded: int = 0  # models loaded at once; 0 = no limit
     min_resident: float = 5  # seconds a loaded model with requests keeps its memory at least; an idle one gives way
     swap_quantum: float = 10  # seconds a model with requests keeps its memory once another waits for room
+    kv_cache_disk: Bytes = Bytes(8 * GIB)  # bytes the saved KV caches may take on the volume; LRU first; 0 = no bound
+    kv_save_timeout: float = 5  # seconds a stop waits for its slots to be saved; then it stops without the rest
 
     def budget(self, auto_budget: Callable[[int], tuple[int, str]]) -> tuple[int, str]:
         """The budget in bytes and how it was found; "auto" asks ``auto_budget(memory_reserve)``

@@ -18,6 +18,10 @@ from llamad.fleet.fleet import Fleet, Placed
 from llamad.fleet.gate import Gate
 from llamad.fleet.runtime import BackendReporter, IdleAction, ModelRuntime
 from llamad.interfaces import Backend
+from llamad.kv.cache import KVCache
+from llamad.kv.http import child_http
+from llamad.kv.slots import SlotClient
+from llamad.kv.store import Store, thread_runner
 from llamad.logs import ChildLog, model_log
 from llamad.metrics import Metrics
 from llamad.notify import Notifier
@@ -50,6 +54,8 @@ def build_fleet(config: Config, status: Status, metrics: Metrics, notifier: Noti
                   measure=memory_probe(reactor, has_gpu), swap_quantum=config.fleet.swap_quantum)
     models: dict[str, ModelRuntime] = {}
     run_dir = runfiles.runtime_dir(config.data_dir)
+    kv_store = Store(os.path.join(config.data_dir, "state", "kv"), config.fleet.kv_cache_disk or None,
+                     thread_runner(reactor))
     for model in config.models.values():
         need = 0 if one else model_need(model, has_gpu)
         if budget is not None and need > budget:
@@ -61,11 +67,17 @@ def build_fleet(config: Config, status: Status, metrics: Metrics, notifier: Noti
             backend = ExternalBackend(backend_config.url)
         else:
             key = runfiles.new_key()
-            output = (ChildLog(writer) if one else
+            output = (ChildLog(writer, model_id=model.id) if one else
                       model_log(writer, config.logs.dir, model.id, config.logs.max_bytes, config.logs.keep))
+            kv = None
+            if backend_config.kv_cache and backend_config.kind == "llama-server":
+                get, post = child_http(reactor, key)
+                kv = KVCache(reactor, kv_store, model.id, backend_config, SlotClient(reactor, get, post),
+                             config.fleet.kv_save_timeout, env={**os.environ, **backend_config.env})
+                metrics.watch_kv_cache(model.id, kv.snapshot)
             supervisor = Supervisor(reactor, reactor, backend_config, config.supervisor,
                                     probe=probe_for(key), key=key, run_dir=run_dir, output=output,
-                                    child_name="llama" if one else model.id)
+                                    child_name="llama" if one else model.id, kv=kv)
             supervisor.setName(f"model {model.id}")
             supervisor.setServiceParent(fleet)
             backend = supervisor

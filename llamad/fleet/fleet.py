@@ -66,6 +66,7 @@ class ModelSnapshot:
     source: Literal["models_dir", "preset"] = "preset"
     input_modalities: tuple[str, ...] = ("text",)
     waiting_for_room: bool = False  # a load (asked, or for requests) waits for memory
+    kv: Mapping[str, int] | None = None  # its saved KV cache (slots, tokens, bytes); None: not kept
 
 
 # How placement sees each backend state: a child restarting after a crash keeps its memory reserved.
@@ -399,7 +400,7 @@ class Fleet(MultiService):
                 last_used=round(runtime.activity.last_activity, 3), in_flight=runtime.activity.inference_in_flight,
                 queued=runtime.gate.waiting,
                 source="models_dir" if model.scanned else "preset",
-                waiting_for_room=model.waiting_since is not None,
+                waiting_for_room=model.waiting_since is not None, kv=facts.get("kv"),
             ))
         return snapshots
 

@@ -7,15 +7,18 @@ skips routing so that the per-request work stays small.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
+import os
 import re
 import time
+from collections import deque
+from importlib import resources
 from typing import Any, Callable, Mapping
+from urllib.parse import parse_qs
 
 from klein import Klein
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,8 +31,9 @@ from llamad.backends import Target
 from llamad.errors import ApiError, sse_error_event, write_error
 from llamad.gateway.front import FrontFactory, FrontRequest
 from llamad.gateway.limits import BODY_MIN_RATE
+from llamad.fleet.fleet import Placed
 from llamad.fleet.gate import Lease
-from llamad.gateway.guard import Auth, Cors, Guard
+from llamad.gateway.guard import Auth, Cors, Guard, is_loopback
 from llamad.gateway.proxy import NotDelivered, Proxy, Relay, Unanswered
 from llamad.gateway import models_api
 from llamad.gateway.routes import (
@@ -77,14 +81,72 @@ def wants_json(accept: bytes | None, by_default: bool = False) -> bool:
     return by_default or b"application/json" in text
 
 
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1, or IPv4 loopback as a dual-stack socket shows it (``::ffff:127.0.0.1``)."""
+# --- the status page (``/ui/``) and what it reads ---------------------------------------------------------
+
+# The page's own files only: no inline script or style, no other origin, never framed.
+PAGE_POLICY = (b"default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+               b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+# Read once at import (a few KiB, shipped in the package), so that no request reads a file on the reactor.
+PAGE_FILES: dict[bytes, tuple[bytes, bytes]] = {
+    path: (resources.files("llamad.gateway").joinpath("ui", name).read_bytes(), content_type)
+    for path, name, content_type in (
+        (b"/ui", "index.html", b"text/html; charset=utf-8"),
+        (b"/ui/", "index.html", b"text/html; charset=utf-8"),
+        (b"/ui/app.js", "app.js", b"text/javascript; charset=utf-8"),
+        (b"/ui/style.css", "style.css", b"text/css; charset=utf-8"),
+    )
+}
+# What the page polls: kept out of the recent requests, or its own polling would crowd out what it shows.
+PAGE_ROUTES = frozenset({"/ui", "/ui/", "/ui/app.js", "/ui/style.css", "/admin/status", "/admin/logs",
+                         "/admin/requests", "/admin/keys"})
+RECENT_REQUESTS = 200  # access lines kept in memory for /admin/requests
+LOG_TAIL_BYTES = 65536  # the most of a child's log one /admin/logs answer reads
+
+
+def read_log_tail(path: str, after: int | None, limit: int = LOG_TAIL_BYTES) -> tuple[list[str], int]:
+    """In a thread: the complete lines of ``path`` from byte ``after`` on (None: its last lines), at most
+    ``limit`` bytes of them, and the offset to ask from next time.
+
+    A file shorter than ``after`` was rotated, so its last lines come again; a line still being
+    written waits for its newline.  No file yet: no lines.
+    """
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    return (mapped or address).is_loopback
+        file = open(path, "rb")
+    except FileNotFoundError:
+        return [], 0
+    with file:
+        size = os.fstat(file.fileno()).st_size
+        from_line = after is not None and after <= size  # else: the last lines (first call, or rotated)
+        start = after if from_line and after is not None else max(0, size - limit)
+        if size - start > limit:  # more arrived than one answer holds: its newest lines
+            start, from_line = size - limit, False
+        partial = not from_line and start > 0
+        if partial:
+            start -= 1  # the byte before: a newline there means the first line is whole
+        file.seek(start)
+        data = file.read(size - start)
+    if partial:
+        cut = data.find(b"\n")
+        data, start = (data[cut + 1:], start + cut + 1) if cut >= 0 else (b"", start + len(data))
+    end = data.rfind(b"\n") + 1
+    lines = data[:end - 1].split(b"\n") if end else []
+    return [line.decode("utf-8", "replace") for line in lines], start + end
+
+
+def child_log_file(runtime: ModelRuntime) -> str | None:
+    """The file a model's child writes its output to (``llama/<id>/latest.txt``; one model:
+    ``llama/latest.txt``), as its supervisor's log sink holds it; None when it has none."""
+    output = getattr(runtime.backend, "output", None)
+    files = getattr(getattr(output, "writer", None), "files", None)
+    target = files.get(getattr(output, "name", None)) if isinstance(files, dict) else None
+    path = getattr(target, "path", None)
+    return path if isinstance(path, str) else None
+
+
+def _query(request: IRequest) -> dict[str, str]:
+    """A request's query parameters, the first value of each."""
+    _, _, query = request.uri.partition(b"?")
+    return {name: values[0] for name, values in parse_qs(query.decode("latin-1")).items()}
 
 
 def _no_constant(name: str) -> Any:
@@ -156,6 +218,7 @@ def parse_json(body: bytes, expected: str = "JSON") -> Any:
 
 class Gateway:
     app = Klein()
+    in_thread: Callable[..., defer.Deferred[Any]] = staticmethod(threads.deferToThread)  # file reads, off the reactor
 
     def __init__(
         self,
@@ -189,9 +252,11 @@ class Gateway:
         self.wall = wall
         self.bytes_sent = 0  # body bytes of finished responses, added once per response by the front
         self.models = dict(models)
+        metrics.add_models(self.models)  # the request families' model label: these ids, or "-"
         self.directory = directory or ModelDirectory(list(self.models), lenient=True)
         self.router_api = not self.directory.lenient
         self._guard: Guard | None = None  # built on the first request
+        self.recent: deque[bytes] = deque(maxlen=RECENT_REQUESTS)  # the newest access lines, for the status page
         # Read at scrape time: the requests being proxied are the process-wide activity's.
         metrics.in_flight.set_function(lambda: self.activity.in_flight)
 
@@ -209,12 +274,16 @@ class Gateway:
         label = route if route is not None else route_label(request.path)
         key: ApiKey | None = getattr(request, "api_key", None)
         key_id = key.key_id if key is not None else None
-        self.metrics.count_request(label, request.method, code, key_id or "")
-        if self.access is not None:
-            if done is None:
-                self.access(access_line(self.wall(), key_id, None, label, code, 0, 0, None, None, None, None))
-            else:
-                self.access(done.access_line(key_id, label, code))
+        self.metrics.count_request(label, request.method, code, key_id or "",
+                                   done.runtime.id if done is not None else None)
+        quiet = label in PAGE_ROUTES
+        if self.access is not None or not quiet:
+            line = (access_line(self.wall(), key_id, None, label, code, 0, 0, None, None, None, None) if done is None
+                    else done.access_line(key_id, label, code))
+            if not quiet:
+                self.recent.append(line)
+            if self.access is not None:
+                self.access(line)
 
     def error_answer(self, request: IRequest, err: ApiError) -> bytes:
         self.count(request, err.status)
@@ -372,6 +441,113 @@ class Gateway:
         self.count(request, 200, "/admin/restart")
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"restarting": True, "state": backend.state.value}).encode()
+
+    # --- the status page: its files, and what it reads (never waking a model) -----------------------------
+
+    @app.route("/ui", methods=own_methods("/ui"), endpoint="ui_bare")
+    @app.route("/ui/", methods=own_methods("/ui/"))
+    @app.route("/ui/app.js", methods=own_methods("/ui/app.js"), endpoint="ui_app")
+    @app.route("/ui/style.css", methods=own_methods("/ui/style.css"), endpoint="ui_style")
+    def ui(self, request: IRequest) -> bytes:
+        """The page's files: no data in them, so no key; the data comes from the admin routes below."""
+        body, content_type = PAGE_FILES[request.path]
+        self.count(request, 200)
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"content-security-policy", PAGE_POLICY)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"cache-control", b"no-cache")
+        return body
+
+    def _admin_json(self, request: IRequest, answer: Any) -> bytes:
+        self.count(request, 200)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(answer).encode()
+
+    @app.route("/admin/status", methods=own_methods("/admin/status"))
+    def admin_status(self, request: IRequest) -> bytes:
+        """``/health``'s snapshot with every model (one model too), its aliases and idle time, the
+        memory budget and the clock: all the status page shows of the models, in one answer."""
+        self.local_unless_auth(request)
+        body = self.status.snapshot()
+        fleet = self.status.fleet
+        models: dict[str, dict[str, Any]] = body.get("models") or {
+            model_id: self._model_entry(runtime) for model_id, runtime in self.models.items()}
+        aliases: dict[str, list[str]] = {}
+        for name, model_id in self.directory.names.items():
+            if name != model_id:
+                aliases.setdefault(model_id, []).append(name)
+        for model_id, entry in models.items():
+            entry["aliases"] = aliases.get(model_id, [])
+            runtime = self.models.get(model_id)
+            entry["idle_seconds"] = round(runtime.activity.idle_seconds(), 3) if runtime is not None else None
+        body.update(models=models, budget=fleet.budget if fleet is not None else None, router=self.router_api,
+                    auth=self.auth.enabled, now=round(self.clock.seconds(), 3))
+        return self._admin_json(request, body)
+
+    def _model_entry(self, runtime: ModelRuntime) -> dict[str, Any]:
+        """One model outside a fleet's ``/health`` (a one-model llamad): as ``Status.model_snapshot`` shows it."""
+        placed = runtime.gate.backend
+        if isinstance(placed, Placed) and placed.model_id in placed.fleet.models:
+            return self.status.model_snapshot(placed.fleet.models[placed.model_id])
+        backend = runtime.backend
+        return {**(backend.snapshot() if backend is not None else {"state": "none"}), "memory": 0, "waiting": None,
+                "in_flight": runtime.activity.inference_in_flight, "queued": runtime.gate.waiting,
+                "last_used": round(runtime.activity.last_activity, 3)}
+
+    def log_file(self, model_id: str) -> str | None:
+        """Where model ``model_id``'s child writes its output (None: it has no log file)."""
+        return child_log_file(self.models[model_id])
+
+    @app.route("/admin/logs", methods=own_methods("/admin/logs"))
+    async def admin_logs(self, request: IRequest) -> bytes:
+        """A model's child log: its last lines, or those after ``?after=`` (the ``offset`` of the last
+        answer).  ``?model=`` is matched against the configured models: it never names a file."""
+        self.local_unless_auth(request)
+        query = _query(request)
+        name = query.get("model", "")
+        if name:
+            model_id = self.directory.names.get(name)
+            if model_id is None or model_id not in self.models:
+                raise ApiError(404, f"The model '{name}' does not exist (models here: {self.directory.listing()})",
+                               "model_not_found", param="model")
+        elif len(self.models) == 1:
+            model_id = next(iter(self.models))
+        else:
+            raise ApiError(400, f"name a model in ?model= (one of: {self.directory.listing()})", "model_required",
+                           param="model")
+        after_text = query.get("after", "")
+        if after_text and not (after_text.isascii() and after_text.isdigit()):
+            raise ApiError(400, "?after= takes the offset of the last answer (a whole number of bytes)",
+                           "invalid_parameter", param="after")
+        path = self.log_file(model_id)
+        lines, offset = ([], 0) if path is None else await self.in_thread(
+            read_log_tail, path, int(after_text) if after_text else None)
+        return self._admin_json(request, {"model": model_id, "lines": lines, "offset": offset})
+
+    @app.route("/admin/requests", methods=own_methods("/admin/requests"))
+    def admin_requests(self, request: IRequest) -> bytes:
+        """The newest requests, newest first, as their access-log lines say (the page's own polling left out)."""
+        self.local_unless_auth(request)
+        return self._admin_json(request, {"requests": [json.loads(line) for line in reversed(self.recent)]})
+
+    @app.route("/admin/keys", methods=own_methods("/admin/keys"))
+    def admin_keys(self, request: IRequest) -> bytes:
+        """Each key's name, roles, scope, limits and use: what the keys file says, never a secret or a hash."""
+        self.local_unless_auth(request)
+        keys = []
+        for key_id, key in sorted(self.auth.store.by_id.items()):
+            minute, day = self.policy.tokens_used(key_id)
+            use = self.policy.uses.get(key_id)
+            keys.append({
+                "id": key_id, "roles": sorted(key.roles), "models": list(key.models), "rate_limit": key.rate_limit,
+                "expires": key.expires.isoformat() if key.expires is not None else None,
+                "tokens_per_minute": key.tokens_per_minute, "tokens_per_day": key.tokens_per_day,
+                "max_concurrent": key.max_concurrent, "priority": key.priority or None,
+                "tokens_used": {"minute": minute, "day": day}, "in_flight": use.in_flight if use is not None else 0,
+            })
+        return self._admin_json(request, {"auth": self.auth.enabled, "keys": keys})
 
     def _forward_failed(self, failure: Failure, request: IRequest, done: Proxied | None = None) -> None:
         """Answer a request whose proxying failed before its response began, and count it."""
@@ -618,7 +794,8 @@ class Proxied:
     def _first_byte(self) -> None:
         metrics = self.gateway.metrics
         self.first_byte_at = self.gateway.clock.seconds()
-        metrics.by_route(metrics.time_to_first_byte, self.route).observe(self.first_byte_at - self.started)
+        metrics.by_route(metrics.time_to_first_byte, self.route, self.runtime.id).observe(
+            self.first_byte_at - self.started)
 
     def leave_key(self) -> None:
         """Give back the key's place, once."""
@@ -702,14 +879,15 @@ class Proxied:
             activity.end(self.inference)
         gateway = self.gateway
         metrics = gateway.metrics
-        metrics.by_route(metrics.request_duration, self.route).observe(gateway.clock.seconds() - self.started)
+        metrics.by_route(metrics.request_duration, self.route, self.runtime.id).observe(
+            gateway.clock.seconds() - self.started)
         tap = self.tap
         if tap is not None:
             if tap.usage is None:
                 tap.finish()  # the client left early (often right after [DONE]): count what was seen
             if tap.usage is not None:
                 key: ApiKey | None = getattr(self.request, "api_key", None)
-                metrics.count_tokens(*tap.usage, key.key_id if key is not None else "")
+                metrics.count_tokens(*tap.usage, key.key_id if key is not None else "", self.runtime.id)
                 if key is not None and (key.tokens_per_minute is not None or key.tokens_per_day is not None):
                     gateway.policy.record(key.key_id, tap.usage[0] + tap.usage[1])
 

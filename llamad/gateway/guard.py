@@ -8,6 +8,7 @@ spelling of a path can reach a route without the key check.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime, timezone
 from typing import Callable, Mapping
@@ -20,7 +21,7 @@ from llamad.keys.auth import Denied, KeyStore, presented_key
 from llamad.keys.apikey import EVERY_ROLE, ApiKey
 from llamad.errors import ApiError, write_error
 from llamad.keys.policy import Policy
-from llamad.gateway.routes import ADMIN_PATHS, ANY_ROLE_PATHS, OWN_ROUTES, PUBLIC_PATHS, ROUTES
+from llamad.gateway.routes import ADMIN_PATHS, ANY_ROLE_PATHS, OWN_ROUTES, PUBLIC_PATHS, ROUTES, SLOTS_PREFIX
 
 log = Logger(namespace="llamad.guard")
 
@@ -162,6 +163,21 @@ OWN_METHODS: dict[bytes, frozenset[bytes]] = {
 }
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, or IPv4 loopback as a dual-stack socket shows it (``::ffff:127.0.0.1``)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
+
+
+def is_slot_action(path: bytes, target: bytes) -> bool:
+    """``/slots/<id>?action=save|restore|erase``: the child reads and writes llamad's KV cache files."""
+    return path.startswith(SLOTS_PREFIX) and b"action=" in target.partition(b"?")[2]
+
+
 class Guard:
     """The checks every request passes before llamad's own routes or the proxy."""
 
@@ -200,12 +216,17 @@ class Guard:
             raise ApiError(400, "invalid request path", "invalid_path")
         if self._preflight(method, request):
             return  # preflights carry no credentials
+        slot_action = is_slot_action(path, target)
         if self.auth.needs_key(path):
             key = request.api_key = self.auth.check(request, count)
             if key.roles is not EVERY_ROLE and path not in ANY_ROLE_PATHS:
-                role = "admin" if path in ADMIN_PATHS else "inference"
+                role = "admin" if path in ADMIN_PATHS or slot_action else "inference"
                 if role not in key.roles:
                     raise ApiError(403, f"key {key.key_id} does not have the {role} role", "insufficient_role")
+        elif slot_action and not is_loopback(getattr(request.getClientAddress(), "host", "")):
+            raise ApiError(403, "the slot actions (save, restore, erase) need auth.enabled and a key with the admin "
+                           "role, or a request from loopback: they read and write llamad's KV cache files",
+                           "forbidden")
         allowed = OWN_METHODS.get(path)
         if allowed is not None and method not in allowed:
             listed = b", ".join(sorted(allowed))

@@ -138,6 +138,8 @@ def model_entry(snapshot: ModelSnapshot) -> dict[str, Any]:
         "in_flight": snapshot.in_flight,
         "queued": snapshot.queued,
     }
+    if snapshot.kv is not None:
+        entry["llamad"]["kv_cache"] = dict(snapshot.kv)
     return entry
 
 

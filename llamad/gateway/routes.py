@@ -47,6 +47,15 @@ ROUTES: tuple[Route, ...] = (
     Route("/admin/reload", POST, "admin", "llamad"),
     Route("/reload", POST, "admin", "llamad"),  # llama-gguf-inference's path for the same
     Route("/admin/restart", POST, "admin", "llamad"),
+    # the status page: its files hold no data (no key); what it reads is the admin role's, never wakes a model
+    Route("/ui", GET, "public", "llamad"),
+    Route("/ui/", GET, "public", "llamad"),
+    Route("/ui/app.js", GET, "public", "llamad"),
+    Route("/ui/style.css", GET, "public", "llamad"),
+    Route("/admin/status", GET, "admin", "llamad"),
+    Route("/admin/logs", GET, "admin", "llamad"),
+    Route("/admin/requests", GET, "admin", "llamad"),
+    Route("/admin/keys", GET, "admin", "llamad"),
     # llama-server's router API, over the fleet; each key lists its own models
     Route("/v1/models", GET, "any", "router"),
     Route("/models", GET, "any", "router"),

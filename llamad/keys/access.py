@@ -15,6 +15,10 @@ labels are checked names, so a line is formatted without an encoder on the
 request path; a name that holds a quote, a backslash or a control character
 (a model file's name can) is encoded, every control character escaped, so a
 line is always one JSON object on one line.
+
+With ``logs.format = "json"`` each line also has the keys every JSON log line
+has (:func:`llamad.logs.json_line`) after its ``time``: ``"level": "info",
+"source": "access", "message": "<route> <status>"``; the fields stay as they are.
 """
 
 from __future__ import annotations
@@ -37,15 +41,18 @@ class AccessLog:
     """Lines gathered on the reactor and handed to the log thread together, at most ``delay`` seconds
     after the first: one queue hand-over and one write per batch, not per request."""
 
-    def __init__(self, clock: IReactorTime, put: Callable[[bytes], None], delay: float = BATCH_SECONDS) -> None:
+    def __init__(self, clock: IReactorTime, put: Callable[[bytes], None], delay: float = BATCH_SECONDS,
+                 json: bool = False) -> None:
+        """``json``: write each line in the JSON log format (:func:`json_access_line`)."""
         self.clock = clock
         self.put = put
         self.delay = delay
+        self.json = json
         self.lines: list[bytes] = []
         self.call: IDelayedCall | None = None
 
     def __call__(self, line: bytes) -> None:
-        self.lines.append(line)
+        self.lines.append(json_access_line(line) if self.json else line)
         if self.call is None:
             self.call = self.clock.callLater(self.delay, self.flush)
 
@@ -92,6 +99,23 @@ def access_line(wall: float, key_id: str | None, model: str | None, route: str, 
         b"null" if ttfb is None else b"%.4f" % ttfb,
         b"null" if queue_wait is None else b"%.4f" % queue_wait,
         b"null" if cold_start is None else b"%.4f" % cold_start)
+
+
+_TIME = b'{"time": "'
+# The route's JSON string (an escaped quote does not end it) and the status after it.
+_ROUTE_STATUS = re.compile(rb'"route": "([^"\\]*(?:\\.[^"\\]*)*)", "status": (\d+)')
+
+
+def json_access_line(line: bytes) -> bytes:
+    """An :func:`access_line` in the JSON log format: ``level``, ``source`` and ``message`` inserted after its
+    ``time``, as :func:`llamad.logs.json_line` orders them.  Spliced, not decoded and encoded again: this
+    runs once per request, and the line's layout is this module's own."""
+    found = _ROUTE_STATUS.search(line)
+    if found is None or not line.startswith(_TIME):  # not a line of access_line's: left as it is
+        return line
+    end = line.index(b'", ', len(_TIME)) + 3
+    return b'%s"level": "info", "source": "access", "message": "%s %s", %s' % (
+        line[:end], found.group(1), found.group(2), line[end:])
 
 
 @dataclass

@@ -211,6 +211,11 @@ class KVCache:
         """Fires once the files of every save so far are sealed or deleted (llamad's own shutdown waits)."""
         return self._writes.run(defer.succeed, None)
 
+    def saved(self) -> dict[str, int]:
+        """What is saved for this model now (``/health``, ``/models``): from memory, no I/O."""
+        slots, tokens, size = self.store.usage(self.model_id)
+        return {"slots": slots, "tokens": tokens, "bytes": size}
+
     def snapshot(self) -> dict[str, Any]:
         """What is saved for this model, and the counters: from memory, no I/O."""
         slots, tokens, size = self.store.usage(self.model_id)

@@ -211,7 +211,7 @@ def test_metrics_parse_and_include_the_child(start_llamad):
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     requests = {tuple(sorted(s.labels.items())): s.value for s in families["llamad_requests"].samples
                 if s.name == "llamad_requests_total"}
-    assert requests[(("code", "200"), ("method", "POST"), ("route", "/v1/completions"))] == 1
+    assert requests[(("code", "200"), ("method", "POST"), ("model", "demo"), ("route", "/v1/completions"))] == 1
     states = {s.labels["state"]: s.value for s in families["llamad_backend_state"].samples}
     assert states["ready"] == 1 and sum(states.values()) == 1
     assert any(name.startswith("llamacpp:") for name in families)

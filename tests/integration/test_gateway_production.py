@@ -221,8 +221,8 @@ def test_token_metrics_and_usage_stays_as_the_client_asked(start_llamad):
                                                   stream_options={"include_usage": True}))
     assert with_usage[-1].usage.completion_tokens == 5
     m = samples(daemon)
-    assert m[("llamad_tokens_total", (("kind", "completion"),))] == 3 + 4 + 5
-    assert m[("llamad_tokens_total", (("kind", "prompt"),))] > 0
+    assert m[("llamad_tokens_total", (("kind", "completion"), ("model", "demo")))] == 3 + 4 + 5
+    assert m[("llamad_tokens_total", (("kind", "prompt"), ("model", "demo")))] > 0
 
 
 def test_cors_preflight_and_headers(start_llamad):

@@ -99,7 +99,7 @@ def test_single_model_render_has_no_model_tables() -> None:
     assert '# one model, from [backend]: id "q4"' in text
     assert tomllib.loads(text)["fleet"] == {"models_dir": "", "default": "", "memory_budget": "auto",
                                             "memory_reserve": GIB, "max_loaded": 0, "min_resident": 5.0,
-                                            "swap_quantum": 10.0}
+                                            "swap_quantum": 10.0, "kv_cache_disk": 8 * GIB, "kv_save_timeout": 5.0}
 
 
 def test_set_of_a_model_key_without_a_fleet_is_an_error() -> None:

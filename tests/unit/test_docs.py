@@ -141,7 +141,7 @@ def test_the_route_table_has_llamads_own_routes_and_their_roles():
     text = ARCHITECTURE.read_text()
     table = text.split("## The routes of port 8000", 1)[1].split("\n## ", 1)[0]
     rows = [row for row in table.splitlines() if row.startswith("| `")]
-    by_path = {path: row for row in rows for path in re.findall(r"`(/[\w/]*)`", row.split(" | ")[0])}
+    by_path = {path: row for row in rows for path in re.findall(r"`(/[\w/.]*)`", row.split(" | ")[0])}
     for path in {*OWN_ROUTES, *(path.decode() for path in ADMIN_PATHS | ANY_ROLE_PATHS | PUBLIC_PATHS)}:
         assert path in by_path, f"{path} not in the route table"
     for path in ADMIN_PATHS:

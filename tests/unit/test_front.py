@@ -152,7 +152,7 @@ def test_metrics_is_prometheus_text():
     transport, proxy = send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     [response] = parse(transport.value())
     assert response.status == 200 and response.headers[b"content-type"].startswith(b"text/plain")
-    assert b'llamad_requests_total{code="200",method="GET",route="/metrics"} 1.0' in response.body
+    assert b'llamad_requests_total{code="200",method="GET",model="-",route="/metrics"} 1.0' in response.body
 
 
 # --- keep-alive and pipelining --------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_the_client_going_away_cancels_the_proxied_request():
     [(request, _)] = proxy.pending
     close(protocol)
     assert proxy.cancelled == [request] and transport.value() == b""
-    assert b'llamad_requests_total{code="499",method="POST",route="/v1/chat/completions"} 1.0' in \
+    assert b'llamad_requests_total{code="499",method="POST",model="demo",route="/v1/chat/completions"} 1.0' in \
         factory.gateway.metrics.exposition()
 
 
@@ -378,7 +378,7 @@ def test_a_relayed_stream_passes_the_childs_chunks_unchanged_but_the_usage_event
     gateway = make_gateway()
     body = stream(gateway, CHUNKED_HEAD, *(frame(event) for event in [*EVENTS, USAGE, DONE]), b"0\r\n\r\n")
     assert body == frame(*EVENTS, DONE) + b"0\r\n\r\n"
-    assert b'llamad_tokens_total{kind="prompt"} 12.0' in gateway.metrics.exposition()
+    assert b'llamad_tokens_total{kind="prompt",model="demo"} 12.0' in gateway.metrics.exposition()
 
 
 def test_bytes_sent_counts_a_relayed_streams_body_bytes_not_its_framing():
@@ -418,7 +418,7 @@ def test_a_stripped_stream_without_event_ends_is_held_only_up_to_a_bound(monkeyp
     body = stream(gateway, *reads)
     # Past the bound the stream goes on as it came: the usage event included, the tokens still counted.
     assert read_chunked(body) == (big + big + USAGE + DONE, b"")
-    assert b'llamad_tokens_total{kind="prompt"} 12.0' in gateway.metrics.exposition()
+    assert b'llamad_tokens_total{kind="prompt",model="demo"} 12.0' in gateway.metrics.exposition()
 
 
 # --- the usage tap on whole chunks ----------------------------------------------------------------

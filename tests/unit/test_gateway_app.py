@@ -35,7 +35,7 @@ async def test_metrics_count_requests_and_show_backend_state():
     text = (await (await http.get("http://x/metrics")).content()).decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
-    assert samples[("llamad_requests_total", (("code", "200"), ("method", "POST"),
+    assert samples[("llamad_requests_total", (("code", "200"), ("method", "POST"), ("model", "demo"),
                                               ("route", "/v1/chat/completions")))] == 1
     assert samples[("llamad_backend_state", (("state", "ready"),))] == 1
     assert samples[("llamad_backend_state", (("state", "failed"),))] == 0

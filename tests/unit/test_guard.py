@@ -144,7 +144,7 @@ async def test_reload_is_admin_reload_under_llama_gguf_inference_path(tmp_path):
     get = await http.get("http://x/reload", headers=bearer())
     assert get.code == 405 and get.headers.getRawHeaders(b"allow") == [b"POST"]
     text = metrics.exposition().decode()
-    assert 'llamad_requests_total{code="200",method="POST",route="/reload"} 1.0' in text
+    assert 'llamad_requests_total{code="200",method="POST",model="-",route="/reload"} 1.0' in text
     assert 'route="other"' not in text
     assert len(proxy.targets) == 1  # the chat request only: /reload is llamad's, never the child's
 
@@ -195,7 +195,7 @@ async def test_with_auth_on_a_remote_client_reloads_with_a_valid_key(tmp_path, r
     ("10.1.2.3", False), ("::ffff:10.1.2.3", False), ("2001:db8::1", False), ("", False), ("localhost", False),
 ])
 def test_is_loopback(host, local):
-    from llamad.gateway.app import is_loopback
+    from llamad.gateway.guard import is_loopback
 
     assert is_loopback(host) is local
 
@@ -276,8 +276,11 @@ async def test_own_routes_answer_a_method_they_do_not_take_with_json_405(tmp_pat
 
 
 def test_the_guard_knows_the_methods_of_llamads_own_routes():
-    assert OWN_METHODS == {b"/ping": {b"GET", b"HEAD"}, b"/health": {b"GET", b"HEAD"}, b"/metrics": {b"GET", b"HEAD"},
-                           b"/admin/reload": {b"POST"}, b"/reload": {b"POST"}, b"/admin/restart": {b"POST"}}
+    read = {b"GET", b"HEAD"}
+    assert OWN_METHODS == {b"/ping": read, b"/health": read, b"/metrics": read,
+                           b"/admin/reload": {b"POST"}, b"/reload": {b"POST"}, b"/admin/restart": {b"POST"},
+                           b"/ui": read, b"/ui/": read, b"/ui/app.js": read, b"/ui/style.css": read,
+                           b"/admin/status": read, b"/admin/logs": read, b"/admin/requests": read, b"/admin/keys": read}
 
 
 @pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND"])

@@ -386,7 +386,7 @@ def test_a_childs_json_error_split_anywhere_reaches_the_client_in_llamads_shape(
         assert json.loads(response.body) == {"error": SHAPED_400}, cut
         assert int(response.headers[b"content-length"]) == len(response.body), cut
         assert response.headers[b"content-type"] == b"application/json; charset=utf-8", cut
-    assert b'llamad_requests_total{code="400",method="POST",route="/v1/chat/completions"} 1.0' in \
+    assert b'llamad_requests_total{code="400",method="POST",model="demo",route="/v1/chat/completions"} 1.0' in \
         gateway.metrics.exposition()
 
 

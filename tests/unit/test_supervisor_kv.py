@@ -47,6 +47,9 @@ class FakeKeeper:
     def settled(self) -> defer.Deferred[None]:
         return self.settling if self.settling is not None else defer.succeed(None)
 
+    def saved(self) -> dict[str, int]:
+        return {"slots": len(self.saves), "tokens": 0, "bytes": 0}
+
     def cleans(self) -> list[bool]:
         return [clean for clean, _ in self.restores]
 
