@@ -37,11 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import start_llamad, start_router, stop_all
 from llamad.demo import write_demo_model
-from llamad.supervisor import free_port
-from swap import machine, stop, wait_up  # bench/ is on sys.path when this file runs
+from swap import machine  # bench/ is on sys.path when this file runs
 
-BIN = Path(sys.executable).parent
 MODELS = ("alpha", "beta", "gamma")
 WEIGHTS = (0.5, 0.3, 0.2)
 PROMPT_CHARS = 600  # the demo vocab has one token per character
@@ -136,40 +135,6 @@ async def workload(port: int, clients: int, seconds: float, seed: int) -> Run:
     return run
 
 
-# --- the two sides ------------------------------------------------------------------------
-
-def spawn(argv: list[str], log: Path, work: Path, procs: list[subprocess.Popen[bytes]]) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "PORT_HEALTH", "MODEL_PATH", "MODEL_NAME")}
-    with open(log, "wb") as out:
-        procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work))
-
-
-def start_router(work: Path, procs: list[subprocess.Popen[bytes]], llama_server: str, models: Path) -> int:
-    port = free_port()
-    spawn([llama_server, "--models-dir", str(models), "--models-max", "1", "-np", "2",
-           "--host", "127.0.0.1", "--port", str(port)], work / "router.log", work, procs)
-    wait_up(port, "/models")
-    return port
-
-
-def start_llamad(work: Path, procs: list[subprocess.Popen[bytes]], llama_server: str, models: Path,
-                 overrides: list[str]) -> int:
-    port, health = free_port(), free_port()
-    config = work / "llamad.toml"
-    config.write_text(
-        f'data_dir = "{work / "llamad-data"}"\n'
-        f'[api]\nlisten = "tcp:{port}:interface=127.0.0.1"\n'
-        f'[health]\nlisten = "tcp:{health}:interface=127.0.0.1"\n'
-        f'[backend]\ncommand = "{llama_server}"\nparallel = 2\n'
-        f'[fleet]\nmodels_dir = "{models}"\nmax_loaded = 1\n')
-    argv = [str(BIN / "twistd"), "-n", "--pidfile=", "llamad", "--config", str(config)]
-    for assignment in overrides:
-        argv += ["--set", assignment]
-    spawn(argv, work / "llamad.log", work, procs)
-    wait_up(port, "/health")
-    return port
-
-
 # --- the report ------------------------------------------------------------------------
 
 def line(name: str, run: Run) -> str:
@@ -236,7 +201,7 @@ def main() -> None:
             for why, body in examples.items():
                 print(f"{name}, {why}, first body: {body!r}", file=sys.stderr)
     finally:
-        stop(procs)
+        stop_all(procs)
         if args.keep:
             print(f"logs kept in {work}", file=sys.stderr)
         else:

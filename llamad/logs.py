@@ -311,6 +311,11 @@ class ChildLog:
         self.json = getattr(writer, "json", False) if json is None else json
         self.publish = publish if publish is not None else globalLogPublisher
 
+    @property
+    def path(self) -> str:
+        """The file the lines go to."""
+        return self.writer.files[self.name].path
+
     def child_line(self, line: bytes) -> None:
         if not self.json:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()).encode()

@@ -63,6 +63,7 @@ def build_fleet(config: Config, status: Status, metrics: Metrics, notifier: Noti
                               f"whole budget {placement.format_bytes(budget)} ({how}): it can never be loaded")
         backend_config = dataclasses.replace(model.backend, start="lazy")  # the fleet decides when
         backend: Backend
+        log_file = None
         if backend_config.kind == "external":
             backend = ExternalBackend(backend_config.url)
         else:
@@ -78,6 +79,7 @@ def build_fleet(config: Config, status: Status, metrics: Metrics, notifier: Noti
             supervisor = Supervisor(reactor, reactor, backend_config, config.supervisor,
                                     probe=probe_for(key), key=key, run_dir=run_dir, output=output,
                                     child_name="llama" if one else model.id, kv=kv)
+            log_file = output.path
             supervisor.setName(f"model {model.id}")
             supervisor.setServiceParent(fleet)
             backend = supervisor
@@ -93,7 +95,7 @@ def build_fleet(config: Config, status: Status, metrics: Metrics, notifier: Noti
             idle = IdleWatch(reactor, activity, model.idle_timeout, IdleAction("unload", backend, counts, reactor.stop))
             idle.setName(f"idle {model.id}")
             idle.setServiceParent(fleet)
-        runtime = ModelRuntime(model.id, backend, gate, activity, idle)
+        runtime = ModelRuntime(model.id, backend, gate, activity, idle, log_file)
         fleet.add(runtime, need, model.pinned, model.preload, backend_config.model or backend_config.url,
                   model.aliases, model.scanned, estimated=model.memory == AUTO)
         models[model.id] = runtime

@@ -89,3 +89,4 @@ class ModelRuntime:
     gate: Gate
     activity: Activity
     idle: IdleWatch | None = None  # None: idleness is watched for the whole process, or not at all
+    log_file: str | None = None  # where its child's output goes (None: it runs no child)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections import deque
-from importlib import resources
 from typing import Any, Callable, Mapping
 from urllib.parse import parse_qs
 
@@ -31,6 +29,7 @@ from llamad.backends import Target
 from llamad.errors import ApiError, sse_error_event, write_error
 from llamad.gateway.front import FrontFactory, FrontRequest
 from llamad.gateway.limits import BODY_MIN_RATE
+from llamad.gateway.page import PAGE_FILES, PAGE_POLICY, PAGE_ROUTES, RECENT_REQUESTS, read_log_tail
 from llamad.fleet.fleet import Placed
 from llamad.fleet.gate import Lease
 from llamad.gateway.guard import Auth, Cors, Guard, is_loopback
@@ -79,68 +78,6 @@ def wants_json(accept: bytes | None, by_default: bool = False) -> bool:
     if b"text/plain" in text or b"openmetrics" in text or b"io.prometheus" in text:
         return False
     return by_default or b"application/json" in text
-
-
-# --- the status page (``/ui/``) and what it reads ---------------------------------------------------------
-
-# The page's own files only: no inline script or style, no other origin, never framed.
-PAGE_POLICY = (b"default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-               b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
-# Read once at import (a few KiB, shipped in the package), so that no request reads a file on the reactor.
-PAGE_FILES: dict[bytes, tuple[bytes, bytes]] = {
-    path: (resources.files("llamad.gateway").joinpath("ui", name).read_bytes(), content_type)
-    for path, name, content_type in (
-        (b"/ui", "index.html", b"text/html; charset=utf-8"),
-        (b"/ui/", "index.html", b"text/html; charset=utf-8"),
-        (b"/ui/app.js", "app.js", b"text/javascript; charset=utf-8"),
-        (b"/ui/style.css", "style.css", b"text/css; charset=utf-8"),
-    )
-}
-# What the page polls: kept out of the recent requests, or its own polling would crowd out what it shows.
-PAGE_ROUTES = frozenset({"/ui", "/ui/", "/ui/app.js", "/ui/style.css", "/admin/status", "/admin/logs",
-                         "/admin/requests", "/admin/keys"})
-RECENT_REQUESTS = 200  # access lines kept in memory for /admin/requests
-LOG_TAIL_BYTES = 65536  # the most of a child's log one /admin/logs answer reads
-
-
-def read_log_tail(path: str, after: int | None, limit: int = LOG_TAIL_BYTES) -> tuple[list[str], int]:
-    """In a thread: the complete lines of ``path`` from byte ``after`` on (None: its last lines), at most
-    ``limit`` bytes of them, and the offset to ask from next time.
-
-    A file shorter than ``after`` was rotated, so its last lines come again; a line still being
-    written waits for its newline.  No file yet: no lines.
-    """
-    try:
-        file = open(path, "rb")
-    except FileNotFoundError:
-        return [], 0
-    with file:
-        size = os.fstat(file.fileno()).st_size
-        from_line = after is not None and after <= size  # else: the last lines (first call, or rotated)
-        start = after if from_line and after is not None else max(0, size - limit)
-        if size - start > limit:  # more arrived than one answer holds: its newest lines
-            start, from_line = size - limit, False
-        partial = not from_line and start > 0
-        if partial:
-            start -= 1  # the byte before: a newline there means the first line is whole
-        file.seek(start)
-        data = file.read(size - start)
-    if partial:
-        cut = data.find(b"\n")
-        data, start = (data[cut + 1:], start + cut + 1) if cut >= 0 else (b"", start + len(data))
-    end = data.rfind(b"\n") + 1
-    lines = data[:end - 1].split(b"\n") if end else []
-    return [line.decode("utf-8", "replace") for line in lines], start + end
-
-
-def child_log_file(runtime: ModelRuntime) -> str | None:
-    """The file a model's child writes its output to (``llama/<id>/latest.txt``; one model:
-    ``llama/latest.txt``), as its supervisor's log sink holds it; None when it has none."""
-    output = getattr(runtime.backend, "output", None)
-    files = getattr(getattr(output, "writer", None), "files", None)
-    target = files.get(getattr(output, "name", None)) if isinstance(files, dict) else None
-    path = getattr(target, "path", None)
-    return path if isinstance(path, str) else None
 
 
 def _query(request: IRequest) -> dict[str, str]:
@@ -498,7 +435,7 @@ class Gateway:
 
     def log_file(self, model_id: str) -> str | None:
         """Where model ``model_id``'s child writes its output (None: it has no log file)."""
-        return child_log_file(self.models[model_id])
+        return self.models[model_id].log_file
 
     @app.route("/admin/logs", methods=own_methods("/admin/logs"))
     async def admin_logs(self, request: IRequest) -> bytes:

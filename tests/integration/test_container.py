@@ -288,7 +288,7 @@ def test_the_cpu_image_serves_the_demo_model_from_a_volume(podman, cpu_image, de
     try:
         started = time.monotonic()
         podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{api}:8000", "-p", f"127.0.0.1:{health}:8001",
-               "-v", f"{volume}:/workspace", "-e", "MODEL_NAME=demo.gguf",
+               "-v", f"{volume}:/workspace", "-e", "MODEL_NAME=demo.gguf", "-e", f"CTX={4 * 4096}",
                "-e", "LLAMA_SERVER_BIN=/workspace/gated-llama-server", cpu_image,
                "--set", "logs.max_bytes=2048", "--set", "logs.keep=100", "--set", "api.drain_timeout=300")
 
@@ -345,15 +345,16 @@ def test_the_cpu_image_serves_the_demo_model_from_a_volume(podman, cpu_image, de
         wait_for(lambda: seen.read_bytes() == everything(), 30, "tail -F to show every line of the access log")
         assert seen.read_bytes().count(b'"route": "/v1/models"') == 60
 
-        # podman stop: SIGTERM, the running stream drains to its end, the container exits 0.
-        stream = Stream(api, {"prompt": "Tell a long story.", "max_tokens": 1000, "stream": True,
+        # podman stop: SIGTERM, the running stream drains to its end, the container exits 0. The stream is
+        # long (a slot holds 4096 tokens), so that the signal lands while it runs.
+        stream = Stream(api, {"prompt": "Tell a long story.", "max_tokens": 3000, "stream": True,
                               "ignore_eos": True}).start()
         assert stream.first_event.wait(120) and stream.events, stream.describe()
         started = time.monotonic()
         podman("stop", "-t", "600", name, timeout=660)
         TIMINGS["stop (s)"] = time.monotonic() - started
         assert stream.done.is_set() and stream.completed and not stream.interrupted, stream.describe()
-        assert len(stream.events) > 1000
+        assert len(stream.events) > 3000
         assert podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "0"
         logs = podman("logs", name).stdout
         assert "draining 1 in-flight request(s)" in logs, logs[-3000:]

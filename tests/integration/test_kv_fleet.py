@@ -181,7 +181,7 @@ def test_a_corrupt_file_and_one_of_the_other_model_are_never_restored(start_llam
     log = second.log()
     assert f"model a: deleted the saved KV cache {name}: its checksum differs" in log, log[-3000:]
     assert f"model b: deleted the saved KV cache {name}: saved for another model file" in log, log[-3000:]
-    assert "restored" not in log
+    assert ": restored " not in log
     assert restores(second, "a") == {"ok": 0, "mismatch": 0, "corrupt": 1, "refused": 0}
     assert restores(second, "b") == {"ok": 0, "mismatch": 1, "corrupt": 0, "refused": 0}
     assert name not in files(data, "b", ".bin")  # b's own save (at the drain) may be there
@@ -223,7 +223,8 @@ def test_the_disk_bound_deletes_the_least_recently_used_model_first(start_llamad
     complete(daemon, "b", text)  # a saved at the swap: within the bound, kept
     wait_for(lambda: sealed(data, "a"), 60, "a's slot sealed on disk")
     (kept,) = sealed(data, "a")
-    assert (kv_dir(data, "a") / kept).stat().st_size == one
+    size = (kv_dir(data, "a") / kept).stat().st_size
+    assert size <= bound < 2 * size, (size, bound)
     stop(daemon)  # b saved at the drain, after a: two models' files are over the bound, a's are the older
     log = daemon.log()
     assert log.index("model a: saved 1 slots") < log.index("model b: saved 1 slots")
@@ -257,7 +258,7 @@ def test_a_save_cut_short_is_deleted_and_never_restored(start_llamad, tmp_path, 
     assert complete(second, "a", text) == (prompt_tokens, 0)
     log = second.log()
     assert f"model a: deleted the saved KV cache {cut}: no valid sidecar (cut short)" in log, log[-3000:]
-    assert "restored" not in log
+    assert ": restored " not in log
     assert restores(second, "a") == {"ok": 0, "mismatch": 0, "corrupt": 1, "refused": 0}
     assert cut not in files(data, "a", ".bin")
     stop(second)

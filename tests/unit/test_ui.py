@@ -19,7 +19,8 @@ from llamad.activity import Activity
 from llamad.fleet.fleet import Fleet, Placed
 from llamad.fleet.gate import Gate
 from llamad.fleet.runtime import ModelRuntime
-from llamad.gateway.app import PAGE_POLICY, RECENT_REQUESTS, Gateway, child_log_file
+from llamad.gateway.app import Gateway
+from llamad.gateway.page import PAGE_POLICY, RECENT_REQUESTS
 from llamad.gateway.guard import Auth
 from llamad.gateway.routing import ModelDirectory
 from llamad.logs import LogWriter, model_log
@@ -246,7 +247,7 @@ def test_a_log_is_read_off_the_reactor_its_last_lines_then_the_new_ones(tmp_path
 
 
 def test_a_rotated_log_starts_over_and_a_long_one_gives_its_last_64_kib(tmp_path):
-    from llamad.gateway.app import LOG_TAIL_BYTES, read_log_tail
+    from llamad.gateway.page import LOG_TAIL_BYTES, read_log_tail
 
     log = tmp_path / "latest.txt"
     log.write_bytes(b"new\n")
@@ -266,11 +267,8 @@ def test_a_rotated_log_starts_over_and_a_long_one_gives_its_last_64_kib(tmp_path
 
 def test_a_models_log_file_is_the_one_its_child_writes(tmp_path):
     writer = LogWriter()
-    backend = FakeBackend()
-    backend.output = model_log(writer, str(tmp_path / "logs"), "alpha", 1 << 20, 2)  # type: ignore[attr-defined]
-    runtime = ModelRuntime("alpha", backend, Gate(Clock(), None, backend, 1, 1, 1, Metrics()), Activity(Clock()))
-    assert child_log_file(runtime) == str(tmp_path / "logs" / "llama" / "alpha" / "latest.txt")
-    assert child_log_file(ModelRuntime("b", FakeBackend(), runtime.gate, runtime.activity)) is None
+    assert model_log(writer, str(tmp_path / "logs"), "alpha", 1 << 20, 2).path == str(
+        tmp_path / "logs" / "llama" / "alpha" / "latest.txt")
 
 
 # --- /admin/keys -------------------------------------------------------------------------------------

@@ -129,8 +129,9 @@
 
   // --- signing in -----------------------------------------------------------------------------------
 
-  function showLogin(why) {
+  function showLogin(why, askKey) {
     setText($("login-why"), why);
+    $("key-form").hidden = !askKey;
     $("login").hidden = false;
     $("main").hidden = true;
     $("forget").hidden = !key;
@@ -156,7 +157,7 @@
     key = "";
     sessionStorage.removeItem(KEY_STORE);
     stop();
-    showLogin("The key is forgotten: enter one to go on.");
+    showLogin("The key is forgotten: enter one to go on.", true);
   });
 
   // --- models ---------------------------------------------------------------------------------------
@@ -457,7 +458,7 @@
           const why = e.code === "insufficient_role" ? "This key does not have the admin role: " + e.message
             : e.code === "forbidden" ? "Auth is off, so this page answers loopback only: " + e.message
               : key ? "The key was refused: " + e.message : "This llamad asks for an API key with the admin role.";
-          showLogin(why);
+          showLogin(why, e.code !== "forbidden");
           return; // no more polls until a key is entered
         }
         setText($("updated"), "not updated: " + e.message);
