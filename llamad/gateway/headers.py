@@ -32,7 +32,7 @@ def _named_in_connection(values: Iterable[bytes]) -> set[bytes]:
 
 def to_backend(headers: Headers, key: str) -> list[bytes]:
     """Header lines for the child: the client's minus hop-by-hop and credentials, plus the child's key."""
-    # The fast path's headers are (name, value) pairs as received; twisted.web's group values by name.
+    # The front's headers are (name, value) pairs as received; twisted.web's group values by name.
     pairs = getattr(headers, "raw", None)
     if pairs is None:
         pairs = [(name, value) for name, values in headers.getAllRawHeaders() for value in values]

@@ -115,7 +115,7 @@ class Relay:
         self.tap_for = tap_for
         self.committed = committed  # an SSE response llamad already started (cold start)
         self.sse = committed
-        # The fast path's request takes the child's chunks as they came: no decoding, no re-framing.
+        # The front's request takes the child's chunks as they came: no decoding, no re-framing.
         self.framed = getattr(request, "passes_chunks", False)
 
     def response_started(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes, bytes]],

@@ -1,6 +1,6 @@
 """What a request is, whatever its spelling: ``/upstream/<id>/...`` and ``#fragment`` targets, the JSON bodies
 the child parses, routing non-inference POSTs by their ``model``, the router API's ``force``, and ``/metrics``
-for scoped keys.  Two models on port 8000's fast path, in memory, on a Clock."""
+for scoped keys.  Two models on port 8000's front, in memory, on a Clock."""
 
 from __future__ import annotations
 

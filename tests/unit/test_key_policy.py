@@ -1,4 +1,4 @@
-"""Keys with a policy on port 8000 (the fast path, in memory, on a Clock): model scopes, roles, token
+"""Keys with a policy on port 8000 (the front, in memory, on a Clock): model scopes, roles, token
 quotas, concurrent requests, priority in the gate, the key_id label and the access log."""
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ def test_a_stream_of_several_results_adds_up_their_usage_events():
 
 
 def test_framed_chunks_of_a_stream_are_read_through_their_framing():
-    """The fast path passes the child's chunks as they came, chunk sizes and all."""
+    """The front passes the child's chunks as they came, chunk sizes and all."""
     tap = UsageTap(sse=True, strip_usage_event=False)
     framed = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in ANTHROPIC_STREAM) + b"0\r\n\r\n"
     for piece in split(framed, [7, 300, 301, len(framed) - 4]):
