@@ -22,6 +22,7 @@ from llamad.keys.apikey import EVERY_ROLE, ApiKey
 from llamad.errors import ApiError, write_error
 from llamad.keys.policy import Policy
 from llamad.gateway.routes import ADMIN_PATHS, ANY_ROLE_PATHS, OWN_ROUTES, PUBLIC_PATHS, ROUTES, SLOTS_PREFIX
+from llamad.gateway.routing import child_path
 
 log = Logger(namespace="llamad.guard")
 
@@ -173,9 +174,11 @@ def is_loopback(host: str) -> bool:
     return (mapped or address).is_loopback
 
 
-def is_slot_action(path: bytes, target: bytes) -> bool:
-    """``/slots/<id>?action=save|restore|erase``: the child reads and writes llamad's KV cache files."""
-    return path.startswith(SLOTS_PREFIX) and b"action=" in target.partition(b"?")[2]
+def is_slot_action(path: bytes) -> bool:
+    """``/slots/<id>?action=save|restore|erase`` (also under ``/upstream/<id>``): the child reads and writes
+    llamad's KV cache files.  Every path under ``/slots/`` counts, whatever its query says: the child decodes
+    the query, so no spelling of ``action`` can pass for another."""
+    return child_path(path).startswith(SLOTS_PREFIX)
 
 
 class Guard:
@@ -216,7 +219,7 @@ class Guard:
             raise ApiError(400, "invalid request path", "invalid_path")
         if self._preflight(method, request):
             return  # preflights carry no credentials
-        slot_action = is_slot_action(path, target)
+        slot_action = is_slot_action(path)
         if self.auth.needs_key(path):
             key = request.api_key = self.auth.check(request, count)
             if key.roles is not EVERY_ROLE and path not in ANY_ROLE_PATHS:

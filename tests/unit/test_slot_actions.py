@@ -32,12 +32,24 @@ def remote_client(monkeypatch):
     monkeypatch.setattr(FrontRequest, "getClientAddress", lambda self: IPv4Address("TCP", "10.1.2.3", 40000))
 
 
-@pytest.mark.parametrize("target, action", [
-    (b"/slots/0?action=save", True), (b"/slots/3?x=1&action=restore", True), (b"/slots/0?action=erase", True),
-    (b"/slots/0", False), (b"/slots", False), (b"/slots?action=save", False), (b"/props?action=save", False),
+@pytest.mark.parametrize("path, action", [
+    (b"/slots/0", True), (b"/slots/3", True), (b"/upstream/alpha/slots/0", True),
+    (b"/slots", False), (b"/upstream/alpha/slots", False), (b"/props", False), (b"/v1/slots/0", False),
 ])
-def test_slot_actions_are_told_apart_from_the_slot_list(target, action):
-    assert is_slot_action(target.partition(b"?")[0], target) is action
+def test_every_path_under_slots_is_a_slot_action(path, action):
+    assert is_slot_action(path) is action
+
+
+@pytest.mark.parametrize("query", ["action=save", "%61ction=save", "x=1&action=restore", "action=erase", ""])
+@pytest_twisted.ensureDeferred
+async def test_no_spelling_of_the_query_lets_an_inference_key_reach_a_slot(tmp_path, query):
+    keys = tmp_path / "api_keys.toml"
+    keys.write_text(KEYS)
+    http, clock, backend, status, metrics, proxy = build(auth=Auth(True, str(keys), False, Clock()))
+    for path in ("/slots/0", "/upstream/demo/slots/0"):
+        response = await http.post(f"http://x{path}?{query}", json={"filename": "x.bin"}, headers=bearer(INFERENCE))
+        assert response.code == 403, (path, query)
+    assert proxy.targets == []
 
 
 @pytest.mark.parametrize("action", ["save", "restore", "erase"])
