@@ -209,9 +209,11 @@ def test_the_cuda_dockerfile_builds_the_same_stages_up_to_its_base(podman, cpu_i
     listing = podman("run", "--rm", "--entrypoint", "sh", "localhost/llamad-test:wheel", "-c",
                      "ls /wheels; cat /wheels/requirements.txt; python3 -m zipfile -l /wheels/llamad-*.whl").stdout
     assert "llamad-0.1.0-py3-none-any.whl" in listing
-    assert "twisted/plugins/llamad_plugin.py" in listing and "llamad/cli.py" in listing
+    packaged = [str(path.relative_to(context)) for path in Path(context, "llamad").rglob("*")
+                if path.is_file() and "__pycache__" not in path.parts]
+    assert [name for name in [*packaged, "twisted/plugins/llamad_plugin.py"] if name not in listing] == []
     setup = configparser.ConfigParser()
-    setup.read(ROOT / "setup.cfg")
+    setup.read(Path(context, "setup.cfg"))
     required = [line.split("[")[0].split(">")[0].split("<")[0].lower()
                 for line in setup["options"]["install_requires"].splitlines() if line and not line.startswith("#")]
     listed = [line.split("[")[0].split(">")[0].split("<")[0].lower() for line in listing.splitlines()
@@ -257,6 +259,12 @@ def chat_stream(port: int) -> list[dict]:
     conn.close()
     assert events[-1] == b"[DONE]"
     return [json.loads(e) for e in events[:-1]]
+
+
+def llama_server_pid(podman: Podman, name: str) -> int:
+    """The container's llama-server, as the host sees it."""
+    top = podman("top", name, "hpid", "args").stdout.splitlines()
+    return next(int(line.split()[0]) for line in top if "/app/llama-server" in line)
 
 
 def archive_order(path: Path) -> tuple[str, int]:
@@ -345,13 +353,25 @@ def test_the_cpu_image_serves_the_demo_model_from_a_volume(podman, cpu_image, de
         wait_for(lambda: seen.read_bytes() == everything(), 30, "tail -F to show every line of the access log")
         assert seen.read_bytes().count(b'"route": "/v1/models"') == 60
 
-        # podman stop: SIGTERM, the running stream drains to its end, the container exits 0. The stream is
-        # long (a slot holds 4096 tokens), so that the signal lands while it runs.
+        # podman stop: SIGTERM while a stream runs. llama-server is held (SIGSTOP) as soon as the first event is
+        # in (the stream is long: a slot holds 4096 tokens), so the stream is in flight when the signal lands,
+        # however fast the machine; let go once llamad drains (readiness 503), it runs to its end, and only then
+        # does the container exit, with 0.
+        child = llama_server_pid(podman, name)
         stream = Stream(api, {"prompt": "Tell a long story.", "max_tokens": 3000, "stream": True,
                               "ignore_eos": True}).start()
         assert stream.first_event.wait(120) and stream.events, stream.describe()
-        started = time.monotonic()
-        podman("stop", "-t", "600", name, timeout=660)
+        os.kill(child, signal.SIGSTOP)
+        try:
+            assert not stream.done.is_set(), stream.describe()
+            started = time.monotonic()
+            stop = subprocess.Popen(["podman", "stop", "-t", "600", name], env=podman.env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            until(lambda: get(health, "/readyz")[0] == 503, 120, "readiness 503 while draining")
+            assert stop.poll() is None and not stream.done.is_set(), stream.describe()
+        finally:
+            os.kill(child, signal.SIGCONT)
+        assert stop.wait(660) == 0, stop.stderr.read() if stop.stderr else ""
         TIMINGS["stop (s)"] = time.monotonic() - started
         assert stream.done.is_set() and stream.completed and not stream.interrupted, stream.describe()
         assert len(stream.events) > 3000
@@ -363,8 +383,7 @@ def test_the_cpu_image_serves_the_demo_model_from_a_volume(podman, cpu_image, de
         # podman kill: no llama-server is left, in the container or on the host.
         podman("start", name)
         until(lambda: get(health, "/readyz")[0] == 200, 120, "readiness after the restart")
-        top = podman("top", name, "hpid", "args").stdout.splitlines()
-        child = next(int(line.split()[0]) for line in top if "/app/llama-server" in line)
+        child = llama_server_pid(podman, name)
         assert alive(child)
         assert "/usr/bin/setpriv --pdeathsig KILL -- /workspace/gated-llama-server" in podman("logs", name).stdout
         podman("kill", name)
