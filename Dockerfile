@@ -35,7 +35,9 @@ RUN apt-get update \
     && if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
            apt-get install -y --no-install-recommends python3.11 python3.11-venv; fi \
     && rm -rf /var/lib/apt/lists/*
-RUN useradd --system --uid 1000 --create-home --home-dir /home/llamad llamad \
+# uid 1000 is llamad's (some bases, Ubuntu 24.04's among them, give it to a user of their own).
+RUN if getent passwd 1000 >/dev/null; then userdel "$(getent passwd 1000 | cut -d: -f1)"; fi \
+    && useradd --system --uid 1000 --create-home --home-dir /home/llamad llamad \
     && mkdir -p /workspace && chown llamad:llamad /workspace
 # What llamad requires first, then llamad: a change to llamad's code alone reuses the layer of its requirements.
 # Then Twisted's plugin cache, written now (llamad's user cannot write it) and a second after the plugin: a
