@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -399,6 +400,11 @@ def measure(scenario: str, port: int, seconds: int) -> tuple[float, float]:
     return out["events_per_s"], out["events"]
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b; a measurement a stalled machine left at 0 makes its round an outlier, not a crash."""
+    return a / b if b else math.inf
+
+
 def one_round(s: Servers, r: int, seconds: int, scenarios: list[str]) -> dict:
     n = len(PATHS)
     order = PATHS[r % n:] + PATHS[:r % n]
@@ -417,12 +423,12 @@ def one_round(s: Servers, r: int, seconds: int, scenarios: list[str]) -> dict:
             row[f"{scenario} {path}"] = value[path]
         for path in PATHS[1:]:
             row[f"{scenario} {path}/direct"] = (value[path] - value["direct"] if scenario == "c1"
-                                                else value[path] / value["direct"])
+                                                else _ratio(value[path], value["direct"]))
         if "llamad-old" in PATHS:
             row[f"{scenario} llamad/llamad-old"] = (value["llamad"] - value["llamad-old"] if scenario == "c1"
-                                                    else value["llamad"] / value["llamad-old"])
-            cpu[f"{scenario} cpu llamad/llamad-old"] = (cpu[f"{scenario} cpu_us llamad"]
-                                                        / max(cpu[f"{scenario} cpu_us llamad-old"], 1e-9))
+                                                    else _ratio(value["llamad"], value["llamad-old"]))
+            cpu[f"{scenario} cpu llamad/llamad-old"] = _ratio(cpu[f"{scenario} cpu_us llamad"],
+                                                              cpu[f"{scenario} cpu_us llamad-old"])
     return {**row, **cpu}
 
 
