@@ -120,7 +120,7 @@ class FakeProxy:
     def __init__(self) -> None:
         self.targets: list[Target] = []
 
-    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
+    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, sse_started=False, uri=None):
         self.targets.append(target)
         request.setHeader(b"content-type", b"application/json")
         first_byte()
@@ -134,7 +134,7 @@ class UsageProxy(FakeProxy):
 
     BODY = b'{"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12}}'
 
-    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
+    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, sse_started=False, uri=None):
         self.targets.append(target)
         request.setHeader(b"content-type", b"application/json")
         data = tap_for(False).feed(self.BODY) if tap_for is not None else self.BODY
@@ -152,7 +152,7 @@ class PendingProxy(FakeProxy):
         self.pending: list[tuple[object, Held]] = []
         self.cancelled: list[object] = []
 
-    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
+    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, sse_started=False, uri=None):
         self.targets.append(target)
         held = Held(self, request, owner)
         self.pending.append((request, held))

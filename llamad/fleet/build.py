@@ -14,7 +14,7 @@ from llamad import runfiles
 from llamad.activity import Activity, IdleWatch
 from llamad.config import AUTO, Config, ConfigError, ModelConfig
 from llamad.fleet import gguf, machine, memory, placement
-from llamad.fleet.fleet import Fleet, Placed
+from llamad.fleet.fleet import Fleet, FleetBackend
 from llamad.fleet.gate import Gate
 from llamad.fleet.runtime import BackendReporter, IdleAction, ModelRuntime
 from llamad.interfaces import Backend
@@ -86,7 +86,7 @@ def build_fleet(config: Config, status: Status, metrics: Metrics, notifier: Noti
         counts = metrics.for_model(model.id)
         backend.add_listener(BackendReporter(backend, counts, notifier, status,
                                              "backend" if one else f"model {model.id}"))
-        gate = Gate(reactor, status, Placed(backend, fleet, model.id),
+        gate = Gate(reactor, status, FleetBackend(backend, fleet, model.id),
                     config.admission.max_concurrent or backend_config.parallel, config.admission.max_queue,
                     config.admission.queue_timeout, counts)
         activity = Activity(reactor)

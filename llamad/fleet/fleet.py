@@ -2,7 +2,7 @@
 """The models llamad serves, and where they fit: the one place that starts and stops their children.
 
 A model's gate never starts its child itself: it asks the fleet (through
-:class:`Placed`), which records how long the model has been waited for and
+:class:`FleetBackend`), which records how long the model has been waited for and
 runs :func:`llamad.fleet.placement.place` over every model.  The fleet performs the
 plan: it unloads idle models to make room, drains a model whose turn is over
 (its gate admits nothing more until it is stopped, then its queued requests ask
@@ -147,7 +147,7 @@ class Fleet(MultiService):
 
     def add(self, runtime: ModelRuntime, need: int, pinned: bool = False, preload: bool = False,
             path: str = "", aliases: tuple[str, ...] = (), scanned: bool = False, estimated: bool = False) -> None:
-        """Take ``runtime`` into the fleet; its ``backend`` is the real one (its gate holds a :class:`Placed`).
+        """Take ``runtime`` into the fleet; its ``backend`` is the real one (its gate holds a :class:`FleetBackend`).
 
         ``estimated``: ``need`` is an estimate from the GGUF, to be corrected by measurement.
         """
@@ -415,7 +415,7 @@ class Fleet(MultiService):
         }
 
 
-class Placed:
+class FleetBackend:
     """A model's backend as its gate sees it in a fleet: a start is asked of the fleet, which decides when."""
 
     def __init__(self, backend: Backend, fleet: Fleet, model_id: str) -> None:

@@ -151,7 +151,7 @@ class Gate:
                            {b"retry-after": b"30"})
         return self.backend
 
-    def direct(self) -> Target:
+    def ready_target(self) -> Target:
         """For non-inference routes: the ready child, never a start or a wait."""
         backend = self._refuse_early()
         if backend.state != State.READY:

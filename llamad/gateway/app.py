@@ -30,7 +30,7 @@ from llamad.errors import ApiError, sse_error_event, write_error
 from llamad.gateway.front import FrontFactory, FrontRequest
 from llamad.gateway.limits import BODY_MIN_RATE
 from llamad.gateway.page import PAGE_FILES, PAGE_POLICY, PAGE_ROUTES, RECENT_REQUESTS, read_log_tail
-from llamad.fleet.fleet import Placed
+from llamad.fleet.fleet import FleetBackend
 from llamad.fleet.gate import Lease
 from llamad.gateway.guard import Auth, Cors, Guard, is_loopback
 from llamad.gateway.proxy import NotDelivered, Proxy, Relay, Unanswered
@@ -206,7 +206,7 @@ class Gateway:
         routed = self.directory.route(request.method, request.uri, payload, allowed)
         return self.models[routed.model], routed.uri
 
-    def count(self, request: IRequest, code: int, route: str | None = None, done: Proxied | None = None) -> None:
+    def count(self, request: IRequest, code: int, route: str | None = None, done: ProxiedRequest | None = None) -> None:
         """One answered request: its metric, and its access-log line (``done``: how a proxied one went)."""
         label = route if route is not None else route_label(request.path)
         key: ApiKey | None = getattr(request, "api_key", None)
@@ -426,7 +426,7 @@ class Gateway:
     def _model_entry(self, runtime: ModelRuntime) -> dict[str, Any]:
         """One model outside a fleet's ``/health`` (a one-model llamad): as ``Status.model_snapshot`` shows it."""
         placed = runtime.gate.backend
-        if isinstance(placed, Placed) and placed.model_id in placed.fleet.models:
+        if isinstance(placed, FleetBackend) and placed.model_id in placed.fleet.models:
             return self.status.model_snapshot(placed.fleet.models[placed.model_id])
         backend = runtime.backend
         return {**(backend.snapshot() if backend is not None else {"state": "none"}), "memory": 0, "waiting": None,
@@ -486,7 +486,7 @@ class Gateway:
             })
         return self._admin_json(request, {"auth": self.auth.enabled, "keys": keys})
 
-    def _forward_failed(self, failure: Failure, request: IRequest, done: Proxied | None = None) -> None:
+    def _forward_failed(self, failure: Failure, request: IRequest, done: ProxiedRequest | None = None) -> None:
         """Answer a request whose proxying failed before its response began, and count it."""
         if failure.check(defer.CancelledError) or request.finished or getattr(request, "_disconnected", False):
             if done is not None:
@@ -501,7 +501,7 @@ class Gateway:
         request.write(write_error(request, err))
         request.finish()
 
-    def _prepare(self, request: IRequest) -> Proxied | None:
+    def _prepare(self, request: IRequest) -> ProxiedRequest | None:
         """Everything before the relay that needs no waiting: route, body checks, routing, and a slot
         when one is free.  None: answered here (the router API, a model list while the child is down)."""
         started = self.clock.seconds()
@@ -528,8 +528,8 @@ class Gateway:
             if own_list and not runtime.gate.ready:
                 self._answer_json(request, route, self.model_list())
                 return None
-            proxied = Proxied(self, request, route, started, runtime, body, uri, None)
-            proxied.target = runtime.gate.direct()
+            proxied = ProxiedRequest(self, request, route, started, runtime, body, uri, None)
+            proxied.target = runtime.gate.ready_target()
             return proxied
         if request.method != b"POST":
             raise ApiError(405, f"{route} takes POST", "method_not_allowed", {b"allow": b"POST"})
@@ -545,12 +545,12 @@ class Gateway:
                 body = json.dumps(payload).encode()
             except RecursionError:  # parsed just under the limit, this deeper stack is over it
                 raise ApiError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
-        proxied = Proxied(self, request, route, started, runtime, body, uri, payload, strip_usage)
+        proxied = ProxiedRequest(self, request, route, started, runtime, body, uri, payload, strip_usage)
         if key is not None and key.max_concurrent is not None:
             proxied.key = key
             if not self.policy.enter(key):
                 return proxied  # waits for one of the key's places first
-            proxied.key_place = True
+            proxied.holds_key_place = True
         proxied.lease = runtime.gate.try_admit()  # a free slot and a ready child: no waiting
         return proxied
 
@@ -568,7 +568,7 @@ class Gateway:
             return None
         return payload if isinstance(payload, dict) else None
 
-    async def _wait_then_relay(self, proxied: Proxied) -> None:
+    async def _wait_then_relay(self, proxied: ProxiedRequest) -> None:
         """Admission when it has to wait (the key's places, a queue, a cold start), then the relay."""
         if proxied.inference and proxied.lease is None:
             try:
@@ -580,10 +580,10 @@ class Gateway:
                 return  # refused inside a stream that had started
         await proxied.relay()
 
-    async def _admit(self, proxied: Proxied) -> None:
+    async def _admit(self, proxied: ProxiedRequest) -> None:
         request, gate = proxied.request, proxied.runtime.gate
-        if proxied.key is not None and not proxied.key_place:
-            await self._key_place(proxied, proxied.key)
+        if proxied.key is not None and not proxied.holds_key_place:
+            await self._wait_for_key_place(proxied, proxied.key)
         loading: LoadingComments | None = None
         if proxied.payload is not None and proxied.payload.get("stream") is True and not gate.ready:
             loading = LoadingComments(self.clock, request)
@@ -597,9 +597,9 @@ class Gateway:
             proxied.leave_key()
             self.count(request, err.status, proxied.route, proxied)
         finally:
-            proxied.committed = loading is not None and loading.stop()  # also when the client left
+            proxied.sse_started = loading is not None and loading.stop()  # also when the client left
 
-    async def _key_place(self, proxied: Proxied, key: ApiKey) -> None:
+    async def _wait_for_key_place(self, proxied: ProxiedRequest, key: ApiKey) -> None:
         """Wait for one of the key's ``max_concurrent`` places, within the model's queue_timeout."""
         d = self.policy.wait(key)
         timeout = proxied.runtime.gate.queue_timeout
@@ -611,7 +611,7 @@ class Gateway:
             raise ApiError(429, f"key {key.key_id} already has {key.max_concurrent} requests running "
                            f"(its max_concurrent), and this one waited {timeout:g} s", "concurrency_limit_exceeded",
                            {b"retry-after": b"1"}) from None
-        proxied.key_place = True
+        proxied.holds_key_place = True
 
     def _answer_json(self, request: IRequest, route: str, answer: Any, status: int = 200) -> None:
         self.count(request, status, route)
@@ -661,19 +661,19 @@ class Gateway:
 OWN_ENDPOINTS: dict[bytes, str] = {rule.rule.encode(): rule.endpoint for rule in Gateway.app.url_map.iter_rules()}
 
 
-class Proxied:
+class ProxiedRequest:
     """One request on its way through a child once admitted: the relay, a redelivery when the child
     died before getting any of it, and the accounting at the end, on plain callbacks."""
 
     # Defaults kept on the class: a request sets only what differs (one is made per request).
     lease: Lease | None = None
     target: Target | None = None
-    committed = False  # llamad started the SSE response itself (cold start)
+    sse_started = False  # llamad started the SSE response itself (cold start)
     tap: UsageTap | None = None
     pending: Relay | defer.Deferred[Any] | None = None  # the relay or the wait for a restarted child
     done: defer.Deferred[None] | None = None  # for a coroutine that awaits the end
     key: ApiKey | None = None  # set when the key limits its concurrent requests
-    key_place = False  # holds one of them
+    holds_key_place = False  # holds one of them
     resent = False  # sent once more after a child closed it unanswered
     first_byte_at: float | None = None
 
@@ -700,7 +700,7 @@ class Proxied:
         lease = self.lease
         if lease is not None:
             if lease.cold_wait is not None:
-                if self.committed:
+                if self.sse_started:
                     self.request.write(b": cold-start %.3f\n\n" % lease.cold_wait)
                 else:
                     self.request.setHeader(b"x-llamad-cold-start", b"%.3f" % lease.cold_wait)
@@ -722,7 +722,7 @@ class Proxied:
         assert self.target is not None
         self.pending = self.gateway.proxy.relay(
             self.request, self.target, self.body, self, self._first_byte, self._tap_for if self.inference else None,
-            self.committed, self.uri)
+            self.sse_started, self.uri)
 
     def _tap_for(self, sse: bool) -> UsageTap:
         self.tap = UsageTap(sse, self.strip_usage)
@@ -736,8 +736,8 @@ class Proxied:
 
     def leave_key(self) -> None:
         """Give back the key's place, once."""
-        if self.key_place:
-            self.key_place = False
+        if self.holds_key_place:
+            self.holds_key_place = False
             assert self.key is not None
             self.gateway.policy.leave(self.key)
 
@@ -780,7 +780,7 @@ class Proxied:
         request = self.request
         if failure.check(defer.CancelledError):
             self._end(CLIENT_CLOSED)
-        elif failure.check(ApiError) and self.committed:
+        elif failure.check(ApiError) and self.sse_started:
             # The SSE response has started: the 502/504 becomes its one error event.
             err = failure.value
             try:
@@ -841,12 +841,12 @@ class LoadingComments:
     def __init__(self, clock: IReactorTime, request: IRequest) -> None:
         self.clock = clock
         self.request = request
-        self.committed = False
+        self.sse_started = False
         self.call: IDelayedCall | None = clock.callLater(LOADING_INTERVAL, self._tick)
 
     def _tick(self) -> None:
-        if not self.committed:
-            self.committed = True
+        if not self.sse_started:
+            self.sse_started = True
             self.request.setResponseCode(200)
             self.request.setHeader(b"content-type", b"text/event-stream")
             self.request.setHeader(b"cache-control", b"no-cache")
@@ -856,7 +856,7 @@ class LoadingComments:
     def stop(self) -> bool:
         """Stop ticking; True if the response has started."""
         self.call = cancel(self.call)
-        return self.committed
+        return self.sse_started
 
     def fail(self, err: ApiError) -> None:
         self.request.write(sse_error_event(err.message, err.code or "backend_unavailable"))

@@ -38,7 +38,7 @@ from llamad.gateway.guard import ALLOWED_METHODS
 from llamad.gateway.limits import (BODY_MIN_RATE, BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT, MAX_HEAD_BYTES,
                                    MAX_HEADERS, MAX_INCOMPLETE_PER_CLIENT, MAX_LINE, REASONS, body_deadline,
                                    slow_body_message)
-from llamad.gateway.sendnow import write_now
+from llamad.gateway.immediate_write import write_now
 from llamad.gateway.upstream import dechunk
 
 

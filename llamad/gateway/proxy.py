@@ -95,7 +95,7 @@ class Relay:
     ended = False
     started = False
     tap: Tap | None = None
-    error_body: list[bytes] | None = None  # a child's error: an SSE event (committed), else reshaped JSON
+    error_body: list[bytes] | None = None  # a child's error: an SSE event (sse_started), else reshaped JSON
     error_status = 0
     error_size = 0
     error_framed = False  # held as the child's chunks came
@@ -106,15 +106,15 @@ class Relay:
     held_bytes = 0
 
     def __init__(self, request: IRequest, owner: RelayOwner, first_byte: Callable[[], None] | None,
-                 tap_for: Callable[[bool], Tap] | None, committed: bool, active: set[Relay] | None = None) -> None:
+                 tap_for: Callable[[bool], Tap] | None, sse_started: bool, active: set[Relay] | None = None) -> None:
         """``active``: the proxy's relays in flight, which this one leaves at its end."""
         self.request = request
         self.owner = owner
         self.active = active
         self.first_byte = first_byte
         self.tap_for = tap_for
-        self.committed = committed  # an SSE response llamad already started (cold start)
-        self.sse = committed
+        self.sse_started = sse_started  # an SSE response llamad already started (cold start)
+        self.sse = sse_started
         # The front's request takes the child's chunks as they came: no decoding, no re-framing.
         self.framed = getattr(request, "passes_chunks", False)
 
@@ -124,7 +124,7 @@ class Relay:
             return
         self.started = True
         request = self.request
-        if self.committed:
+        if self.sse_started:
             # Status and headers are out already: a child error becomes one SSE error event.
             if status != 200:
                 self.error_body = []
@@ -187,7 +187,7 @@ class Relay:
         if self.ended:
             return
         if self.error_body is not None:
-            if not self.committed:
+            if not self.sse_started:
                 self.error_framed = True
                 self._hold_error(framed)
                 return
@@ -218,7 +218,7 @@ class Relay:
         if self.ended:
             return
         if self.error_body is not None:
-            if self.committed:
+            if self.sse_started:
                 self.request.write(sse_error_event(_error_message(b"".join(self.error_body)), "backend_error"))
             else:
                 held = b"".join(self.error_body)
@@ -235,7 +235,7 @@ class Relay:
         assert self.error_body is not None
         self.error_body.append(data)
         self.error_size += len(data)
-        if self.error_size > MAX_ERROR_BODY and not self.committed:
+        if self.error_size > MAX_ERROR_BODY and not self.sse_started:
             if self.exchange is not None:
                 self.exchange.cancel()
             self._unsent(ApiError(502, f"backend answered {self.error_status} with an error body over "
@@ -271,7 +271,7 @@ class Relay:
             error = Unanswered if unanswered else NotDelivered if not sent else ApiError
             self._settle(Failure(error(502, f"backend unreachable: {reason}", "backend_unreachable")))
             return
-        if self.error_body is not None and not self.committed:
+        if self.error_body is not None and not self.sse_started:
             self._unsent(ApiError(502, f"backend error answer broke off: {reason}", "backend_unreachable"))
             return
         log.warn("backend stream broke: {why}", why=reason)
@@ -301,7 +301,7 @@ class Relay:
             self.exchange.cancel()
         if not self.started:
             self._settle(Failure(ApiError(503, message, "shutting_down", {b"retry-after": b"5"})))
-        elif self.error_body is not None and not self.committed:
+        elif self.error_body is not None and not self.sse_started:
             self._unsent(ApiError(503, message, "shutting_down", {b"retry-after": b"5"}))
         else:
             self._break(message, "shutting_down")
@@ -381,14 +381,14 @@ class Proxy:
         owner: RelayOwner,
         first_byte: Callable[[], None] | None = None,
         tap_for: Callable[[bool], Tap] | None = None,
-        committed: bool = False,
+        sse_started: bool = False,
         uri: bytes | None = None,
     ) -> Relay:
         """Relay ``request`` to ``target``; ``owner`` is told how it ended.  Cancel the returned relay
         when the client goes away.
 
         Failures before the response starts are :class:`ApiError` (502, 504).
-        ``committed``: llamad already sent an SSE response's head (cold start).  ``uri``: the path to
+        ``sse_started``: llamad already sent an SSE response's head (cold start).  ``uri``: the path to
         send, when it is not the client's (``/upstream/<id>/...``).
         """
         upstream = self._upstream(target.origin)
@@ -405,7 +405,7 @@ class Proxy:
             lines.append(b"Connection: close")
         data = b"\r\n".join(lines) + b"\r\n\r\n" + body
 
-        relay = Relay(request, owner, first_byte, tap_for, committed, self.active)
+        relay = Relay(request, owner, first_byte, tap_for, sse_started, self.active)
         if self.request_timeout > 0:
             relay.deadline = self.clock.seconds() + self.request_timeout
             if self.sweeper is None:

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
-from llamad.gateway.sendnow import write_now
+from llamad.gateway.immediate_write import write_now
 
 CONNECT_TIMEOUT = 10
 POOL_IDLE_SECONDS = 3  # shorter than llama.cpp's 5 s keep-alive

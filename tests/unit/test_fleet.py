@@ -12,7 +12,7 @@ from twisted.internet import defer
 from llamad.fleet import memory
 from llamad.activity import Activity, IdleWatch
 from llamad.config import BackendConfig, SupervisorConfig
-from llamad.fleet.fleet import Fleet, Placed
+from llamad.fleet.fleet import Fleet, FleetBackend
 from llamad.fleet.gate import Gate, Lease
 from llamad.metrics import Metrics
 from llamad.fleet.runtime import ModelRuntime
@@ -42,7 +42,7 @@ class World:
                                                                    name=model_id),
                          SupervisorConfig(health_interval=0), probe=self.probe, key="k", new_session=False,
                          random=lambda: 1.0, base_env={})
-        placed = Placed(sup, self.fleet, model_id)
+        placed = FleetBackend(sup, self.fleet, model_id)
         status = Status(self.reactor, placed, model_id, lazy=True)
         gate = Gate(self.reactor, status, placed, parallel, 16, self.queue_timeout, Metrics())
         activity = Activity(self.reactor)

@@ -24,7 +24,7 @@ from llamad.gateway.front import FrontFactory, FrontProtocol
 from llamad.gateway.guard import Cors
 from llamad.gateway.proxy import Relay
 from llamad.gateway.routes import ROUTES
-from llamad.gateway.sendnow import write_now
+from llamad.gateway.immediate_write import write_now
 from llamad.gateway import front as front_module
 from llamad.gateway import proxy as proxy_module
 from llamad.gateway.upstream import UpstreamPool, _Connection, dechunk
@@ -354,8 +354,8 @@ class ChildProxy(FakeProxy):
         super().__init__()
         self.reads = reads
 
-    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
-        relay = Relay(request, owner, first_byte, tap_for, committed)
+    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, sse_started=False, uri=None):
+        relay = Relay(request, owner, first_byte, tap_for, sse_started)
         exchange(relay, *self.reads)
         return relay
 

@@ -30,9 +30,9 @@ class Recording(FakeProxy):
         super().__init__()
         self.seen: list[tuple[bytes, bytes, bytes]] = []
 
-    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, committed=False, uri=None):
+    def relay(self, request, target, body, owner, first_byte=None, tap_for=None, sse_started=False, uri=None):
         self.seen.append((request.method, request.uri, body))
-        return super().relay(request, target, body, owner, first_byte, tap_for, committed, uri)
+        return super().relay(request, target, body, owner, first_byte, tap_for, sse_started, uri)
 
 
 def recording(**limits) -> tuple[FrontFactory, Recording]:

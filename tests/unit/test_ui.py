@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from wire import connect, make_gateway, parse, server
 
 from llamad.activity import Activity
-from llamad.fleet.fleet import Fleet, Placed
+from llamad.fleet.fleet import Fleet, FleetBackend
 from llamad.fleet.gate import Gate
 from llamad.fleet.runtime import ModelRuntime
 from llamad.gateway.app import Gateway
@@ -89,7 +89,7 @@ def fleet_gateway(tmp_path: Path, enabled: bool = True) -> tuple[Gateway, Fleet]
     models = {}
     for model_id, state in (("alpha", State.READY), ("beta", State.STOPPED)):
         backend = FakeBackend(state, model_id=model_id)
-        gate = Gate(clock, status, Placed(backend, fleet, model_id), 4, 8, 10, metrics)
+        gate = Gate(clock, status, FleetBackend(backend, fleet, model_id), 4, 8, 10, metrics)
         runtime = models[model_id] = ModelRuntime(model_id, backend, gate, Activity(clock))
         fleet.add(runtime, 1 << 30)
     aliases = {"beta": ["<script>alert(1)</script>"]}
@@ -194,7 +194,7 @@ def test_a_model_of_a_fleet_of_one_shows_as_the_fleet_keeps_it(tmp_path):
     fleet = Fleet(clock, None)
     status = Status(clock, None, "solo", lazy=True)
     backend = FakeBackend(model_id="solo")
-    gate = Gate(clock, status, Placed(backend, fleet, "solo"), 4, 8, 10, Metrics())
+    gate = Gate(clock, status, FleetBackend(backend, fleet, "solo"), 4, 8, 10, Metrics())
     runtime = ModelRuntime("solo", backend, gate, Activity(clock))
     fleet.add(runtime, 0)
     status.backend = backend

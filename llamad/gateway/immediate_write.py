@@ -18,7 +18,7 @@ _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
 def write_now(transport: Any, data: bytes) -> None:
-    # Reads Twisted's private buffer state: tests/unit/test_sendnow.py guards it (and setup.cfg's cap).
+    # Reads Twisted's private buffer state: tests/unit/test_immediate_write.py guards it (and setup.cfg's cap).
     if (type(transport) in _PLAIN_TCP and transport.connected and not transport.disconnecting
             and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)):
         try:

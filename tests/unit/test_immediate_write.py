@@ -1,4 +1,4 @@
-"""What :func:`llamad.gateway.sendnow.write_now` reads of Twisted's private TCP transport state still
+"""What :func:`llamad.gateway.immediate_write.write_now` reads of Twisted's private TCP transport state still
 means what it did: nothing queued is ``_tempDataLen == 0`` and ``offset == len(dataBuffer)``.
 
 Twisted does not promise these attributes.  If a release renames them or changes what they hold,
@@ -20,8 +20,8 @@ import twisted
 from twisted.internet import abstract, defer, protocol, reactor, tcp
 from twisted.internet.testing import MemoryReactor
 
-from llamad.gateway import sendnow
-from llamad.gateway.sendnow import write_now
+from llamad.gateway import immediate_write
+from llamad.gateway.immediate_write import write_now
 
 STATE = ("connected", "disconnecting", "socket", "_tempDataLen", "_tempDataBuffer", "dataBuffer", "offset")
 
@@ -29,7 +29,7 @@ STATE = ("connected", "disconnecting", "socket", "_tempDataLen", "_tempDataBuffe
 def require(holds: bool, what: str) -> None:
     """Fail with what changed, the Twisted release it changed in, and what to do about it."""
     if not holds:
-        pytest.fail(f"Twisted {twisted.__version__}: {what}. llamad/gateway/sendnow.py relies on it: adapt "
+        pytest.fail(f"Twisted {twisted.__version__}: {what}. llamad/gateway/immediate_write.py relies on it: adapt "
                     "write_now to this release, or keep twisted below it in setup.cfg", pytrace=False)
 
 
@@ -88,7 +88,7 @@ def received(peer: socket.socket) -> bytes:
 
 def test_a_tcp_transport_has_the_attributes_write_now_reads(pair: Pair) -> None:
     transport, _, _ = pair
-    require(type(transport) in sendnow._PLAIN_TCP, "tcp.Server is not one of sendnow's plain TCP transports")
+    require(type(transport) in immediate_write._PLAIN_TCP, "tcp.Server is not one of immediate_write's plain TCP transports")
     require(issubclass(tcp.Client, abstract.FileDescriptor) and issubclass(tcp.Server, abstract.FileDescriptor),
             "tcp.Client and tcp.Server are no longer twisted.internet.abstract.FileDescriptor")
     missing = [name for name in STATE if not hasattr(transport, name)]
