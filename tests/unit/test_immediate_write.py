@@ -176,8 +176,10 @@ async def test_both_ends_of_a_real_loopback_connection_are_plain_tcp() -> None:
     port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")  # type: ignore[attr-defined]
     client_factory = protocol.ClientFactory.forProtocol(lambda: Recorder(client_made, at_client))
     reactor.connectTCP("127.0.0.1", port.getHost().port, client_factory)  # type: ignore[attr-defined]
+    made: list[Any] = []  # the transports, to close (an awaited Deferred keeps no result)
     try:
         client, server = await client_made, await server_made
+        made += [client, server]
         for transport, kind in ((client, tcp.Client), (server, tcp.Server)):
             require(type(transport) is kind, f"a {kind.__name__} connection's transport is {type(transport)}")
             require(nothing_queued(transport), f"an idle {kind.__name__} does not read as having nothing queued")
@@ -190,8 +192,8 @@ async def test_both_ends_of_a_real_loopback_connection_are_plain_tcp() -> None:
             await deferLater(0.01)
         require((bytes(at_server), bytes(at_client)) == (b"ab", b"c"), "bytes were lost or reordered on loopback")
     finally:
-        for made in (client_made, server_made):
-            made.addCallback(lambda t: t.loseConnection())
+        for transport in made:
+            transport.loseConnection()
         await port.stopListening()
 
 
