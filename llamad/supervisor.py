@@ -25,7 +25,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from llamad import backends, runfiles
@@ -33,7 +33,6 @@ from llamad.backends import Target
 from llamad.config import BackendConfig, SupervisorConfig
 from llamad.timers import cancel
 
-log = Logger(namespace="llamad.supervisor")
 
 PROBE_INTERVAL = 0.02  # seconds between readiness polls: short, so a cold start adds little to the first byte
 RECENT_LINES = 40  # child output kept to explain an exit
@@ -382,6 +381,19 @@ class _ChildProtocol(ProcessProtocol):
         self.owner._child_ended(self, reason)
 
 
+class ModelLog(Logger):
+    """The supervisor's log: each event names its model (the ``model`` of a JSON log line)."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(namespace="llamad.supervisor")
+        self.model_id = model_id
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        if self.model_id:
+            kwargs.setdefault("model", self.model_id)
+        super().emit(level, format, **kwargs)
+
+
 class Supervisor(Service):
     """Runs one backend child through :class:`Lifecycle`.
 
@@ -417,6 +429,7 @@ class Supervisor(Service):
         self.reactor = reactor
         self.clock = clock
         self.backend = backend
+        self.log = ModelLog(backend.model_id)
         self.config = config
         self.probe = probe
         self.key = key
@@ -561,7 +574,7 @@ class Supervisor(Service):
             elif isinstance(effect, Schedule):
                 self._cancel_timer()
                 self._timer = self.clock.callLater(effect.delay, self._run, self.machine.timer_fired)
-                log.info("backend {state}: next start in {delay:.1f} s", state=self.state.value, delay=effect.delay)
+                self.log.info("backend {state}: next start in {delay:.1f} s", state=self.state.value, delay=effect.delay)
             elif isinstance(effect, CancelTimer):
                 self._cancel_timer()
             elif isinstance(effect, SaveSlots):
@@ -574,7 +587,7 @@ class Supervisor(Service):
             self._ready_deadline = cancel(self._ready_deadline)
             self.ready_at = self.clock.seconds()
             self.last_start_seconds = self.ready_at - (self.started_at or self.ready_at)
-            log.info("backend ready: pid {pid} port {port}, {secs:.3f} s after spawn",
+            self.log.info("backend ready: pid {pid} port {port}, {secs:.3f} s after spawn",
                      pid=self.pid, port=self.port, secs=self.last_start_seconds)
             self.key_file = self._remove_key_file()  # read at startup (if no watch saw it read): no copy on disk
             self.health_failures = 0
@@ -582,7 +595,7 @@ class Supervisor(Service):
             if self.config.health_interval > 0:
                 self._health_call = self.clock.callLater(self.config.health_interval, self._health_check)
         elif after == State.FAILED:
-            log.error("backend failed: {n} exits within {w:g} s; last: {reason}",
+            self.log.error("backend failed: {n} exits within {w:g} s; last: {reason}",
                       n=len(self.machine.failures), w=self.config.crash_loop_window, reason=self.reason)
         for listener in list(self._listeners):
             listener(before, after)
@@ -626,7 +639,7 @@ class Supervisor(Service):
         try:
             self._write_key_file()
         except OSError as e:
-            log.error("cannot write the backend's key file in {dir}: {err}", dir=self.run_dir, err=e)
+            self.log.error("cannot write the backend's key file in {dir}: {err}", dir=self.run_dir, err=e)
             self._run(self.machine.exited, self.clock.seconds(), f"spawn failed: key file: {e}")
             return
         launch = backends.launch(self.backend, self.port, self.key, self.key_file or os.devnull,
@@ -645,12 +658,12 @@ class Supervisor(Service):
         except OSError as e:
             self.protocol = None
             self.key_file = self._remove_key_file()
-            log.error("backend spawn failed: {argv0}: {err}", argv0=argv[0], err=e)
+            self.log.error("backend spawn failed: {argv0}: {err}", argv0=argv[0], err=e)
             self._run(self.machine.exited, self.clock.seconds(), f"spawn failed: {e}")
             return
         self.pid = self.process.pid
         self._write_record()
-        log.info("backend start: pid {pid} port {port}: {argv}", pid=self.pid, port=self.port, argv=" ".join(argv))
+        self.log.info("backend start: pid {pid} port {port}: {argv}", pid=self.pid, port=self.port, argv=" ".join(argv))
         self._probe_call = self.clock.callLater(PROBE_INTERVAL, self._probe)
         timeout = self.backend.ready_timeout
         self._ready_deadline = self.clock.callLater(timeout, self._run, self.machine.ready_timeout, timeout)
@@ -685,7 +698,7 @@ class Supervisor(Service):
             runfiles.ensure_private_dir(self.run_dir)
             runfiles.write_record(self.pid_file, record)
         except OSError as e:
-            log.warn("cannot write {path}: {err} (a child left by a SIGKILLed llamad will not be found)",
+            self.log.warn("cannot write {path}: {err} (a child left by a SIGKILLed llamad will not be found)",
                      path=self.pid_file, err=e)
 
     # an earlier boot's child
@@ -700,7 +713,7 @@ class Supervisor(Service):
         if not record.running():
             self._forget(record)
             return
-        log.warn("found backend pid {pid} left running by an earlier llamad on this data dir: stopping it",
+        self.log.warn("found backend pid {pid} left running by an earlier llamad on this data dir: stopping it",
                  pid=record.pid)
         self._leftover = record
         runfiles.signal_group(record.pid, signal.SIGTERM)
@@ -712,12 +725,12 @@ class Supervisor(Service):
         assert record is not None
         if record.running():
             if self.clock.seconds() >= kill_at:
-                log.warn("leftover backend pid {pid} still running after SIGTERM: SIGKILL", pid=record.pid)
+                self.log.warn("leftover backend pid {pid} still running after SIGTERM: SIGKILL", pid=record.pid)
                 runfiles.signal_group(record.pid, signal.SIGKILL)
                 kill_at = float("inf")
             self._leftover_call = self.clock.callLater(LEFTOVER_POLL, self._leftover_check, kill_at)
             return
-        log.info("leftover backend pid {pid} is gone", pid=record.pid)
+        self.log.info("leftover backend pid {pid} is gone", pid=record.pid)
         self._leftover_call = None
         self._leftover = None
         self._forget(record)
@@ -774,12 +787,12 @@ class Supervisor(Service):
                            else result.getErrorMessage())
                 else:
                     why = f"HTTP {result}"
-                log.warn("backend health check {n}/{limit} failed: {why}", n=self.health_failures,
+                self.log.warn("backend health check {n}/{limit} failed: {why}", n=self.health_failures,
                          limit=self.config.health_failures, why=why)
                 if self.health_failures >= self.config.health_failures:
                     reason = (f"wedged: {self._ready_path.decode()} failed {self.health_failures} times in a row "
                               f"(last: {why})")
-                    log.error("backend pid {pid} {reason}: restarting it", pid=self.pid, reason=reason)
+                    self.log.error("backend pid {pid} {reason}: restarting it", pid=self.pid, reason=reason)
                     self._run(self.machine.wedged, reason, WEDGED_STOP_TIMEOUT)
                     return
             self._health_call = self.clock.callLater(self.config.health_interval, self._health_check)
@@ -805,7 +818,7 @@ class Supervisor(Service):
 
         def done(ok: bool | Failure) -> None:
             if isinstance(ok, Failure):
-                log.failure("backend pid {pid}: KV cache restore", ok, pid=self.pid)
+                self.log.failure("backend pid {pid}: KV cache restore", ok, pid=self.pid)
             if protocol is self.protocol and self.state == State.STARTING:
                 self._run(self.machine.restored, ok is True)
 
@@ -819,7 +832,7 @@ class Supervisor(Service):
 
         def done(result: None | Failure) -> None:
             if isinstance(result, Failure):
-                log.failure("backend pid {pid}: KV cache save", result, pid=self.pid)
+                self.log.failure("backend pid {pid}: KV cache save", result, pid=self.pid)
             if self._saving is d:
                 self._saving = None
                 self._run(self.machine.saved)
@@ -833,7 +846,7 @@ class Supervisor(Service):
         self.stop_timeout = min(self.stop_timeout, HURRY_STOP_TIMEOUT)
         if self._saving is not None:
             self._saving = None
-            log.info("backend pid {pid}: KV cache save cut short: shutdown asked again", pid=self.pid)
+            self.log.info("backend pid {pid}: KV cache save cut short: shutdown asked again", pid=self.pid)
             self._run(self.machine.saved)
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.reset(self.stop_timeout)  # reset, not cancel: the SIGKILL still comes
@@ -883,7 +896,7 @@ class Supervisor(Service):
             if status == 200:
                 self._watch_missed = False
                 self._resignal_call = cancel(self._resignal_call)
-                log.info("backend pid {pid} still serving after SIGTERM (it came as its serving loop started): "
+                self.log.info("backend pid {pid} still serving after SIGTERM (it came as its serving loop started): "
                          "SIGTERM again", pid=self.pid)
                 self._signal(signal.SIGTERM)
             else:
@@ -897,13 +910,13 @@ class Supervisor(Service):
         self._resignal_call = None
         self._watch_missed = False
         self._miss_call = cancel(self._miss_call)
-        log.info("backend pid {pid} still running {t:g} s after SIGTERM: SIGTERM again", pid=self.pid,
+        self.log.info("backend pid {pid} still running {t:g} s after SIGTERM: SIGTERM again", pid=self.pid,
                  t=RESIGNAL_AFTER)
         self._signal(signal.SIGTERM)
 
     def _kill(self, grace: float) -> None:
         self._kill_call = None
-        log.warn("backend pid {pid} still running {t:g} s after SIGTERM: SIGKILL", pid=self.pid, t=grace)
+        self.log.warn("backend pid {pid} still running {t:g} s after SIGTERM: SIGKILL", pid=self.pid, t=grace)
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
@@ -948,7 +961,7 @@ class Supervisor(Service):
         self.key_file = self._remove_key_file()
         if self.pid_file:
             runfiles.remove(self.pid_file)
-        log_method = log.info if expected else log.warn
+        log_method = self.log.info if expected else self.log.warn
         log_method("backend exit: pid {pid} {how}", pid=self.pid, how=description)
         self.process = None
         self.protocol = None

@@ -241,3 +241,20 @@ def test_open_logs_in_json_writes_json_files(tmp_path) -> None:
     assert child["model"] == "m1" and child["message"] == "main: server is listening"
     [one] = parsed((logs / "llama" / "latest.txt").read_text())
     assert "model" not in one and one["source"] == "child"
+
+
+def test_the_supervisors_lines_name_their_model() -> None:
+    """A child's state changes are about one model: its JSON lines carry it, its text lines read as before."""
+    from twisted.logger import LogLevel
+
+    from llamad.logs import json_event
+    from llamad.supervisor import ModelLog
+
+    events: list[dict] = []
+    log = ModelLog("qwen")
+    log.observer = events.append  # type: ignore[assignment]
+    log.info("backend ready: pid {pid}", pid=7)
+    line = json.loads(json_event(events[0]))
+    assert (line["model"], line["message"], line["level"], line["source"]) == (
+        "qwen", "backend ready: pid 7", "info", "llamad.supervisor")
+    assert events[0]["log_level"] is LogLevel.info
