@@ -108,7 +108,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
 
     notifier = Notifier(reactor)
     activity = Activity(reactor)  # every request: the drain, idle.action = "exit"
-    status, fleet, models, directory = make_models(config, metrics, notifier, reactor, writer)
+    status, fleet, models, directory = make_models(config, metrics, notifier, activity, reactor, writer)
     root = LlamadService(config, status, activity, reactor)
     root.backends, root.gates = fleet, [m.gate for m in models.values()]
     root.supervisors = [m.backend for m in models.values() if isinstance(m.backend, Supervisor)]
@@ -163,7 +163,7 @@ def build(loaded: config_module.Loaded, reactor: Any) -> LlamadService:
     return root
 
 
-def make_models(config: Config, metrics: Metrics, notifier: Notifier, reactor: Any,
+def make_models(config: Config, metrics: Metrics, notifier: Notifier, activity: Activity, reactor: Any,
                 writer: Any) -> tuple[Status, Fleet, dict[str, ModelRuntime], ModelDirectory]:
     """The fleet, its models by id and their names, and the status both sites report.
 
@@ -176,7 +176,7 @@ def make_models(config: Config, metrics: Metrics, notifier: Notifier, reactor: A
                     backend_has_metrics=one and config.backend.kind == "llama-server")
     try:
         fleet, models = build_fleet(config, status, metrics, notifier, reactor, writer,
-                                    lambda key: make_probe(reactor, key))
+                                    lambda key: make_probe(reactor, key), activity)
     except ConfigError as e:
         writer.stop()
         fail(str(e))

@@ -32,13 +32,15 @@ log = Logger(namespace="llamad")
 
 
 def build_fleet(config: Config, status: Status, metrics: Metrics, notifier: Notifier, reactor: Any,
-                writer: Any, probe_for: Callable[[str], Probe]) -> tuple[Fleet, dict[str, ModelRuntime]]:
+                writer: Any, probe_for: Callable[[str], Probe],
+                everyone: Activity | None = None) -> tuple[Fleet, dict[str, ModelRuntime]]:
     """Every model of the config, each placed by the fleet by its memory need.
 
     A config with only ``[backend]`` is a fleet of one: no memory budget (the one model
     always has the room), and the one-model log layout (``llama/latest.txt``).  ``probe_for``:
-    the readiness probe of a child that holds the given API key.  A model that can never fit
-    the budget is a :class:`ConfigError`.
+    the readiness probe of a child that holds the given API key; ``everyone``: the process-wide
+    activity, which a fleet of one takes as its model's (one count per request, not two).  A
+    model that can never fit the budget is a :class:`ConfigError`.
     """
     one = config.single_model
     if one:
@@ -89,7 +91,7 @@ def build_fleet(config: Config, status: Status, metrics: Metrics, notifier: Noti
         gate = Gate(reactor, status, FleetBackend(backend, fleet, model.id),
                     config.admission.max_concurrent or backend_config.parallel, config.admission.max_queue,
                     config.admission.queue_timeout, counts)
-        activity = Activity(reactor)
+        activity = everyone if one and everyone is not None else Activity(reactor)
         idle = None
         if config.idle.action == "unload" and model.idle_timeout > 0:
             idle = IdleWatch(reactor, activity, model.idle_timeout, IdleAction("unload", backend, counts, reactor.stop))
