@@ -68,4 +68,5 @@ bench: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/coldstart.py --runs 10
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/swap.py --rounds 5
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/mixed.py --rounds 3
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/kv.py --rounds 3
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/scale_from_zero.py --seconds 60

@@ -1,7 +1,7 @@
 """What keeping the KV cache across swaps buys: llamad against llama-server's router and against llamad
 with ``kv_cache = false``, in interleaved rounds of one run.
 
-    PATH=$PWD/.venv/bin:$PATH .venv/bin/python bench/kv.py [--rounds 3] [--swaps 2] [--seconds 20] [--clients 8]
+    PATH=$PWD/.venv/bin:$PATH .venv/bin/python bench/kv.py [--rounds 3] [--swaps 3] [--seconds 20] [--clients 8]
                                                           [--set fleet.min_resident=0 ...]
 
 Three copies of the large demo model (``llamad demo-model --size large``, so that a 2,000-token prompt costs
@@ -16,10 +16,11 @@ children at ``-c 8192 -np 2`` on every side:
 ``--set KEY=VALUE`` (repeatable) is passed on to both llamads.  Each round measures, the sides in an order
 that rotates from round to round:
 
-1. The swap back (``--swaps`` times per side): a new ~2,000-token prefix; alpha with the prefix and a short
-   question, then beta (``Hello``: a swap), then alpha again with the same prefix and another question,
-   streamed: its time to first token (the first event), with the prompt tokens the child evaluated
-   (``timings.prompt_n``) and those it reused (``cached_tokens``).  The first alpha request's
+1. The swap back (``--swaps`` times per side, the sides taking turns): a new ~2,000-token prefix; alpha
+   with the prefix and a short question, then beta (``Hello``: a swap), then alpha again with the same
+   prefix and another question, streamed: its time to first token (the first event), with the prompt
+   tokens the child evaluated (``timings.prompt_n``) and those it reused (``cached_tokens``), and the new
+   child's own spawn-to-ready (its ``listening on`` log stamp).  The first alpha request's
    ``timings.prompt_ms`` is what the whole prefix costs the child.
 2. A mixed workload: ``--clients`` closed-loop clients send non-streaming ``/v1/completions`` to alpha, beta
    or gamma drawn with weights 0.5/0.3/0.2, each request its model's prefix (~2,000 tokens, one per model,
@@ -53,7 +54,7 @@ from typing import Any
 
 from common import start_llamad, start_router, stop_all, stop_on_signals
 from llamad.demo import write_demo_model
-from swap import machine  # bench/ is on sys.path when this file runs
+from swap import STAMP, machine, stamp_seconds  # bench/ is on sys.path when this file runs
 
 MODELS = ("alpha", "beta", "gamma")
 WEIGHTS = (0.5, 0.3, 0.2)
@@ -183,11 +184,44 @@ class Side:
         self.name = name
         self.port = port
         self.work = work
+        self.stem = name.replace(" ", "-")  # its files under work: STEM.log, STEM-data/
+
+    def log_of(self, model: str) -> Path:
+        if self.name == "router":
+            return self.work / "router.log"
+        return self.work / f"{self.stem}-data" / "logs" / "llama" / model / "latest.txt"
+
+    def mark(self, model: str) -> int:
+        """Where the log of ``model``'s next start will begin."""
+        path = self.log_of(model)
+        return path.stat().st_size if path.exists() else 0
+
+    def child_ready(self, model: str, mark: int) -> float | None:
+        """The child's own spawn-to-ready (its ``listening on`` stamp) of the start of ``model`` after ``mark``."""
+        deadline = time.monotonic() + 2
+        while True:
+            path = self.log_of(model)
+            text = b""
+            if path.exists():
+                with open(path, "rb") as f:
+                    f.seek(mark)
+                    text = f.read()
+            if self.name == "router":
+                spawned = re.search(rb"spawning server instance with name=%s on port (\d+)" % model.encode(), text)
+                ready = spawned and re.search(rb"^\[%s\] %s" % (spawned.group(1), STAMP), text[spawned.end():],
+                                              re.MULTILINE)
+            else:
+                ready = re.search(rb"^\S+Z %s" % STAMP, text, re.MULTILINE)
+            if ready:
+                return stamp_seconds(ready.groups())
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
 
     def loads(self) -> int:
         """Model loads so far: the router's log lines; llamad's start-duration histograms."""
         if self.name == "router":
-            return (self.work / "router.log").read_bytes().count(b"spawning server instance")
+            return (self.work / "router.log").read_bytes().count(b"spawning server instance with name=")
         text = get_text(self.port, "/metrics")
         return sum(int(float(v)) for v in
                    re.findall(r"^llamad_backend_start_duration_seconds_count\{[^}]*\} (\S+)$", text, re.MULTILINE))
@@ -200,6 +234,7 @@ class Tally:
         self.ttft: list[list[float]] = []  # the swap back's time to first token, per round
         self.evaluated: list[int] = []  # its prompt tokens evaluated
         self.cached: list[int] = []  # its prompt tokens reused
+        self.child: list[float] = []  # the swap back's new child: its own spawn-to-ready
         self.prefix_ms: list[float] = []  # the first request's timings.prompt_ms (whole prefix)
         self.prefix_n: list[int] = []
         self.rps: list[float] = []
@@ -217,29 +252,29 @@ class Tally:
         self.example.setdefault(why, out.body)
 
 
-def swap_back(side: Side, tally: Tally, swaps: int, seed: int) -> None:
+def swap_back(side: Side, tally: Tally, seed: int) -> None:
     """alpha with a new prefix, beta, alpha again with the same prefix: the last one's TTFT."""
-    times: list[float] = []
-    for i in range(swaps):
-        rng = random.Random(seed * 100 + i)
-        prefix = words(rng, PREFIX_CHARS)
-        q1, q2 = question(rng), question(rng)
-        first = asyncio.run(complete(side.port, MODELS[0], prefix + q1, MAX_TOKENS, True))
-        other = asyncio.run(complete(side.port, MODELS[1], "Hello", 1, False))
-        back = asyncio.run(complete(side.port, MODELS[0], prefix + q2, MAX_TOKENS, True))
-        tally.requests += 3
-        for out, where in ((first, "swap back, first"), (other, "swap back, other model"),
-                           (back, "swap back")):
-            if not out.ok:
-                tally.fail(out, where)
-        if first.ok and first.prompt_n > 0:
-            tally.prefix_ms.append(first.prompt_ms)
-            tally.prefix_n.append(first.prompt_n)
-        if back.ok:
-            times.append(back.first_token)
-            tally.evaluated.append(back.prompt_n)
-            tally.cached.append(back.cached)
-    tally.ttft.append(times)
+    rng = random.Random(seed)
+    prefix = words(rng, PREFIX_CHARS)
+    q1, q2 = question(rng), question(rng)
+    first = asyncio.run(complete(side.port, MODELS[0], prefix + q1, MAX_TOKENS, True))
+    other = asyncio.run(complete(side.port, MODELS[1], "Hello", 1, False))
+    mark = side.mark(MODELS[0])
+    back = asyncio.run(complete(side.port, MODELS[0], prefix + q2, MAX_TOKENS, True))
+    tally.requests += 3
+    for out, where in ((first, "swap back, first"), (other, "swap back, other model"), (back, "swap back")):
+        if not out.ok:
+            tally.fail(out, where)
+    if first.ok and first.prompt_n > 0:
+        tally.prefix_ms.append(first.prompt_ms)
+        tally.prefix_n.append(first.prompt_n)
+    if back.ok:
+        tally.ttft[-1].append(back.first_token)
+        tally.evaluated.append(back.prompt_n)
+        tally.cached.append(back.cached)
+        child = side.child_ready(MODELS[0], mark)
+        if child is not None:
+            tally.child.append(child)
 
 
 async def workload(port: int, tally: Tally, clients: int, seconds: float, seed: int) -> float:
@@ -283,12 +318,12 @@ def ratios(a: list[float], b: list[float]) -> list[float]:
 
 
 def report(tallies: dict[str, Tally], args: argparse.Namespace) -> str:
-    r, l, k = (tallies[s] for s in SIDES)
+    router, llamad, off = (tallies[s] for s in SIDES)
     round_ttft = {s: [med(t) for t in tallies[s].ttft] for s in SIDES}
     ttft_router = med(ratios(round_ttft["llamad"], round_ttft["router"]))
     ttft_off = med(ratios(round_ttft["llamad"], round_ttft["kv off"]))
-    rps_router = med(ratios(l.rps, r.rps))
-    rps_off = med(ratios(l.rps, k.rps))
+    rps_router = med(ratios(llamad.rps, router.rps))
+    rps_off = med(ratios(llamad.rps, off.rps))
     all_ttft = {s: [x for t in tallies[s].ttft for x in t] for s in SIDES}
 
     def ms(values: list[float]) -> str:
@@ -303,6 +338,8 @@ def report(tallies: dict[str, Tally], args: argparse.Namespace) -> str:
     rows = [
         ("swap back: time to first token, median", *(ms(all_ttft[s]) for s in SIDES),
          f"{ttft_router:.3f}", f"{ttft_off:.3f}"),
+        ("swap back: of which the new child's own spawn-to-ready (its log stamp), median",
+         *(ms(tallies[s].child) for s in SIDES), "", ""),
         ("swap back: prompt tokens evaluated / reused, median", *(tokens(tallies[s]) for s in SIDES), "", ""),
         ("a new prefix: the child's prompt time, median", *(prefix(tallies[s]) for s in SIDES), "", ""),
         ("mixed: completed requests/s, median of rounds", *(f"{med(tallies[s].rps):.2f}" for s in SIDES),
@@ -320,7 +357,7 @@ def report(tallies: dict[str, Tally], args: argparse.Namespace) -> str:
     lines.append(f"goal, swap back: llamad/router <= {TTFT_GOAL} and llamad/kv off <= {TTFT_GOAL}: "
                  + ("met" if ttft_router <= TTFT_GOAL and ttft_off <= TTFT_GOAL else "NOT met"))
     lines.append(f"goal, mixed: llamad/router >= {RPS_GOAL:g} with none failed: "
-                 + ("met" if rps_router >= RPS_GOAL and not l.failed else "NOT met"))
+                 + ("met" if rps_router >= RPS_GOAL and not llamad.failed else "NOT met"))
     for name in SIDES:
         t = tallies[name]
         if t.why:
@@ -342,7 +379,7 @@ def round_line(rnd: int, args: argparse.Namespace, order: list[str], tallies: di
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--swaps", type=int, default=2, help="timed swaps back per side per round")
+    p.add_argument("--swaps", type=int, default=3, help="timed swaps back per side per round")
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of the mixed workload per side per round")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -380,11 +417,16 @@ def main() -> None:
         for rnd in range(args.rounds):
             order = list(SIDES[rnd % 3:] + SIDES[:rnd % 3])
             for name in order:
-                swap_back(sides[name], tallies[name], args.swaps, rnd)
+                tallies[name].ttft.append([])
+            for i in range(args.swaps):  # side by side, so that the machine's drift reaches all three alike
+                for name in order:
+                    swap_back(sides[name], tallies[name], rnd * 100 + i)
             for name in order:
                 mixed(sides[name], tallies[name], args.clients, args.seconds, rnd)
             print(round_line(rnd, args, order, tallies), flush=True)
         print(report(tallies, args))
+    except KeyboardInterrupt as e:
+        raise SystemExit(f"interrupted ({e or 'SIGINT'}): stopping what was started") from None
     finally:
         stop_all(procs)
         if args.keep:
