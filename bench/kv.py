@@ -426,7 +426,7 @@ def main() -> None:
             print(round_line(rnd, args, order, tallies), flush=True)
         print(report(tallies, args))
     except KeyboardInterrupt as e:
-        raise SystemExit(f"interrupted ({e or 'SIGINT'}): stopping what was started") from None
+        raise SystemExit(f"interrupted ({str(e) or 'SIGINT'}): stopping what was started") from None
     finally:
         stop_all(procs)
         if args.keep:
