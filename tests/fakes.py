@@ -11,7 +11,6 @@ from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 
 from llamad.backends import Target
 from llamad.config import BackendConfig, SupervisorConfig
@@ -174,20 +173,6 @@ class Held:
     def cancel(self) -> None:
         self.proxy.cancelled.append(self.request)
         self.owner.not_relayed(Failure(defer.CancelledError()))
-
-
-class Recorder(Resource):
-    """Stands for the child: whatever reaches it got past every limit."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[bytes, bytes, bytes]] = []
-
-    def render(self, request) -> bytes:
-        self.seen.append((request.method, request.uri, request.content.read()))
-        return b"ok"
 
 
 class TCPTransport(StringTransport):
