@@ -474,7 +474,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("path")
     d.add_argument("--force", action="store_true", help="overwrite an existing file")
     d.add_argument("--size", choices=("small", "large"), default="small",
-                   help="small (default): loads in milliseconds; large: a 2,000-token prompt takes seconds on a "
+                   help="small (default): loads in milliseconds; large: a 2,000-token prompt takes over a second on a "
                         "CPU, for benchmarks of prompt reuse")
     d.set_defaults(func=demo_model)
 

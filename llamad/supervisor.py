@@ -317,8 +317,8 @@ Probe = Callable[[int, bytes, float], "defer.Deferred[int]"]
 class SlotKeeper(Protocol):
     """A model's KV cache kept across its children (:class:`llamad.kv.cache.KVCache`)."""
 
-    def save_path(self) -> str | None:
-        """The directory for the child's ``--slot-save-path``, made now; None: none this start."""
+    def spawning(self) -> str | None:
+        """A child starts: the directory for its ``--slot-save-path``, made now; None: none this start."""
 
     def restore(self, port: int, clean: bool) -> defer.Deferred[bool]:
         """The child answers: load the saved slots into it (``clean``: none); False: it refused one.  Never fails."""
@@ -646,7 +646,7 @@ class Supervisor(Service):
                                  self.base_env, prefix)
         argv = launch.argv
         if self.kv is not None:
-            path = self.kv.save_path()
+            path = self.kv.spawning()
             if path:
                 argv = [*argv, "--slot-save-path", path]  # llamad's, after extra_args: the last one wins
         self._ready_path = launch.ready_path

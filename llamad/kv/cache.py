@@ -1,7 +1,8 @@
 """One model's KV cache, kept on disk across its children: unload, swap and restart keep its prompts.
 
-The supervisor calls :class:`KVCache` around each child's life: :meth:`~KVCache.save_path` at
-spawn, :meth:`~KVCache.restore` once the child answers and before anything is sent to it,
+The supervisor calls :class:`KVCache` around each child's life: :meth:`~KVCache.spawning` at
+spawn (the files to restore are checked while the child loads), :meth:`~KVCache.restore` once
+the child answers and before anything is sent to it,
 :meth:`~KVCache.save` before a stop llamad decided (never after a crash: that child answers
 no more).  llama-server reads and writes the slot files itself; llamad names them, seals each
 with a checksum once it is complete, and restores only sealed files of the running child's
@@ -79,15 +80,19 @@ class KVCache:
         self._writes = defer.DeferredLock()  # sidecars and deletes after a save, in order, before the next scan
         self._stamp = 0
         self._restored: dict[int, str] = {}  # the running child's slots, by the file each was restored from
+        self._chosen: defer.Deferred[list[Entry]] | None = None  # the files for the starting child, being checked
 
     # the supervisor's calls
 
-    def save_path(self) -> str | None:
-        """The directory for ``--slot-save-path``, made now: llama-server exits at once if it is missing.
+    def spawning(self) -> str | None:
+        """A child starts: the directory for its ``--slot-save-path``, made now (llama-server exits at once if
+        it is missing), and the files it will be given chosen and checksummed while it loads, so that the
+        restore only sends them.
 
         Blocking, like the key file written at each spawn, and as quick (a stat, at most a mkdir).
         None: not usable for this child (saving and restoring are off until the next spawn).
         """
+        self._chosen = None
         try:
             disk.ensure_dir(self.dir)
         except OSError as e:
@@ -96,10 +101,11 @@ class KVCache:
             self.usable = False
             return None
         self.usable = True
+        self._chosen = self._writes.run(self._prepare)  # after the last save's seals, and any earlier start's check
         return self.dir
 
     def restore(self, port: int, clean: bool = False) -> defer.Deferred[bool]:
-        """A fresh child answers: learn what it runs and, unless ``clean``, load its saved slots.
+        """A fresh child answers: unless ``clean``, load the saved slots checked since its spawn.
 
         Fires False when the child refused a file (its cache may be corrupt: restart it clean),
         True otherwise, nothing to restore and every disk error included.  Never fails.
@@ -121,23 +127,26 @@ class KVCache:
             lambda failure: log.failure("model {id}: KV cache save", failure, id=self.model_id))
 
     @defer.inlineCallbacks
-    def _restore(self, port: int, clean: bool) -> Generator[Any, Any, bool]:
-        started = self.clock.seconds()
+    def _prepare(self) -> Generator[Any, Any, list[Entry]]:
+        """The starting child's fingerprint and the files to give it; [] when none (every error included).
+        Run in turn with the disk writes: the last save's sidecars are written first."""
         self.fingerprint = ""
-        self._restored = {}
         try:
-            yield self._writes.run(defer.succeed, None)  # the last save's sidecars are written
             self.fingerprint = yield self.store.in_thread(self._identify)
-            if clean or not self.usable:
-                return True
-            chosen = yield self._choose()
+            return (yield self._choose()) if self.usable else []
         except OSError as e:
             log.warn("model {id}: no KV cache restored: {err}", id=self.model_id, err=e)
-            return True
         except Exception:
             log.failure("model {id}: no KV cache restored", id=self.model_id)
-            return True
-        if not chosen:
+        return []
+
+    @defer.inlineCallbacks
+    def _restore(self, port: int, clean: bool) -> Generator[Any, Any, bool]:
+        started = self.clock.seconds()
+        self._restored = {}
+        chosen, self._chosen = self._chosen or self._writes.run(self._prepare), None
+        chosen = yield chosen
+        if clean or not chosen:
             return True
         report = yield self.slots.restore(port, [e.name for e in chosen])
         by_name = {e.name: e for e in chosen}

@@ -98,7 +98,7 @@ class Model:
 
     def spawn(self) -> FakeChild:
         """A new child, as the supervisor starts it: the directory made, then the restore once it answers."""
-        self.child = FakeChild(self.kv.save_path(), len(self.child.slots))
+        self.child = FakeChild(self.kv.spawning(), len(self.child.slots))
         return self.child
 
     def start(self, clean: bool = False) -> bool:
@@ -159,6 +159,23 @@ def test_slots_saved_before_a_stop_come_back_in_the_next_child(tmp_path: Path, s
     stats = m.kv.snapshot()
     assert stats["restores"]["ok"] == 2 and stats["restored_tokens"] == 1240 and stats["saves"] == 1
     assert any("restored 2 slots, 1240 tokens" in line for line in lines)
+
+
+def test_the_files_are_checked_while_the_child_loads(tmp_path: Path, store: Store, clock: Clock,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chosen and checksummed at spawn: a child that answers is only sent the files, nothing read first."""
+    m = Model(tmp_path, store, clock)
+    assert m.start()
+    m.child.use(0, 300)
+    m.stop()
+    checked: list[str] = []
+    verify = disk.verify
+    monkeypatch.setattr(disk, "verify", lambda path, entry: checked.append(entry.name) or verify(path, entry))
+    m.spawn()
+    assert len(checked) == 1 and m.child.calls == []
+    d = m.kv.restore(1234, False)
+    assert d.result is True and len(checked) == 1
+    assert m.child.slots[0] == list(range(300))
 
 
 def test_empty_slots_are_not_saved(tmp_path: Path, store: Store, clock: Clock) -> None:

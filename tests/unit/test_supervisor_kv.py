@@ -30,7 +30,7 @@ class FakeKeeper:
         self.paths = 0
         self.settling: defer.Deferred[None] | None = None
 
-    def save_path(self) -> str | None:
+    def spawning(self) -> str | None:
         self.paths += 1
         return SLOT_DIR
 
@@ -150,7 +150,7 @@ def test_the_child_gets_a_slot_save_path_from_llamad() -> None:
 
 def test_no_slot_save_path_when_the_directory_is_unusable() -> None:
     kv = FakeKeeper()
-    kv.save_path = lambda: None  # type: ignore[method-assign]
+    kv.spawning = lambda: None  # type: ignore[method-assign]
     sup, reactor, probe = make_supervisor(kv=kv)
     sup.startService()
     assert "--slot-save-path" not in reactor.last.argv and sup.state == State.STARTING
