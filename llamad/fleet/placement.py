@@ -28,6 +28,7 @@ themselves, since the blocked one has first claim on whatever becomes free.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Mapping, Sequence
 
@@ -177,6 +178,15 @@ def _choose(pool: Sequence[ModelView], mem_short: float, slot_short: float) -> l
 def _items(ms: Iterable[ModelView], label: str, describe: Callable[[ModelView], str] | None = None) -> str | None:
     names = [f"{m.id} ({describe(m)})" if describe else m.id for m in ms]
     return f"{label}: {', '.join(names)}" if names else None
+
+
+_COUNTS = re.compile(r" \((?:\d+ in flight|\d+ queued)(?:, \d+ queued)?\)")
+
+
+def without_counts(reason: str) -> str:
+    """A wait's reason without the in-flight and queued counts, which change with every request: the
+    fleet logs a wait again only when this changes."""
+    return _COUNTS.sub("", reason)
 
 
 def _busy_detail(m: ModelView) -> str:

@@ -19,9 +19,11 @@ import yaml
 from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from llamad.http_pool import quiet_pool
 
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -89,18 +91,6 @@ class Cluster:
         except Exception as e:  # OpenSSL's own error types, for a file that is not PEM
             raise ConnectError(f"{self.source}: the CA or client certificate is not valid PEM ({e!r:.120})") from None
         return HTTPClient(Agent(reactor, contextFactory=TrustPolicy(ca, client), pool=quiet_pool(reactor)))
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" log line for every new connection
-
-
-def quiet_pool(reactor: IReactorTime) -> HTTPConnectionPool:
-    """A persistent connection pool that does not log each connection it opens."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 8
-    pool._factory = _QuietFactory
-    return pool
 
 
 def plain_http(reactor: IReactorTime) -> HTTPClient:

@@ -12,12 +12,13 @@ from typing import Any, Mapping
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from llamad.http_pool import quiet_pool
 from llamad.kv.slots import Get, Post
 
 
@@ -68,7 +69,7 @@ def _body(response: IResponse) -> defer.Deferred[tuple[int, bytes]]:
 
 def child_http(reactor: Any, key: str, host: bytes = b"127.0.0.1") -> tuple[Get, Post]:
     """``get(port, path, timeout)`` and ``post(port, path, body, timeout)`` on the child at ``host``."""
-    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    agent = Agent(reactor, pool=quiet_pool(reactor, persistent=False))
 
     def call(method: bytes, port: int, path: bytes, body: bytes | None, timeout: float
              ) -> defer.Deferred[tuple[int, bytes]]:

@@ -216,6 +216,38 @@ def test_a_busy_model_is_drained_after_its_turn_and_its_queue_waits_for_the_next
     assert w.swaps == [("a", "b"), ("b", "a")]
 
 
+def test_a_wait_is_logged_once_not_at_every_request_of_the_busy_model():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        if "waits:" in formatEvent(event):
+            lines.append(formatEvent(event))
+
+    w = World(budget=6 * GiB, swap_quantum=100, queue_timeout=100)
+    w.add("a", 5 * GiB, parallel=2)
+    w.add("b", 5 * GiB)
+    w.start()
+    globalLogPublisher.addObserver(observe)
+    try:
+        a1, lease1 = w.running("a")
+        b = w.admit("b")
+        w.settle()
+        for _ in range(3):  # a's counts change with each request; b's wait does not
+            a2 = w.admit("a")
+            lease2 = w.use("a", a2)
+            w.reactor.advance(1)
+            w.done("a", lease2)
+        w.done("a", lease1)
+        w.settle()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert isinstance(b[0], Lease)
+    assert lines == ["model b waits: needs 5.0 GiB, 1.0 GiB free of 6.0 GiB; busy: a (1 in flight)",
+                     "model b waits: waiting for a to stop (needs 5.0 GiB)"]
+
+
 def test_a_drain_is_called_off_when_the_waiter_gives_up():
     w = World(budget=6 * GiB, swap_quantum=10, queue_timeout=12)
     w.add("a", 5 * GiB, parallel=1)
