@@ -285,6 +285,19 @@ def test_a_file_without_its_sidecar_is_deleted_not_restored(tmp_path: Path, stor
     assert m.kv.snapshot()["restores"]["corrupt"] == 1
 
 
+def test_a_file_an_admin_saved_under_their_own_name_is_left_alone(tmp_path: Path, store: Store,
+                                                                   clock: Clock) -> None:
+    m = Model(tmp_path, store, clock)
+    m.start()
+    Path(m.kv.dir, "mine.bin").write_bytes(MAGIC + b"[1, 2, 3]")  # POST /slots/0?action=save {"filename": ...}
+    m.child.use(0, 100)
+    m.stop()
+    assert m.start()
+    assert m.child.slots[0] == list(range(100)) and "mine.bin" in files(m)
+    [own] = [name for name in files(m) if name.endswith(".bin") and name != "mine.bin"]
+    assert m.kv.snapshot()["slots"] == 1 and m.kv.snapshot()["bytes"] == os.path.getsize(os.path.join(m.kv.dir, own))
+
+
 def test_a_truncated_file_is_deleted_not_restored(tmp_path: Path, store: Store, clock: Clock) -> None:
     m = Model(tmp_path, store, clock)
     m.start()
