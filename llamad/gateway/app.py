@@ -32,7 +32,7 @@ from llamad.gateway.limits import BODY_MIN_RATE
 from llamad.gateway.page import PAGE_FILES, PAGE_POLICY, PAGE_ROUTES, RECENT_REQUESTS, read_log_tail
 from llamad.fleet.fleet import FleetBackend
 from llamad.fleet.gate import Lease
-from llamad.gateway.guard import Auth, Cors, Guard, is_loopback
+from llamad.gateway.guard import Auth, Cors, Guard
 from llamad.gateway.proxy import NotDelivered, Proxy, Relay, Unanswered
 from llamad.gateway import models_api
 from llamad.gateway.routes import (
@@ -338,12 +338,6 @@ class Gateway:
             return b""
         return body if status == 200 else b""
 
-    def local_unless_auth(self, request: IRequest) -> None:
-        """With auth off, an admin route answers loopback only: reaching the port makes no one an admin."""
-        if not self.auth.enabled and not is_loopback(getattr(request.getClientAddress(), "host", "")):
-            what = f"{request.method.decode('latin-1')} {request.path.decode('latin-1')}"
-            raise ApiError(403, f"{what} needs auth.enabled, or a request from loopback", "forbidden")
-
     @app.route("/admin/reload", methods=own_methods("/admin/reload"))
     @app.route("/reload", methods=own_methods("/reload"), endpoint="reload")  # llama-gguf-inference's path
     def admin_reload(self, request: IRequest) -> bytes:
@@ -352,7 +346,6 @@ class Gateway:
         An unreadable file leaves no key valid (fail closed) and answers a JSON
         500 naming why, so ``llamad keys reload`` reports it rather than success.
         """
-        self.local_unless_auth(request)
         try:
             loaded = self.auth.reload()
         except Exception:
@@ -369,7 +362,6 @@ class Gateway:
     @app.route("/admin/restart", methods=own_methods("/admin/restart"))
     def admin_restart(self, request: IRequest) -> bytes:
         """Out of ``failed`` at once, or a fresh child (with a key, or from loopback without auth)."""
-        self.local_unless_auth(request)
         runtime, _ = self.runtime_for(request, None)
         backend = runtime.backend
         if backend is None or not backend.supervised:
@@ -406,7 +398,6 @@ class Gateway:
     def admin_status(self, request: IRequest) -> bytes:
         """``/health``'s snapshot with every model (one model too), its aliases and idle time, the
         memory budget and the clock: all the status page shows of the models, in one answer."""
-        self.local_unless_auth(request)
         body = self.status.snapshot()
         fleet = self.status.fleet
         models: dict[str, dict[str, Any]] = body.get("models") or {
@@ -441,7 +432,6 @@ class Gateway:
     async def admin_logs(self, request: IRequest) -> bytes:
         """A model's child log: its last lines, or those after ``?after=`` (the ``offset`` of the last
         answer).  ``?model=`` is matched against the configured models: it never names a file."""
-        self.local_unless_auth(request)
         query = _query(request)
         name = query.get("model", "")
         if name:
@@ -466,13 +456,11 @@ class Gateway:
     @app.route("/admin/requests", methods=own_methods("/admin/requests"))
     def admin_requests(self, request: IRequest) -> bytes:
         """The newest requests, newest first, as their access-log lines say (the page's own polling left out)."""
-        self.local_unless_auth(request)
         return self._admin_json(request, {"requests": [json.loads(line) for line in reversed(self.recent)]})
 
     @app.route("/admin/keys", methods=own_methods("/admin/keys"))
     def admin_keys(self, request: IRequest) -> bytes:
         """Each key's name, roles, scope, limits and use: what the keys file says, never a secret or a hash."""
-        self.local_unless_auth(request)
         keys = []
         for key_id, key in sorted(self.auth.store.by_id.items()):
             minute, day = self.policy.tokens_used(key_id)

@@ -21,7 +21,8 @@ from llamad.keys.auth import Denied, KeyStore, presented_key
 from llamad.keys.apikey import EVERY_ROLE, ApiKey
 from llamad.errors import ApiError, write_error
 from llamad.keys.policy import Policy
-from llamad.gateway.routes import ADMIN_PATHS, ANY_ROLE_PATHS, OWN_ROUTES, PUBLIC_PATHS, ROUTES, SLOTS_PREFIX
+from llamad.gateway.routes import (ADMIN_PATHS, ANY_ROLE_PATHS, LOCAL_PATHS, OWN_ROUTES, PUBLIC_PATHS, ROUTES,
+                                   SLOTS_PREFIX)
 from llamad.gateway.routing import child_path
 
 log = Logger(namespace="llamad.guard")
@@ -226,10 +227,13 @@ class Guard:
                 role = "admin" if path in ADMIN_PATHS or slot_action else "inference"
                 if role not in key.roles:
                     raise ApiError(403, f"key {key.key_id} does not have the {role} role", "insufficient_role")
-        elif slot_action and not is_loopback(getattr(request.getClientAddress(), "host", "")):
-            raise ApiError(403, "the slot actions (save, restore, erase) need auth.enabled and a key with the admin "
-                           "role, or a request from loopback: they read and write llamad's KV cache files",
-                           "forbidden")
+        elif (slot_action or path in LOCAL_PATHS) and not is_loopback(getattr(request.getClientAddress(), "host", "")):
+            if slot_action:
+                raise ApiError(403, "the slot actions (save, restore, erase) need auth.enabled and a key with the "
+                               "admin role, or a request from loopback: they read and write llamad's KV cache files",
+                               "forbidden")
+            raise ApiError(403, f"{method.decode('latin-1')} {path.decode('latin-1')} needs auth.enabled, or a "
+                           "request from loopback", "forbidden")
         allowed = OWN_METHODS.get(path)
         if allowed is not None and method not in allowed:
             listed = b", ".join(sorted(allowed))

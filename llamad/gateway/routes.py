@@ -29,6 +29,7 @@ class Route:
     answered_by: AnsweredBy  # llamad (Klein), llamad's router API over the fleet, or the model's child
     gate: bool = False  # queued by the model's gate (slots, cold start) and counted as inference activity
     body: Body = ""  # "json-object": a strict JSON object, "json": any strict JSON, "form": multipart, "": as sent
+    local: bool = False  # with auth off, loopback only: reaching the port makes no one an admin
 
 
 def _inference(path: str, body: Body = "json-object") -> Route:
@@ -44,18 +45,18 @@ ROUTES: tuple[Route, ...] = (
     Route("/ping", GET, "public", "llamad"),
     Route("/health", GET, "public", "llamad"),
     Route("/metrics", GET, "admin", "llamad"),
-    Route("/admin/reload", POST, "admin", "llamad"),
-    Route("/reload", POST, "admin", "llamad"),  # llama-gguf-inference's path for the same
-    Route("/admin/restart", POST, "admin", "llamad"),
+    Route("/admin/reload", POST, "admin", "llamad", local=True),
+    Route("/reload", POST, "admin", "llamad", local=True),  # llama-gguf-inference's path for the same
+    Route("/admin/restart", POST, "admin", "llamad", local=True),
     # the status page: its files hold no data (no key); what it reads is the admin role's, never wakes a model
     Route("/ui", GET, "public", "llamad"),
     Route("/ui/", GET, "public", "llamad"),
     Route("/ui/app.js", GET, "public", "llamad"),
     Route("/ui/style.css", GET, "public", "llamad"),
-    Route("/admin/status", GET, "admin", "llamad"),
-    Route("/admin/logs", GET, "admin", "llamad"),
-    Route("/admin/requests", GET, "admin", "llamad"),
-    Route("/admin/keys", GET, "admin", "llamad"),
+    Route("/admin/status", GET, "admin", "llamad", local=True),
+    Route("/admin/logs", GET, "admin", "llamad", local=True),
+    Route("/admin/requests", GET, "admin", "llamad", local=True),
+    Route("/admin/keys", GET, "admin", "llamad", local=True),
     # llama-server's router API, over the fleet; each key lists its own models
     Route("/v1/models", GET, "any", "router"),
     Route("/models", GET, "any", "router"),
@@ -105,6 +106,7 @@ MODELS_API_ROUTES = frozenset(r.path.encode() for r in ROUTES if r.answered_by =
 PUBLIC_PATHS = frozenset(r.path.encode() for r in ROUTES if r.role == "public")
 ADMIN_PATHS = frozenset(r.path.encode() for r in ROUTES if r.role == "admin")
 ANY_ROLE_PATHS = frozenset(r.path.encode() for r in ROUTES if r.role == "any")
+LOCAL_PATHS = frozenset(r.path.encode() for r in ROUTES if r.local)
 # Each listed route is counted under its own metric label; any other path is "other" (bounded cardinality).
 _LABELS = {route.path.encode(): route.path for route in ROUTES}
 
