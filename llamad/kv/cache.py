@@ -144,8 +144,8 @@ class KVCache:
     def _restore(self, port: int, clean: bool) -> Generator[Any, Any, bool]:
         started = self.clock.seconds()
         self._restored = {}
-        chosen, self._chosen = self._chosen or self._writes.run(self._prepare), None
-        chosen = yield chosen
+        pending, self._chosen = self._chosen or self._writes.run(self._prepare), None
+        chosen: list[Entry] = yield pending
         if clean or not chosen:
             return True
         report = yield self.slots.restore(port, [e.name for e in chosen])

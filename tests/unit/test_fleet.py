@@ -8,6 +8,7 @@ import signal
 
 from fakes import FakeProbe, FakeProcessReactor
 from twisted.internet import defer
+from twisted.logger import formatEvent, globalLogPublisher
 
 from llamad.fleet import memory
 from llamad.activity import Activity, IdleWatch
@@ -217,8 +218,6 @@ def test_a_busy_model_is_drained_after_its_turn_and_its_queue_waits_for_the_next
 
 
 def test_a_wait_is_logged_once_not_at_every_request_of_the_busy_model():
-    from twisted.logger import formatEvent, globalLogPublisher
-
     lines: list[str] = []
 
     def observe(event: dict) -> None:
