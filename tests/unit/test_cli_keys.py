@@ -224,8 +224,9 @@ def test_generate_of_an_existing_id_points_to_rotate(environment: Path, capsys: 
 
 @pytest.fixture
 def sleeper() -> subprocess.Popen[bytes]:
-    """A process that SIGHUP would end: the stand-in for a running llamad."""
-    proc = subprocess.Popen(["sleep", "60"])
+    """A process that SIGHUP would end: the stand-in for a running llamad (SIGHUP at its default even when the
+    suite runs under nohup, which would have it ignored)."""
+    proc = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     yield proc
     if proc.poll() is None:
         proc.kill()
