@@ -1,7 +1,7 @@
 """What keeping the KV cache across swaps buys: llamad against llama-server's router and against llamad
 with ``kv_cache = false``, in interleaved rounds of one run.
 
-    PATH=$PWD/.venv/bin:$PATH .venv/bin/python bench/kv.py [--rounds 3] [--swaps 3] [--seconds 30] [--clients 8]
+    PATH=$PWD/.venv/bin:$PATH .venv/bin/python bench/kv.py [--rounds 3] [--swaps 3] [--seconds 60] [--clients 8]
                                                           [--set fleet.min_resident=0 ...]
 
 Three copies of the large demo model (``llamad demo-model --size large``, so that a 2,000-token prompt costs
@@ -380,7 +380,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--swaps", type=int, default=3, help="timed swaps back per side per round")
-    p.add_argument("--seconds", type=float, default=30.0, help="seconds of the mixed workload per side per round")
+    p.add_argument("--seconds", type=float, default=60.0, help="seconds of the mixed workload per side per round")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for both llamads (twistd's --set), repeatable")

@@ -110,7 +110,6 @@ class LlamadService(service.MultiService):
         self.backends: service.IService | None = None  # the supervisor, or the fleet of them
         self.supervisors: list[Supervisor] = []
         self.notifier: Notifier | None = None
-        self._previous_sighup: Any = None
         self.log_observer: Any = None  # twistd's log, escaped (see llamad.logs): given to the application
         self.boot_log: BootObserver | None = None  # this boot's log file, told when twistd's logging began
 
@@ -124,7 +123,7 @@ class LlamadService(service.MultiService):
             self.boot_log.logging_began()
         super().startService()
         # SIGHUP: re-read what can change under a running daemon (the API keys).
-        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        signal.signal(signal.SIGHUP, self._sighup)
         # Only now that SIGHUP reloads: `llamad keys reload` finds this process by its data dir.
         try:
             runfiles.record_daemon(self.config.data_dir)
@@ -136,6 +135,9 @@ class LlamadService(service.MultiService):
     def _sighup(self, signum: int, frame: Any) -> None:
         self.clock.callFromThread(self.reload)
 
+    def _sighup_while_stopping(self, signum: int, frame: Any) -> None:
+        self.clock.callFromThread(log.info, "SIGHUP ignored: llamad is shutting down")
+
     def reload(self) -> None:
         log.info("SIGHUP: reloading")
         for reload in self.reloaders:
@@ -146,10 +148,10 @@ class LlamadService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        # Gone before SIGHUP stops meaning "reload": a reload sent while draining must not kill the process.
+        # From here SIGHUP reloads nothing: `llamad keys reload` no longer finds this process, and a SIGHUP sent
+        # anyway (kill -HUP, systemctl reload) is logged, never fatal: the drain and the exit code stand.
         runfiles.forget_daemon(self.config.data_dir)
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
+        signal.signal(signal.SIGHUP, self._sighup_while_stopping)
         if self.notifier is not None:
             self.notifier.stopping()
         log.info("shutting down: draining {n} in-flight request(s)", n=self.activity.in_flight)

@@ -130,6 +130,34 @@ class Hurried:
         self.hurried += 1
 
 
+def test_a_sighup_while_stopping_is_logged_not_fatal(data_dir: str) -> None:
+    clock = SignalClock()
+    activity = Activity(clock)
+    activity.begin(inference=True)  # the drain waits for it
+    status = SimpleNamespace(draining=False, snapshot=lambda: {"state": "ready"})
+    root = LlamadService(Config(data_dir=data_dir), status, activity, clock)  # type: ignore[arg-type]
+    lines: list[str] = []
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    def observer(event: dict) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        root.startService()
+        stopped = root.stopService()
+        handler = signal.getsignal(signal.SIGHUP)
+        assert callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN)
+        handler(signal.SIGHUP, None)
+        assert "SIGHUP ignored: llamad is shutting down" in lines and "SIGHUP: reloading" not in lines
+        activity.end(inference=True)
+        clock.advance(0)
+        assert stopped.called and signal.getsignal(signal.SIGHUP) == handler  # to the process's end
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
 def test_a_second_sigterm_ends_the_drain_at_once(data_dir: str) -> None:
     clock = SignalClock()
     activity = Activity(clock)
