@@ -15,9 +15,9 @@ class _QuietFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def quiet_pool(reactor: IReactorTime, persistent: bool = True, per_host: int = 8) -> HTTPConnectionPool:
-    """A pool that keeps up to ``per_host`` idle connections per host (``persistent``), or none."""
+def quiet_pool(reactor: IReactorTime, persistent: bool = True) -> HTTPConnectionPool:
+    """A pool that keeps up to 8 idle connections per host (``persistent``), or none."""
     pool = HTTPConnectionPool(reactor, persistent=persistent)
-    pool.maxPersistentPerHost = per_host
+    pool.maxPersistentPerHost = 8
     pool._factory = _QuietFactory
     return pool

@@ -353,7 +353,8 @@ class Fleet(MultiService):
                                swap_quantum=self.swap_quantum)
         for model in self.models.values():
             reason = plan.blocked.get(model.id, "")
-            if reason and placement.without_counts(reason) != placement.without_counts(model.blocked):
+            if reason and reason != model.blocked and (
+                    placement.without_counts(reason) != placement.without_counts(model.blocked)):
                 log.info("model {model} waits: {reason}", model=model.id, reason=reason)
             model.blocked = reason
         for model_id in plan.stop:

@@ -28,8 +28,7 @@ def test_the_default_is_the_small_model_byte_for_byte(tmp_path: Path) -> None:
 
 def test_the_large_model_is_wider_and_half_precision(tmp_path: Path) -> None:
     large = SIZES["large"]
-    path = write_demo_model(str(tmp_path / "large.gguf"), "large")
-    shapes = tensors(path)
+    shapes = tensors(write_demo_model(str(tmp_path / "large.gguf"), "large"))
     assert len(shapes) == 2 + 9 * large.n_layer + 1
     assert shapes["blk.0.ffn_up.weight"] == ((large.n_embd, large.n_ff), "F16")
     assert shapes["token_embd.weight"][1] == "F32"
